@@ -1,0 +1,1 @@
+"""Chemistry: SMILES/InChI -> standardised RDKit molecule -> graph tensors and fingerprints."""
