@@ -45,7 +45,6 @@ def collate_graphs(graphs: list[MolGraph]) -> BatchedGraph:
     if not graphs:
         raise ValueError("collate_graphs needs at least one molecule")
     offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
-    atom_dim = graphs[0].atom_features.shape[1]
     bond_dim = graphs[0].bond_features.shape[1]
     edge_index = [g.edge_index.astype(np.int64) + off for g, off in zip(graphs, offsets)]
     return BatchedGraph(
@@ -55,4 +54,4 @@ def collate_graphs(graphs: list[MolGraph]) -> BatchedGraph:
         edge_index=np.concatenate(edge_index, axis=1) if edge_index else np.zeros((2, 0), np.int64),
         batch=np.repeat(np.arange(len(graphs)), [g.n_atoms for g in graphs]).astype(np.int64),
         n_molecules=len(graphs),
-    ) if atom_dim is not None else None
+    )
