@@ -58,6 +58,8 @@ demo() {
   mkdir -p "$out"
   log "demo: writing a synthetic JUMP-layout screen to $out/screen"
   "$PY" -m data_prep.synth "$out/screen" preset=demo "$@"
+  log "demo: the screen's layout is under $out/screen (metadata/, */workspace/load_data_csv/, */images/),"
+  log "      its ground truth (phenotype and activity of every compound) under $out/screen/ground_truth/"
   log "demo finished in $((SECONDS - t0)) s; everything it made is under $out"
 }
 

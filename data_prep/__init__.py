@@ -1,0 +1,1 @@
+"""Jobs that build datasets: synthetic screen, JUMP layout -> shards, compound featurisation."""

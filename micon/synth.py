@@ -1,0 +1,481 @@
+"""A synthetic Cell Painting screen: layout, compound phenotypes, technical effects, site rendering.
+
+Pure functions of a seed: they return tables and arrays and never touch the disk (the job
+`data_prep/synth.py` writes them in the cpg0016 layout). Phenotypes are a smooth function of a
+compound's Morgan fingerprint, so similar molecules look alike and a molecule encoder can
+generalise; technical effects (source, batch, plate, edge wells) are large enough that naive
+features cluster by source before compound.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from micon import schema
+from micon.config import ConfigError
+
+N_FACTORS = 10
+# Morphological factors a compound can move (index -> meaning); effect = base * exp(scale * m * d).
+FACTORS = (
+    "nucleus_size", "dna_intensity", "cell_size", "er_intensity", "mito_intensity",
+    "mito_puncta", "rna_intensity", "nucleoli", "agp_intensity", "cell_count",
+)
+FACTOR_SCALE = np.array([0.30, 0.45, 0.30, 0.55, 0.55, 0.60, 0.50, 0.60, 0.50, 0.45])
+
+PRESETS: dict[str, dict] = {
+    # seconds; used by every test
+    "tiny": dict(n_sources=2, batches_per_source=2, plates_per_batch=1, n_compounds=12, replicates=4,
+                 dmso_wells=4, poscon_wells=2, sites_per_well=2, image_size=64, wells_per_plate=384),
+    # the demo: a few minutes end to end on 2 cores
+    "demo": dict(n_sources=3, batches_per_source=2, plates_per_batch=2, n_compounds=120, replicates=4,
+                 dmso_wells=12, poscon_wells=3, sites_per_well=3, image_size=96, wells_per_plate=384),
+    "small": dict(n_sources=4, batches_per_source=3, plates_per_batch=3, n_compounds=1500, replicates=4,
+                  dmso_wells=32, poscon_wells=8, sites_per_well=4, image_size=256, wells_per_plate=384),
+    # JUMP-like plates (384-well, 9 sites, 1080 px) with nearly every molecule RDKit ships; hours
+    "jump": dict(n_sources=8, batches_per_source=4, plates_per_batch=8, n_compounds=14000, replicates=5,
+                 dmso_wells=28, poscon_wells=16, sites_per_well=9, image_size=1080, wells_per_plate=384),
+}
+
+
+@dataclass
+class SynthConfig:
+    """What `./launch.sh synth OUT key=value ...` accepts."""
+
+    preset: str = "tiny"
+    seed: int = 0
+    n_sources: int = 2
+    batches_per_source: int = 2
+    plates_per_batch: int = 1
+    n_compounds: int = 12
+    replicates: int = 4            # wells per compound across the screen
+    dmso_wells: int = 4            # negative-control wells per plate
+    poscon_wells: int = 2          # positive-control wells per plate
+    sites_per_well: int = 2
+    image_size: int = 64
+    wells_per_plate: int = 384     # plate format: 384 (16 x 24) or 96 (8 x 12)
+    cells_per_site: float = 14.0
+    active_fraction: float = 0.3   # share of compounds with any phenotype
+    strong_fraction: float = 0.1   # share of compounds at full strength
+    source_effect: float = 1.0     # multiplies every technical effect (0 = none)
+    workers: int = 0               # processes; 0 = all cores
+    write_parquet: bool = True
+    write_illum: bool = True
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.wells_per_plate not in (96, 384):
+            raise ConfigError(f"wells_per_plate={self.wells_per_plate}: JUMP plates have 96 or 384 wells")
+        for name in ("n_sources", "batches_per_source", "plates_per_batch", "n_compounds", "replicates",
+                     "sites_per_well"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size={self.image_size}: use at least 32 pixels")
+        if self.dmso_wells < 1:
+            raise ConfigError("dmso_wells must be at least 1: every plate needs DMSO controls")
+        if not 0 <= self.strong_fraction <= self.active_fraction <= 1:
+            raise ConfigError("need 0 <= strong_fraction <= active_fraction <= 1")
+        n_plates = self.n_plates
+        if self.replicates > n_plates:
+            raise ConfigError(f"replicates={self.replicates} but only {n_plates} plates: each replicate "
+                              f"needs its own plate; lower replicates or add plates")
+        per_plate = self.dmso_wells + self.poscon_wells + -(-self.n_compounds * self.replicates // n_plates)
+        if per_plate > self.wells_per_plate:
+            raise ConfigError(
+                f"layout does not fit: {self.n_compounds} compounds x {self.replicates} replicates over "
+                f"{n_plates} plates needs {per_plate} wells per plate (with {self.dmso_wells} DMSO and "
+                f"{self.poscon_wells} positive-control wells) but a plate has {self.wells_per_plate}; "
+                f"lower n_compounds or add plates")
+
+    @property
+    def n_plates(self) -> int:
+        return self.n_sources * self.batches_per_source * self.plates_per_batch
+
+
+def resolve_config(overrides: list[str]) -> SynthConfig:
+    """Preset first, then explicit key=value overrides."""
+    from micon.config import load_config, parse_overrides
+
+    preset = parse_overrides(overrides).get("preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return load_config(SynthConfig, overrides=overrides, defaults=dict(PRESETS[preset], preset=preset))
+
+
+# --------------------------------------------------------------------------- compounds
+
+def bundled_smiles() -> list[str]:
+    """Real molecules shipped inside RDKit (NCI first 5K + WEHI PAINS test set), in file order."""
+    from rdkit import RDConfig
+
+    out = []
+    with open(os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")) as fh:
+        for line in fh:
+            parts = line.split()
+            if parts:
+                out.append(parts[0])
+    # wehi_mols.csv has no header: "SMILES","WEHI-id"
+    wehi = pd.read_csv(os.path.join(RDConfig.RDDataDir, "Pains", "test_data", "wehi_mols.csv"), header=None)
+    out.extend(wehi[0].astype(str))
+    return out
+
+
+POSCON_SMILES = {
+    # name: SMILES (real structures of three JUMP compound positive controls)
+    "dexamethasone": "C[C@@H]1C[C@H]2[C@@H]3CCC4=CC(=O)C=C[C@@]4([C@]3([C@H](C[C@@]2([C@]1(C(=O)CO)O)C)O)F)C",
+    "quinidine": "COC1=CC2=C(C=CN=C2C=C1)[C@H]([C@@H]3C[C@@H]4CCN3C[C@@H]4C=C)O",
+    "FK-866": "O=C(NCCCCC1CCN(CC1)C(=O)c1ccccc1)/C=C/c1cccnc1",
+}
+
+
+def _mol_record(smiles: str):
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None or mol.GetNumHeavyAtoms() < 3:
+        return None
+    inchi = Chem.MolToInchi(mol)
+    if not inchi:
+        return None
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    fp = gen.GetFingerprintAsNumPy(mol).astype(np.float32)
+    return Chem.MolToSmiles(mol), inchi, Chem.InchiToInchiKey(inchi), fp
+
+
+def make_compounds(cfg: SynthConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
+    """Sample treated compounds from RDKit's bundled molecules and add DMSO and positive controls.
+
+    Returns the JUMP compound table (+ ground-truth columns) and the fingerprints [n, 2048].
+    """
+    from rdkit import RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    pool = bundled_smiles()
+    order = rng.permutation(len(pool))
+    rows, fps, seen = [], [], set()
+    for i in order:
+        rec = _mol_record(pool[i])
+        if rec is None or rec[2] in seen:
+            continue
+        seen.add(rec[2])
+        rows.append(rec)
+        if len(rows) == cfg.n_compounds:
+            break
+    if len(rows) < cfg.n_compounds:
+        raise ConfigError(f"n_compounds={cfg.n_compounds}: RDKit ships only {len(rows)} usable molecules")
+    reserved = {schema.DMSO, schema.EMPTY_WELL, *schema.POSITIVE_CONTROLS.values()}
+    ids = []
+    for n in rng.choice(np.arange(1, 999_999), size=cfg.n_compounds * 2, replace=False):
+        jcp = f"JCP2022_{n:06d}"
+        if jcp not in reserved:
+            ids.append(jcp)
+    ids = sorted(ids[: cfg.n_compounds])
+    table = [dict(Metadata_JCP2022=jcp, Metadata_InChIKey=key, Metadata_InChI=inchi, Metadata_SMILES=smi,
+                  role=schema.TREATED) for jcp, (smi, inchi, key, _) in zip(ids, rows)]
+    fps = [r[3] for r in rows]
+    for name, smi in POSCON_SMILES.items():
+        smi_c, inchi, key, fp = _mol_record(smi)
+        table.append(dict(Metadata_JCP2022=schema.POSITIVE_CONTROLS[name], Metadata_InChIKey=key,
+                          Metadata_InChI=inchi, Metadata_SMILES=smi_c, role=schema.POSCON))
+        fps.append(fp)
+    smi_c, inchi, key, fp = _mol_record("CS(C)=O")
+    # DMSO has three heavy atoms, so it passes _mol_record; its phenotype is zero by definition.
+    table.append(dict(Metadata_JCP2022=schema.DMSO, Metadata_InChIKey=key, Metadata_InChI=inchi,
+                      Metadata_SMILES=smi_c, role=schema.NEGCON))
+    fps.append(fp)
+    return pd.DataFrame(table), np.stack(fps)
+
+
+def phenotypes(fps: np.ndarray, roles: np.ndarray, cfg: SynthConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth structure -> phenotype map.
+
+    direction d = tanh(W x) with x the L2-normalised fingerprint and W a fixed Gaussian matrix, so
+    Tanimoto-similar compounds get similar directions. Activity magnitude m in [0, 1] is a ramp of
+    another random projection of x between the (1 - active_fraction) and (1 - strong_fraction)
+    quantiles of the treated compounds: most compounds are inactive (m = 0, indistinguishable from
+    DMSO), a few are at full strength. Positive controls are always at full strength; DMSO is 0.
+    """
+    rng = np.random.default_rng([seed, 7])
+    x = fps / np.maximum(np.linalg.norm(fps, axis=1, keepdims=True), 1e-6)
+    w_dir = rng.normal(0, 3.0, size=(fps.shape[1], N_FACTORS)).astype(np.float32)
+    w_act = rng.normal(0, 1.0, size=fps.shape[1]).astype(np.float32)
+    direction = np.tanh(x @ w_dir)
+    direction /= np.maximum(np.sqrt((direction ** 2).mean(axis=1, keepdims=True)), 1e-6)
+    score = x @ w_act
+    treated = roles == schema.TREATED
+    lo = np.quantile(score[treated], 1 - cfg.active_fraction) if cfg.active_fraction > 0 else np.inf
+    hi = np.quantile(score[treated], 1 - cfg.strong_fraction) if cfg.strong_fraction > 0 else np.inf
+    magnitude = np.clip((score - lo) / max(hi - lo, 1e-6), 0.0, 1.0) if np.isfinite(lo) else np.zeros_like(score)
+    if np.isfinite(lo) and not np.isfinite(hi):
+        magnitude = np.where(score >= lo, 0.5, 0.0)
+    magnitude[roles == schema.POSCON] = 1.0
+    magnitude[roles == schema.NEGCON] = 0.0
+    return direction.astype(np.float32), magnitude.astype(np.float32)
+
+
+def activity_class(m: float) -> str:
+    return "inactive" if m <= 0 else ("strong" if m >= 0.999 else "weak")
+
+
+# --------------------------------------------------------------------------- layout
+
+def make_plates(cfg: SynthConfig) -> pd.DataFrame:
+    rows = []
+    for s in range(cfg.n_sources):
+        for b in range(cfg.batches_per_source):
+            batch = f"2026_{s + 1:02d}_{b + 1:02d}_Batch{b + 1}"
+            for p in range(cfg.plates_per_batch):
+                rows.append(dict(Metadata_Source=f"source_{s + 1}", Metadata_Batch=batch,
+                                 Metadata_Plate=f"SYN{s + 1:02d}{b + 1:02d}{p + 1:03d}",
+                                 Metadata_PlateType="COMPOUND"))
+    return pd.DataFrame(rows)
+
+
+def plate_shape(wells_per_plate: int) -> tuple[int, int]:
+    return (16, 24) if wells_per_plate == 384 else (8, 12)
+
+
+def make_layout(cfg: SynthConfig, plates: pd.DataFrame, compounds: pd.DataFrame,
+                rng: np.random.Generator) -> pd.DataFrame:
+    """Place DMSO, positive controls and compound replicates on plates (JUMP well.csv.gz rows).
+
+    Replicates of a compound go to distinct plates, cycling through sources so that each compound
+    is seen in as many sources (then batches) as its replicate count allows.
+    """
+    n_rows, n_cols = plate_shape(cfg.wells_per_plate)
+    n_plates = len(plates)
+    treated = compounds.loc[compounds.role == schema.TREATED, "Metadata_JCP2022"].tolist()
+    poscons = compounds.loc[compounds.role == schema.POSCON, "Metadata_JCP2022"].tolist()
+    plate_source = plates.Metadata_Source.to_numpy()
+    sources = sorted(set(plate_source))
+    by_source = {s: np.flatnonzero(plate_source == s) for s in sources}
+    load = np.zeros(n_plates, int)
+    assignment: list[list[str]] = [[] for _ in range(n_plates)]
+    for c, jcp in enumerate(rng.permutation(treated)):
+        used: set[int] = set()
+        for r in range(cfg.replicates):
+            src = sources[(c + r) % len(sources)]
+            cands = [p for p in by_source[src] if p not in used] or [p for p in range(n_plates) if p not in used]
+            cands = np.array(cands)
+            least = cands[load[cands] == load[cands].min()]
+            p = int(rng.choice(least))
+            used.add(p)
+            load[p] += 1
+            assignment[p].append(jcp)
+    rows = []
+    all_positions = [(r, c) for r in range(n_rows) for c in range(n_cols)]
+    for p, plate in plates.iterrows():
+        content = ([schema.DMSO] * cfg.dmso_wells
+                   + [poscons[i % len(poscons)] for i in range(cfg.poscon_wells)] + assignment[p])
+        if len(content) > len(all_positions):
+            raise ConfigError(f"plate {plate.Metadata_Plate} needs {len(content)} wells, has {len(all_positions)}")
+        pos = rng.choice(len(all_positions), size=len(content), replace=False)
+        for jcp, k in zip(rng.permutation(np.array(content, dtype=object)), sorted(pos)):
+            r, c = all_positions[k]
+            rows.append(dict(Metadata_Source=plate.Metadata_Source, Metadata_Plate=plate.Metadata_Plate,
+                             Metadata_Well=schema.well_name(r, c), Metadata_JCP2022=jcp))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- technical effects
+
+def technical_effects(cfg: SynthConfig, plates: pd.DataFrame, seed: int) -> dict:
+    """Per-source microscope (gain/offset per channel, blur, noise, pixel scale, channel numbering),
+    per-batch gain drift, per-plate illumination field and gain. Returned as plain data."""
+    rng = np.random.default_rng([seed, 11])
+    k = cfg.source_effect
+    sources, batches = {}, {}
+    n_ch = len(schema.CHANNELS)
+    for s in sorted(plates.Metadata_Source.unique()):
+        perm = rng.permutation(n_ch)
+        while np.all(perm == np.arange(n_ch)):
+            perm = rng.permutation(n_ch)
+        sources[s] = dict(
+            gain=np.exp(rng.normal(0, 0.35 * k, n_ch)).round(4).tolist(),
+            offset=(rng.uniform(80, 400, n_ch) * (k > 0)).round(1).tolist(),
+            blur=float(round(rng.uniform(0.0, 1.2) * k, 3)),
+            noise=float(round(rng.uniform(0.01, 0.04) * (0.3 + k), 4)),
+            pixel_scale=float(round(np.exp(rng.normal(0, 0.12 * k)), 4)),
+            # file channel number (1-based) of each canonical channel, like source_4 (ch1 = Mito...)
+            channel_number={ch: int(perm[i]) + 1 for i, ch in enumerate(schema.CHANNELS)},
+        )
+    for b in sorted(plates.Metadata_Batch.unique()):
+        batches[b] = dict(gain=np.exp(rng.normal(0, 0.10 * k, n_ch)).round(4).tolist())
+    plate_fx = {}
+    for plate in plates.Metadata_Plate:
+        angle = rng.uniform(0, 2 * np.pi)
+        plate_fx[plate] = dict(
+            gain=np.exp(rng.normal(0, 0.04 * k, n_ch)).round(4).tolist(),
+            illum_tilt=float(round(rng.uniform(0.1, 0.35) * k, 4)),
+            illum_angle=float(round(angle, 4)),
+            illum_vignette=float(round(rng.uniform(0.05, 0.25) * k, 4)),
+            edge_intensity=float(round(1 + rng.uniform(0.05, 0.15) * k, 4)),
+            edge_density=float(round(1 - rng.uniform(0.1, 0.25) * k, 4)),
+        )
+    return dict(sources=sources, batches=batches, plates=plate_fx)
+
+
+def illumination_field(size: int, tilt: float, angle: float, vignette: float) -> np.ndarray:
+    """Smooth multiplicative illumination field (mean ~1): a tilt plus a radial fall-off."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    field_ = 1 + tilt * (x * np.cos(angle) + y * np.sin(angle)) - vignette * (x ** 2 + y ** 2) * 2
+    return (field_ / field_.mean()).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- rendering
+
+@dataclass
+class WellBiology:
+    """Per-well morphology after the compound's effect (canonical channel order in intensities)."""
+
+    factors: np.ndarray  # multiplicative, [N_FACTORS]; 1 = DMSO
+
+
+def well_factors(direction: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
+    """exp(scale * m * d) plus small biological well-to-well variability."""
+    return np.exp(FACTOR_SCALE * magnitude * direction + rng.normal(0, 0.04, N_FACTORS)).astype(np.float32)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def render_site(rng: np.random.Generator, size: int, factors: np.ndarray, cells_per_site: float,
+                pixel_scale: float = 1.0, density: float = 1.0) -> np.ndarray:
+    """Render one field of view, [5, size, size] float32 in canonical order (DNA, RNA, ER, AGP, Mito),
+    intensities ~[0, 1.5]. Cells: an elliptical nucleus with nucleoli, a cytoplasm with ER decaying
+    from the nucleus, an actin/membrane rim (AGP) and mitochondrial puncta."""
+    f = dict(zip(FACTORS, factors))
+    n_cells = rng.poisson(cells_per_site * f["cell_count"] * density)
+    img = np.zeros((5, size, size), np.float32)
+    mito_pts = np.zeros((size, size), np.float32)
+    nucleoli_pts = np.zeros((size, size), np.float32)
+    base_r = size / 15.0 * pixel_scale
+    for _ in range(n_cells):
+        cy, cx = rng.uniform(0, size, 2)
+        r_n = base_r * f["nucleus_size"] * np.exp(rng.normal(0, 0.12))
+        elong = np.exp(rng.normal(0, 0.15))
+        theta = rng.uniform(0, np.pi)
+        r_c = r_n * 2.0 * f["cell_size"] * np.exp(rng.normal(0, 0.1))
+        half = int(np.ceil(r_c * 1.3)) + 2
+        y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, size)
+        x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, size)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / (r_n * elong)
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / (r_n / elong)
+        dn = np.sqrt(u ** 2 + v ** 2)
+        nuc = _sigmoid(8 * (1 - dn))
+        dc = np.sqrt(dx ** 2 + dy ** 2) / r_c
+        cyt = _sigmoid(7 * (1 - dc))
+        cell_int = np.exp(rng.normal(0, 0.1, 5))
+        win = (slice(y0, y1), slice(x0, x1))
+        np.maximum(img[0][win], nuc * 0.9 * f["dna_intensity"] * cell_int[0], out=img[0][win])
+        img[1][win] += 0.12 * cyt * f["rna_intensity"] * cell_int[1]
+        img[2][win] += cyt * (1 - 0.7 * nuc) * np.exp(-1.6 * dc) * 0.9 * f["er_intensity"] * cell_int[2]
+        img[3][win] += (4 * cyt * (1 - cyt) * 0.8 + 0.15 * cyt) * f["agp_intensity"] * cell_int[3]
+        # puncta: mitochondria in the cytoplasm, nucleoli inside the nucleus
+        n_mito = rng.poisson(10 * f["mito_puncta"])
+        rad = r_n + (r_c - r_n) * rng.uniform(0.1, 0.9, n_mito)
+        ang = rng.uniform(0, 2 * np.pi, n_mito)
+        my = np.clip((cy + rad * np.sin(ang)).astype(int), 0, size - 1)
+        mx = np.clip((cx + rad * np.cos(ang)).astype(int), 0, size - 1)
+        np.add.at(mito_pts, (my, mx), 1.4 * f["mito_intensity"] * cell_int[4])
+        n_nl = 1 + rng.poisson(1.5 * f["nucleoli"])
+        rad = r_n * 0.5 * np.sqrt(rng.uniform(0, 1, n_nl))
+        ang = rng.uniform(0, 2 * np.pi, n_nl)
+        ny = np.clip((cy + rad * np.sin(ang)).astype(int), 0, size - 1)
+        nx = np.clip((cx + rad * np.cos(ang)).astype(int), 0, size - 1)
+        np.add.at(nucleoli_pts, (ny, nx), 2.0 * f["rna_intensity"] * cell_int[1])
+    sigma = max(0.6, base_r / 6)
+    img[4] += ndimage.gaussian_filter(mito_pts, sigma) * (2 * np.pi * sigma ** 2) * 0.5
+    img[1] += ndimage.gaussian_filter(nucleoli_pts, sigma * 1.3) * (2 * np.pi * (sigma * 1.3) ** 2) * 0.35
+    return img
+
+
+def acquire(img: np.ndarray, rng: np.random.Generator, gain: np.ndarray, offset: np.ndarray, blur: float,
+            noise: float, illum: np.ndarray) -> np.ndarray:
+    """Microscope: illumination x gain, optics blur, shot + read noise, 16-bit camera counts."""
+    out = np.empty(img.shape, np.uint16)
+    for c in range(img.shape[0]):
+        x = img[c] * illum
+        if blur > 0:
+            x = ndimage.gaussian_filter(x, blur)
+        x = x * gain[c] * 12000.0 + 600.0 * illum
+        x = x + rng.normal(0, 1, x.shape) * np.sqrt(np.maximum(x, 0) * noise * 40 + 25.0)
+        out[c] = np.clip(x + offset[c], 0, 65535).astype(np.uint16)
+    return out
+
+
+def site_seed(seed: int, plate: str, well: str, site: int) -> np.random.Generator:
+    """Each site's randomness depends only on (seed, plate, well, site): any order, any worker count."""
+    h = int.from_bytes(hashlib.sha256(f"{plate}/{well}/{site}".encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, h])
+
+
+def is_edge_well(well: str, wells_per_plate: int) -> bool:
+    n_rows, n_cols = plate_shape(wells_per_plate)
+    r, c = schema.parse_well(well)
+    return r in (0, n_rows - 1) or c in (0, n_cols - 1)
+
+
+@dataclass
+class Screen:
+    """Everything about a synthetic screen except its pixels."""
+
+    config: SynthConfig
+    plates: pd.DataFrame
+    wells: pd.DataFrame
+    compounds: pd.DataFrame       # JUMP columns + role, activity, magnitude, phenotype direction
+    direction: np.ndarray         # [n_compounds, N_FACTORS]
+    magnitude: np.ndarray         # [n_compounds]
+    tech: dict = field(default_factory=dict)
+
+
+def design_screen(cfg: SynthConfig) -> Screen:
+    rng = np.random.default_rng([cfg.seed, 1])
+    compounds, fps = make_compounds(cfg, rng)
+    direction, magnitude = phenotypes(fps, compounds.role.to_numpy(), cfg, cfg.seed)
+    compounds = compounds.assign(magnitude=magnitude.round(4),
+                                 activity=[activity_class(m) for m in magnitude])
+    plates = make_plates(cfg)
+    wells = make_layout(cfg, plates, compounds, rng)
+    return Screen(cfg, plates, wells, compounds, direction, magnitude, technical_effects(cfg, plates, cfg.seed))
+
+
+def render_well_sites(screen: Screen, plate: str, well: str, jcp: str, sites: range) -> list[np.ndarray]:
+    """uint16 [5, S, S] per site in canonical channel order, with every technical effect applied."""
+    cfg = screen.config
+    prow = screen.plates.set_index("Metadata_Plate").loc[plate]
+    src_fx = screen.tech["sources"][prow.Metadata_Source]
+    gain = (np.array(src_fx["gain"]) * np.array(screen.tech["batches"][prow.Metadata_Batch]["gain"])
+            * np.array(screen.tech["plates"][plate]["gain"]))
+    pfx = screen.tech["plates"][plate]
+    illum = illumination_field(cfg.image_size, pfx["illum_tilt"], pfx["illum_angle"], pfx["illum_vignette"])
+    ci = int(np.flatnonzero(screen.compounds.Metadata_JCP2022.to_numpy() == jcp)[0])
+    edge = is_edge_well(well, cfg.wells_per_plate)
+    wrng = site_seed(cfg.seed, plate, well, 0)
+    factors = well_factors(screen.direction[ci], float(screen.magnitude[ci]), wrng)
+    out = []
+    for s in sites:
+        rng = site_seed(cfg.seed, plate, well, s)
+        img = render_site(rng, cfg.image_size, factors, cfg.cells_per_site, src_fx["pixel_scale"],
+                          pfx["edge_density"] if edge else 1.0)
+        if edge:
+            img *= pfx["edge_intensity"]
+        out.append(acquire(img, rng, gain, np.array(src_fx["offset"]), src_fx["blur"], src_fx["noise"], illum))
+    return out
+
+
+def config_dict(cfg: SynthConfig) -> dict:
+    return dataclasses.asdict(cfg)
