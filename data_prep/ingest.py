@@ -1,0 +1,304 @@
+"""JUMP layout -> WebDataset shards, DMSO control bank (zarr), per-plate channel stats, manifest.
+
+    ./launch.sh prep SRC OUT [image_size=N] [codec=zstd] [on_error=stop|skip] [workers=N] [key=value ...]
+
+One Ray task per plate (local Ray, or the cluster at RAY_ADDRESS). A plate is finished when its
+record `OUT/plates/{plate}.json` exists; it is written last, after the plate's shards and control
+array were renamed into place, so a rerun skips finished plates and redoes the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from micon import schema
+from micon.config import ConfigError, load_config, save_config
+from micon.data.codecs import CODECS, DEFAULT_CODEC
+from micon.data.jump import IngestError, plate_sites, read_screen
+from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits, atomic_write_json
+
+REPORT = "ingest_report.csv"
+
+
+@dataclass
+class IngestConfig:
+    image_size: int = 0             # stored size in pixels (0 = keep the source size)
+    resize: str = "area"            # area (downsample the whole field) or crop (centre crop)
+    codec: str = DEFAULT_CODEC      # see docs/BENCHMARKS.md "Site storage formats"
+    p_low: float = 0.1              # percentile mapped to 0
+    p_high: float = 99.9            # percentile mapped to 255
+    illum: bool = True              # divide by the illumination functions named in load_data
+    shard_mb: float = 256.0         # target shard size
+    on_error: str = "stop"          # stop: a bad site fails its plate; skip: drop it and report it
+    plates: list[str] = field(default_factory=list)  # only these plates (default: every COMPOUND plate)
+    plate_types: list[str] = field(default_factory=lambda: ["COMPOUND", "TARGET2", "DMSO", "POSCON8"])
+    workers: int = 0                # Ray CPUs for the local cluster (0 = all cores)
+    seed: int = 0
+    heldout_compound_fraction: float = 0.2
+    heldout_sources: int = 0
+    heldout_batches: int = 0
+
+    def validate(self) -> None:
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec={self.codec!r}: choose one of {', '.join(CODECS)}")
+        if self.on_error not in ("stop", "skip"):
+            raise ConfigError(f"on_error={self.on_error!r}: choose stop or skip")
+        if self.resize not in ("area", "crop"):
+            raise ConfigError(f"resize={self.resize!r}: choose area or crop")
+        if not 0 <= self.p_low < self.p_high <= 100:
+            raise ConfigError("need 0 <= p_low < p_high <= 100")
+
+
+def plate_done(out: Path, plate: str) -> dict | None:
+    """The plate's record if the plate is complete (record present and every shard whole)."""
+    rec_path = out / "plates" / f"{plate}.json"
+    if not rec_path.is_file():
+        return None
+    rec = json.loads(rec_path.read_text())
+    for s in rec["shards"]:
+        p = out / "shards" / s["name"]
+        if not p.is_file() or p.stat().st_size != s["bytes"]:
+            return None
+    return rec
+
+
+def ingest_plate(src: str, out: str, plate: str, cfg: IngestConfig, progress=None) -> dict:
+    """Read, scale and shard one plate; write its DMSO sites to the control bank. Returns its record."""
+    from micon.data.imaging import process_site
+    import zarr
+
+    out_p = Path(out)
+    screen = read_screen(src)
+    sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
+    for leftover in (out_p / "shards").glob(f"{plate}-*.tar*"):
+        leftover.unlink()   # a half-finished earlier attempt: redo the plate from scratch
+    writer = ShardWriter(out_p / "shards", plate, cfg.codec, int(cfg.shard_mb * 1e6))
+    illum_cache: dict[str, np.ndarray] = {}
+    negcon_images, negcon_rows = [], []
+    expected_shape = None
+    n_written = 0
+    try:
+        for i, r in enumerate(sites.itertuples(index=False)):
+            r = r._asdict()
+            paths = [r[f"path_{ch}"] for ch in schema.CHANNELS]
+            illum = []
+            for ch in schema.CHANNELS:
+                ipath = r.get(f"illum_{ch}", "") if cfg.illum else ""
+                if ipath:
+                    if ipath not in illum_cache:
+                        try:
+                            illum_cache[ipath] = np.load(ipath, allow_pickle=False).astype(np.float32)
+                        except (OSError, ValueError) as e:
+                            raise IngestError(f"illumination function unreadable ({e}); expected a .npy array",
+                                              plate, r[schema.WELL], r[schema.SITE], ipath, kind="bad_illum") from None
+                    illum.append(illum_cache[ipath])
+                else:
+                    illum.append(None)
+            try:
+                img = process_site(paths, illum, plate, r[schema.WELL], r[schema.SITE], cfg.image_size, cfg.resize,
+                                   cfg.p_low, cfg.p_high, expected_shape)
+            except IngestError as e:
+                if cfg.on_error == "stop":
+                    raise
+                problems.append(e.record())
+                continue
+            if expected_shape is None:
+                import tifffile
+                expected_shape = tifffile.TiffFile(paths[0]).pages[0].shape
+            meta = {k: str(r[k]) for k in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE,
+                                             schema.JCP, schema.INCHIKEY, schema.SMILES, schema.ROLE)}
+            writer.write(f"{plate}_{r[schema.WELL]}_{r[schema.SITE]}", img, meta)
+            n_written += 1
+            if r[schema.ROLE] == schema.NEGCON:
+                negcon_images.append(img)
+                negcon_rows.append({k: meta[k] for k in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL,
+                                                         schema.SITE)})
+            if progress is not None and (i + 1) % 16 == 0:
+                progress.update.remote(16)
+    except BaseException:
+        writer.abort()
+        raise
+    if progress is not None:
+        progress.update.remote(len(sites) % 16)
+    shards = writer.close()
+    # DMSO control bank: one zarr array per plate, written aside and renamed into place
+    bank = out_p / "control_bank.zarr"
+    final, tmp = bank / plate, bank / f".{plate}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if negcon_images:
+        stack = np.stack(negcon_images)
+        arr = zarr.create_array(str(tmp), shape=stack.shape, chunks=(1,) + stack.shape[1:], dtype="uint8",
+                                zarr_format=3, overwrite=True)
+        arr[:] = stack
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        x = stack.astype(np.float64)
+        stats = dict(mean=x.mean(axis=(0, 2, 3)).round(6).tolist(), std=x.std(axis=(0, 2, 3)).round(6).tolist(),
+                     n_sites=len(stack))
+    else:
+        stats = dict(mean=None, std=None, n_sites=0)
+    roles = pd.Series([s for s in sites[schema.ROLE]]).value_counts().to_dict()
+    record = dict(plate=plate, source=str(sites[schema.SOURCE].iloc[0]) if len(sites) else "",
+                  batch=str(sites[schema.BATCH].iloc[0]) if len(sites) else "", n_sites=n_written,
+                  n_by_role={k: int(v) for k, v in roles.items()}, shards=shards, stats=stats,
+                  controls=negcon_rows, problems=problems,
+                  image_shape=list(negcon_images[0].shape) if negcon_images else None)
+    atomic_write_json(out_p / "plates" / f"{plate}.json", record)
+    return record
+
+
+def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict:
+    """Manifest, control table, report and splits from the per-plate records."""
+    screen = read_screen(src)
+    records = [json.loads((out / "plates" / f"{p}.json").read_text()) for p in plates]
+    controls = pd.DataFrame([dict(c, row=i) for r in records for i, c in enumerate(r["controls"])],
+                            columns=[schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, "row"])
+    tmp = out / "controls.parquet.tmp"
+    controls.to_parquet(tmp, index=False)
+    os.replace(tmp, out / "controls.parquet")
+    import zarr
+    zarr.open_group(str(out / "control_bank.zarr"), mode="a", zarr_format=3)
+    problems = pd.DataFrame([p for r in records for p in r["problems"]],
+                            columns=["plate", "well", "site", "file", "kind", "reason"])
+    problems.to_csv(out / (REPORT + ".tmp"), index=False)
+    os.replace(out / (REPORT + ".tmp"), out / REPORT)
+    used = screen.wells[screen.wells[schema.PLATE].isin(plates)]
+    cpds = screen.compounds[screen.compounds[schema.JCP].isin(used[schema.JCP])]
+    treated = sorted(c for c in cpds[schema.JCP] if schema.role_of(c) == schema.TREATED)
+    pl = screen.plates[screen.plates[schema.PLATE].isin(plates)]
+    splits = assign_splits(treated, sorted(pl[schema.SOURCE].unique()),
+                           pl.groupby(schema.SOURCE)[schema.BATCH].apply(lambda s: sorted(set(s))).to_dict(),
+                           cfg.seed, cfg.heldout_compound_fraction, cfg.heldout_sources, cfg.heldout_batches)
+    shapes = {tuple(r["image_shape"]) for r in records if r["image_shape"]}
+    manifest = dict(
+        format_version=FORMAT_VERSION, channels=list(schema.CHANNELS), codec=cfg.codec,
+        image_shape=list(shapes.pop()) if len(shapes) == 1 else None, source=str(src),
+        scaling=dict(rule="per-image percentile", p_low=cfg.p_low, p_high=cfg.p_high, illum=cfg.illum,
+                     image_size=cfg.image_size, resize=cfg.resize),
+        n_sites=sum(r["n_sites"] for r in records), n_skipped=len(problems),
+        shards=[dict(s, plate=r["plate"]) for r in records for s in r["shards"]],
+        plates={r["plate"]: dict(source=r["source"], batch=r["batch"], n_sites=r["n_sites"],
+                                 n_by_role=r["n_by_role"], stats=r["stats"],
+                                 shards=[s["name"] for s in r["shards"]]) for r in records},
+        splits=splits,
+        compounds=[{k: row[k] for k in (schema.JCP, schema.INCHIKEY, schema.SMILES)} | dict(
+            Metadata_Role=schema.role_of(row[schema.JCP])) for _, row in cpds.iterrows()],
+    )
+    atomic_write_json(out / "manifest.json", manifest)
+    save_config(cfg, out / "prep_config.yaml")
+    return manifest
+
+
+def _ray_init(workers: int):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=int(os.environ.get("MICON_RAY_OBJECT_STORE", 256 * 2**20)))
+    return ray
+
+
+def run(src: Path, out: Path, cfg: IngestConfig) -> int:
+    from tqdm import tqdm
+
+    screen = read_screen(src)
+    plates = cfg.plates or screen.plates[screen.plates[schema.PLATE_TYPE].isin(cfg.plate_types)][schema.PLATE].tolist()
+    unknown = sorted(set(plates) - set(screen.plates[schema.PLATE]))
+    if unknown:
+        print(f"prep: plates {', '.join(unknown)} are not in {src / 'metadata' / 'plate.csv.gz'}", file=sys.stderr)
+        return 2
+    for d in ("shards", "plates", "control_bank.zarr"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    todo = [p for p in plates if plate_done(out, p) is None]
+    print(f"prep: {len(plates)} plates in {src}, {len(plates) - len(todo)} already done, {len(todo)} to ingest "
+          f"[codec={cfg.codec} image_size={cfg.image_size or 'source'} on_error={cfg.on_error}]", flush=True)
+    failures: list[tuple[str, str]] = []
+    if todo:
+        ray = _ray_init(cfg.workers)
+
+        @ray.remote
+        class Progress:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k):
+                self.n += k
+
+            def value(self):
+                return self.n
+
+        n_sites = int(screen.wells[screen.wells[schema.PLATE].isin(todo)].shape[0])
+        progress = Progress.remote()
+        task = ray.remote(num_cpus=1, max_retries=0)(ingest_plate)
+        pending = {task.remote(str(src), str(out), p, cfg, progress): p for p in todo}
+        plate_bar = tqdm(total=len(todo), desc="prep plates", unit="plate", position=0)
+        site_bar = tqdm(desc="prep sites", unit="site", position=1)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            site_bar.n = ray.get(progress.value.remote())
+            site_bar.refresh()
+            for ref in done:
+                plate = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except Exception as e:  # the task's IngestError, re-raised by Ray
+                    cause = getattr(e, "cause", None) or e
+                    failures.append((plate, str(cause).splitlines()[0] if str(cause) else repr(cause)))
+                plate_bar.update()
+        site_bar.close()
+        plate_bar.close()
+        del n_sites
+    if failures:
+        for plate, msg in failures:
+            print(f"prep: plate {plate} failed, nothing written for it: {msg}", file=sys.stderr)
+        done_n = len(plates) - len(failures)
+        print(f"prep: {done_n} of {len(plates)} plates are done and kept; fix the input (or pass on_error=skip) "
+              f"and rerun the same command to finish the rest", file=sys.stderr)
+        return 1
+    m = finalize(src, out, cfg, plates)
+    sizes = [s["bytes"] / max(s["n_samples"], 1) for s in m["shards"]]
+    print(f"prep: wrote {m['n_sites']} sites in {len(m['shards'])} shards "
+          f"({np.mean(sizes) / 1e3:.1f} kB/site, {cfg.codec}), "
+          f"{sum(p['stats']['n_sites'] for p in m['plates'].values())} DMSO sites in the control bank, "
+          f"{m['n_skipped']} sites skipped (see {out / REPORT}); manifest {out / 'manifest.json'}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    src, out = Path(argv[0]), Path(argv[1])
+    try:
+        cfg = load_config(IngestConfig, overrides=argv[2:])
+        if not (src / "metadata").is_dir():
+            raise ConfigError(f"{src} is not a JUMP-layout screen: expected {src / 'metadata'}/plate.csv.gz, "
+                              f"well.csv.gz, compound.csv.gz")
+    except ConfigError as e:
+        print(f"prep: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        rc = run(src, out, cfg)
+    except IngestError as e:
+        print(f"prep: {e}", file=sys.stderr)
+        return 1
+    if rc == 0:
+        print(f"prep: done in {time.perf_counter() - t0:.1f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,155 @@
+"""Read a JUMP (cpg0016) layout: metadata tables, per-plate load_data, and their join into sites.
+
+Pure table work plus the reading of small metadata files; no image I/O. Every problem becomes an
+`IngestError` that names the plate, well, site and file and says what was expected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from micon import schema
+
+
+class IngestError(ValueError):
+    """A problem with the input screen, worded for the person who has to fix it."""
+
+    def __init__(self, message: str, plate: str = "", well: str = "", site: str = "", file: str = "",
+                 kind: str = "error"):
+        where = ", ".join(f"{k} {v}" for k, v in (("plate", plate), ("well", well), ("site", site),
+                                                  ("file", file)) if v)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.plate, self.well, self.site, self.file, self.kind = plate, well, site, file, kind
+        self.reason = message
+
+    def record(self) -> dict:
+        return dict(plate=self.plate, well=self.well, site=self.site, file=self.file, kind=self.kind,
+                    reason=self.reason)
+
+
+@dataclass
+class Screen:
+    """The metadata of a JUMP-layout screen on disk."""
+
+    root: Path
+    plates: pd.DataFrame     # Metadata_Source, Metadata_Batch, Metadata_Plate, Metadata_PlateType
+    wells: pd.DataFrame      # Metadata_Source, Metadata_Plate, Metadata_Well, Metadata_JCP2022
+    compounds: pd.DataFrame  # Metadata_JCP2022, Metadata_InChIKey, Metadata_InChI, Metadata_SMILES
+
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise IngestError(f"missing metadata table; expected {path} with columns {', '.join(columns)}",
+                          file=str(path))
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise IngestError(f"missing columns {', '.join(missing)} (has {', '.join(df.columns)})", file=str(path))
+    return df
+
+
+def read_screen(root: str | Path) -> Screen:
+    root = Path(root)
+    meta = root / "metadata"
+    return Screen(
+        root=root,
+        plates=_read_table(meta / "plate.csv.gz", [schema.SOURCE, schema.BATCH, schema.PLATE, schema.PLATE_TYPE]),
+        wells=_read_table(meta / "well.csv.gz", [schema.SOURCE, schema.PLATE, schema.WELL, schema.JCP]),
+        compounds=_read_table(meta / "compound.csv.gz", [schema.JCP, schema.INCHIKEY, schema.INCHI, schema.SMILES]),
+    )
+
+
+def load_data_path(root: Path, source: str, batch: str, plate: str) -> Path | None:
+    """cpg0016 keeps `load_data_with_illum.parquet` (preferred) and/or `load_data.csv(.gz)` per plate."""
+    d = root / source / "workspace" / "load_data_csv" / batch / plate
+    for name in ("load_data_with_illum.parquet", "load_data.parquet", "load_data_with_illum.csv",
+                 "load_data.csv", "load_data.csv.gz"):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def read_load_data(path: Path, plate: str, channels=schema.CHANNELS) -> pd.DataFrame:
+    """One plate's load_data, all columns as strings, checked for every channel's columns."""
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path).astype(str)
+    else:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    need = [schema.WELL, schema.SITE] + [schema.channel_column(ch, k) for ch in channels
+                                         for k in ("FileName", "PathName")]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        chans = sorted({c.replace("FileName_Orig", "").replace("PathName_Orig", "") for c in missing
+                        if "Orig" in c})
+        what = f"channel(s) {', '.join(chans)}" if chans else "columns"
+        raise IngestError(f"load_data is missing {what}: expected columns {', '.join(missing)}",
+                          plate=plate, file=str(path), kind="missing_channel")
+    return df
+
+
+def plate_sites(screen: Screen, plate: str, channels=schema.CHANNELS,
+                on_error: str = "stop") -> tuple[pd.DataFrame, list[dict]]:
+    """Every site of `plate` with its well's compound, role and one file path per channel.
+
+    Returns (sites, problems). Metadata problems (a well with no compound, a compound with no
+    SMILES) raise with on_error="stop" and drop the well's sites with on_error="skip".
+    """
+    prow = screen.plates[screen.plates[schema.PLATE] == plate]
+    if prow.empty:
+        raise IngestError("plate is not in metadata/plate.csv.gz", plate=plate)
+    source, batch = prow.iloc[0][schema.SOURCE], prow.iloc[0][schema.BATCH]
+    path = load_data_path(screen.root, source, batch, plate)
+    if path is None:
+        raise IngestError(f"no load_data file under {screen.root / source / 'workspace' / 'load_data_csv' / batch / plate}",
+                          plate=plate, kind="missing_load_data")
+    ld = read_load_data(path, plate, channels)
+    ld = ld.assign(**{schema.SOURCE: source, schema.BATCH: batch, schema.PLATE: plate})
+    wells = screen.wells[screen.wells[schema.PLATE] == plate][[schema.WELL, schema.JCP]]
+    sites = ld.merge(wells, on=schema.WELL, how="left")
+    sites = sites.merge(screen.compounds[[schema.JCP, schema.INCHIKEY, schema.SMILES]], on=schema.JCP, how="left")
+    problems: list[dict] = []
+    bad = pd.Series(False, index=sites.index)
+    for i, r in sites.iterrows():
+        err = None
+        if pd.isna(r[schema.JCP]) or r[schema.JCP] == "":
+            err = IngestError("well has no compound in metadata/well.csv.gz (expected a Metadata_JCP2022)",
+                              plate, r[schema.WELL], r[schema.SITE], kind="no_compound")
+        elif r[schema.JCP] != schema.EMPTY_WELL and (pd.isna(r[schema.SMILES]) or r[schema.SMILES] == ""):
+            err = IngestError(f"compound {r[schema.JCP]} has no SMILES in metadata/compound.csv.gz",
+                              plate, r[schema.WELL], r[schema.SITE], kind="no_smiles")
+        if err is not None:
+            if on_error == "stop":
+                raise err
+            problems.append(err.record())
+            bad[i] = True
+    sites = sites[~bad]
+    sites = sites[sites[schema.JCP] != schema.EMPTY_WELL].copy()
+    sites[schema.ROLE] = sites[schema.JCP].map(schema.role_of)
+    for ch in channels:
+        sites[f"path_{ch}"] = [local_path(screen.root, p, f) for p, f in
+                               zip(sites[schema.channel_column(ch, "PathName")], sites[schema.channel_column(ch, "FileName")])]
+        fn, pn = f"FileName_Illum{ch}", f"PathName_Illum{ch}"
+        sites[f"illum_{ch}"] = ([local_path(screen.root, p, f) for p, f in zip(sites[pn], sites[fn])]
+                                if fn in sites and pn in sites else "")
+    sites = sites.sort_values([schema.WELL, schema.SITE], key=lambda s: s.map(_natural_key)).reset_index(drop=True)
+    return sites, problems
+
+
+MIRROR_MARKER = "cpg0016-jump/"
+
+
+def local_path(root: Path, path_name: str, file_name: str) -> str:
+    """A load_data PathName/FileName pair as a local path: relative names are under the screen root,
+    `s3://cellpainting-gallery/cpg0016-jump/...` URIs map to the same place in a local mirror."""
+    if "://" in path_name:
+        if MIRROR_MARKER not in path_name:
+            raise IngestError(f"cannot map {path_name} to the local mirror: expected a path containing "
+                              f"{MIRROR_MARKER!r} or one relative to {root}", file=path_name + file_name)
+        path_name = path_name.split(MIRROR_MARKER, 1)[1]
+    return str(root / path_name / file_name)
+
+
+def _natural_key(v):
+    return (len(v), v) if isinstance(v, str) and v.isdigit() else v

@@ -1,0 +1,246 @@
+"""WebDataset shards of sites, the shard manifest, and the DMSO control bank: writing and reading.
+
+One sample = one site: `{key}.image.{codec}` ([C, H, W] uint8) + `{key}.json` (Metadata_*).
+Shards are plate-grouped (a shard never mixes plates) and written under a temporary name, then
+renamed, so a killed writer never leaves a file that looks whole. Tar headers carry no time or
+owner, so the same input gives the same bytes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from micon import schema
+from micon.data.codecs import decode, encode
+
+FORMAT_VERSION = 1
+SAMPLE_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP,
+                  schema.INCHIKEY, schema.SMILES, schema.ROLE)
+
+
+def sample_key(plate: str, well: str, site: str) -> str:
+    """WebDataset keys may not contain dots (the extension starts at the first one)."""
+    return f"{plate}_{well}_{site}".replace(".", "-")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=False).encode())
+
+
+@dataclass
+class ShardWriter:
+    """Rolls plate-grouped tar shards at about `target_bytes`; `close()` renames them into place."""
+
+    directory: Path
+    prefix: str
+    codec: str
+    target_bytes: int
+    shards: list[dict] = field(default_factory=list)
+    _tar: tarfile.TarFile | None = None
+    _tmp_paths: list[Path] = field(default_factory=list)
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):04d}.tar"
+        tmp = self.directory / (name + ".tmp")
+        self._tmp_paths.append(tmp)
+        self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append(dict(name=name, n_samples=0, bytes=0))
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, image: np.ndarray, meta: dict) -> None:
+        if self._tar is None or self.shards[-1]["bytes"] >= self.target_bytes:
+            self._finish_current()
+            self._open()
+        blob = encode(image, self.codec)
+        js = json.dumps(meta, sort_keys=True).encode()
+        self._add(f"{key}.image.{self.codec}", blob)
+        self._add(f"{key}.json", js)
+        self.shards[-1]["n_samples"] += 1
+        self.shards[-1]["bytes"] += len(blob) + len(js) + 1024
+
+    def _finish_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def close(self) -> list[dict]:
+        """Rename every finished shard into place; returns [{name, n_samples, bytes}]."""
+        self._finish_current()
+        for tmp, shard in zip(self._tmp_paths, self.shards):
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            final = self.directory / shard["name"]
+            os.replace(tmp, final)
+            shard["bytes"] = final.stat().st_size
+        return self.shards
+
+    def abort(self) -> None:
+        """Remove every temporary file: a failed plate leaves nothing behind."""
+        self._finish_current()
+        for tmp in self._tmp_paths:
+            tmp.unlink(missing_ok=True)
+
+
+def read_tar_samples(path: str | Path, channels: int = 5):
+    """Yield (key, image, meta) from one shard, without WebDataset (for checks and tools)."""
+    with tarfile.open(path) as tar:
+        pending: dict[str, dict] = {}
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            data = tar.extractfile(member).read()
+            entry = pending.setdefault(key, {})
+            if ext == "json":
+                entry["json"] = json.loads(data)
+            elif ext.startswith("image."):
+                entry["image"] = decode(data, ext.split(".", 1)[1], channels)
+            if "json" in entry and "image" in entry:
+                yield key, entry["image"], entry["json"]
+                del pending[key]
+
+
+# ----------------------------------------------------------------------------- manifest
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class Manifest:
+    """What training and evaluation read first: format, channels, shards, plates, splits."""
+
+    root: Path
+    data: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise ManifestError(f"no shard manifest at {path}: run ./launch.sh prep SRC OUT first "
+                                f"(a killed prep writes it only when every plate is done)")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(f"{path}: format version {data.get('format_version')}, this code reads "
+                                f"{FORMAT_VERSION}; re-run prep")
+        return cls(path.parent, data)
+
+    @property
+    def channels(self) -> list[str]:
+        return self.data["channels"]
+
+    @property
+    def codec(self) -> str:
+        return self.data["codec"]
+
+    def shard_paths(self, plates: set[str] | None = None) -> list[str]:
+        return [str(self.root / "shards" / s["name"]) for s in self.data["shards"]
+                if plates is None or s["plate"] in plates]
+
+    def plates(self) -> pd.DataFrame:
+        rows = [dict(Metadata_Plate=p, **{k: v for k, v in rec.items() if not isinstance(v, (dict, list))})
+                for p, rec in self.data["plates"].items()]
+        return pd.DataFrame(rows)
+
+    def plate_stats(self, plate: str) -> tuple[np.ndarray, np.ndarray]:
+        st = self.data["plates"][plate]["stats"]
+        return np.asarray(st["mean"], np.float32), np.asarray(st["std"], np.float32)
+
+    def split_of(self, meta: dict) -> str:
+        """'train' or why a site is held out: heldout_source, heldout_batch, heldout_compound."""
+        sp = self.data["splits"]
+        if meta[schema.SOURCE] in sp["heldout_sources"]:
+            return "heldout_source"
+        if meta[schema.BATCH] in sp["heldout_batches"]:
+            return "heldout_batch"
+        if meta[schema.JCP] in sp["heldout_compounds"]:
+            return "heldout_compound"
+        return "train"
+
+
+def assign_splits(compounds: list[str], sources: list[str], batches_by_source: dict[str, list[str]], seed: int,
+                  heldout_compound_fraction: float, heldout_sources: int, heldout_batches: int) -> dict:
+    """Reproducible splits by seed: held-out treated compounds, sources and (other sources') batches."""
+    rng = np.random.default_rng([seed, 2024])
+    compounds = sorted(compounds)
+    n_c = int(round(heldout_compound_fraction * len(compounds)))
+    held_c = sorted(rng.permutation(compounds)[:n_c].tolist()) if n_c else []
+    sources = sorted(sources)
+    if heldout_sources >= len(sources) and heldout_sources > 0:
+        raise ManifestError(f"heldout_sources={heldout_sources} would leave no source to train on "
+                            f"(the screen has {len(sources)})")
+    held_s = sorted(rng.permutation(sources)[:heldout_sources].tolist()) if heldout_sources else []
+    remaining = sorted(b for s in sources if s not in held_s for b in batches_by_source[s])
+    if heldout_batches >= len(remaining) and heldout_batches > 0:
+        raise ManifestError(f"heldout_batches={heldout_batches} would leave no batch to train on "
+                            f"({len(remaining)} batches outside held-out sources)")
+    held_b = sorted(rng.permutation(remaining)[:heldout_batches].tolist()) if heldout_batches else []
+    return dict(seed=seed, heldout_compound_fraction=heldout_compound_fraction, heldout_compounds=held_c,
+                heldout_sources=held_s, heldout_batches=held_b)
+
+
+# ----------------------------------------------------------------------------- control bank
+
+class ControlBank:
+    """DMSO sites per plate in zarr (`{plate}` arrays [n, C, H, W] uint8) plus `controls.parquet`
+    (plate, batch, source, well, site, row). Same-plate lookups are O(1); the fallbacks to the
+    same batch, then source, are for plates whose controls were all lost or held out."""
+
+    def __init__(self, root: str | Path, cache: bool = True):
+        import zarr
+
+        self.root = Path(root)
+        self.table = pd.read_parquet(self.root / "controls.parquet")
+        self._zarr = zarr.open_group(str(self.root / "control_bank.zarr"), mode="r")
+        self._cache: dict[str, np.ndarray] = {}
+        self._use_cache = cache
+        counts = self.table.groupby(schema.PLATE).size()
+        self.n_by_plate = counts.to_dict()
+        first = self.table.drop_duplicates(schema.PLATE).set_index(schema.PLATE)
+        self.plates_by_batch = first.reset_index().groupby(schema.BATCH)[schema.PLATE].apply(list).to_dict()
+        self.plates_by_source = first.reset_index().groupby(schema.SOURCE)[schema.PLATE].apply(list).to_dict()
+
+    def plate_images(self, plate: str) -> np.ndarray:
+        if plate in self._cache:
+            return self._cache[plate]
+        arr = np.asarray(self._zarr[plate][:])
+        if self._use_cache:
+            self._cache[plate] = arr
+        return arr
+
+    def get(self, plate: str, row: int) -> np.ndarray:
+        if plate in self._cache:
+            return self._cache[plate][row]
+        return np.asarray(self._zarr[plate][row])
+
+    def draw(self, plate: str, batch: str, source: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        """A random DMSO site for a treated site: same plate, else same batch, else same source.
+        Returns (image, level) with level in {"plate", "batch", "source"}."""
+        for level, candidates in (("plate", [plate] if self.n_by_plate.get(plate) else []),
+                                  ("batch", self.plates_by_batch.get(batch, [])),
+                                  ("source", self.plates_by_source.get(source, []))):
+            if candidates:
+                p = candidates[int(rng.integers(len(candidates)))]
+                return self.get(p, int(rng.integers(self.n_by_plate[p]))), level
+        raise KeyError(f"no DMSO control for plate {plate} (batch {batch}, source {source}) in {self.root}")
