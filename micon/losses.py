@@ -131,7 +131,10 @@ def _multi_positive_nce(anchors: Tensor, anchor_keys: Tensor, anchor_rows: Tenso
         local = local[anchor_rows.reshape(-1).to(anchors.device)]
     a = anchors[local].to(dtype)
     logits = a @ all_candidates.T / temperature                                     # [n_a, N]
-    positives = (anchor_keys[local][:, None, :] == all_keys[None, :, :]).all(-1)     # [n_a, N]
+    ak = anchor_keys[local]
+    positives = ak[:, None, 0] == all_keys[None, :, 0]                              # [n_a, N]
+    for col in range(1, ak.shape[1]):  # column by column: no [n_a, N, 3] intermediate
+        positives &= ak[:, None, col] == all_keys[None, :, col]
     if same_set:
         self_col = local + rank * n
         is_self = torch.zeros_like(positives)
