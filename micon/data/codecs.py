@@ -10,8 +10,10 @@ import zlib
 
 import numpy as np
 
-CODECS = ("npy", "zlib", "zstd", "blosc", "png")
-DEFAULT_CODEC = "zstd"
+CODECS = ("npy", "zlib", "zstd", "blosc", "png", "dzstd")
+# dzstd: PNG's "Sub" prediction (each pixel minus its left neighbour, mod 256) then Zstd.
+# Microscopy rows are smooth, so residuals are small: PNG-sized files at Zstd's decode speed.
+DEFAULT_CODEC = "dzstd"
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -48,6 +50,11 @@ def encode(arr: np.ndarray, codec: str = DEFAULT_CODEC) -> bytes:
         return bytes(_zstd().encode(_npy_bytes(arr)))
     if codec == "blosc":
         return bytes(_blosc().encode(_npy_bytes(arr)))
+    if codec == "dzstd":
+        residual = np.empty_like(arr)
+        residual[..., 0] = arr[..., 0]
+        np.subtract(arr[..., 1:], arr[..., :-1], out=residual[..., 1:])  # uint8 arithmetic wraps mod 256
+        return bytes(_zstd().encode(_npy_bytes(residual)))
     if codec == "png":
         from PIL import Image
 
@@ -69,6 +76,8 @@ def decode(blob: bytes, codec: str, channels: int = 5) -> np.ndarray:
         return _from_npy(bytes(_zstd().decode(blob)))
     if codec == "blosc":
         return _from_npy(bytes(_blosc().decode(blob)))
+    if codec == "dzstd":
+        return np.cumsum(_from_npy(bytes(_zstd().decode(blob))), axis=-1, dtype=np.uint8)
     if codec == "png":
         from PIL import Image
 
