@@ -1,0 +1,308 @@
+"""Ray job: JUMP compound table -> RDKit graphs + Morgan fingerprints in a graph store.
+
+    ./launch.sh featurize COMPOUNDS OUT [radius=2] [n_bits=2048] [tautomers=false] [max_atoms=200]
+                                        [chunk_size=1000] [num_workers=0 (all cores)] [seed=0]
+
+COMPOUNDS is metadata/compound.csv.gz (Metadata_JCP2022, Metadata_InChIKey, Metadata_InChI,
+Metadata_SMILES; .csv, .csv.gz or .parquet) or a shard manifest.json with a "compounds" list.
+One Ray task per chunk of compounds writes OUT/parts/part-NNNNN-<digest>.npz atomically; a rerun
+skips parts that exist, so a killed job resumes where it stopped. The parts are then consolidated
+into OUT/graphs.zarr + OUT/index.parquet (built aside, then renamed in) and OUT/featurize.json marks
+the store complete. Compounds that cannot be featurised get status "error" and a reason in the index.
+Ray runs locally (num_workers CPUs) unless RAY_ADDRESS names a running cluster.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from micon import schema
+from micon.chem.compound import FeaturizeOptions, Structure, featurize_chunk
+from micon.chem.standardize import DEFAULT_MAX_ATOMS
+from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_NAME, RaggedGraphs,
+                              write_store)
+from micon.config import ConfigError, describe, load_config, to_dict
+
+MARKER = "featurize.json"
+PARTS = "parts"
+# Seconds each chunk task sleeps before working; only the kill-and-resume test sets it.
+DELAY_ENV = "MICON_FEATURIZE_TEST_DELAY_S"
+
+
+@dataclasses.dataclass
+class FeaturizeConfig:
+    radius: int = 2
+    n_bits: int = 2048
+    tautomers: bool = False
+    max_atoms: int = DEFAULT_MAX_ATOMS
+    chunk_size: int = 1000
+    num_workers: int = 0  # Ray CPUs for a local cluster; 0 = every core of this machine
+    seed: int = 0  # order in which compounds are dealt into chunks; the store itself is sorted by id
+
+    def validate(self) -> None:
+        for key in ("radius", "max_atoms", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.n_bits < 8 or self.n_bits % 8:
+            raise ConfigError(f"n_bits={self.n_bits}: must be a positive multiple of 8 (fingerprints are bit-packed)")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: use 0 for all cores or a positive count")
+
+    def options(self) -> FeaturizeOptions:
+        return FeaturizeOptions(self.radius, self.n_bits, self.tautomers, self.max_atoms)
+
+
+# --------------------------------------------------------------------------- input
+
+def read_compounds(path: Path) -> pd.DataFrame:
+    """The compound table as strings ('' for missing), columns named as in JUMP; a `row` column
+    holds each compound's 1-based data row so errors can point at it."""
+    if not path.is_file():
+        raise ConfigError(f"compound table {path} does not exist (expected metadata/compound.csv.gz "
+                          f"or a shard manifest.json)")
+    if path.suffix == ".json":
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        compounds = manifest.get("compounds") if isinstance(manifest, dict) else None
+        if not isinstance(compounds, list) or not all(isinstance(c, dict) for c in compounds):
+            raise ConfigError(f"{path}: a shard manifest needs a 'compounds' list of objects with "
+                              f"{schema.JCP} and {schema.SMILES} (or {schema.INCHI}); this one has "
+                              f"{'none' if compounds is None else type(compounds).__name__}. Pass the JUMP "
+                              f"compound table metadata/compound.csv.gz instead")
+        table = pd.DataFrame(compounds)
+    elif path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+    else:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if schema.JCP not in table.columns or not ({schema.SMILES, schema.INCHI} & set(table.columns)):
+        raise ConfigError(f"{path}: needs columns {schema.JCP} and {schema.SMILES} and/or {schema.INCHI}; "
+                          f"found {', '.join(map(str, table.columns)) or 'no columns'}")
+    table = table.reindex(columns=[schema.JCP, schema.INCHIKEY, schema.SMILES, schema.INCHI])
+    table = table.astype(object).where(table.notna(), "").astype(str).apply(lambda col: col.str.strip())
+    table.insert(0, "row", np.arange(1, len(table) + 1))
+    return table
+
+
+def plan_items(table: pd.DataFrame) -> tuple[list[tuple[str, str, list[Structure]]], list[str]]:
+    """One work item per compound id, sorted by id, with its distinct structures (usually one);
+    plus problems with rows that cannot be items at all (no compound id)."""
+    problems = [f"row {r}: empty {schema.JCP}; skipped" for r in table.loc[table[schema.JCP] == "", "row"]]
+    table = table[table[schema.JCP] != ""]
+    first_key = dict(zip(table[schema.JCP][::-1], table[schema.INCHIKEY][::-1]))  # first row's key wins
+    distinct = table.drop_duplicates([schema.JCP, schema.SMILES, schema.INCHI]).sort_values([schema.JCP, "row"])
+    items: list[tuple[str, str, list[Structure]]] = []
+    for cid, row, smiles, inchi in zip(distinct[schema.JCP], distinct["row"], distinct[schema.SMILES],
+                                       distinct[schema.INCHI]):
+        if items and items[-1][0] == cid:
+            items[-1][2].append(Structure(int(row), smiles, inchi))
+        else:
+            items.append((cid, first_key[cid], [Structure(int(row), smiles, inchi)]))
+    return items, problems
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_chunks(items, cfg: FeaturizeConfig) -> list[tuple[str, list]]:
+    """Deal items into chunks (order shuffled by seed, so big molecules spread out); each chunk is named
+    by a digest of its content and the featurisation options, so a part on disk is reused only for
+    exactly the same work."""
+    order = np.random.default_rng(cfg.seed).permutation(len(items))
+    opts = cfg.options().as_dict()
+    chunks = []
+    for i, start in enumerate(range(0, len(items), cfg.chunk_size)):
+        chunk = [items[j] for j in order[start:start + cfg.chunk_size]]
+        key = digest([STORE_FORMAT, opts, [(c, k, [dataclasses.astuple(s) for s in ss]) for c, k, ss in chunk]])
+        chunks.append((f"part-{i:05d}-{key}.npz", chunk))
+    return chunks
+
+
+# --------------------------------------------------------------------------- parts (Ray tasks)
+
+def write_part(path: Path, columns: dict, graphs: RaggedGraphs) -> None:
+    """npz written under a temporary name, then renamed: a part on disk is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **{f"col_{k}": v for k, v in columns.items()}, **graphs.arrays())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_part(path: Path) -> tuple[dict, RaggedGraphs]:
+    with np.load(path, allow_pickle=False) as z:
+        columns = {k[4:]: z[k] for k in z.files if k.startswith("col_")}
+        graphs = RaggedGraphs(**{k: z[k] for k in z.files if not k.startswith("col_")})
+    return columns, graphs
+
+
+def run_chunk(items, opts: FeaturizeOptions, path: str) -> dict:
+    """The Ray task: featurise one chunk and write its part. Returns counts for the progress bar."""
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+    columns, graphs = featurize_chunk(items, opts)
+    write_part(Path(path), columns, graphs)
+    return {"compounds": len(items), "failed": int((columns["status"] != OK).sum())}
+
+
+def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) -> None:
+    import ray
+    from tqdm import tqdm
+
+    repo = str(Path(__file__).resolve().parents[1])
+    if os.environ.get("RAY_ADDRESS"):
+        # A running cluster (e.g. cluster/ on Slurm): it sizes itself; workers find micon on the shared path.
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": {"PYTHONPATH": repo}},
+                 logging_level="WARNING")
+    else:
+        ray.init(address="local", num_cpus=cfg.num_workers or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=200 * 1024 ** 2, logging_level="WARNING")
+    try:
+        task = ray.remote(num_cpus=1, max_retries=2)(run_chunk)
+        opts = cfg.options()
+        refs = [task.remote(items, opts, str(path)) for path, items in pending]
+        failed = 0
+        with tqdm(total=sum(len(items) for _, items in pending), unit="cpd", desc="featurize",
+                  mininterval=1.0, file=sys.stderr) as bar:
+            while refs:
+                done, refs = ray.wait(refs, num_returns=1)
+                counts = ray.get(done[0])
+                failed += counts["failed"]
+                bar.update(counts["compounds"])
+                bar.set_postfix(failed=failed, refresh=False)
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- consolidation
+
+def consolidate(out: Path, part_paths: list[Path], cfg: FeaturizeConfig, input_digest: str) -> pd.DataFrame:
+    """Parts -> graphs.zarr + index.parquet, sorted by compound id, built in a temporary directory
+    and renamed into place. Removes the completion marker first; the caller writes it last."""
+    cols, graphs = [], []
+    for p in part_paths:
+        c, g = read_part(p)
+        cols.append(c)
+        graphs.append(g)
+    index = pd.DataFrame({k: np.concatenate([c[k] for c in cols]) for k in cols[0]}) if cols else \
+        pd.DataFrame({k: pd.Series(dtype=str) for k in INDEX_COLUMNS[:4]})
+    all_graphs = RaggedGraphs.concat(graphs) if graphs else RaggedGraphs.from_encoded([], [], cfg.n_bits)
+    order = np.argsort(index[schema.JCP].to_numpy(), kind="stable")
+    index = index.iloc[order].reset_index(drop=True)
+    all_graphs = all_graphs.take(order)
+    index["n_atoms"] = np.diff(all_graphs.atom_offsets)
+    index["n_bonds"] = np.diff(all_graphs.bond_offsets)
+    index = index[list(INDEX_COLUMNS)]
+
+    tmp = out / f".tmp-consolidate-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_store(tmp, index, all_graphs, radius=cfg.radius, n_bits=cfg.n_bits,
+                extra_attrs={"input_digest": input_digest})
+    (out / MARKER).unlink(missing_ok=True)
+    for name in (ZARR_NAME, INDEX_NAME):
+        old = out / name
+        if old.is_dir():
+            trash = out / f".trash-{name}-{os.getpid()}"
+            os.replace(old, trash)
+            shutil.rmtree(trash)
+        os.replace(tmp / name, old)
+    tmp.rmdir()
+    return index
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_marker(out: Path) -> dict | None:
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if (out / ZARR_NAME).is_dir() and (out / INDEX_NAME).is_file() else None
+
+
+def summary_line(counts: dict, out: Path, seconds: float, cfg: FeaturizeConfig, extra: str = "") -> str:
+    return (f"featurize: {counts['compounds']} compounds -> {counts['ok']} graphs, {counts['failed']} failed "
+            f"(reasons in {out / INDEX_NAME}); {extra}{seconds:.1f} s "
+            f"[radius={cfg.radius} n_bits={cfg.n_bits} tautomers={cfg.tautomers} max_atoms={cfg.max_atoms}]")
+
+
+def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
+    t0 = time.time()
+    table = read_compounds(compounds)
+    items, problems = plan_items(table)
+    for p in problems[:5]:
+        print(f"featurize: {compounds}: {p}", file=sys.stderr)
+    chunks = plan_chunks(items, cfg)
+    input_digest = digest([STORE_FORMAT, cfg.options().as_dict(), sorted(name for name, _ in chunks)])
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = read_marker(out)
+    if marker is not None and marker.get("input_digest") == input_digest:
+        print(summary_line(marker["counts"], out, time.time() - t0, cfg, "up to date, nothing to do; "))
+        return marker["counts"]
+
+    parts_dir = out / PARTS
+    parts_dir.mkdir(exist_ok=True)
+    for leftover in parts_dir.glob(".*.tmp-*"):  # half-written by a killed run
+        leftover.unlink(missing_ok=True)
+    paths = [parts_dir / name for name, _ in chunks]
+    pending = [(p, items_) for p, (_, items_) in zip(paths, chunks) if not p.exists()]
+    print(f"featurize: {len(items)} compounds from {compounds} in {len(chunks)} chunks "
+          f"({len(chunks) - len(pending)} already done); config {describe(cfg)}", file=sys.stderr)
+    if pending:
+        run_chunks_with_ray(pending, cfg)
+
+    counts = {"compounds": len(items), "chunks": len(chunks), "chunks_run": len(pending)}
+    marker = {"input_digest": input_digest, "compounds_table": str(compounds), "config": to_dict(cfg)}
+    index = consolidate(out, paths, cfg, input_digest)
+    failed = index[index.status != OK]
+    counts.update(ok=int(len(index) - len(failed)), failed=int(len(failed)))
+    write_json(out / MARKER, {**marker, "counts": counts})
+    keep = {p.name for p in paths}
+    stale = [p for p in parts_dir.glob("part-*.npz") if p.name not in keep]
+    for p in stale:  # parts of another input or config: never valid for this store again
+        p.unlink()
+
+    if len(failed):
+        print(f"featurize: {len(failed)} of {len(index)} compounds have no graph, for example:")
+        for r in failed.head(5).itertuples(index=False):
+            print(f"  {r.Metadata_JCP2022}: {r.reason}")
+    print(summary_line(counts, out, time.time() - t0, cfg,
+                       f"{len(pending)} of {len(chunks)} chunks featurised, {len(chunks) - len(pending)} reused; "))
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] in ("-h", "--help") or "=" in argv[0] or "=" in argv[1]:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        cfg = load_config(FeaturizeConfig, overrides=argv[2:])
+        run(Path(argv[0]), Path(argv[1]), cfg)
+    except ConfigError as e:
+        print(f"featurize: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
