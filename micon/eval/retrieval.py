@@ -1,0 +1,359 @@
+"""Replicate retrieval across technical boundaries: NSB / NSS / NSP top-k hit rate (MICON paper).
+
+A treated query well scores a hit at k when a gallery well of the same compound is among its k most
+cosine-similar *eligible* gallery wells, eligible meaning from another batch (NSB), source (NSS) or
+plate (NSP). Computed blockwise (query blocks x gallery chunks, exact two-stage top-k merge), never
+an N x N matrix; exclusion masks are always built from gallery metadata against query metadata.
+No I/O; the Ray variant uses an already-running Ray (the caller owns `ray.init`).
+
+Conventions (documented because the official code differs or is silent):
+* DMSO (negcon) and empty wells are never queries. DMSO wells join the gallery only with
+  `gallery_negcon=True` (the official analysis drops them before evaluation: the default).
+* Ties in similarity are broken by gallery row index (lower first), so results are deterministic
+  and identical however the gallery is chunked or distributed.
+* A query counts only if at least one same-compound gallery well survives its exclusion; the others
+  are left out of the denominator and counted (`n_queries_*`, `n_ineligible_*`). With query ==
+  gallery this is the official "compound present in more than one batch / source" filter, applied
+  per query, which stays right when query and gallery are different tables.
+* The query's own row is excluded because it shares its plate, batch and source with itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from micon import schema
+
+__all__ = ["MODES", "topk_hit_rate", "topk_hit_rate_ray", "topk_neighbours", "summarise_first_hits"]
+
+# Exclusion key of each mode: the candidate is dropped when it shares the key with the query.
+# Batch and plate keys include the source so that names reused by two sources cannot collide.
+MODES: dict[str, tuple[str, ...]] = {
+    "nsb": (schema.SOURCE, schema.BATCH),
+    "nss": (schema.SOURCE,),
+    "nsp": (schema.SOURCE, schema.BATCH, schema.PLATE),
+}
+DEFAULT_QUERY_ROLES = (schema.TREATED, schema.POSCON)
+
+
+# ---------------------------------------------------------------------------------------------
+# deterministic top-k (value descending, index ascending)
+# ---------------------------------------------------------------------------------------------
+
+def _topk(vals: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row under the total order (value desc, index asc); returns (values, indices) sorted.
+
+    np.argpartition finds the k-th value; only rows where ties straddle the boundary fall back to a
+    full lexsort, so the selected set never depends on the partition's arbitrary tie order.
+    """
+    n = vals.shape[1]
+    if n > k:
+        part = np.argpartition(-vals, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(vals, part, 1).min(axis=1)
+        tied = np.flatnonzero((vals >= kth[:, None]).sum(axis=1) > k)
+        if tied.size:
+            part[tied] = np.lexsort((idx[tied], -vals[tied]), axis=-1)[:, :k]
+        vals = np.take_along_axis(vals, part, 1)
+        idx = np.take_along_axis(idx, part, 1)
+    order = np.lexsort((idx, -vals), axis=-1)
+    return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _merge_topk(a: tuple[np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray], k: int):
+    if a is None:
+        return b
+    return _topk(np.concatenate([a[0], b[0]], axis=1), np.concatenate([a[1], b[1]], axis=1), k)
+
+
+def _gallery_topk(q_feats: np.ndarray, q_keys: np.ndarray, gallery: dict, k: int, lo: int, hi: int,
+                  chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eligible gallery rows in [lo, hi) for each query row and each mode.
+
+    q_keys: (modes, B) exclusion codes of the queries; gallery["keys"]: (modes, G). Returns values and
+    global gallery indices of shape (modes, B, k); missing candidates have value -inf.
+    """
+    g_feats, g_keys = gallery["feats"], gallery["keys"]
+    n_modes, B = q_keys.shape
+    best = [None] * n_modes
+    for c0 in range(lo, hi, chunk):
+        c1 = min(c0 + chunk, hi)
+        sims = q_feats @ g_feats[c0:c1].T
+        idx = np.broadcast_to(np.arange(c0, c1, dtype=np.int64), sims.shape)
+        for m in range(n_modes):
+            masked = np.where(q_keys[m][:, None] == g_keys[m][None, c0:c1], -np.inf, sims).astype(sims.dtype)
+            best[m] = _merge_topk(best[m], _topk(masked, idx, k), k)
+    if not best or best[0] is None:
+        empty = np.full((n_modes, B, k), -np.inf, dtype=q_feats.dtype)
+        return empty, np.full((n_modes, B, k), -1, dtype=np.int64)
+    # pad when the range held fewer than k rows
+    vals = np.stack([b[0] for b in best])
+    idx = np.stack([b[1] for b in best])
+    if vals.shape[2] < k:
+        pad = k - vals.shape[2]
+        vals = np.concatenate([vals, np.full((n_modes, B, pad), -np.inf, vals.dtype)], axis=2)
+        idx = np.concatenate([idx, np.full((n_modes, B, pad), -1, np.int64)], axis=2)
+    return vals, idx
+
+
+def _first_hits(vals: np.ndarray, idx: np.ndarray, q_compound: np.ndarray, g_compound: np.ndarray) -> np.ndarray:
+    """1-based rank of the first same-compound neighbour in each top-k list, 0 when none. (modes, B)."""
+    hit = (vals > -np.inf) & (g_compound[np.maximum(idx, 0)] == q_compound[None, :, None])
+    return np.where(hit.any(axis=2), hit.argmax(axis=2) + 1, 0)
+
+
+def _shard_topk(q_feats, q_keys, gallery, k, lo, hi, chunk):
+    """Ray task body: one query block against gallery rows [lo, hi); top-k candidates for the merge."""
+    return _gallery_topk(q_feats, q_keys, gallery, k, lo, hi, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# preparation: roles, codes, normalised features
+# ---------------------------------------------------------------------------------------------
+
+def _roles(meta: pd.DataFrame, compound_col: str) -> np.ndarray:
+    if schema.ROLE in meta.columns:
+        return meta[schema.ROLE].astype(str).to_numpy()
+    if compound_col not in meta.columns:
+        raise KeyError(f"retrieval: metadata has neither {schema.ROLE!r} nor {compound_col!r}")
+    return np.array([schema.role_of(j) for j in meta[compound_col].astype(str)], dtype=object)
+
+
+def _unit_rows(feats: np.ndarray, dtype) -> np.ndarray:
+    x = np.asarray(feats, dtype=np.float64)
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise ValueError(f"retrieval: feature row {bad} holds NaN or inf; drop or impute it first")
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    # an all-zero profile has cosine 0 to everything rather than NaN
+    return (x / np.maximum(norm, np.finfo(np.float64).tiny)).astype(dtype)
+
+
+@dataclass
+class _Prepared:
+    query_rows: np.ndarray       # rows of the query table that are queries
+    q_feats: np.ndarray          # (Q, d) unit rows
+    q_keys: np.ndarray           # (modes, Q) exclusion codes
+    q_compound: np.ndarray       # (Q,) compound codes
+    gallery: dict                # feats (G, d), keys (modes, G), compound (G,)
+    gallery_rows: np.ndarray     # rows of the gallery table in the gallery
+    eligible: np.ndarray         # (modes, Q) at least one same-compound gallery well survives exclusion
+    modes: tuple[str, ...]
+
+
+def _joint_codes(q: pd.DataFrame, g: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of `columns` over the query and gallery rows together, so equal values get equal codes."""
+    missing = [c for c in columns if c not in q.columns or c not in g.columns]
+    if missing:
+        raise KeyError(f"retrieval: query or gallery metadata lacks column(s) {missing}")
+    both = pd.concat([q[list(columns)], g[list(columns)]], ignore_index=True)
+    if both.isna().any(axis=None):
+        raise ValueError(f"retrieval: missing values in {list(columns)}; fill or drop those wells")
+    codes = both.groupby(list(columns), sort=False, observed=True).ngroup().to_numpy(np.int64)
+    return codes[:len(q)], codes[len(q):]
+
+
+def _eligible(q_compound: np.ndarray, q_key: np.ndarray, g_compound: np.ndarray, g_key: np.ndarray) -> np.ndarray:
+    """Per query: does any gallery row share its compound but not its exclusion key? (no Q x G matrix)."""
+    n_keys = int(max(q_key.max(initial=0), g_key.max(initial=0))) + 1
+    cpd_ids, cpd_counts = np.unique(g_compound, return_counts=True)
+    pair_ids, pair_counts = np.unique(g_compound * n_keys + g_key, return_counts=True)
+
+    def lookup(ids, counts, values):
+        if not len(ids):
+            return np.zeros(len(values), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(ids, values), len(ids) - 1)
+        return np.where(ids[pos] == values, counts[pos], 0)
+
+    same_compound = lookup(cpd_ids, cpd_counts, q_compound)
+    same_compound_same_key = lookup(pair_ids, pair_counts, q_compound * n_keys + q_key)
+    return same_compound - same_compound_same_key > 0
+
+
+def _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
+             gallery_negcon, dtype) -> _Prepared:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"retrieval: unknown mode(s) {unknown}; choose from {list(MODES)}")
+    if len(query_meta) != len(query_feats):
+        raise ValueError(f"retrieval: query metadata has {len(query_meta)} rows, features {len(query_feats)}")
+    if gallery_meta is None:
+        gallery_meta, gallery_feats = query_meta, query_feats
+    elif gallery_feats is None or len(gallery_meta) != len(gallery_feats):
+        raise ValueError("retrieval: pass gallery_feats with as many rows as gallery_meta")
+    if np.shape(query_feats)[1] != np.shape(gallery_feats)[1]:
+        raise ValueError(f"retrieval: query features are {np.shape(query_feats)[1]}-d, gallery "
+                         f"{np.shape(gallery_feats)[1]}-d")
+    q_role = _roles(query_meta, compound_col)
+    g_role = _roles(gallery_meta, compound_col)
+    query_rows = np.flatnonzero(np.isin(q_role, list(query_roles)) & (q_role != schema.NEGCON))
+    g_allowed = [schema.TREATED, schema.POSCON] + ([schema.NEGCON] if gallery_negcon else [])
+    gallery_rows = np.flatnonzero(np.isin(g_role, g_allowed))
+    q = query_meta.iloc[query_rows]
+    g = gallery_meta.iloc[gallery_rows]
+    q_compound, g_compound = _joint_codes(q, g, [compound_col])
+    q_keys, g_keys = [], []
+    for mode in modes:
+        qk, gk = _joint_codes(q, g, MODES[mode])
+        q_keys.append(qk)
+        g_keys.append(gk)
+    q_keys = np.stack(q_keys) if q_keys else np.zeros((0, len(q)), np.int64)
+    g_keys = np.stack(g_keys) if g_keys else np.zeros((0, len(g)), np.int64)
+    eligible = np.stack([_eligible(q_compound, q_keys[m], g_compound, g_keys[m]) for m in range(len(modes))]) \
+        if modes else np.zeros((0, len(q)), bool)
+    gallery = {"feats": _unit_rows(np.asarray(gallery_feats)[gallery_rows], dtype), "keys": g_keys,
+               "compound": g_compound}
+    return _Prepared(query_rows, _unit_rows(np.asarray(query_feats)[query_rows], dtype), q_keys, q_compound,
+                     gallery, gallery_rows, eligible, tuple(modes))
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+def summarise_first_hits(first_hit: np.ndarray, eligible: np.ndarray, modes: Sequence[str],
+                         ks: Iterable[int]) -> pd.DataFrame:
+    """One row per k: hit rate per mode over eligible queries, plus query counts per mode."""
+    ks = list(ks)
+    rows = []
+    for k in ks:
+        row = {"k": k}
+        for m, mode in enumerate(modes):
+            n = int(eligible[m].sum())
+            hits = int(((first_hit[m] >= 1) & (first_hit[m] <= k) & eligible[m]).sum())
+            row[mode] = hits / n if n else np.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for m, mode in enumerate(modes):
+        frame[f"n_queries_{mode}"] = int(eligible[m].sum())
+        frame[f"n_ineligible_{mode}"] = int((~eligible[m]).sum())
+    return frame
+
+
+def _per_query(query_meta: pd.DataFrame, prep: _Prepared, first_hit: np.ndarray) -> pd.DataFrame:
+    meta_cols = [c for c in query_meta.columns if c.startswith("Metadata_")]
+    out = query_meta.iloc[prep.query_rows][meta_cols].reset_index(drop=True)
+    out.insert(0, "query_row", prep.query_rows)
+    for m, mode in enumerate(prep.modes):
+        out[f"{mode}_eligible"] = prep.eligible[m]
+        out[f"{mode}_first_hit"] = first_hit[m]
+    return out
+
+
+def topk_neighbours(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_meta: pd.DataFrame | None = None,
+                    gallery_feats: np.ndarray | None = None, *, k: int = 10,
+                    modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
+                    query_roles: Sequence[str] = DEFAULT_QUERY_ROLES, gallery_negcon: bool = False,
+                    block_size: int = 512, gallery_chunk: int = 32768, dtype=np.float32,
+                    progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], _Prepared]:
+    """The k nearest eligible gallery wells of every query, per mode: (similarities, gallery rows, prep).
+
+    Gallery rows index `gallery_meta` (or `query_meta` when no gallery is given); -1 marks a missing
+    neighbour (fewer than k eligible wells). Arrays are (queries, k), queries in `prep.query_rows` order.
+    """
+    prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
+                    gallery_negcon, dtype)
+    n_q, n_g = len(prep.query_rows), len(prep.gallery_rows)
+    vals = np.full((len(modes), n_q, k), -np.inf, dtype=dtype)
+    idx = np.full((len(modes), n_q, k), -1, dtype=np.int64)
+    starts = range(0, n_q, block_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="top-k blocks", total=len(starts))
+    for b0 in starts:
+        b1 = min(b0 + block_size, n_q)
+        v, i = _gallery_topk(prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], prep.gallery, k, 0, n_g, gallery_chunk)
+        vals[:, b0:b1], idx[:, b0:b1] = v, i
+    idx[vals == -np.inf] = -1  # excluded candidates padding a short list are not neighbours
+    rows = np.where(idx >= 0, prep.gallery_rows[np.maximum(idx, 0)], -1)
+    return ({mode: vals[m] for m, mode in enumerate(modes)}, {mode: rows[m] for m, mode in enumerate(modes)}, prep)
+
+
+def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_meta: pd.DataFrame | None = None,
+                  gallery_feats: np.ndarray | None = None, *, ks: Iterable[int] = range(1, 11),
+                  modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
+                  query_roles: Sequence[str] = DEFAULT_QUERY_ROLES, gallery_negcon: bool = False,
+                  block_size: int = 512, gallery_chunk: int = 32768, dtype=np.float32,
+                  per_query: bool = False, progress: bool = False):
+    """NSB / NSS / NSP top-k hit rate of replicate retrieval (single process, blockwise).
+
+    Returns a frame with one row per k: `k`, one column per mode (`nsb`, `nss`, `nsp`: share of
+    eligible queries with a same-compound well among their k nearest eligible gallery wells), and
+    `n_queries_<mode>` / `n_ineligible_<mode>`. With `per_query=True` also returns a per-query frame
+    (query metadata, `<mode>_eligible`, `<mode>_first_hit`: 1-based rank of the first same-compound
+    neighbour within max(ks), 0 when none). Memory: block_size x gallery_chunk similarities at a time.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"topk_hit_rate: ks must be positive integers, got {ks}")
+    sims, rows, prep = topk_neighbours(query_meta, query_feats, gallery_meta, gallery_feats, k=ks[-1],
+                                       modes=modes, compound_col=compound_col, query_roles=query_roles,
+                                       gallery_negcon=gallery_negcon, block_size=block_size,
+                                       gallery_chunk=gallery_chunk, dtype=dtype, progress=progress)
+    first_hit = _first_hits_from_rows(sims, rows, prep)
+    frame = summarise_first_hits(first_hit, prep.eligible, prep.modes, ks)
+    return (frame, _per_query(query_meta, prep, first_hit)) if per_query else frame
+
+
+def _first_hits_from_rows(sims: dict, rows: dict, prep: _Prepared) -> np.ndarray:
+    # map gallery-table rows back to gallery positions to read compound codes
+    pos_of_row = np.full(int(prep.gallery_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
+    pos_of_row[prep.gallery_rows] = np.arange(len(prep.gallery_rows))
+    vals = np.stack([sims[m] for m in prep.modes]) if prep.modes else np.zeros((0, len(prep.query_rows), 0))
+    idx = np.stack([np.where(rows[m] >= 0, pos_of_row[np.maximum(rows[m], 0)], -1) for m in prep.modes]) \
+        if prep.modes else np.zeros((0, len(prep.query_rows), 0), np.int64)
+    return _first_hits(vals, idx, prep.q_compound, prep.gallery["compound"])
+
+
+def topk_hit_rate_ray(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_meta: pd.DataFrame | None = None,
+                      gallery_feats: np.ndarray | None = None, *, ks: Iterable[int] = range(1, 11),
+                      modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
+                      query_roles: Sequence[str] = DEFAULT_QUERY_ROLES, gallery_negcon: bool = False,
+                      block_size: int = 512, gallery_chunk: int = 32768, gallery_shards: int = 1,
+                      dtype=np.float32, per_query: bool = False, progress: bool = False):
+    """`topk_hit_rate` with Ray tasks: one task per (query block, gallery shard).
+
+    The prepared gallery is put in the object store once (`ray.put`); each task returns the top-k
+    candidates of its block within its shard (contiguous runs of whole gallery chunks) and the driver
+    merges the k x shards candidates. Chunk shapes equal the single-process path's, so the numbers
+    are identical. Uses the running Ray instance (call `ray.init` first; Ray starts a local one otherwise).
+    """
+    import ray
+
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"topk_hit_rate_ray: ks must be positive integers, got {ks}")
+    k = ks[-1]
+    prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
+                    gallery_negcon, dtype)
+    n_q, n_g = len(prep.query_rows), len(prep.gallery_rows)
+    n_chunks = max(1, -(-n_g // gallery_chunk))
+    per_shard = -(-n_chunks // max(1, gallery_shards))
+    bounds = [(c * gallery_chunk, min((c + per_shard) * gallery_chunk, n_g)) for c in range(0, n_chunks, per_shard)]
+    gallery_ref = ray.put(prep.gallery)
+    task = ray.remote(_shard_topk)
+    futures = {}
+    for b0 in range(0, n_q, block_size):
+        b1 = min(b0 + block_size, n_q)
+        for s, (lo, hi) in enumerate(bounds):
+            futures[(b0, s)] = task.remote(prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], gallery_ref, k, lo, hi,
+                                           gallery_chunk)
+    vals = np.full((len(modes), n_q, k), -np.inf, dtype=dtype)
+    idx = np.full((len(modes), n_q, k), -1, dtype=np.int64)
+    blocks = range(0, n_q, block_size)
+    if progress:
+        from tqdm import tqdm
+        blocks = tqdm(blocks, desc="top-k blocks (ray)", total=len(blocks))
+    for b0 in blocks:
+        b1 = min(b0 + block_size, n_q)
+        results = ray.get([futures[(b0, s)] for s in range(len(bounds))])
+        for m in range(len(modes)):
+            best = None
+            for v, i in results:
+                best = _merge_topk(best, (v[m], i[m]), k)
+            vals[m, b0:b1], idx[m, b0:b1] = best
+    first_hit = _first_hits(vals, idx, prep.q_compound, prep.gallery["compound"])
+    frame = summarise_first_hits(first_hit, prep.eligible, prep.modes, ks)
+    return (frame, _per_query(query_meta, prep, first_hit)) if per_query else frame
