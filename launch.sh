@@ -72,7 +72,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   synth OUT [key=value ...]  write a synthetic Cell Painting screen in the JUMP (cpg0016) layout
   prep SRC OUT [key=value]   JUMP layout -> WebDataset shards, DMSO control bank, channel stats
   featurize COMPOUNDS OUT    Ray job: RDKit molecular graphs + fingerprints -> zarr
-  train CONFIG [key=value]   DeepSpeed training (method=micon|paclr|clip|simclr)
+  train CONFIG [--nproc N] [key=value]
+                             DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -
   embed CKPT SHARDS OUT      Ray Data embedding of shards with a trained image encoder
   evaluate [key=value ...]   profiles, normalisation, NSB/NSS top-k, mAP, report
   slurm JOB [options]        render and submit a job to Slurm
@@ -91,7 +92,16 @@ case "$cmd" in
   synth) setup; exec "$PY" -m data_prep.synth "$@" ;;
   prep) setup; exec "$PY" -m data_prep.ingest "$@" ;;
   featurize) setup; exec "$PY" -m data_prep.featurize "$@" ;;
-  train) setup; exec "$PY" -m train.run "$@" ;;
+  train)
+    # --nproc N anywhere in the arguments: N processes on this machine through torchrun
+    setup; nproc=1; args=()
+    while [[ $# -gt 0 ]]; do
+      if [[ $1 == --nproc ]]; then nproc=$2; shift 2; else args+=("$1"); shift; fi
+    done
+    if [[ $nproc -gt 1 ]]; then
+      exec "$VENV/bin/torchrun" --nproc-per-node "$nproc" --master-port "${MASTER_PORT:-0}" -m train.run "${args[@]}"
+    fi
+    exec "$PY" -m train.run "${args[@]}" ;;
   embed) setup; exec "$PY" -m evaluate.embed "$@" ;;
   evaluate) setup; exec "$PY" -m evaluate.run "$@" ;;
   slurm) setup; exec "$PY" -m cluster.submit "$@" ;;

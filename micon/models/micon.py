@@ -159,7 +159,8 @@ class CLIP(_ImageEmbedder):
         self.molecule_encoder = molecule_encoder
         self.image_projector = ProjectionHead(image_encoder.out_dim, projection_dim, projection_hidden, dropout)
         self.molecule_projector = ProjectionHead(molecule_encoder.out_dim, projection_dim, molecule_hidden, dropout)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_logit_scale = max_logit_scale
 
     def forward(self, images: Tensor, molecules: Any) -> dict[str, Tensor]:
@@ -172,4 +173,4 @@ class CLIP(_ImageEmbedder):
         if z_molecule.shape[0] != z_image.shape[0]:
             raise ValueError(f"{z_molecule.shape[0]} compounds for {z_image.shape[0]} images")
         return {"image": z_image, "molecule": z_molecule,
-                "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale)}
+                "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale)[0]}

@@ -1,0 +1,295 @@
+"""The training data path of one rank: stream shards, pair replicates, draw controls, augment, batch.
+
+The stream is a pure function of (seed, rank, world size, worker, number of workers), so a resumed
+run can fast-forward to its saved position: skipped batches are planned (metadata only) but never
+decoded. Shards come in an order shuffled with a seed shared by all ranks before they are split by
+rank and worker; the stream is endless (epochs repeat, or shards are resampled), so no rank runs dry.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+import torch
+from webdataset.tariterators import tarfile_samples
+
+from micon import schema
+from micon.chem.graph import collate_graphs
+from micon.data.codecs import decode
+from micon.data.shards import ControlBank, Manifest
+
+log = logging.getLogger("micon.data")
+
+PAIR_LEVELS = ("source", "batch", "plate", "well")
+
+
+@dataclass
+class Augment:
+    """Microscopy augmentations: random crop, flips and 90-degree rotations, per-channel intensity jitter."""
+
+    crop: int = 0                 # random crop size in pixels (0 = whole field)
+    flip: bool = True
+    rot90: bool = True
+    intensity_jitter: float = 0.0  # per-channel multiplicative jitter, x * exp(N(0, s)) + N(0, s / 2)
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[C, H, W] float32 -> [C, h, w] float32."""
+        c, h, w = img.shape
+        if self.crop and self.crop < min(h, w):
+            y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
+            img = img[:, y:y + self.crop, x:x + self.crop]
+        if self.flip and rng.random() < 0.5:
+            img = img[:, :, ::-1]
+        if self.rot90:
+            img = np.rot90(img, int(rng.integers(4)), axes=(1, 2))
+        if self.intensity_jitter > 0:
+            s = self.intensity_jitter
+            img = img * np.exp(rng.normal(0, s, (c, 1, 1))) + rng.normal(0, s / 2, (c, 1, 1))
+        return np.ascontiguousarray(img, dtype=np.float32)
+
+
+@dataclass
+class StreamConfig:
+    method: str = "micon"          # micon | paclr | clip (pairs of replicates) or simclr (single sites)
+    batch_size: int = 8            # examples per micro-batch on this rank
+    shuffle_buffer: int = 128      # raw samples shuffled before decoding
+    pair_buffer: int = 4096        # treated sites waiting for a replicate partner
+    pair_prefer: str = "source"    # prefer partners from another source, else batch, plate, well
+    controls: bool = True          # draw a same-plate DMSO control for each view
+    resample: bool = False         # draw shards with replacement instead of epoch by epoch
+    normalize: str = "plate"       # plate: standardise with the plate's DMSO channel mean/std; none: x / 255
+    include_poscon: bool = False   # positive controls as compounds too
+    splits: tuple[str, ...] = ("train",)
+    seed: int = 0
+    augment: Augment = field(default_factory=Augment)
+
+
+class Counts(dict):
+    """Per-worker counters shipped to the trainer with every batch (corrupt members, fallbacks...)."""
+
+    def add(self, key: str, n: int = 1) -> None:
+        self[key] = self.get(key, 0) + n
+
+
+class _Handler:
+    """WebDataset error handler: count and warn, never crash on a corrupt shard or member."""
+
+    def __init__(self, counts: Counts):
+        self.counts = counts
+
+    def __call__(self, exn: Exception) -> bool:
+        self.counts.add("corrupt")
+        log.warning("skipping corrupt shard data: %s", str(exn).split("\n")[0][:300])
+        return True
+
+
+def shard_slot(shards: list[str], epoch: int, seed: int, slot: int, n_slots: int, resample: bool) -> list[str]:
+    """This (rank, worker) slot's shards for one epoch. The shuffle is shared by every slot."""
+    if len(shards) < n_slots:
+        raise ValueError(f"{len(shards)} shards cannot feed {n_slots} data streams (ranks x loader workers): "
+                         f"re-run prep with a smaller shard_mb, or use fewer workers")
+    if resample:
+        rng = np.random.default_rng([seed, epoch, slot, 99])
+        return [shards[i] for i in rng.integers(0, len(shards), len(shards) // n_slots)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return [shards[i] for i in order[slot::n_slots]]
+
+
+def _pair_score(a: dict, b: dict) -> int:
+    """Higher is better: partners that differ at a coarser level first."""
+    for i, col in enumerate((schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL)):
+        if a[col] != b[col]:
+            return len(PAIR_LEVELS) - i
+    return 0
+
+
+class ReplicatePairer:
+    """Pairs two treated sites of one compound from different wells, preferring different sources
+    (then batches, then plates). Holds at most `capacity` unpaired sites, evicting the oldest."""
+
+    def __init__(self, capacity: int, prefer: str, counts: Counts):
+        self.capacity = capacity
+        self.min_score = len(PAIR_LEVELS) - PAIR_LEVELS.index(prefer)
+        self.waiting: OrderedDict[str, dict] = OrderedDict()   # key -> sample
+        self.by_compound: dict[str, list[str]] = {}
+        self.counts = counts
+
+    def push(self, sample: dict):
+        meta = sample["meta"]
+        cid = meta[schema.JCP]
+        best, best_score = None, 0
+        for key in self.by_compound.get(cid, []):
+            s = _pair_score(meta, self.waiting[key]["meta"])
+            if s > best_score:
+                best, best_score = key, s
+        if best is not None and best_score >= min(self.min_score, 1):
+            partner = self.waiting.pop(best)
+            self.by_compound[cid].remove(best)
+            self.counts.add(f"pairs_across_{PAIR_LEVELS[len(PAIR_LEVELS) - best_score]}")
+            return partner, sample
+        self.waiting[sample["key"]] = sample
+        self.by_compound.setdefault(cid, []).append(sample["key"])
+        if len(self.waiting) > self.capacity:
+            old_key, old = self.waiting.popitem(last=False)
+            self.by_compound[old["meta"][schema.JCP]].remove(old_key)
+            self.counts.add("pair_evicted")
+        return None
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """Endless batches for one rank. Each DataLoader worker is one slot of the shard split.
+
+    `skip_batches` fast-forwards a resumed run: the DataLoader hands out worker batches round-robin,
+    so after `skip` batches the next one comes from logical worker skip % W; physical worker w plays
+    logical worker (w + skip) % W and skips the batches that logical worker already delivered.
+    """
+
+    def __init__(self, manifest_dir: str, cfg: StreamConfig, rank: int, world: int, num_workers: int,
+                 graph_store: str | None = None, skip_batches: int = 0, compound_labels: dict | None = None):
+        super().__init__()
+        self.manifest_dir, self.cfg, self.rank, self.world = manifest_dir, cfg, rank, world
+        self.num_workers = max(num_workers, 1)
+        self.graph_store, self.skip_batches = graph_store, skip_batches
+        self.compound_labels = compound_labels or {}
+
+    # ---- planning: metadata only, no pixel decoded
+    def _raw_samples(self, manifest: Manifest, slot: int, counts: Counts):
+        shards = manifest.shard_paths()
+        n_slots = self.world * self.num_workers
+        for epoch in count():
+            urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
+            rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}")
+            buf: list[dict] = []
+            for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
+                image_key = next((k for k in s if k.startswith("image.")), None)
+                if image_key is None or "json" not in s:
+                    counts.add("incomplete")
+                    log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
+                    continue
+                try:
+                    meta = json.loads(s["json"])
+                except ValueError:
+                    counts.add("corrupt")
+                    continue
+                sample = dict(key=s["__key__"], meta=meta, blob=s[image_key], codec=image_key.split(".", 1)[1],
+                              epoch=epoch)
+                # shuffle before decode: a reservoir of raw bytes
+                if len(buf) < self.cfg.shuffle_buffer:
+                    buf.append(sample)
+                    continue
+                i = rng.randrange(len(buf))
+                buf[i], sample = sample, buf[i]
+                yield sample
+            rng.shuffle(buf)
+            yield from buf
+
+    def _keep(self, manifest: Manifest, meta: dict) -> bool:
+        if manifest.split_of(meta) not in self.cfg.splits:
+            return False
+        role = meta[schema.ROLE]
+        if self.cfg.method == "simclr":
+            return True
+        return role == schema.TREATED or (self.cfg.include_poscon and role == schema.POSCON)
+
+    def _plans(self, manifest: Manifest, slot: int, counts: Counts):
+        """Batches of example plans: lists of (samples, rng seed)."""
+        pairer = ReplicatePairer(self.cfg.pair_buffer, self.cfg.pair_prefer, counts)
+        batch = []
+        n = 0
+        for sample in self._raw_samples(manifest, slot, counts):
+            if not self._keep(manifest, sample["meta"]):
+                continue
+            if self.cfg.method == "simclr":
+                example = (sample,)
+            else:
+                pair = pairer.push(sample)
+                if pair is None:
+                    continue
+                example = pair
+            batch.append((example, (self.cfg.seed, slot, n)))
+            n += 1
+            if len(batch) == self.cfg.batch_size:
+                yield batch
+                batch = []
+
+    # ---- materialising: decode, controls, augment, collate
+    def _image(self, manifest: Manifest, sample: dict) -> np.ndarray:
+        img = decode(sample["blob"], sample["codec"], len(manifest.channels)).astype(np.float32)
+        return self._normalize(manifest, img, sample["meta"][schema.PLATE])
+
+    def _normalize(self, manifest: Manifest, img: np.ndarray, plate: str) -> np.ndarray:
+        if self.cfg.normalize == "plate":
+            mean, std = self._stats(manifest, plate)
+            return (img - mean[:, None, None]) / std[:, None, None]
+        return img / 255.0
+
+    def _stats(self, manifest: Manifest, plate: str):
+        if plate not in self._stats_cache:
+            mean, std = manifest.data["plates"][plate]["stats"]["mean"], manifest.data["plates"][plate]["stats"]["std"]
+            if mean is None:   # a plate without DMSO: fall back to the screen-wide average
+                ok = [p["stats"] for p in manifest.data["plates"].values() if p["stats"]["mean"] is not None]
+                mean = np.mean([s["mean"] for s in ok], axis=0)
+                std = np.mean([s["std"] for s in ok], axis=0)
+            self._stats_cache[plate] = (np.asarray(mean, np.float32), np.maximum(np.asarray(std, np.float32), 1e-3))
+        return self._stats_cache[plate]
+
+    def _materialise(self, manifest: Manifest, plans: list, bank: ControlBank | None, graphs, counts: Counts) -> dict:
+        aug = self.cfg.augment
+        views, controls, cids = [], [], []
+        for example, seed in plans:
+            rng = np.random.default_rng(seed)
+            if self.cfg.method == "simclr":   # two augmentations of one site
+                img = self._image(manifest, example[0])
+                views.append([aug(img, rng), aug(img, rng)])
+            else:
+                views.append([aug(self._image(manifest, s), rng) for s in example])
+            cids.append(example[0]["meta"][schema.JCP])
+            if self.cfg.controls and self.cfg.method in ("micon", "paclr"):
+                ctl = []
+                for s in example:
+                    m = s["meta"]
+                    img, level = bank.draw(m[schema.PLATE], m[schema.BATCH], m[schema.SOURCE], rng)
+                    counts.add(f"control_{level}")
+                    ctl.append(aug(self._normalize(manifest, img.astype(np.float32), m[schema.PLATE]), rng))
+                controls.append(ctl)
+        out = dict(views=torch.from_numpy(np.stack([np.stack(v) for v in views])),
+                   labels=torch.tensor([self.compound_labels.get(c, -1) for c in cids], dtype=torch.long),
+                   compounds=cids)
+        if controls:
+            out["controls"] = torch.from_numpy(np.stack([np.stack(c) for c in controls]))
+        if graphs is not None and self.cfg.method in ("micon", "clip"):
+            out["graphs"] = collate_graphs([graphs.get(c) for c in cids])
+        return out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.skip_batches) % self.num_workers
+        # batches 0..skip-1 went round-robin to logical workers 0, 1, ..., W-1, 0, ...
+        skip = self.skip_batches // self.num_workers + (1 if logical < self.skip_batches % self.num_workers else 0)
+        slot = self.rank * self.num_workers + logical
+        manifest = Manifest.load(self.manifest_dir)
+        self._stats_cache: dict = {}
+        counts = Counts()
+        bank = ControlBank(manifest.root) if (self.cfg.controls and self.cfg.method in ("micon", "paclr")) else None
+        graphs = None
+        if self.graph_store and self.cfg.method in ("micon", "clip"):
+            from micon.chem.store import GraphStore
+            graphs = GraphStore(self.graph_store)
+        for i, plans in enumerate(self._plans(manifest, slot, counts)):
+            if i < skip:
+                continue
+            batch = self._materialise(manifest, plans, bank, graphs, counts)
+            batch["counts"] = dict(counts)
+            batch["worker"] = logical
+            yield batch
+
+
+def collate_identity(batch):
+    """Batches are built inside the workers; the DataLoader passes them through."""
+    return batch

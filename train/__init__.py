@@ -1,0 +1,1 @@
+"""The DeepSpeed training job: config, process group, data, checkpoints, loop."""

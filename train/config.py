@@ -1,0 +1,92 @@
+"""The training job's configuration tree (YAML + key=value overrides), printed and saved with the run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from micon.config import ConfigError
+from micon.data.pipeline import Augment
+from micon.models.factory import METHODS, ModelConfig
+
+@dataclass
+class DataConfig:
+    shards: str = ""                 # prep output directory (manifest.json)
+    graphs: str = ""                 # featurize output directory (micon, clip)
+    num_workers: int = 0             # DataLoader workers per rank
+    shuffle_buffer: int = 128
+    pair_buffer: int = 4096
+    pair_prefer: str = "source"      # source | batch | plate | well
+    resample: bool = False
+    normalize: str = "plate"         # plate | none
+    include_poscon: bool = False
+    augment: Augment = field(default_factory=lambda: Augment(crop=0, flip=True, rot90=True, intensity_jitter=0.1))
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.1
+    counterfactual_weight: float = 1.0   # lambda in PaCLR + lambda * counterfactual
+    counterfactual_mode: str = "union"   # union (official) | cross
+    dmso_positives: bool = False         # False: the paper (DMSO only negatives); True: the official code
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1
+    precision: str = "auto"          # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
+    grad_accum: int = 1
+    dist_timeout_s: float = 120.0    # a dead rank fails the others after this long
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "micon"
+    entity: str = ""
+    mode: str = ""                   # "" = $WANDB_MODE or offline; online needs WANDB_API_KEY
+    name: str = ""
+    log_every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    method: str = "micon"
+    out: str = "runs/train"
+    steps: int = 100
+    micro_batch: int = 8             # examples per rank per micro-step
+    seed: int = 0
+    ckpt_every: int = 50
+    keep_ckpts: int = 2
+    resume: str = "latest"           # latest | none | a step directory name
+    on_nonfinite: str = "stop"       # stop | skip
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if not self.data.shards:
+            raise ConfigError("data.shards is required: the directory written by ./launch.sh prep")
+        if self.method in ("micon", "clip") and not self.data.graphs:
+            raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
+        if self.micro_batch < 2:
+            raise ConfigError("micro_batch must be at least 2 (contrastive losses need negatives)")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError("on_nonfinite must be stop or skip")
+        if self.engine.zero_stage not in (0, 1, 2):
+            raise ConfigError("engine.zero_stage: 0, 1 or 2")
+        if self.engine.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError("engine.precision: auto, bf16 or fp32")
