@@ -99,7 +99,7 @@ case "$cmd" in
       if [[ $1 == --nproc ]]; then nproc=$2; shift 2; else args+=("$1"); shift; fi
     done
     if [[ $nproc -gt 1 ]]; then
-      exec "$VENV/bin/torchrun" --nproc-per-node "$nproc" --master-port "${MASTER_PORT:-0}" -m train.run "${args[@]}"
+      exec "$VENV/bin/torchrun" --standalone --nproc-per-node "$nproc" -m train.run "${args[@]}"
     fi
     exec "$PY" -m train.run "${args[@]}" ;;
   embed) setup; exec "$PY" -m evaluate.embed "$@" ;;

@@ -154,15 +154,19 @@ def run_chunk(items, opts: FeaturizeOptions, path: str) -> dict:
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay:
         time.sleep(delay)
+    cpu0 = time.process_time()
     columns, graphs = featurize_chunk(items, opts)
     write_part(Path(path), columns, graphs)
-    return {"compounds": len(items), "failed": int((columns["status"] != OK).sum())}
+    return {"compounds": len(items), "failed": int((columns["status"] != OK).sum()),
+            "cpu_s": time.process_time() - cpu0}
 
 
-def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) -> None:
+def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) -> dict[str, float]:
+    """Run the chunk tasks; returns seconds spent starting Ray, featurising and stopping Ray."""
     import ray
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     repo = str(Path(__file__).resolve().parents[1])
     if os.environ.get("RAY_ADDRESS"):
         # A running cluster (e.g. cluster/ on Slurm): it sizes itself; workers find micon on the shared path.
@@ -171,21 +175,26 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
     else:
         ray.init(address="local", num_cpus=cfg.num_workers or os.cpu_count(), include_dashboard=False,
                  object_store_memory=200 * 1024 ** 2, logging_level="WARNING")
+    t1 = time.perf_counter()
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(run_chunk)
         opts = cfg.options()
         refs = [task.remote(items, opts, str(path)) for path, items in pending]
-        failed = 0
+        failed, cpu = 0, 0.0
         with tqdm(total=sum(len(items) for _, items in pending), unit="cpd", desc="featurize",
                   mininterval=1.0, file=sys.stderr) as bar:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)
                 counts = ray.get(done[0])
                 failed += counts["failed"]
+                cpu += counts["cpu_s"]
                 bar.update(counts["compounds"])
                 bar.set_postfix(failed=failed, refresh=False)
+        t2 = time.perf_counter()
     finally:
         ray.shutdown()
+    # chunk cpu: CPU seconds the tasks used, summed; compare with the chunks' wall time for parallel efficiency
+    return {"ray_start": t1 - t0, "chunks": t2 - t1, "chunk_cpu": cpu, "ray_stop": time.perf_counter() - t2}
 
 
 # --------------------------------------------------------------------------- consolidation
@@ -268,12 +277,13 @@ def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
     pending = [(p, items_) for p, (_, items_) in zip(paths, chunks) if not p.exists()]
     print(f"featurize: {len(items)} compounds from {compounds} in {len(chunks)} chunks "
           f"({len(chunks) - len(pending)} already done); config {describe(cfg)}", file=sys.stderr)
-    if pending:
-        run_chunks_with_ray(pending, cfg)
+    phases = run_chunks_with_ray(pending, cfg) if pending else {}
+    t_consolidate = time.perf_counter()
 
     counts = {"compounds": len(items), "chunks": len(chunks), "chunks_run": len(pending)}
     marker = {"input_digest": input_digest, "compounds_table": str(compounds), "config": to_dict(cfg)}
     index = consolidate(out, paths, cfg, input_digest)
+    phases["consolidate"] = time.perf_counter() - t_consolidate
     failed = index[index.status != OK]
     counts.update(ok=int(len(index) - len(failed)), failed=int(len(failed)))
     write_json(out / MARKER, {**marker, "counts": counts})
@@ -286,9 +296,11 @@ def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
         print(f"featurize: {len(failed)} of {len(index)} compounds have no graph, for example:")
         for r in failed.head(5).itertuples(index=False):
             print(f"  {r.Metadata_JCP2022}: {r.reason}")
+    timing = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
     print(summary_line(counts, out, time.time() - t0, cfg,
-                       f"{len(pending)} of {len(chunks)} chunks featurised, {len(chunks) - len(pending)} reused; "))
-    return counts
+                       f"{len(pending)} of {len(chunks)} chunks featurised, {len(chunks) - len(pending)} reused; "
+                       f"{timing}; total "))
+    return {**counts, "seconds": phases}
 
 
 def main(argv: list[str]) -> int:
