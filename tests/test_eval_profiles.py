@@ -86,3 +86,26 @@ def test_spherize_whitens_the_fitting_rows():
     np.testing.assert_allclose(np.cov(out, rowvar=False), np.eye(5), atol=1e-8)
     with pytest.raises(ValueError, match="zero variance"):
         fit_spherize(np.c_[x, np.ones(len(x))])
+
+
+def test_plots_write_pngs(tmp_path):
+    from micon.eval.plots import pca_2d, plot_map_summary, plot_profiles_pca, plot_topk_curves
+
+    rng = np.random.default_rng(6)
+    meta, feats = site_table(rng, d=5)
+    meta[schema.SOURCE] = np.where(meta[schema.PLATE] == "P0", "source_1", "source_2")
+    wells, x = aggregate_wells(meta, feats)
+    curves = pd.concat([pd.DataFrame({"method": m, "k": range(1, 11), "nsb": np.linspace(a, a + 0.3, 10),
+                                      "nss": np.linspace(a / 2, a, 10)}) for m, a in (("MICON", 0.4), ("CP", 0.2))])
+    summary = pd.DataFrame({"method": ["MICON", "CP"], "mean_average_precision": [0.5, 0.3],
+                            "fraction_retrieved": [0.6, 0.4]})
+    paths = [plot_topk_curves(curves, tmp_path / "topk.png"), plot_map_summary(summary, tmp_path / "map.png"),
+             plot_profiles_pca(wells, x, mad_robustize(wells, x), tmp_path / "pca.png")]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    # PCA scores: uncorrelated, decreasing variance, same spread as the top two eigenvalues
+    scores = pca_2d(x)
+    cov = np.cov(scores, rowvar=False)
+    eig = np.sort(np.linalg.eigvalsh(np.cov(x.astype(np.float64), rowvar=False)))[::-1]
+    np.testing.assert_allclose(np.diag(cov), eig[:2], rtol=1e-6)
+    assert abs(cov[0, 1]) < 1e-8 * eig[0]
