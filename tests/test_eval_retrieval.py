@@ -191,3 +191,20 @@ def test_ray_equals_single_process(ray_session, tables):
                                      per_query=True)
         pd.testing.assert_frame_equal(single, dist)
         pd.testing.assert_frame_equal(sq, dq)
+
+
+def test_topk_selection_is_exact_under_heavy_ties():
+    """torch.topk picks arbitrary members of a tie; the selection must still be (value desc, index asc)."""
+    torch = pytest.importorskip("torch")
+    from micon.eval.retrieval import _chunk_topk
+
+    rng = np.random.default_rng(9)
+    sims = rng.integers(0, 4, size=(64, 300)).astype(np.float32)
+    sims[rng.random(sims.shape) < 0.3] = -np.inf
+    sims[:3, 5:] = -np.inf  # rows with fewer than k eligible columns
+    vals, idx = _chunk_topk(torch.from_numpy(sims.copy()), 1000, 10)
+    order = np.lexsort((np.broadcast_to(np.arange(300), sims.shape), -sims), axis=-1)[:, :10]
+    expected = np.take_along_axis(sims, order, 1)
+    np.testing.assert_array_equal(vals, expected)
+    finite = expected > -np.inf
+    np.testing.assert_array_equal(idx[finite], (order + 1000)[finite])
