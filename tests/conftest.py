@@ -35,3 +35,19 @@ def tiny_screen(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("screen") / "tiny"
     run_job("data_prep.synth", out, "preset=tiny", "seed=0")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_screen, tmp_path_factory) -> Path:
+    """The tiny screen ingested into small shards (3 per plate, so 2 ranks x 2 workers can stream)."""
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    run_job("data_prep.ingest", tiny_screen, out, "workers=2", "shard_mb=0.2")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs(tiny_screen, tmp_path_factory) -> Path:
+    """Molecular graphs of the tiny screen's compounds."""
+    out = tmp_path_factory.mktemp("graphs") / "tiny"
+    run_job("data_prep.featurize", tiny_screen / "metadata" / "compound.csv.gz", out, "num_workers=1")
+    return out

@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from micon.data.pipeline import ExampleStream, StreamConfig, collate_identity
+    from micon.data.pipeline import ExampleStream, StreamConfig, collate_identity, ignore_stop_signals
     from micon.data.shards import Manifest, ManifestError
     from micon.models.factory import build_model
     from train import checkpoint, distributed
@@ -232,6 +232,7 @@ def main(argv: list[str]) -> int:
                             compound_labels=compound_labels(manifest))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
                                          collate_fn=collate_identity, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals,
                                          prefetch_factor=4 if cfg.data.num_workers else None)
     batches = iter(loader)
 

@@ -290,6 +290,20 @@ class ExampleStream(torch.utils.data.IterableDataset):
             yield batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Slurm and torchrun signal every process of a job; the trainer process
+    decides when to stop (after a checkpoint), and workers exit with it. If the trainer is killed
+    outright, the kernel kills the worker too (PR_SET_PDEATHSIG), so no orphan keeps streaming."""
+    import ctypes
+    import signal
+    import sys
+
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def collate_identity(batch):
     """Batches are built inside the workers; the DataLoader passes them through."""
     return batch

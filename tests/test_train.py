@@ -1,0 +1,183 @@
+"""The DeepSpeed training job: 2-process runs of every method, exact resume after SIGTERM and after a
+killed rank, wandb offline records, corrupt shards, non-finite losses and missing graphs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, job_env, run_job
+from tests.wandb_records import history_and_config
+
+pytestmark = pytest.mark.slow
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def train_args(shards, graphs, out, method, steps, *extra):
+    return ["-", f"data.shards={shards}", f"data.graphs={graphs}", f"out={out}", f"method={method}",
+            f"steps={steps}", "micro_batch=4", "progress=false", *extra]
+
+
+def torchrun(*args, nproc=2):
+    return [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "train.run", *map(str, args)]
+
+
+def run_torchrun(*args, timeout=600, nproc=2, check=True):
+    proc = subprocess.run(torchrun(*args, nproc=nproc), cwd=REPO, env=job_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out):
+    ck = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / "model.pt",
+                    weights_only=False)
+    return ck["model"], ck["state"]
+
+
+@pytest.mark.parametrize("method", ["micon", "paclr", "clip", "simclr"])
+def test_two_processes_learn(tiny_shards, tiny_graphs, tmp_path, method):
+    out = tmp_path / method
+    run_torchrun(*train_args(tiny_shards, tiny_graphs, out, method, 40, "optim.lr=2e-3", "optim.warmup_steps=3",
+                             "ckpt_every=100", "wandb.enabled=false"))
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, 41))
+    loss = np.array([r["loss/loss"] for r in m])
+    assert np.isfinite(loss).all()
+    # the loss goes down: the last quarter is clearly below the first quarter
+    assert loss[-10:].mean() < 0.9 * loss[:10].mean(), loss.round(3)
+    final = json.loads((out / "final.json").read_text())
+    assert final["step"] == 40 and final["samples_seen"] == 40 * 4 * 2
+    if method in ("micon", "paclr"):
+        assert final["counts"].get("control_plate", 0) > 0
+
+
+def _wait_for_step(out, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len(metrics(out)) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError("run did not reach step %d" % step)
+
+
+def test_sigterm_and_killed_rank_resume_to_the_same_parameters(tiny_shards, tiny_graphs, tmp_path):
+    steps = 12
+    common = ("optim.lr=2e-3", "ckpt_every=4", "wandb.enabled=false", "data.num_workers=1")
+    ref = tmp_path / "ref"
+    run_torchrun(*train_args(tiny_shards, tiny_graphs, ref, "micon", steps, *common))
+    ref_w, ref_state = final_weights(ref)
+
+    # SIGTERM (what Slurm sends on preemption) to every rank: checkpoint, exit 75, resume
+    out = tmp_path / "sigterm"
+    proc = subprocess.Popen(torchrun(*train_args(tiny_shards, tiny_graphs, out, "micon", steps, *common)),
+                            cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_step(out, 5, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 120
+    saved = json.loads(json.dumps(final_weights(out)[1]))
+    assert 5 <= saved["step"] < steps, saved
+    assert f"checkpointed step {saved['step']}" in err
+    resumed = run_torchrun(*train_args(tiny_shards, tiny_graphs, out, "micon", steps, *common))
+    assert f"resumed from {out / 'checkpoints'}" in resumed.stderr and f"at step {saved['step']}" in resumed.stderr
+    w, state = final_weights(out)
+    assert state["step"] == steps and state["samples_seen"] == ref_state["samples_seen"]
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=f"parameter {k} differs")
+
+    # SIGKILL of one rank: the others must not hang; the rerun resumes from the last checkpoint
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(*train_args(tiny_shards, tiny_graphs, out, "micon", steps, *common)),
+                            cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_step(out, 6, proc)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    os.kill(int(children[-1]), signal.SIGKILL)
+    t0 = time.time()
+    proc.communicate(timeout=180)
+    assert proc.returncode != 0 and time.time() - t0 < 180
+    last = (out / "checkpoints" / "latest").read_text()
+    assert last == "step00000004"
+    resumed = run_torchrun(*train_args(tiny_shards, tiny_graphs, out, "micon", steps, *common))
+    assert "at step 4" in resumed.stderr
+    w, _ = final_weights(out)
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=f"parameter {k} differs")
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000008", "step00000012"]
+
+
+def test_wandb_offline_run_holds_the_metrics(tiny_shards, tiny_graphs, tmp_path):
+    out = tmp_path / "wb"
+    # an unreachable server: an offline run must not need (or try) it
+    run_job("train.run", *train_args(tiny_shards, tiny_graphs, out, "simclr", 4), WANDB_MODE="offline",
+            WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and not list((out / "wandb").glob("run-*"))
+    history, config = history_and_config(next(runs[0].glob("run-*.wandb")))
+    logged = metrics(out)
+    assert len(history) == 4
+    for h, m in zip(history, logged):
+        assert h["loss/loss"] == pytest.approx(m["loss/loss"])
+        for key in ("lr", "samples_per_second", "samples_per_second_per_device", "data_wait_share", "memory_mb"):
+            assert key in h
+    assert config["method"] == "simclr" and config["steps"] == 4
+
+
+def test_truncated_shard_warns_and_counts(tiny_shards, tiny_graphs, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    victim = sorted((shards / "shards").glob("*.tar"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2 + 100])
+    out = tmp_path / "run"
+    proc = run_job("train.run", *train_args(shards, tiny_graphs, out, "simclr", 40, "wandb.enabled=false",
+                                            "data.shuffle_buffer=8"))
+    assert "corrupt or incomplete shard members skipped" in proc.stderr
+    counts = json.loads((out / "final.json").read_text())["counts"]
+    assert counts.get("corrupt", 0) + counts.get("incomplete", 0) >= 1
+
+
+def test_nonfinite_loss_stops_with_the_step(tiny_shards, tiny_graphs, tmp_path):
+    out = tmp_path / "nan"
+    proc = run_job("train.run", *train_args(tiny_shards, tiny_graphs, out, "simclr", 20, "optim.lr=1e15",
+                                            "optim.grad_clip=0", "optim.warmup_steps=0", "wandb.enabled=false"),
+                   check=False)
+    assert proc.returncode == 1
+    assert "train: non-finite loss at step" in proc.stderr and "set on_nonfinite=skip" in proc.stderr
+
+
+def test_compound_without_graph_is_refused(tiny_screen, tiny_shards, tmp_path):
+    import pandas as pd
+
+    table = pd.read_csv(tiny_screen / "metadata" / "compound.csv.gz")
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    train_cpd = next(c["Metadata_JCP2022"] for c in manifest["compounds"] if c["Metadata_Role"] == "treated"
+                     and c["Metadata_JCP2022"] not in manifest["splits"]["heldout_compounds"])
+    table.loc[table.Metadata_JCP2022 == train_cpd, "Metadata_SMILES"] = "C1CC"
+    table.loc[table.Metadata_JCP2022 == train_cpd, "Metadata_InChI"] = ""
+    table.to_csv(tmp_path / "compound.csv.gz", index=False)
+    run_job("data_prep.featurize", tmp_path / "compound.csv.gz", tmp_path / "graphs", "num_workers=1")
+    proc = run_job("train.run", *train_args(tiny_shards, tmp_path / "graphs", tmp_path / "run", "micon", 2),
+                   check=False)
+    assert proc.returncode == 1
+    assert f"train: 1 training compound(s) have no graph in {tmp_path / 'graphs'}: {train_cpd} (" in proc.stderr
