@@ -109,3 +109,16 @@ def test_plots_write_pngs(tmp_path):
     eig = np.sort(np.linalg.eigvalsh(np.cov(x.astype(np.float64), rowvar=False)))[::-1]
     np.testing.assert_allclose(np.diag(cov), eig[:2], rtol=1e-6)
     assert abs(cov[0, 1]) < 1e-8 * eig[0]
+
+
+def test_l2_normalize_chunks_zero_rows_and_errors():
+    from micon.eval.profiles import l2_normalize
+
+    x = np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32)
+    x[3] = 0
+    out = l2_normalize(x, chunk_rows=8)
+    np.testing.assert_allclose(np.linalg.norm(out[np.arange(50) != 3], axis=1), 1, rtol=1e-6)
+    assert (out[3] == 0).all() and out.dtype == np.float32
+    x[20, 2] = np.nan
+    with pytest.raises(ValueError, match="row 20"):
+        l2_normalize(x, chunk_rows=8)

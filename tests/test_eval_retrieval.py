@@ -109,9 +109,9 @@ def test_masks_come_from_gallery_metadata():
     qm = random_wells(200, rng, n_compounds=15)
     qx = rng.normal(size=(200, 8)).astype(np.float32)
     gm, gx = qm.iloc[::-1].reset_index(drop=True), qx[::-1].copy()
-    _, rows, prep = topk_neighbours(qm, qx, gm, gx, k=5, block_size=32, gallery_chunk=29)
+    _, rows, query_rows = topk_neighbours(qm, qx, gm, gx, k=5, block_size=32, gallery_chunk=29)
     for mode, cols in MODES.items():
-        qkeys = qm.iloc[prep.query_rows][list(cols)].astype(str).agg("|".join, axis=1).to_numpy()
+        qkeys = qm.iloc[query_rows][list(cols)].astype(str).agg("|".join, axis=1).to_numpy()
         gkeys = gm[list(cols)].astype(str).agg("|".join, axis=1).to_numpy()
         r = rows[mode]
         assert (r >= 0).all()

@@ -18,9 +18,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy.special import digamma
 
 from micon import schema
+from micon.eval.profiles import l2_normalize
 
 __all__ = [
     "average_precision",
@@ -45,19 +47,21 @@ REFERENCE_INDEX = "Metadata_Reference_Index"
 # ---------------------------------------------------------------------------------------------
 
 def _harmonic_span(c: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """sum_{k=c+1}^{c+n} 1/k, elementwise; exact sums for short spans, digamma differences otherwise."""
-    c = np.asarray(c, dtype=np.float64)
-    n = np.asarray(n, dtype=np.int64)
-    out = np.zeros(np.broadcast(c, n).shape)
-    short = n <= 16
-    if short.any():
+    """sum_{k=c+1}^{c+n} 1/k, elementwise: exact for spans up to 16 (1/(c+1) for the common untied
+    case), digamma differences beyond."""
+    c, n = np.broadcast_arrays(np.asarray(c, dtype=np.float64), np.asarray(n, dtype=np.int64))
+    shape = c.shape
+    c, n = c.ravel(), n.ravel()
+    out = np.where(n == 1, 1.0 / (c + 1.0), 0.0)
+    short = np.flatnonzero((n > 1) & (n <= 16))
+    if short.size:
         cs, ns = c[short], n[short]
         j = np.arange(1, 17)
         out[short] = np.where(j[None, :] <= ns[:, None], 1.0 / (cs[:, None] + j[None, :]), 0.0).sum(axis=1)
-    if (~short).any():
-        cl, nl = c[~short], n[~short]
-        out[~short] = digamma(cl + nl + 1.0) - digamma(cl + 1.0)
-    return out
+    long = np.flatnonzero(n > 16)
+    if long.size:
+        out[long] = digamma(c[long] + n[long] + 1.0) - digamma(c[long] + 1.0)
+    return out.reshape(shape)
 
 
 def _tie_block_precision(a, n, c, t, ties: Ties) -> np.ndarray:
@@ -124,24 +128,65 @@ class _Groups:
         return q_rep, self.order[np.repeat(self.starts[g], lengths) + offsets]
 
 
-def _pairs(groups: _Groups, diff_codes: list[np.ndarray], queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    q, c = groups.candidates(queries)
-    keep = q != c
-    for codes in diff_codes:
-        keep &= codes[q] != codes[c]
-    return q[keep], c[keep]
-
-
-def _pair_similarity(x: np.ndarray, q: np.ndarray, c: np.ndarray, b0: int, b1: int,
-                     gather_chunk: int = 1 << 17) -> np.ndarray:
-    """Cosine similarity of unit rows for each (q, c) pair; one dense block product when pairs are dense."""
-    if len(q) * 4 >= (b1 - b0) * len(x):
-        return (x[b0:b1] @ x.T)[q - b0, c]
+def _gather_similarity(x: np.ndarray, q: np.ndarray, c: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Cosine similarity of unit rows for each (q, c) pair, rows gathered into two small reused
+    buffers (allocating a fresh pairs x d matrix per chunk costs more in page faults than the maths)."""
     out = np.empty(len(q), dtype=x.dtype)
-    for i in range(0, len(q), gather_chunk):
-        j = i + gather_chunk
-        out[i:j] = np.einsum("ij,ij->i", x[q[i:j]], x[c[i:j]])
+    buf_q = np.empty((min(chunk, len(q)), x.shape[1]), dtype=x.dtype)
+    buf_c = np.empty_like(buf_q)
+    for i in range(0, len(q), chunk):
+        j = min(i + chunk, len(q))
+        a, b = buf_q[:j - i], buf_c[:j - i]
+        np.take(x, q[i:j], axis=0, out=a)
+        np.take(x, c[i:j], axis=0, out=b)
+        out[i:j] = np.einsum("ij,ij->i", a, b)
     return out
+
+
+def _scored_pairs(groups: _Groups, diff_codes: list[np.ndarray], queries: np.ndarray, scored: np.ndarray,
+                  x: np.ndarray, dense_group: int = 64):
+    """Pairs of a block's queries under one rule: (query, candidate, similarity) for the `scored`
+    queries, and the number of pairs of every query (`scored` False: counted, never compared).
+
+    Small groups (replicates of a compound): candidates are listed and their rows gathered. Large
+    groups (a plate, or everything when there is no sameby column): one product of the group's
+    queries against the group's members, so each profile row is read once per group, not per pair.
+    """
+    counts = np.zeros(len(queries), dtype=np.int64)
+    local = np.arange(len(queries))
+    g = groups.key[queries]
+    if not len(queries) or groups.sizes[g].mean() < dense_group:
+        q, c = groups.candidates(queries)
+        ql = np.repeat(local, groups.sizes[g])
+        keep = q != c
+        for codes in diff_codes:
+            keep &= codes[q] != codes[c]
+        counts += np.bincount(ql[keep], minlength=len(queries))
+        keep &= scored[ql]
+        q, c = q[keep], c[keep]
+        return q, c, _gather_similarity(x, q, c), counts
+    out_q, out_c, out_s = [], [], []
+    by_group = np.argsort(g, kind="stable")
+    for rows in np.split(by_group, np.flatnonzero(np.diff(g[by_group])) + 1):
+        qs = queries[rows]
+        gid = g[rows[0]]
+        members = groups.order[groups.starts[gid]:groups.starts[gid] + groups.sizes[gid]]
+        keep = qs[:, None] != members[None, :]
+        for codes in diff_codes:
+            keep &= codes[qs][:, None] != codes[members][None, :]
+        counts[rows] = keep.sum(axis=1)
+        keep &= scored[rows][:, None]
+        live = np.flatnonzero(keep.any(axis=1))
+        if not live.size:
+            continue
+        sims = x[qs[live]] @ x[members].T
+        qi, mj = np.nonzero(keep[live])
+        out_q.append(qs[live][qi])
+        out_c.append(members[mj])
+        out_s.append(sims[qi, mj])
+    if not out_q:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, x.dtype), counts
+    return np.concatenate(out_q), np.concatenate(out_c), np.concatenate(out_s), counts
 
 
 def _block_ap(q, c_sim, rel, n_rows_block, b0, ties: Ties):
@@ -164,14 +209,6 @@ def _block_ap(q, c_sim, rel, n_rows_block, b0, ties: Ties):
     t = cum_rel[starts] - cum_rel[query_start]
     contrib = _tie_block_precision(a, n, c, t, ties)
     return np.bincount(block_q, weights=contrib, minlength=n_rows_block), M, L
-
-
-def _unit_rows(feats: np.ndarray, dtype) -> np.ndarray:
-    x = np.asarray(feats, dtype=np.float64)
-    if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-        raise ValueError(f"average_precision: feature row {bad} holds NaN or inf; drop or impute it first")
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +242,7 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
     if len(meta) != len(feats):
         raise ValueError(f"average_precision: metadata has {len(meta)} rows, features {len(feats)}")
     out = meta.reset_index(drop=True).copy()
-    x = _unit_rows(feats, dtype)
+    x = l2_normalize(feats, dtype)
     n = len(out)
     col_codes = {col: _codes(out, [col]) for col in columns}
     pos_groups, neg_groups = _Groups(_codes(out, pos_sameby)), _Groups(_codes(out, neg_sameby))
@@ -229,14 +266,14 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
     n_total = np.zeros(n, dtype=np.int64)
     for b0, b1 in bounds:
         queries = np.arange(b0, b1)
-        qp, cp = _pairs(pos_groups, pos_diff, queries)
-        qn, cn = _pairs(neg_groups, neg_diff, queries)
+        everyone = np.ones(len(queries), dtype=bool)
+        qp, cp, sp, m = _scored_pairs(pos_groups, pos_diff, queries, everyone, x)
+        # a query without positives has no AP: its negatives are counted, never compared
+        qn, cn, sn, l_neg = _scored_pairs(neg_groups, neg_diff, queries, m > 0, x)
         q = np.concatenate([qp, qn])
-        c = np.concatenate([cp, cn])
         rel = np.concatenate([np.ones(len(qp)), np.zeros(len(qn))])
-        sims = _pair_similarity(x, q, c, b0, b1)
-        s, m, l = _block_ap(q, sims, rel, b1 - b0, b0, ties)
-        ap_sum[b0:b1], n_pos[b0:b1], n_total[b0:b1] = s, m, l
+        s, _, _ = _block_ap(q, np.concatenate([sp, sn]), rel, b1 - b0, b0, ties)
+        ap_sum[b0:b1], n_pos[b0:b1], n_total[b0:b1] = s, m, m + l_neg
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = np.where(n_pos > 0, ap_sum / np.maximum(n_pos, 1), np.nan)
     out["average_precision"] = ap
@@ -323,21 +360,28 @@ def mean_average_precision(ap_scores: pd.DataFrame, sameby: Sequence[str], null_
     conf_of_row = np.asarray(conf_of_row).reshape(-1)
     null = np.stack([null_average_precision(M, L, null_size, seed) for M, L in uniq]) if len(uniq) else \
         np.zeros((0, null_size))
-    # group means of the null, a few thousand rows at a time, in group order
-    order = np.argsort(group, kind="stable")
-    g_starts = np.concatenate([[0], np.cumsum(sizes)])
+    # A group's null sample j is the mean of its members' null rows, so groups with the same multiset
+    # of configurations share one null distribution: build it once per multiset (a sparse count
+    # matrix times the null), sort it, and place every group's mAP in it by binary search.
+    members = pd.DataFrame({"g": group, "c": conf_of_row}).sort_values(["g", "c"], kind="stable")
+    signature = members.groupby("g", sort=True)["c"].agg(lambda c: c.to_numpy(np.int64).tobytes())
+    sig_of_group, sig_keys = pd.factorize(signature.to_numpy())
+    sig_confs = [np.frombuffer(key, dtype=np.int64) for key in sig_keys]
+    sig_rows = np.repeat(np.arange(len(sig_confs)), [len(c) for c in sig_confs])
+    sig_counts = sparse.csr_matrix((np.ones(len(sig_rows)), (sig_rows, np.concatenate(sig_confs or [[]]).astype(np.int64))),
+                                   shape=(len(sig_confs), len(uniq)))
+    sig_sizes = np.array([len(c) for c in sig_confs], dtype=np.float64)
+    groups_of_sig = np.split(np.argsort(sig_of_group, kind="stable"), np.cumsum(np.bincount(sig_of_group))[:-1]) \
+        if n_groups else []
     n_ge = np.zeros(n_groups, dtype=np.int64)
     step = max(1, max_floats // max(null_size, 1))
-    g0 = 0
-    while g0 < n_groups:
-        g1 = max(g0 + 1, int(np.searchsorted(g_starts, g_starts[g0] + step, side="right")) - 1)
-        g1 = min(g1, n_groups)
-        rows = order[g_starts[g0]:g_starts[g1]]
-        sums = np.add.reduceat(null[conf_of_row[rows]], g_starts[g0:g1] - g_starts[g0], axis=0)
-        means = sums / sizes[g0:g1, None]
-        # a tolerance keeps equal values equal after different summation orders
-        n_ge[g0:g1] = (means >= map_[g0:g1, None] - 1e-12).sum(axis=1)
-        g0 = g1
+    for s0 in range(0, len(sig_confs), step):
+        s1 = min(s0 + step, len(sig_confs))
+        means = np.sort(np.asarray(sig_counts[s0:s1] @ null) / sig_sizes[s0:s1, None], axis=1)
+        for i, sig in enumerate(range(s0, s1)):
+            g = groups_of_sig[sig]
+            # a tolerance keeps equal values equal after different summation orders
+            n_ge[g] = null_size - np.searchsorted(means[i], map_[g] - 1e-12, side="left")
     result["p_value"] = (n_ge + 1) / (null_size + 1)
     result["corrected_p_value"] = benjamini_hochberg(result["p_value"].to_numpy())
     result["below_p"] = result["p_value"] < threshold

@@ -22,6 +22,7 @@ __all__ = [
     "Spherize",
     "fit_spherize",
     "spherize",
+    "l2_normalize",
     "WELL_KEYS",
 ]
 
@@ -227,3 +228,20 @@ def spherize(feats: np.ndarray, fit_rows: np.ndarray, epsilon: float = 1e-6,
     """Whiten all rows of `feats` with a transform fitted on `fit_rows` (bool mask or indices, e.g. DMSO)."""
     feats = np.asarray(feats)
     return fit_spherize(feats[fit_rows], epsilon=epsilon, method=method).transform(feats)
+
+
+def l2_normalize(feats: np.ndarray, dtype=np.float32, chunk_rows: int = 16384) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = dot product), norms taken in float64.
+
+    Works through row chunks so the float64 copy never exceeds `chunk_rows` rows. An all-zero row
+    stays zero (cosine 0 to everything rather than NaN); NaN/inf rows are rejected by number.
+    """
+    feats = np.asarray(feats)
+    out = np.empty(feats.shape, dtype=dtype)
+    for lo in range(0, len(feats), chunk_rows):
+        x = feats[lo:lo + chunk_rows].astype(np.float64)
+        if not np.isfinite(x).all():
+            bad = lo + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            raise ValueError(f"feature row {bad} holds NaN or inf; drop or impute it before evaluation")
+        out[lo:lo + chunk_rows] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    return out

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from micon import schema
+from micon.eval.profiles import l2_normalize
 
 __all__ = ["MODES", "topk_hit_rate", "topk_hit_rate_ray", "topk_neighbours", "summarise_first_hits"]
 
@@ -143,16 +144,6 @@ def _roles(meta: pd.DataFrame, compound_col: str) -> np.ndarray:
     return np.array([schema.role_of(j) for j in meta[compound_col].astype(str)], dtype=object)
 
 
-def _unit_rows(feats: np.ndarray, dtype) -> np.ndarray:
-    x = np.asarray(feats, dtype=np.float64)
-    if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-        raise ValueError(f"retrieval: feature row {bad} holds NaN or inf; drop or impute it first")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    # an all-zero profile has cosine 0 to everything rather than NaN
-    return (x / np.maximum(norm, np.finfo(np.float64).tiny)).astype(dtype)
-
-
 @dataclass
 class _Prepared:
     query_rows: np.ndarray       # rows of the query table that are queries
@@ -227,9 +218,9 @@ def _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compou
     g_keys = np.stack(g_keys) if g_keys else np.zeros((0, len(g)), np.int64)
     eligible = np.stack([_eligible(q_compound, q_keys[m], g_compound, g_keys[m]) for m in range(len(modes))]) \
         if modes else np.zeros((0, len(q)), bool)
-    gallery = {"feats": _unit_rows(np.asarray(gallery_feats)[gallery_rows], dtype), "keys": g_keys,
+    gallery = {"feats": l2_normalize(np.asarray(gallery_feats)[gallery_rows], dtype), "keys": g_keys,
                "compound": g_compound}
-    return _Prepared(query_rows, _unit_rows(np.asarray(query_feats)[query_rows], dtype), q_keys, q_compound,
+    return _Prepared(query_rows, l2_normalize(np.asarray(query_feats)[query_rows], dtype), q_keys, q_compound,
                      gallery, gallery_rows, eligible, tuple(modes))
 
 
@@ -272,12 +263,21 @@ def topk_neighbours(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_m
                     modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
                     query_roles: Sequence[str] = DEFAULT_QUERY_ROLES, gallery_negcon: bool = False,
                     block_size: int = 512, gallery_chunk: int = 32768, dtype=np.float32,
-                    progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], _Prepared]:
-    """The k nearest eligible gallery wells of every query, per mode: (similarities, gallery rows, prep).
+                    progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """The k nearest eligible gallery wells of every query, per mode: (similarities, gallery rows, query rows).
 
     Gallery rows index `gallery_meta` (or `query_meta` when no gallery is given); -1 marks a missing
-    neighbour (fewer than k eligible wells). Arrays are (queries, k), queries in `prep.query_rows` order.
+    neighbour (fewer than k eligible wells). Arrays are (queries, k); query rows index `query_meta`.
     """
+    sims, rows, prep = _neighbours(query_meta, query_feats, gallery_meta, gallery_feats, k=k, modes=modes,
+                                   compound_col=compound_col, query_roles=query_roles,
+                                   gallery_negcon=gallery_negcon, block_size=block_size,
+                                   gallery_chunk=gallery_chunk, dtype=dtype, progress=progress)
+    return sims, rows, prep.query_rows
+
+
+def _neighbours(query_meta, query_feats, gallery_meta, gallery_feats, *, k, modes, compound_col, query_roles,
+                gallery_negcon, block_size, gallery_chunk, dtype, progress):
     prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
                     gallery_negcon, dtype)
     n_q, n_g = len(prep.query_rows), len(prep.gallery_rows)
@@ -314,10 +314,10 @@ def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_met
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"topk_hit_rate: ks must be positive integers, got {ks}")
-    sims, rows, prep = topk_neighbours(query_meta, query_feats, gallery_meta, gallery_feats, k=ks[-1],
-                                       modes=modes, compound_col=compound_col, query_roles=query_roles,
-                                       gallery_negcon=gallery_negcon, block_size=block_size,
-                                       gallery_chunk=gallery_chunk, dtype=dtype, progress=progress)
+    sims, rows, prep = _neighbours(query_meta, query_feats, gallery_meta, gallery_feats, k=ks[-1], modes=modes,
+                                   compound_col=compound_col, query_roles=query_roles,
+                                   gallery_negcon=gallery_negcon, block_size=block_size,
+                                   gallery_chunk=gallery_chunk, dtype=dtype, progress=progress)
     first_hit = _first_hits_from_rows(sims, rows, prep)
     frame = summarise_first_hits(first_hit, prep.eligible, prep.modes, ks)
     return (frame, _per_query(query_meta, prep, first_hit)) if per_query else frame
