@@ -224,6 +224,11 @@ def main() -> None:
                              f"{b['result']['fraction_retrieved']:.3f}")
             else:
                 agreement = ""
+            done = [m for m in args.sizes if m < n and runs.get((theirs, m), {}).get("status") == "ok"]
+            if a.get("status") == "ok" and b.get("status", "").startswith("did not finish") and done:
+                # kNN + filter costs ~N^2 (distances) and the k' lists grow with N too: a lower bound
+                estimate = runs[(theirs, done[-1])]["wall_s"] * (n / done[-1]) ** 2
+                agreement = f"baseline >= ~{estimate:.0f} s by N^2 scaling from {done[-1]} wells"
             rows.append({
                 "wells": n, "metric": what,
                 "micon wall s": cell(a, "wall_s", "{:.1f}"),
@@ -255,7 +260,7 @@ def main() -> None:
             "largest source's well count (the smallest k' that guarantees 10 eligible neighbours after dropping "
             "same-source wells), queries in chunks of 1024, then filtering. k' grows with N, so time and the "
             "k'-list memory grow with N^2.\n"
-            "* mAP: JUMP phenotypic-activity recipe (positives = same compound, negatives = DMSO on the same plate), "
+            "* mAP: JUMP phenotypic-activity recipe (micon: similarities in float64, ranked at float32 resolution; positives = same compound, negatives = DMSO on the same plate), "
             f"{NULL_SIZE} null samples; copairs via `average_precision` + `mean_average_precision` with a "
             "temporary null cache. p-values differ by Monte-Carlo noise only (different null draws; copairs "
             "also ranks positives first on ties, irrelevant for continuous features).\n")

@@ -217,7 +217,7 @@ def _block_ap(q, c_sim, rel, n_rows_block, b0, ties: Ties):
 
 def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequence[str], pos_diffby: Sequence[str],
                       neg_sameby: Sequence[str], neg_diffby: Sequence[str], *, ties: Ties = "expected",
-                      max_pairs: int = 4_000_000, dtype=np.float32, progress: bool = False) -> pd.DataFrame:
+                      max_pairs: int = 4_000_000, progress: bool = False) -> pd.DataFrame:
     """Per-profile AP with copairs' pair rules (`copairs.map.average_precision`, cosine similarity).
 
     Row j is a positive of row i (i != j) when it equals i in every `pos_sameby` column and differs
@@ -225,6 +225,10 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
     both rules counts twice, as in copairs). Returns a copy of `meta` (index reset) with
     `average_precision` (NaN without positives), `normalized_average_precision`, `n_pos_pairs` and
     `n_total_pairs`. Memory is bounded by `max_pairs` candidate pairs per query block.
+
+    Similarities are computed in float64 and ranked at float32 resolution (copairs ranks float32
+    values too): equal profiles tie whichever product computed them (a row gather for small groups,
+    a matrix product for large ones), and the `ties` rule then decides.
     """
     pos_sameby, pos_diffby = list(pos_sameby), list(pos_diffby)
     neg_sameby, neg_diffby = list(neg_sameby), list(neg_diffby)
@@ -242,7 +246,7 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
     if len(meta) != len(feats):
         raise ValueError(f"average_precision: metadata has {len(meta)} rows, features {len(feats)}")
     out = meta.reset_index(drop=True).copy()
-    x = l2_normalize(feats, dtype)
+    x = l2_normalize(feats, np.float64)
     n = len(out)
     col_codes = {col: _codes(out, [col]) for col in columns}
     pos_groups, neg_groups = _Groups(_codes(out, pos_sameby)), _Groups(_codes(out, neg_sameby))
@@ -272,7 +276,8 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
         qn, cn, sn, l_neg = _scored_pairs(neg_groups, neg_diff, queries, m > 0, x)
         q = np.concatenate([qp, qn])
         rel = np.concatenate([np.ones(len(qp)), np.zeros(len(qn))])
-        s, _, _ = _block_ap(q, np.concatenate([sp, sn]), rel, b1 - b0, b0, ties)
+        sims = np.concatenate([sp, sn]).astype(np.float32)
+        s, _, _ = _block_ap(q, sims, rel, b1 - b0, b0, ties)
         ap_sum[b0:b1], n_pos[b0:b1], n_total[b0:b1] = s, m, m + l_neg
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = np.where(n_pos > 0, ap_sum / np.maximum(n_pos, 1), np.nan)
