@@ -115,8 +115,9 @@ class ReplicatePairer:
     def __init__(self, capacity: int, prefer: str, counts: Counts):
         self.capacity = capacity
         self.min_score = len(PAIR_LEVELS) - PAIR_LEVELS.index(prefer)
-        self.waiting: OrderedDict[str, dict] = OrderedDict()   # key -> sample
-        self.by_compound: dict[str, list[str]] = {}
+        self.waiting: OrderedDict[int, dict] = OrderedDict()   # entry number -> sample
+        self.by_compound: dict[str, list[int]] = {}
+        self._n = 0
         self.counts = counts
 
     def push(self, sample: dict):
@@ -132,8 +133,10 @@ class ReplicatePairer:
             self.by_compound[cid].remove(best)
             self.counts.add(f"pairs_across_{PAIR_LEVELS[len(PAIR_LEVELS) - best_score]}")
             return partner, sample
-        self.waiting[sample["key"]] = sample
-        self.by_compound.setdefault(cid, []).append(sample["key"])
+        # the same site comes back every epoch: buffer entries are numbered, not keyed by site
+        self._n += 1
+        self.waiting[self._n] = sample
+        self.by_compound.setdefault(cid, []).append(self._n)
         if len(self.waiting) > self.capacity:
             old_key, old = self.waiting.popitem(last=False)
             self.by_compound[old["meta"][schema.JCP]].remove(old_key)
