@@ -80,6 +80,8 @@ def resolve_resume(root: Path, resume: str, rank: int) -> str | None:
 def load_model_weights(path: str | Path) -> dict:
     """A checkpoint's plain `model.pt` (a tag directory or the file): {"model", "config", "state"}."""
     p = Path(path)
+    if (p / "checkpoints").is_dir():   # a training output directory
+        p = p / "checkpoints"
     if p.is_dir():
         latest = find_latest(p) if not (p / "model.pt").is_file() else None
         p = (p / latest / "model.pt") if latest else p / "model.pt"

@@ -1,0 +1,1 @@
+"""The Ray embedding and retrieval evaluation jobs."""
