@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+from micon.tables import markdown_table  # noqa: F401  (re-exported for the benchmarks)
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nEvery number here was produced by the command shown with it, on the machine "
           "shown with it. Rerun the command to refresh its section.\n")
@@ -48,10 +50,3 @@ def write_section(title: str, body: str, path: Path = DOC) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    out += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(out)

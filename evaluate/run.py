@@ -1,0 +1,194 @@
+"""Evaluate site embeddings the way the field does: well profiles, per-plate robust normalisation
+against DMSO, ZCA-cor whitening fitted on DMSO, NSB/NSS/NSP top-k replicate retrieval (Ray tasks
+over query blocks) and copairs-style mAP; writes metrics.json, a markdown report with PNG plots,
+and logs them to wandb.
+
+    ./launch.sh evaluate out=DIR embeddings.micon=DIR embeddings.simclr=DIR ... [key=value ...]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from micon import schema
+from micon.config import ConfigError, load_config, save_config, to_dict
+from micon.tables import markdown_table
+
+HEADLINE = ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "fraction_retrieved")
+
+
+@dataclass
+class EvalConfig:
+    out: str = "runs/eval"
+    embeddings: dict[str, str] = field(default_factory=dict)   # method name -> embed output directory
+    aggregate: str = "mean"          # site -> well: mean | median
+    normalize: bool = True           # per-plate robust MAD against DMSO
+    spherize: bool = True            # ZCA-cor fitted on DMSO wells
+    epsilon: float = 1e-6
+    max_k: int = 10
+    compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
+    shards: str = ""                 # manifest dir (for compounds=heldout)
+    null_size: int = 10000
+    ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
+    wandb: bool = True
+    wandb_project: str = "micon"
+
+    def validate(self) -> None:
+        if not self.embeddings:
+            raise ConfigError("no embeddings to evaluate: pass embeddings.NAME=DIR (one per method)")
+        if self.aggregate not in ("mean", "median"):
+            raise ConfigError("aggregate: mean or median")
+        if self.compounds not in ("all", "heldout"):
+            raise ConfigError("compounds: all or heldout")
+        if self.compounds == "heldout" and not self.shards:
+            raise ConfigError("compounds=heldout needs shards=DIR (the manifest that names them)")
+
+
+def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """(well metadata, raw well profiles, normalised and whitened profiles)."""
+    from micon.eval.profiles import aggregate_wells, mad_robustize, negcon_mask, spherize
+
+    wells, raw = aggregate_wells(meta, emb.astype(np.float32), method=cfg.aggregate)
+    # feature selection: a feature constant across DMSO wells (a dead ReLU unit, a saturated statistic)
+    # has no robust scale and cannot be whitened; drop it, as pycytominer's variance filter would
+    neg = negcon_mask(wells)
+    ref = raw[neg] if neg.sum() > 1 else raw
+    mad = np.median(np.abs(ref - np.median(ref, axis=0)), axis=0)
+    x = raw[:, (mad > 1e-8) & (ref.std(axis=0) > 1e-8)].astype(np.float64)
+    if cfg.normalize:
+        x = mad_robustize(wells, x)
+    if cfg.spherize:
+        x = spherize(x, negcon_mask(wells), epsilon=cfg.epsilon)
+    return wells, raw, np.nan_to_num(x).astype(np.float32)
+
+
+def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None) -> dict:
+    from evaluate.embed import load_embeddings
+    from micon.eval import map as mapm
+    from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
+
+    meta, emb = load_embeddings(path)
+    wells, raw, prof = well_profiles(meta, emb, cfg)
+    if keep_compounds is not None:
+        keep = (wells[schema.ROLE] == schema.NEGCON).to_numpy() | wells[schema.JCP].isin(keep_compounds).to_numpy()
+        wells, raw, prof = wells[keep].reset_index(drop=True), raw[keep], prof[keep]
+    fn = topk_hit_rate_ray if cfg.ray else topk_hit_rate
+    topk = fn(wells, prof, ks=range(1, cfg.max_k + 1), modes=("nsb", "nss", "nsp"))
+    treated = wells[schema.ROLE].isin([schema.TREATED, schema.POSCON]).to_numpy()
+    act_wells = wells[treated | (wells[schema.ROLE] == schema.NEGCON).to_numpy()].reset_index(drop=True)
+    act_prof = prof[treated | (wells[schema.ROLE] == schema.NEGCON).to_numpy()]
+    _, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size)
+    _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size)
+    row = lambda k: topk.set_index("k").loc[k]  # noqa: E731
+    metrics = dict(
+        nsb_top1=float(row(1)["nsb"]), nsb_top10=float(row(cfg.max_k)["nsb"]),
+        nss_top1=float(row(1)["nss"]), nss_top10=float(row(cfg.max_k)["nss"]),
+        nsp_top1=float(row(1)["nsp"]), nsp_top10=float(row(cfg.max_k)["nsp"]),
+        map_activity=float(act_map["mean_average_precision"].mean()),
+        fraction_retrieved=float(mapm.fraction_retrieved(act_map)),
+        map_consistency=float(con_map["mean_average_precision"].mean()),
+        n_wells=int(len(wells)), n_queries_nss=int(row(1).get("n_queries_nss", 0)),
+        n_queries_nsb=int(row(1).get("n_queries_nsb", 0)), dim=int(emb.shape[1]),
+    )
+    return dict(metrics=metrics, topk=topk.assign(method=name), map=act_map.assign(method=name),
+                wells=wells, raw=raw, prof=prof)
+
+
+def write_report(out: Path, results: dict, cfg: EvalConfig) -> Path:
+    from micon.eval import plots
+
+    topk = pd.concat([r["topk"] for r in results.values()], ignore_index=True)
+    topk.to_csv(out / "topk.csv", index=False)
+    summary = pd.DataFrame([dict(method=n, **r["metrics"]) for n, r in results.items()])
+    summary.to_csv(out / "summary.csv", index=False)
+    pngs = [plots.plot_topk_curves(topk, out / "topk_nsb_nss.png"),
+            plots.plot_map_summary(summary, out / "map_fraction_retrieved.png")]
+    for name, r in results.items():
+        pngs.append(plots.plot_profiles_pca(r["wells"], r["raw"], r["prof"], out / f"profiles_pca_{name}.png",
+                                            titles=(f"{name}: raw well profiles", f"{name}: normalised + whitened")))
+    table = markdown_table(summary[["method", *HEADLINE]].round(3).to_dict("records"))
+    lines = ["# Replicate retrieval report", "",
+             f"Well profiles ({cfg.aggregate} of sites), {'per-plate robust MAD vs DMSO, ' if cfg.normalize else ''}"
+             f"{'ZCA-cor whitening fitted on DMSO (epsilon ' + str(cfg.epsilon) + '), ' if cfg.spherize else ''}"
+             f"cosine similarity. NSB/NSS/NSP: share of treated query wells with a well of the same compound among "
+             f"the k nearest wells, candidates from the query's own batch / source / plate removed. mAP: copairs "
+             f"semantics, activity = replicate wells vs same-plate DMSO; fraction retrieved = share of compounds "
+             f"with BH-corrected p < 0.05.", "", table, ""]
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in pngs]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def log_wandb(out: Path, cfg: EvalConfig, results: dict) -> None:
+    import wandb
+
+    run = wandb.init(project=cfg.wandb_project, dir=str(out), job_type="evaluate", config=to_dict(cfg),
+                     mode=os.environ.get("WANDB_MODE", "offline"))
+    summary = pd.DataFrame([dict(method=n, **r["metrics"]) for n, r in results.items()])
+    run.log({"metrics": wandb.Table(dataframe=summary),
+             **{f"{n}/{k}": v for n, r in results.items() for k, v in r["metrics"].items()},
+             **{p.stem: wandb.Image(str(p)) for p in out.glob("*.png")}})
+    run.finish()
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_config(EvalConfig, overrides=argv)
+    except ConfigError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    from evaluate.embed import EmbeddingError
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "eval_config.yaml")
+    keep = None
+    if cfg.compounds == "heldout":
+        from micon.data.shards import Manifest
+        keep = set(Manifest.load(cfg.shards).data["splits"]["heldout_compounds"])
+    if cfg.ray:
+        import ray
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         object_store_memory=256 * 2**20)
+    results = {}
+    for name, path in cfg.embeddings.items():
+        t0 = time.perf_counter()
+        try:
+            results[name] = evaluate_method(name, path, cfg, keep)
+        except EmbeddingError as e:
+            print(f"evaluate: {name}: {e}", file=sys.stderr)
+            return 1
+        m = results[name]["metrics"]
+        print(f"evaluate: {name}: NSB top-1 {m['nsb_top1']:.3f} top-10 {m['nsb_top10']:.3f} | NSS top-1 "
+              f"{m['nss_top1']:.3f} top-10 {m['nss_top10']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
+              f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s)", flush=True)
+    doc = {"methods": {n: r["metrics"] for n, r in results.items()}, "config": to_dict(cfg)}
+    (out / "metrics.json.tmp").write_text(json.dumps(doc, indent=1))
+    os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    report = write_report(out, results, cfg)
+    if cfg.wandb:
+        log_wandb(out, cfg, results)
+    table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in HEADLINE})
+                          for n, r in results.items()])
+    print(table.to_string(index=False))
+    print(f"evaluate: metrics {out / 'metrics.json'}, report {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
