@@ -255,15 +255,21 @@ def main() -> None:
             "machine's 2 cores were shared with other jobs while this ran, so absolute times are noisy; "
             "each pair of numbers was taken minutes apart.\n\n"
             "* micon top-k: `topk_hit_rate(modes=('nsb','nss'))`, 512-query blocks x 32k-well gallery chunks, "
-            "NumPy matmul + torch.topk with exact tie repair; memory is flat in N.\n"
+            "NumPy matmul + torch.topk with exact tie repair; working memory is a few 512 x 32k similarity tiles "
+            "plus two unit-length copies of the profiles (linear in N), never N x N or N x k'.\n"
             "* sklearn baseline: `NearestNeighbors(metric='cosine', algorithm='brute')` asked for k' = 10 + the "
             "largest source's well count (the smallest k' that guarantees 10 eligible neighbours after dropping "
             "same-source wells), queries in chunks of 1024, then filtering. k' grows with N, so time and the "
             "k'-list memory grow with N^2.\n"
-            "* mAP: JUMP phenotypic-activity recipe (micon: similarities in float64, ranked at float32 resolution; positives = same compound, negatives = DMSO on the same plate), "
+            "* mAP: JUMP phenotypic-activity recipe (positives = same compound, negatives = DMSO on the same "
+            "plate; micon computes similarities in float64 and ranks them at float32 resolution), "
             f"{NULL_SIZE} null samples; copairs via `average_precision` + `mean_average_precision` with a "
             "temporary null cache. p-values differ by Monte-Carlo noise only (different null draws; copairs "
-            "also ranks positives first on ties, irrelevant for continuous features).\n")
+            "also ranks positives first on ties, irrelevant for continuous features).\n"
+            "* copairs finishes at 100k here because this recipe keeps negatives on the query's plate (a few "
+            "million pairs); recipes without `neg_sameby` hold every pair in memory in copairs (its issue #90: "
+            "killed at 9k rows on 14 GB), while `micon.eval.map` streams them in blocks of `max_pairs`. Sizes "
+            "were not cut for any baseline; only sklearn at 100k hit its timeout.\n")
     write_section("Evaluation metrics", body)
 
 

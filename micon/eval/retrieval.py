@@ -1,16 +1,18 @@
 """Replicate retrieval across technical boundaries: NSB / NSS / NSP top-k hit rate (MICON paper).
 
-A treated query well scores a hit at k when a gallery well of the same compound is among its k most
+A query well scores a hit at k when a gallery well of the same compound is among its k most
 cosine-similar *eligible* gallery wells, eligible meaning from another batch (NSB), source (NSS) or
 plate (NSP). Computed blockwise (query blocks x gallery chunks, exact two-stage top-k merge), never
 an N x N matrix; exclusion masks are always built from gallery metadata against query metadata.
 No I/O; the Ray variant uses an already-running Ray (the caller owns `ray.init`).
 
 Conventions (documented because the official code differs or is silent):
-* DMSO (negcon) and empty wells are never queries. DMSO wells join the gallery only with
-  `gallery_negcon=True` (the official analysis drops them before evaluation: the default).
-* Ties in similarity are broken by gallery row index (lower first), so results are deterministic
-  and identical however the gallery is chunked or distributed.
+* Queries are the treated and positive-control wells (`query_roles`); DMSO (negcon) and empty
+  wells never are. DMSO wells join the gallery only with `gallery_negcon=True` (the official
+  analysis drops them before evaluation: the default).
+* Ties in (computed) similarity are broken by gallery row index, lower first, so results are
+  deterministic and identical however the queries are blocked or the gallery is distributed over
+  runs of whole chunks.
 * A query counts only if at least one same-compound gallery well survives its exclusion; the others
   are left out of the denominator and counted (`n_queries_*`, `n_ineligible_*`). With query ==
   gallery this is the official "compound present in more than one batch / source" filter, applied
