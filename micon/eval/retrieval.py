@@ -190,7 +190,7 @@ def _eligible(q_compound: np.ndarray, q_key: np.ndarray, g_compound: np.ndarray,
 def _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
              gallery_negcon, dtype) -> _Prepared:
     unknown = [m for m in modes if m not in MODES]
-    if unknown or len(set(modes)) != len(modes):
+    if not modes or unknown or len(set(modes)) != len(modes):
         raise ValueError(f"retrieval: modes must be distinct names from {list(MODES)}, got {list(modes)}")
     # smallest exclusion first: _gallery_topk applies the exclusions cumulatively
     modes = sorted(modes, key=lambda m: -len(MODES[m]))
@@ -260,6 +260,42 @@ def _per_query(query_meta: pd.DataFrame, prep: _Prepared, first_hit: np.ndarray)
     return out
 
 
+def _search(prep: _Prepared, k: int, block_size: int, dtype, progress: bool, block_topk) -> tuple[np.ndarray, np.ndarray]:
+    """Fill (modes, queries, k) values and gallery positions block by block; -1 marks no neighbour."""
+    n_q = len(prep.query_rows)
+    vals = np.full((len(prep.modes), n_q, k), -np.inf, dtype=dtype)
+    idx = np.full((len(prep.modes), n_q, k), -1, dtype=np.int64)
+    starts = range(0, n_q, block_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="top-k query blocks", total=len(starts))
+    for b0 in starts:
+        b1 = min(b0 + block_size, n_q)
+        vals[:, b0:b1], idx[:, b0:b1] = block_topk(b0, b1)
+    idx[vals == -np.inf] = -1  # excluded candidates padding a short list are not neighbours
+    return vals, idx
+
+
+def _local_search(prep: _Prepared, k: int, block_size: int, gallery_chunk: int, dtype, progress: bool):
+    n_g = len(prep.gallery_rows)
+    return _search(prep, k, block_size, dtype, progress, lambda b0, b1: _gallery_topk(
+        prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], prep.gallery, k, 0, n_g, gallery_chunk))
+
+
+def _check_ks(ks: Iterable[int]) -> list[int]:
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"top-k hit rate: ks must be positive integers, got {ks}")
+    return ks
+
+
+def _report(query_meta: pd.DataFrame, prep: _Prepared, vals: np.ndarray, idx: np.ndarray, ks: list[int],
+            per_query: bool):
+    first_hit = _first_hits(vals, idx, prep.q_compound, prep.gallery["compound"])
+    frame = summarise_first_hits(first_hit, prep.eligible, prep.modes, ks)
+    return (frame, _per_query(query_meta, prep, first_hit)) if per_query else frame
+
+
 def topk_neighbours(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_meta: pd.DataFrame | None = None,
                     gallery_feats: np.ndarray | None = None, *, k: int = 10,
                     modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
@@ -271,32 +307,12 @@ def topk_neighbours(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_m
     Gallery rows index `gallery_meta` (or `query_meta` when no gallery is given); -1 marks a missing
     neighbour (fewer than k eligible wells). Arrays are (queries, k); query rows index `query_meta`.
     """
-    sims, rows, prep = _neighbours(query_meta, query_feats, gallery_meta, gallery_feats, k=k, modes=modes,
-                                   compound_col=compound_col, query_roles=query_roles,
-                                   gallery_negcon=gallery_negcon, block_size=block_size,
-                                   gallery_chunk=gallery_chunk, dtype=dtype, progress=progress)
-    return sims, rows, prep.query_rows
-
-
-def _neighbours(query_meta, query_feats, gallery_meta, gallery_feats, *, k, modes, compound_col, query_roles,
-                gallery_negcon, block_size, gallery_chunk, dtype, progress):
     prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
                     gallery_negcon, dtype)
-    n_q, n_g = len(prep.query_rows), len(prep.gallery_rows)
-    vals = np.full((len(modes), n_q, k), -np.inf, dtype=dtype)
-    idx = np.full((len(modes), n_q, k), -1, dtype=np.int64)
-    starts = range(0, n_q, block_size)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="top-k blocks", total=len(starts))
-    for b0 in starts:
-        b1 = min(b0 + block_size, n_q)
-        v, i = _gallery_topk(prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], prep.gallery, k, 0, n_g, gallery_chunk)
-        vals[:, b0:b1], idx[:, b0:b1] = v, i
-    idx[vals == -np.inf] = -1  # excluded candidates padding a short list are not neighbours
+    vals, idx = _local_search(prep, k, block_size, gallery_chunk, dtype, progress)
     rows = np.where(idx >= 0, prep.gallery_rows[np.maximum(idx, 0)], -1)
     return ({mode: vals[m] for m, mode in enumerate(prep.modes)},
-            {mode: rows[m] for m, mode in enumerate(prep.modes)}, prep)
+            {mode: rows[m] for m, mode in enumerate(prep.modes)}, prep.query_rows)
 
 
 def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_meta: pd.DataFrame | None = None,
@@ -313,26 +329,11 @@ def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_met
     (query metadata, `<mode>_eligible`, `<mode>_first_hit`: 1-based rank of the first same-compound
     neighbour within max(ks), 0 when none). Memory: block_size x gallery_chunk similarities at a time.
     """
-    ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"topk_hit_rate: ks must be positive integers, got {ks}")
-    sims, rows, prep = _neighbours(query_meta, query_feats, gallery_meta, gallery_feats, k=ks[-1], modes=modes,
-                                   compound_col=compound_col, query_roles=query_roles,
-                                   gallery_negcon=gallery_negcon, block_size=block_size,
-                                   gallery_chunk=gallery_chunk, dtype=dtype, progress=progress)
-    first_hit = _first_hits_from_rows(sims, rows, prep)
-    frame = summarise_first_hits(first_hit, prep.eligible, prep.modes, ks)
-    return (frame, _per_query(query_meta, prep, first_hit)) if per_query else frame
-
-
-def _first_hits_from_rows(sims: dict, rows: dict, prep: _Prepared) -> np.ndarray:
-    # map gallery-table rows back to gallery positions to read compound codes
-    pos_of_row = np.full(int(prep.gallery_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
-    pos_of_row[prep.gallery_rows] = np.arange(len(prep.gallery_rows))
-    vals = np.stack([sims[m] for m in prep.modes]) if prep.modes else np.zeros((0, len(prep.query_rows), 0))
-    idx = np.stack([np.where(rows[m] >= 0, pos_of_row[np.maximum(rows[m], 0)], -1) for m in prep.modes]) \
-        if prep.modes else np.zeros((0, len(prep.query_rows), 0), np.int64)
-    return _first_hits(vals, idx, prep.q_compound, prep.gallery["compound"])
+    ks = _check_ks(ks)
+    prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
+                    gallery_negcon, dtype)
+    vals, idx = _local_search(prep, ks[-1], block_size, gallery_chunk, dtype, progress)
+    return _report(query_meta, prep, vals, idx, ks, per_query)
 
 
 def topk_hit_rate_ray(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_meta: pd.DataFrame | None = None,
@@ -350,9 +351,7 @@ def topk_hit_rate_ray(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery
     """
     import ray
 
-    ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"topk_hit_rate_ray: ks must be positive integers, got {ks}")
+    ks = _check_ks(ks)
     k = ks[-1]
     prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
                     gallery_negcon, dtype)
@@ -362,26 +361,16 @@ def topk_hit_rate_ray(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery
     bounds = [(c * gallery_chunk, min((c + per_shard) * gallery_chunk, n_g)) for c in range(0, n_chunks, per_shard)]
     gallery_ref = ray.put(prep.gallery)
     task = ray.remote(_shard_topk)
-    futures = {}
-    for b0 in range(0, n_q, block_size):
-        b1 = min(b0 + block_size, n_q)
-        for s, (lo, hi) in enumerate(bounds):
-            futures[(b0, s)] = task.remote(prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], gallery_ref, k, lo, hi,
-                                           gallery_chunk)
-    vals = np.full((len(modes), n_q, k), -np.inf, dtype=dtype)
-    idx = np.full((len(modes), n_q, k), -1, dtype=np.int64)
-    blocks = range(0, n_q, block_size)
-    if progress:
-        from tqdm import tqdm
-        blocks = tqdm(blocks, desc="top-k blocks (ray)", total=len(blocks))
-    for b0 in blocks:
-        b1 = min(b0 + block_size, n_q)
-        results = ray.get([futures[(b0, s)] for s in range(len(bounds))])
-        for m in range(len(modes)):
-            best = None
-            for v, i in results:
-                best = _merge_topk(best, (v[m], i[m]), k)
-            vals[m, b0:b1], idx[m, b0:b1] = best
-    first_hit = _first_hits(vals, idx, prep.q_compound, prep.gallery["compound"])
-    frame = summarise_first_hits(first_hit, prep.eligible, prep.modes, ks)
-    return (frame, _per_query(query_meta, prep, first_hit)) if per_query else frame
+    futures = {b0: [task.remote(prep.q_feats[b0:b0 + block_size], prep.q_keys[:, b0:b0 + block_size], gallery_ref,
+                                k, lo, hi, gallery_chunk) for lo, hi in bounds]
+               for b0 in range(0, n_q, block_size)}
+
+    def merged(b0, b1):
+        results = ray.get(futures.pop(b0))
+        best = [None] * len(prep.modes)
+        for v, i in results:
+            best = [_merge_topk(best[m], (v[m], i[m]), k) for m in range(len(prep.modes))]
+        return np.stack([b[0] for b in best]), np.stack([b[1] for b in best])
+
+    vals, idx = _search(prep, k, block_size, dtype, progress, merged)
+    return _report(query_meta, prep, vals, idx, ks, per_query)
