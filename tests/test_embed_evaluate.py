@@ -1,0 +1,114 @@
+"""The embedding job (Ray Data actors) and the evaluation job, end to end on the tiny screen."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluate.embed import SiteEncoder, load_embeddings, part_path
+from evaluate.run import EvalConfig, evaluate_method
+from micon import schema
+from micon.data.shards import Manifest, read_tar_samples
+from micon.eval.handcrafted import feature_names, site_features
+from tests.conftest import run_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "simclr"
+    run_job("train.run", "-", f"data.shards={tiny_shards}", f"out={out}", "method=simclr", "steps=3",
+            "micro_batch=4", "progress=false", "wandb.enabled=false")
+    return out
+
+
+@pytest.fixture(scope="module")
+def embedded(checkpoint, tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb") / "simclr"
+    proc = run_job("evaluate.embed", checkpoint, tiny_shards, out, "workers=2", "batch_size=16")
+    assert "embedded 144 sites from 12 shards" in proc.stdout
+    return out
+
+
+def test_embeddings_match_the_encoder_and_carry_jump_metadata(embedded, checkpoint, tiny_shards):
+    meta, emb = load_embeddings(embedded)
+    m = Manifest.load(tiny_shards)
+    assert len(meta) == len(emb) == m.data["n_sites"]
+    for col in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.ROLE):
+        assert col in meta.columns
+    assert not meta.duplicated([schema.PLATE, schema.WELL, schema.SITE]).any()
+    # recompute one shard in-process with the checkpoint's image encoder
+    enc = SiteEncoder(str(checkpoint), str(tiny_shards))
+    shard = m.shard_paths()[3]
+    samples = list(read_tar_samples(shard))
+    direct = enc(np.stack([img for _, img, _ in samples]), [mt[schema.PLATE] for _, _, mt in samples])
+    keys = meta[schema.PLATE] + "_" + meta[schema.WELL] + "_" + meta[schema.SITE]
+    rows = [int(np.flatnonzero(keys == k)[0]) for k, _, _ in samples]
+    np.testing.assert_allclose(emb[rows], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_repairs_missing_and_corrupt_parts(embedded, checkpoint, tiny_shards, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(embedded, out)
+    names = [s["name"] for s in Manifest.load(tiny_shards).data["shards"]]
+    part_path(out, names[0]).unlink()
+    part_path(out, names[1]).write_bytes(b"\x00garbage")
+    shutil.rmtree(out / "embeddings.zarr")
+    with pytest.raises(Exception, match=r"embeddings.zarr is missing or corrupt .*rerun ./launch.sh embed"):
+        load_embeddings(out)
+    proc = run_job("evaluate.embed", checkpoint, tiny_shards, out, "workers=1")
+    assert f"embedding part {part_path(out, names[1])} is corrupt" in proc.stderr
+    assert "10 already embedded, 2 to do" in proc.stdout
+    m1, e1 = load_embeddings(out)
+    m0, e0 = load_embeddings(embedded)
+    pd.testing.assert_frame_equal(m1, m0)
+    np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-6)
+
+
+def test_handcrafted_features():
+    rng = np.random.default_rng(0)
+    site = rng.integers(0, 30, (5, 64, 64)).astype(np.uint8)
+    site[0, 10:20, 10:20] = 200   # one bright nucleus
+    site[0, 40:50, 30:44] = 180   # and another, elongated
+    f = site_features(site)
+    names = feature_names(["DNA", "RNA", "ER", "AGP", "Mito"])
+    assert f.shape == (len(names),) and np.isfinite(f).all()
+    named = dict(zip(names, f))
+    assert named["DNA_nuclei_count"] == 2
+    assert named["DNA_nuclei_area_mean"] == pytest.approx((100 + 140) / 2)
+    assert named["RNA_mean"] == pytest.approx(site[1].mean(), rel=1e-6)
+    assert named["ER_p50"] == pytest.approx(np.percentile(site[2], 50))
+
+
+def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedded, tmp_path):
+    out = tmp_path / "eval"
+    run_job("evaluate.run", f"out={out}", f"embeddings.simclr={embedded}", "null_size=500")
+    doc = json.loads((out / "metrics.json").read_text())
+    assert set(doc["methods"]) == {"simclr"}
+    m = doc["methods"]["simclr"]
+    for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "fraction_retrieved"):
+        assert 0 <= m[key] <= 1
+    assert m["nsb_top1"] <= m["nsb_top10"] and m["nss_top1"] <= m["nss_top10"]
+    for png in ("topk_nsb_nss.png", "map_fraction_retrieved.png", "profiles_pca_simclr.png"):
+        assert (out / png).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "| simclr |" in report and "](topk_nsb_nss.png)" in report
+    assert list((out / "wandb").glob("offline-run-*"))
+    single = evaluate_method("simclr", str(embedded), EvalConfig(embeddings={"simclr": str(embedded)}, ray=False,
+                                                                   null_size=500), None)["metrics"]
+    for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "nsp_top1", "map_activity"):
+        assert single[key] == pytest.approx(m[key])
+
+
+def test_evaluate_names_a_corrupt_embedding_file(embedded, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(embedded, out)
+    (out / "sites.parquet").write_bytes(b"not parquet")
+    proc = run_job("evaluate.run", f"out={tmp_path / 'eval'}", f"embeddings.simclr={out}", check=False)
+    assert proc.returncode == 1
+    assert f"evaluate: simclr: {out / 'sites.parquet'} is missing or corrupt" in proc.stderr
+    assert "rerun ./launch.sh embed" in proc.stderr
