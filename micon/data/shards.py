@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,14 +208,17 @@ class ControlBank:
     (plate, batch, source, well, site, row). Same-plate lookups are O(1); the fallbacks to the
     same batch, then source, are for plates whose controls were all lost or held out."""
 
-    def __init__(self, root: str | Path, cache: bool = True):
+    def __init__(self, root: str | Path, cache_plates: int = 16):
+        """`cache_plates`: how many plates' DMSO sites to keep decoded in memory (LRU; 0 = read one
+        site per draw). Plate-grouped shards keep a worker on a few plates at a time, so a small
+        cache turns almost every draw into a memory lookup."""
         import zarr
 
         self.root = Path(root)
         self.table = pd.read_parquet(self.root / "controls.parquet")
         self._zarr = zarr.open_group(str(self.root / "control_bank.zarr"), mode="r")
-        self._cache: dict[str, np.ndarray] = {}
-        self._use_cache = cache
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_plates = cache_plates
         counts = self.table.groupby(schema.PLATE).size()
         self.n_by_plate = counts.to_dict()
         first = self.table.drop_duplicates(schema.PLATE).set_index(schema.PLATE)
@@ -222,16 +226,20 @@ class ControlBank:
         self.plates_by_source = first.reset_index().groupby(schema.SOURCE)[schema.PLATE].apply(list).to_dict()
 
     def plate_images(self, plate: str) -> np.ndarray:
+        """All DMSO sites of a plate [n, C, H, W] (cached, least recently used plate evicted)."""
         if plate in self._cache:
+            self._cache.move_to_end(plate)
             return self._cache[plate]
         arr = np.asarray(self._zarr[plate][:])
-        if self._use_cache:
+        if self.cache_plates > 0:
             self._cache[plate] = arr
+            if len(self._cache) > self.cache_plates:
+                self._cache.popitem(last=False)
         return arr
 
     def get(self, plate: str, row: int) -> np.ndarray:
-        if plate in self._cache:
-            return self._cache[plate][row]
+        if self.cache_plates > 0:
+            return self.plate_images(plate)[row]
         return np.asarray(self._zarr[plate][row])
 
     def draw(self, plate: str, batch: str, source: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
