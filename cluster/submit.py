@@ -1,0 +1,391 @@
+"""Render a job's Slurm batch script from cluster/templates/ and submit it with sbatch.
+
+    ./launch.sh slurm JOB [JOB ARGS ...] [--nodes N] [--gpus-per-node G] [--ntasks-per-node T]
+                      [--cpus-per-task C] [--time T] [--mem M] [--partition P] [--account A]
+                      [--job-name NAME] [--site SITE.yaml] [--dry-run] [-- key=value ...]
+
+JOB is train (DeepSpeed, one srun task per GPU) or featurize, prep, embed, evaluate (Ray on Slurm).
+JOB ARGS are the job's own positional arguments (train: CONFIG; featurize: COMPOUNDS OUT; prep:
+SRC OUT; ...); everything after `--` is passed to the job as well. Site settings (partition,
+account, modules, container, python) come from cluster/site.yaml merged with --site/MICON_SITE.
+--dry-run prints the script; otherwise it is written to the log directory and submitted, and the
+job id and log path are printed. This module only renders and calls sbatch: no job logic here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from micon.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = Path(__file__).resolve().parent
+DEFAULT_SITE = CLUSTER / "site.yaml"
+TEMPLATES = CLUSTER / "templates"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    template: str
+    module: str
+    positional: str  # what the job's positional arguments are, for help and errors
+
+
+JOBS = {
+    "train": JobSpec("train.sbatch", "train.run", "CONFIG (a YAML file, or - for the defaults)"),
+    "featurize": JobSpec("ray.sbatch", "data_prep.featurize", "COMPOUNDS OUT"),
+    "prep": JobSpec("ray.sbatch", "data_prep.ingest", "SRC OUT"),
+    "embed": JobSpec("ray.sbatch", "evaluate.embed", "CKPT SHARDS OUT"),
+    "evaluate": JobSpec("ray.sbatch", "evaluate.run", "(key=value only)"),
+}
+
+
+# --------------------------------------------------------------------------- site settings
+
+@dataclass
+class JobResources:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    ntasks_per_node: int | None = None  # training: defaults to gpus_per_node (or 1); Ray jobs: always 1
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    mem: str | None = None
+
+    def validate(self) -> None:
+        for key in ("nodes", "cpus_per_task"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.gpus_per_node < 0:
+            raise ConfigError(f"gpus_per_node={self.gpus_per_node}: must be 0 (CPU only) or more")
+        if self.ntasks_per_node is not None and self.ntasks_per_node < 1:
+            raise ConfigError(f"ntasks_per_node={self.ntasks_per_node}: must be at least 1")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
+            raise ConfigError(f"time={self.time!r}: use a Slurm time such as 30:00, 04:00:00 or 2-00:00:00")
+
+
+@dataclass
+class JobsTable:
+    train: JobResources = field(default_factory=JobResources)
+    featurize: JobResources = field(default_factory=JobResources)
+    prep: JobResources = field(default_factory=JobResources)
+    embed: JobResources = field(default_factory=JobResources)
+    evaluate: JobResources = field(default_factory=JobResources)
+
+
+@dataclass
+class RaySettings:
+    node_ip_command: str = "hostname -I | awk '{print $1}'"
+    port_first: int = 40000
+    port_blocks: int = 20
+    dashboard: bool = True
+    tmp_dir: str = "/tmp"
+    start_args: str = ""
+    auth: Literal["token", "disabled"] = "token"
+
+    def validate(self) -> None:
+        last = self.port_first + self.port_blocks * 1000 - 1
+        if self.port_first < 1024 or self.port_blocks < 1 or last > 65535:
+            raise ConfigError(f"ray.port_first={self.port_first}, ray.port_blocks={self.port_blocks}: the port "
+                              f"blocks must lie within 1024-65535 (they end at {last})")
+
+
+@dataclass
+class Site:
+    """cluster/site.yaml; the file documents every key."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    log_dir: str = "runs/slurm"
+    python: str = ".venv/bin/python"
+    python_prefix: str = ""
+    modules: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+    sbatch_args: list[str] = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
+    signal_seconds: int = 300
+    max_requeues: int = 50
+    ray: RaySettings = field(default_factory=RaySettings)
+    jobs: JobsTable = field(default_factory=JobsTable)
+
+    def validate(self) -> None:
+        if self.signal_seconds < 10:
+            raise ConfigError(f"signal_seconds={self.signal_seconds}: give the job at least 10 s to checkpoint")
+        for arg in self.sbatch_args + self.srun_args:
+            if not arg.startswith("-"):
+                raise ConfigError(f"sbatch_args/srun_args entry {arg!r}: write options such as --exclusive")
+
+
+def load_site(path: str | Path | None = None) -> Site:
+    """The shipped cluster/site.yaml, with the site file at `path` (or $MICON_SITE) merged over it."""
+    defaults = yaml.safe_load(DEFAULT_SITE.read_text())
+    path = path or os.environ.get("MICON_SITE") or None
+    if path is not None and Path(path).resolve() == DEFAULT_SITE:
+        path = None
+    try:
+        return load_config(Site, path, defaults=defaults)
+    except ConfigError as e:
+        raise ConfigError(f"site config {path or DEFAULT_SITE}: {e}") from None
+
+
+# --------------------------------------------------------------------------- arguments
+
+@dataclass
+class Request:
+    job: str
+    args: list[str]
+    nodes: int
+    gpus_per_node: int
+    ntasks_per_node: int
+    cpus_per_task: int
+    time: str
+    mem: str | None
+    partition: str | None
+    account: str | None
+    job_name: str
+
+    @property
+    def ntasks(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+
+# Keys whose values are paths: made absolute, because the job runs from the repository.
+PATH_KEYS = {"out", "shards", "graphs", "dir", "path", "root", "ckpt", "checkpoint", "config", "embeddings",
+             "compounds", "screen", "src"}
+
+
+def absolute_args(args: list[str], cwd: Path) -> list[str]:
+    """Positional arguments (all paths for our jobs) and path-valued key=value made absolute."""
+    out = []
+    for a in args:
+        if "=" in a:
+            key, value = a.split("=", 1)
+            last = key.rsplit(".", 1)[-1]
+            if value and (last in PATH_KEYS or last.endswith(("_dir", "_path"))) and value not in ("latest", "none"):
+                a = f"{key}={(cwd / Path(value).expanduser()).resolve()}"
+        elif a != "-" and not a.startswith("-"):
+            a = str((cwd / Path(a).expanduser()).resolve())
+        out.append(a)
+    return out
+
+
+def build_request(job: str, job_args: list[str], opts: argparse.Namespace, site: Site, cwd: Path) -> Request:
+    if job not in JOBS:
+        raise ConfigError(f"unknown job {job!r}; choose one of {', '.join(JOBS)}")
+    res: JobResources = getattr(site.jobs, job)
+    pick = lambda name: getattr(opts, name) if getattr(opts, name, None) is not None else getattr(res, name)
+    nodes, gpus, cpus = pick("nodes"), pick("gpus_per_node"), pick("cpus_per_task")
+    if job == "train":
+        ntasks = pick("ntasks_per_node") or gpus or 1
+        if gpus and ntasks != gpus:
+            raise ConfigError(f"train runs one task per GPU: --ntasks-per-node {ntasks} with --gpus-per-node {gpus}; "
+                              f"drop --ntasks-per-node (or use --gpus-per-node 0 for CPU tasks)")
+    else:
+        if getattr(opts, "ntasks_per_node", None) not in (None, 1):
+            raise ConfigError(f"{job} is a Ray job with one task per node; use --cpus-per-task for its cores")
+        ntasks = 1
+    args = absolute_args(job_args, cwd)
+    if job == "train":
+        if not args or "=" in args[0]:
+            raise ConfigError(f"train needs {JOBS['train'].positional} before any key=value, e.g. "
+                              f"./launch.sh slurm train - -- out=runs/my-run data.shards=... data.graphs=...")
+        keys = {a.split("=", 1)[0] for a in args if "=" in a}
+        if "out" not in keys:
+            args.append(f"out={REPO / 'runs' / 'train' / time.strftime('%Y%m%d-%H%M%S')}")
+        if "resume" not in keys:
+            args.append("resume=latest")  # a requeued or resubmitted job continues from its newest checkpoint
+    req = Request(job=job, args=args, nodes=nodes, gpus_per_node=gpus, ntasks_per_node=ntasks, cpus_per_task=cpus,
+                  time=pick("time"), mem=pick("mem"), partition=pick_site(opts, site, "partition"),
+                  account=pick_site(opts, site, "account"), job_name=opts.job_name or f"micon-{job}")
+    JobResources(nodes, gpus, ntasks, cpus, req.time, req.mem).validate()
+    return req
+
+
+def pick_site(opts, site: Site, name: str):
+    value = getattr(opts, name, None)
+    return value if value is not None else getattr(site, name)
+
+
+# --------------------------------------------------------------------------- rendering
+
+def repo_path(p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else REPO / path
+
+
+def python_command(site: Site) -> tuple[str, str]:
+    """The python and ray commands as shell words (container prefix first)."""
+    prefix = shlex.split(site.python_prefix)
+    python = site.python if not ("/" in site.python) else str(repo_path(site.python))
+    ray = str(Path(python).parent / "ray") if "/" in python else "ray"
+    join = lambda words: " ".join(shlex.quote(w) for w in words)
+    return join(prefix + [python]), join(prefix + [ray])
+
+
+def setup_lines(site: Site) -> str:
+    lines = [f"module load {shlex.quote(m)}" for m in site.modules] + list(site.setup)
+    return "\n".join(lines) if lines else "# (no site set-up: add modules/setup lines in the site config)"
+
+
+def sbatch_lines(req: Request, site: Site) -> str:
+    opts = []
+    if req.gpus_per_node:
+        opts.append(f"--gpus-per-node={req.gpus_per_node}")
+    for name in ("partition", "account"):
+        if getattr(req, name):
+            opts.append(f"--{name}={getattr(req, name)}")
+    if site.qos:
+        opts.append(f"--qos={site.qos}")
+    if req.mem is not None:
+        opts.append(f"--mem={req.mem}")
+    opts += site.sbatch_args
+    return "\n".join(f"#SBATCH {o}" for o in opts) if opts else "# (no partition/account/extra sbatch options set)"
+
+
+def fill(template: str, values: dict[str, object]) -> str:
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in values:
+            raise KeyError(f"template placeholder {{{{{m.group(1)}}}}} has no value")
+        return str(values[m.group(1)])
+    return re.sub(r"\{\{(\w+)\}\}", sub, template)
+
+
+def render(req: Request, site: Site) -> str:
+    spec = JOBS[req.job]
+    python, ray = python_command(site)
+    srun = " ".join(shlex.quote(a) for a in site.srun_args)
+    values = dict(
+        job=req.job, job_name=req.job_name, module=spec.module, nodes=req.nodes, ntasks=req.ntasks,
+        ntasks_per_node=req.ntasks_per_node, gpus_per_node=req.gpus_per_node, cpus_per_task=req.cpus_per_task,
+        time=req.time, log_dir=shlex.quote(str(repo_path(site.log_dir))), repo=shlex.quote(str(REPO)),
+        sbatch_site=sbatch_lines(req, site), setup=setup_lines(site), srun_site=srun + " " if srun else "",
+        srun_gpus=f"--gpus-per-node={req.gpus_per_node} " if req.gpus_per_node else "",
+        python=python, ray=ray, args=" ".join(shlex.quote(a) for a in req.args),
+        signal_seconds=site.signal_seconds, max_requeues=site.max_requeues,
+        node_ip_command=site.ray.node_ip_command, node_ip_command_quoted=shlex.quote(site.ray.node_ip_command),
+        port_first=site.ray.port_first,
+        port_blocks=site.ray.port_blocks, ray_tmp_dir=shlex.quote(site.ray.tmp_dir),
+        ray_start_args=site.ray.start_args, ray_auth=site.ray.auth,
+        ray_dashboard=('--include-dashboard=true --dashboard-host="$head_ip" --dashboard-port=$((base + 3))'
+                       if site.ray.dashboard else "--include-dashboard=false"),
+        ray_dashboard_note=('echo "[micon] Ray dashboard: http://$head_ip:$((base + 3)) (this node\'s address only;'
+                            ' from your machine: ssh -L $((base + 3)):$head_ip:$((base + 3)) <login node>)"'
+                            if site.ray.dashboard else "# (Ray dashboard disabled in the site config)"),
+    )
+    return fill((TEMPLATES / spec.template).read_text(), values)
+
+
+SECRET_NAME = re.compile(r"API_KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY", re.I)
+
+
+def check_no_secrets(text: str, environ: dict[str, str]) -> None:
+    """Refuse a script that would carry the value of a secret-looking environment variable
+    (WANDB_API_KEY, *_TOKEN, ...): jobs inherit those from the environment instead."""
+    leaked = sorted(name for name, value in environ.items()
+                    if SECRET_NAME.search(name) and len(value) >= 8 and value in text)
+    if leaked:
+        raise ConfigError(f"the rendered script would contain the value of {', '.join(leaked)}; remove it from the "
+                          f"job arguments and site config (the job inherits it from your environment)")
+
+
+# --------------------------------------------------------------------------- submission
+
+def sbatch(text: str, env: dict[str, str]) -> str:
+    """Submit the script on stdin (Slurm keeps its own copy, which a requeued job runs again)."""
+    if shutil.which("sbatch", path=env.get("PATH")) is None:
+        raise ConfigError("sbatch is not on PATH: submit from a Slurm login node (or look with --dry-run)")
+    proc = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise ConfigError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise ConfigError(f"sbatch --parsable printed {proc.stdout.strip()!r}, not a job id")
+    return job_id
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="./launch.sh slurm", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", choices=list(JOBS))
+    p.add_argument("job_args", nargs="*", help="the job's positional arguments and key=value overrides")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int, help="0 = CPU only (training then needs --ntasks-per-node)")
+    p.add_argument("--ntasks-per-node", type=int, help="training on CPUs: processes per node")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--time", help="wall-clock limit, e.g. 04:00:00")
+    p.add_argument("--mem", help="memory per node, e.g. 0 (all), 480G")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job-name")
+    p.add_argument("--site", help=f"site settings merged over {DEFAULT_SITE.relative_to(REPO)} (or $MICON_SITE)")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
+    opts = p.parse_intermixed_args(argv)
+    ours = {o for a in p._actions for o in a.option_strings if o.startswith("--")}
+    misplaced = [a for a in extra if a.split("=", 1)[0] in ours]
+    if misplaced:
+        p.error(f"{' '.join(misplaced)} after `--` would go to the job; put options before `--`")
+    return opts, opts.job_args + extra
+
+
+def main(argv: list[str], environ: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        opts, job_args = parse_args(argv)
+        site = load_site(opts.site)
+        req = build_request(opts.job, job_args, opts, site, cwd or Path.cwd())
+        text = render(req, site)
+        check_no_secrets(text, environ)
+        python = shlex.split(python_command(site)[0])[-1]
+        if not site.python_prefix and "/" in python and not Path(python).exists():
+            msg = (f"python {python} does not exist here; run ./launch.sh setup first, or set `python:` "
+                   f"in the site config")
+            if not opts.dry_run:
+                raise ConfigError(msg)
+            print(f"# warning: {msg}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"slurm: {e}", file=sys.stderr)
+        return 2
+    if opts.dry_run:
+        sys.stdout.write(text)
+        print(f"# dry run: {req.job_name}, {req.nodes} nodes x {req.ntasks_per_node} tasks = {req.ntasks} tasks; "
+              f"not submitted", file=sys.stderr)
+        return 0
+
+    log_dir = repo_path(site.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
+    try:
+        job_id = sbatch(text, environ)
+    except ConfigError as e:
+        print(f"slurm: {e}", file=sys.stderr)
+        return 1
+    script = log_dir / f"{req.job_name}-{job_id}.sbatch"
+    script.write_text(text)
+    log = log_dir / f"{req.job_name}-{job_id}.out"
+    print(f"submitted job {job_id} ({req.job_name}): {req.nodes} nodes x {req.ntasks_per_node} tasks"
+          f"{f' x {req.gpus_per_node} GPUs per node' if req.gpus_per_node else ''}, {req.cpus_per_task} CPUs per task")
+    print(f"  script: {script}")
+    print(f"  log:    {log}")
+    print(f"  watch:  squeue -j {job_id}; tail -f {log}; cancel: scancel {job_id}")
+    if req.job == "train":
+        out = next(a.split("=", 1)[1] for a in req.args if a.startswith("out="))
+        print(f"  out:    {out} (resubmit with -- out={out} to continue from its newest checkpoint)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
