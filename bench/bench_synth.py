@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from bench._report import markdown_table, write_section  # noqa: E402
 from data_prep.synth import write_screen  # noqa: E402

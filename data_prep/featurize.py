@@ -32,6 +32,7 @@ from micon.chem.standardize import DEFAULT_MAX_ATOMS
 from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_NAME, RaggedGraphs,
                               write_store)
 from micon.config import ConfigError, describe, load_config, to_dict
+from micon.raycluster import init_ray
 
 MARKER = "featurize.json"
 PARTS = "parts"
@@ -167,14 +168,7 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    repo = str(Path(__file__).resolve().parents[1])
-    if os.environ.get("RAY_ADDRESS"):
-        # A running cluster (e.g. cluster/ on Slurm): it sizes itself; workers find micon on the shared path.
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": {"PYTHONPATH": repo}},
-                 logging_level="WARNING")
-    else:
-        ray.init(address="local", num_cpus=cfg.num_workers or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=200 * 1024 ** 2, logging_level="WARNING")
+    init_ray(cfg.num_workers, object_store_mb=200)
     t1 = time.perf_counter()
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(run_chunk)

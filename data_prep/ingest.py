@@ -23,6 +23,7 @@ from micon import schema
 from micon.config import ConfigError, load_config, save_config
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, plate_sites, read_screen
+from micon.raycluster import init_ray
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits, atomic_write_json
 
 REPORT = "ingest_report.csv"
@@ -197,19 +198,6 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
     return manifest
 
 
-def _ray_init(workers: int):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:
-        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 object_store_memory=int(os.environ.get("MICON_RAY_OBJECT_STORE", 256 * 2**20)))
-    return ray
-
-
 def run(src: Path, out: Path, cfg: IngestConfig) -> int:
     from tqdm import tqdm
 
@@ -226,7 +214,7 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
           f"[codec={cfg.codec} image_size={cfg.image_size or 'source'} on_error={cfg.on_error}]", flush=True)
     failures: list[tuple[str, str]] = []
     if todo:
-        ray = _ray_init(cfg.workers)
+        ray = init_ray(cfg.workers)
 
         @ray.remote
         class Progress:
@@ -239,7 +227,6 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
             def value(self):
                 return self.n
 
-        n_sites = int(screen.wells[screen.wells[schema.PLATE].isin(todo)].shape[0])
         progress = Progress.remote()
         task = ray.remote(num_cpus=1, max_retries=0)(ingest_plate)
         pending = {task.remote(str(src), str(out), p, cfg, progress): p for p in todo}
@@ -259,7 +246,6 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
                 plate_bar.update()
         site_bar.close()
         plate_bar.close()
-        del n_sites
     if failures:
         for plate, msg in failures:
             print(f"prep: plate {plate} failed, nothing written for it: {msg}", file=sys.stderr)

@@ -23,6 +23,7 @@ import pandas as pd
 from micon import schema
 from micon.config import ConfigError, load_config, save_config
 from micon.data.shards import Manifest, ManifestError, read_tar_samples
+from micon.raycluster import init_ray
 
 META_COLUMNS = [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
                 schema.SMILES, schema.ROLE]
@@ -212,12 +213,7 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
         import torch
 
         gpus = torch.cuda.device_count()
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         object_store_memory=256 * 2**20)
+        init_ray()
         size = cfg.workers or (gpus if gpus else min(2, os.cpu_count() or 1))
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
         results = ds.map_batches(

@@ -158,13 +158,8 @@ def main(argv: list[str]) -> int:
         from micon.data.shards import Manifest
         keep = set(Manifest.load(cfg.shards).data["splits"]["heldout_compounds"])
     if cfg.ray:
-        import ray
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         object_store_memory=256 * 2**20)
+        from micon.raycluster import init_ray
+        init_ray()
     results = {}
     for name, path in cfg.embeddings.items():
         t0 = time.perf_counter()

@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import tifffile
 import webdataset as wds
-import zarr
 
 from data_prep.ingest import IngestConfig, ingest_plate
 from micon import schema

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from rdkit import Chem, RDConfig
+from rdkit import Chem
 
 from micon import schema
 from micon.config import ConfigError

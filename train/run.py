@@ -157,7 +157,6 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     flag = SignalFlag()
 
-    import numpy as np
     import torch
     import torch.distributed as dist
 
