@@ -96,7 +96,7 @@ def main() -> None:
     table = markdown_table(rows)
     print(table)
     default = next(r for r in rows if "(default)" in r["format"])
-    need = 2500 * 4 / 12 / 4  # images/s per GPU -> samples/s per core, 12 cores per GPU, 4 images per MICON example
+    examples_per_core = 2500 / 4 / 12  # MICON examples/s per core: 2,500 images/s, 4 images/example, 12 cores
     write_section("Site storage formats", f"""
 Sites are 5 x {STORED} x {STORED} uint8 (raw {raw_bytes / 1e3:.0f} kB), decoded and randomly cropped to {CROP};
 {len(stored)} synthetic fields rendered at {SOURCE} px with ~40 cells and scaled by ingest's rule. One process,
@@ -107,9 +107,9 @@ compresses less: treat the ratios as upper bounds.
 
 Default: **{DEFAULT_CODEC}** (PNG's "Sub" row prediction, then numcodecs Zstd level 3 over the .npy
 bytes): lossless, as small as PNG or smaller and several times faster to decode, at {default['decode+crop samples/s/core']} decoded samples/s per core. A GPU at 2,500 images/s
-with 12 cores needs about {2500 / 12:.0f} decoded images/s per core ({need:.0f} MICON examples/s per core,
-each example is 4 images: two treated views, two controls); the default clears that by the margin in the
-table. Raw .npy decodes fastest but costs the most bytes (at JUMP scale bytes/sample is the limit: see
+with 12 cores needs about {2500 / 12:.0f} decoded images/s per core ({examples_per_core:.0f} MICON examples/s per core,
+each example being 4 images: two treated views and two controls, the controls coming from the in-memory plate cache
+of the control bank); the default clears that by the margin in the table. Raw .npy decodes fastest but costs the most bytes (at JUMP scale bytes/sample is the limit: see
 ARCHITECTURE.md); PNG is the slowest to decode; the official per-FOV HDF5 + resize path pays both a file
 open and a resize per access.
 """)
