@@ -146,6 +146,10 @@ def test_wandb_offline_run_holds_the_metrics(tiny_shards, tiny_graphs, tmp_path)
         for key in ("lr", "samples_per_second", "samples_per_second_per_device", "data_wait_share", "memory_mb"):
             assert key in h
     assert config["method"] == "simclr" and config["steps"] == 4
+    # rerunning a finished run (e.g. the demo again) does nothing and keeps its summary
+    final = (out / "final.json").read_text()
+    again = run_job("train.run", *train_args(tiny_shards, tiny_graphs, out, "simclr", 4, "wandb.enabled=false"))
+    assert "already finished: 4 of 4 steps" in again.stderr and (out / "final.json").read_text() == final
 
 
 def test_truncated_shard_warns_and_counts(tiny_shards, tiny_graphs, tmp_path):

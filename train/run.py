@@ -252,6 +252,8 @@ def main(argv: list[str]) -> int:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
     counts_by_worker: dict[int, dict] = {}
+    counts: dict[str, int] = {}
+    step_losses: dict[str, float] = {}     # stays empty when a finished run is resumed
     reported_corrupt = 0
     images_per_example = 2 if cfg.method in ("simclr", "clip") else 4
     t_last = time.perf_counter()
@@ -334,12 +336,15 @@ def main(argv: list[str]) -> int:
     del t_last
     if bar is not None:
         bar.close()
-    if rank == 0 and exit_code == 0:
+    if rank == 0 and exit_code == 0 and (step_losses or not (out / "final.json").is_file()):
         final = dict(method=cfg.method, step=state.step, samples_seen=state.samples_seen,
                      loss=step_losses.get("loss"), checkpoint=str(ckpt_root / checkpoint.tag_of(state.step)),
                      counts=counts)
         (out / "final.json").write_text(json.dumps(final, indent=1))
-        log.info("finished %d steps; final loss %.4f; checkpoint %s", state.step, final["loss"], final["checkpoint"])
+        log.info("finished %d steps; final loss %s; checkpoint %s", state.step,
+                 "n/a" if final["loss"] is None else f"{final['loss']:.4f}", final["checkpoint"])
+    elif rank == 0 and exit_code == 0:
+        log.info("already finished: %d of %d steps done in %s", state.step, cfg.steps, ckpt_root)
     if run is not None:
         run.finish(exit_code=exit_code)
     distributed.shutdown()
