@@ -256,7 +256,6 @@ def main(argv: list[str]) -> int:
     step_losses: dict[str, float] = {}     # stays empty when a finished run is resumed
     reported_corrupt = 0
     images_per_example = 2 if cfg.method in ("simclr", "clip") else 4
-    t_last = time.perf_counter()
     exit_code = 0
     while state.step < cfg.steps:
         t0 = time.perf_counter()
@@ -320,7 +319,6 @@ def main(argv: list[str]) -> int:
                 bar.set_postfix(loss=f"{step_losses.get('loss', float('nan')):.4f}",
                                 data=f"{metrics['data_wait_share']:.0%}")
                 bar.update(1)
-            t_last = now
         # agree on a requested stop: Slurm may signal only some ranks first
         stop = torch.tensor([float(flag.signum)])
         if world > 1:
@@ -333,7 +331,6 @@ def main(argv: list[str]) -> int:
                              int(stop.item()), state.step, ckpt_root)
                 exit_code = EXIT_REQUEUE
                 break
-    del t_last
     if bar is not None:
         bar.close()
     if rank == 0 and exit_code == 0 and (step_losses or not (out / "final.json").is_file()):
