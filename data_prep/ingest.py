@@ -104,16 +104,13 @@ def ingest_plate(src: str, out: str, plate: str, cfg: IngestConfig, progress=Non
                 else:
                     illum.append(None)
             try:
-                img = process_site(paths, illum, plate, r[schema.WELL], r[schema.SITE], cfg.image_size, cfg.resize,
+                img, expected_shape = process_site(paths, illum, plate, r[schema.WELL], r[schema.SITE], cfg.image_size, cfg.resize,
                                    cfg.p_low, cfg.p_high, expected_shape)
             except IngestError as e:
                 if cfg.on_error == "stop":
                     raise
                 problems.append(e.record())
                 continue
-            if expected_shape is None:
-                import tifffile
-                expected_shape = tifffile.TiffFile(paths[0]).pages[0].shape
             meta = {k: str(r[k]) for k in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE,
                                              schema.JCP, schema.INCHIKEY, schema.SMILES, schema.ROLE)}
             writer.write(f"{plate}_{r[schema.WELL]}_{r[schema.SITE]}", img, meta)

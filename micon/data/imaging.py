@@ -61,8 +61,8 @@ def fit_size(img: np.ndarray, size: int, mode: str) -> np.ndarray:
 
 def process_site(paths: list[str], illum: list[np.ndarray | None], plate: str, well: str, site: str,
                  size: int, resize: str, p_low: float, p_high: float,
-                 expected_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """All channels of one site -> [C, size, size] uint8 (channels in the order of `paths`)."""
+                 expected_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """All channels of one site -> ([C, size, size] uint8 in the order of `paths`, the source image shape)."""
     out = []
     for path, ill in zip(paths, illum):
         img = read_channel(path, plate, well, site, expected_shape)
@@ -74,4 +74,4 @@ def process_site(paths: list[str], illum: list[np.ndarray | None], plate: str, w
                                   plate, well, site, path, kind="wrong_shape")
             img = img / np.maximum(ill, 1e-6)
         out.append(scale_to_uint8(fit_size(img, size, resize), p_low, p_high))
-    return np.stack(out)
+    return np.stack(out), tuple(expected_shape)
