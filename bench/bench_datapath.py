@@ -20,9 +20,10 @@ from bench._report import markdown_table, write_section  # noqa: E402
 from micon.data import shards as shards_mod  # noqa: E402
 from micon.data.pipeline import Augment, ExampleStream, StreamConfig, collate_identity  # noqa: E402
 from micon.data.shards import Manifest  # noqa: E402
+from micon.methods import LossConfig, get_method  # noqa: E402
 
 
-def examples_per_second(shards, graphs, workers, seconds, batch=16, crop=64, cache_plates=16):
+def examples_per_second(shards, graphs, workers, seconds, batch=16, crop=64, cache_plates=16, method="micon"):
     original = shards_mod.ControlBank.__init__
 
     def patched(self, root, cache_plates_=cache_plates):
@@ -30,7 +31,8 @@ def examples_per_second(shards, graphs, workers, seconds, batch=16, crop=64, cac
 
     shards_mod.ControlBank.__init__ = patched
     try:
-        cfg = StreamConfig(method="micon", batch_size=batch, augment=Augment(crop=crop, intensity_jitter=0.1))
+        cfg = StreamConfig(needs=get_method(method).needs, batch_size=batch,
+                           augment=Augment(crop=crop, intensity_jitter=0.1))
         ds = ExampleStream(str(shards), cfg, 0, 1, max(workers, 1) if workers else 1, str(graphs))
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=collate_identity,
                                              prefetch_factor=4 if workers else None)
@@ -44,28 +46,37 @@ def examples_per_second(shards, graphs, workers, seconds, batch=16, crop=64, cac
         shards_mod.ControlBank.__init__ = original
 
 
-def model_step(preset, size, batch, method="micon"):
-    from micon.chem.featurizer import ATOM_DIM, BOND_DIM
-    from micon.losses import micon_loss
-    from micon.models.factory import ModelConfig, build_model
-    from micon.models.molecule import graphs_to_torch
+def synthetic_batch(method, batch, size, seed=0) -> dict:
+    """A CPU batch shaped like the stream's for `method` (random pixels, random small graphs)."""
     from micon.chem.graph import MolGraph, collate_graphs
 
+    g = torch.Generator().manual_seed(seed)
+    out = {"views": torch.randn(batch, 2, 5, size, size, generator=g), "labels": torch.arange(batch)}
+    if method.needs.controls:
+        out["controls"] = torch.randn(batch, 2, 5, size, size, generator=g)
+    if method.needs.graphs:
+        dims = method.feature_dims()
+        rng = np.random.default_rng(seed)
+        src = np.repeat(np.arange(11), 2)[:22]
+        out["graphs"] = collate_graphs([
+            MolGraph(rng.random((12, dims["atom_dim"]), dtype=np.float32),
+                     rng.random((22, dims["bond_dim"]), dtype=np.float32), np.stack([src % 12, (src + 1) % 12]))
+            for _ in range(batch)])
+    return out
+
+
+def model_step(preset, size, batch, method_name="micon"):
+    from micon.models.factory import ModelConfig
+
+    method = get_method(method_name)
     torch.manual_seed(0)
-    model = build_model(method, ModelConfig(preset=preset), 5, ATOM_DIM, BOND_DIM)
+    model = method.build_model(ModelConfig(preset=preset), 5, **method.feature_dims())
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    views = torch.randn(batch, 2, 5, size, size)
-    controls = torch.randn(batch, 2, 5, size, size)
-    rng = np.random.default_rng(0)
-    g = [MolGraph(rng.random((12, ATOM_DIM), dtype=np.float32), rng.random((22, BOND_DIM), dtype=np.float32),
-                  np.stack([np.repeat(np.arange(11), 2)[:22] % 12, (np.repeat(np.arange(11), 2)[:22] + 1) % 12]))
-         for _ in range(batch)]
-    graphs = graphs_to_torch(collate_graphs(g))
-    labels = torch.arange(batch)
+    data = method.to_device(synthetic_batch(method, batch, size), torch.device("cpu"), torch.float32)
     times = []
     for i in range(4):
         t0 = time.perf_counter()
-        loss = micon_loss(model(views, controls, graphs, labels))["loss"]
+        loss = method.loss(model, data, LossConfig())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -19,30 +19,27 @@ import torch  # noqa: E402
 from bench._report import markdown_table, write_section  # noqa: E402
 
 
-def run(preset: str, batch: int, steps: int, loader=None) -> dict:
-    from micon.losses import paclr_loss
-    from micon.models.factory import ModelConfig, build_model
+def run(preset: str, batch: int, steps: int, loader=None, method_name: str = "paclr") -> dict:
+    from bench.bench_datapath import synthetic_batch
+    from micon.methods import LossConfig, get_method
+    from micon.models.factory import ModelConfig
 
     dev = torch.device("cuda")
-    model = build_model("paclr", ModelConfig(preset=preset, img_size=224 if "vit" in preset else 0), 5).to(dev)
+    method = get_method(method_name)
+    model = method.build_model(ModelConfig(preset=preset, img_size=224 if "vit" in preset else 0), 5,
+                               **method.feature_dims()).to(dev)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    x = torch.randn(batch, 2, 5, 224, 224, device=dev)
-    c = torch.randn(batch, 2, 5, 224, 224, device=dev)
-    labels = torch.arange(batch, device=dev)
+    fixed = method.to_device(synthetic_batch(method, batch, 224), dev, torch.float32)
     it = iter(loader) if loader is not None else None
     data_t, t_all = 0.0, []
+    torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 3):
         t0 = time.perf_counter()
-        if it is not None:
-            b = next(it)
-            x = b["views"].to(dev, non_blocking=True)
-            c = b["controls"].to(dev, non_blocking=True)
-            labels = b["labels"].to(dev)
+        data = method.to_device(next(it), dev, torch.float32) if it is not None else fixed
         torch.cuda.synchronize()
         td = time.perf_counter() - t0
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            h_t, h_c = model._embed_views(x, c)
-            loss = paclr_loss(model.projector(h_t), model.projector(h_c), labels)
+            loss = method.loss(model, data, LossConfig())["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -50,7 +47,7 @@ def run(preset: str, batch: int, steps: int, loader=None) -> dict:
         if i >= 3:
             t_all.append(time.perf_counter() - t0)
             data_t += td
-    images = 4 * batch * steps
+    images = method.images_per_example * batch * steps
     return {"images/s": images / sum(t_all), "data-wait share": data_t / sum(t_all),
             "peak GB": torch.cuda.max_memory_allocated() / 1e9}
 
@@ -72,7 +69,8 @@ def main() -> None:
         rows.append({"preset": preset, "input": "synthetic tensors", **{k: f"{v:.2f}" for k, v in r.items()}})
         if args.shards:
             from micon.data.pipeline import Augment, ExampleStream, StreamConfig, collate_identity
-            cfg = StreamConfig(method="paclr", batch_size=args.batch, augment=Augment(crop=224))
+            from micon.methods import get_method
+            cfg = StreamConfig(needs=get_method("paclr").needs, batch_size=args.batch, augment=Augment(crop=224))
             ds = ExampleStream(args.shards, cfg, 0, 1, args.workers, args.graphs)
             loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
                                                  collate_fn=collate_identity, pin_memory=True, prefetch_factor=4)

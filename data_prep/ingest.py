@@ -251,6 +251,11 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
               f"and rerun the same command to finish the rest", file=sys.stderr)
         return 1
     m = finalize(src, out, cfg, plates)
+    no_dmso = sorted(p for p, rec in m["plates"].items() if rec["stats"]["mean"] is None)
+    if no_dmso:
+        print(f"prep: {len(no_dmso)} plate(s) have no DMSO sites ({', '.join(no_dmso[:5])}"
+              f"{' ...' if len(no_dmso) > 5 else ''}): training and embedding normalise them with the screen-wide "
+              f"DMSO average, and evaluation cannot normalise their wells per plate", file=sys.stderr)
     sizes = [s["bytes"] / max(s["n_samples"], 1) for s in m["shards"]]
     print(f"prep: wrote {m['n_sites']} sites in {len(m['shards'])} shards "
           f"({np.mean(sizes) / 1e3:.1f} kB/site, {cfg.codec}), "

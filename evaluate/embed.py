@@ -9,9 +9,7 @@ OUT/embeddings.zarr ([sites, dim] float32) and OUT/sites.parquet (Metadata_* col
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,12 +19,12 @@ import numpy as np
 import pandas as pd
 
 from micon import schema
+from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import ConfigError, load_config, save_config
+from micon.data.preprocess import Preprocessing, SitePreprocessor
 from micon.data.shards import Manifest, ManifestError, read_tar_samples
+from micon.embeddings import META_COLUMNS, EmbeddingError, part_path, read_part, write_consolidated, write_part
 from micon.raycluster import init_ray
-
-META_COLUMNS = [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
-                schema.SMILES, schema.ROLE]
 
 
 @dataclass
@@ -36,54 +34,27 @@ class EmbedConfig:
     threads: int = 1          # torch threads per CPU actor
 
 
-class EmbeddingError(RuntimeError):
-    pass
-
-
-def part_path(out: Path, shard: str) -> Path:
-    return out / "parts" / (Path(shard).name + ".npz")
-
-
-def read_part(path: Path, expected_rows: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """One shard's part, checked; raises EmbeddingError naming the file when it is unusable."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            emb = z["embeddings"]
-            meta = pd.DataFrame(json.loads(str(z["meta"])))
-    except FileNotFoundError:
-        raise EmbeddingError(f"embedding part {path} is missing") from None
-    except Exception as e:
-        raise EmbeddingError(f"embedding part {path} is corrupt ({type(e).__name__}: {e})") from None
-    if len(meta) != len(emb) or (expected_rows is not None and len(emb) != expected_rows):
-        raise EmbeddingError(f"embedding part {path} has {len(emb)} rows, expected {expected_rows}")
-    return emb, meta
-
-
 class SiteEncoder:
-    """Loads the image encoder once (or the hand-crafted featuriser) and embeds [N, C, H, W] uint8 sites."""
+    """Loads the image encoder once (or the hand-crafted featuriser) and embeds [N, C, H, W] uint8 sites,
+    preprocessed exactly as in training (micon.data.preprocess, settings from the checkpoint's record)."""
 
     def __init__(self, ckpt: str, manifest_dir: str, threads: int = 1):
         import torch
 
         self.manifest = Manifest.load(manifest_dir)
         self.handcrafted = ckpt == "handcrafted"
-        self.normalize = "plate"
         if self.handcrafted:
             return
-        from micon.models.factory import ModelConfig, build_model
-        from train.checkpoint import load_model_weights
-
         torch.set_num_threads(max(threads, 1))
-        ck = load_model_weights(ckpt)
-        cfg = ck["config"]
-        self.method = cfg["method"]
-        self.normalize = cfg["data"]["normalize"]
-        model_cfg = ModelConfig(**cfg["model"])
-        from micon.chem.featurizer import ATOM_DIM, BOND_DIM
-        model = build_model(self.method, model_cfg, len(self.manifest.channels), ATOM_DIM, BOND_DIM)
-        model.load_state_dict(ck["model"])
+        checkpoint = load_checkpoint(ckpt)
+        check_channels(checkpoint.record.channels, self.manifest)
+        self.method = checkpoint.record.method
+        self.prep = SitePreprocessor(self.manifest, checkpoint.preprocessing())
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.model = model.to(self.device).eval()
+        self.model = checkpoint.build_model().to(self.device)
+
+    def preprocess(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+        return self.prep.batch(images, plates)
 
     def __call__(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
         if self.handcrafted:
@@ -91,16 +62,16 @@ class SiteEncoder:
             return np.stack([site_features(im, self.manifest.channels.index("DNA")) for im in images])
         import torch
 
-        x = images.astype(np.float32)
-        if self.normalize == "plate":
-            for i, plate in enumerate(plates):
-                mean, std = self.manifest.plate_stats(plate)
-                x[i] = (x[i] - mean[:, None, None]) / np.maximum(std, 1e-3)[:, None, None]
-        else:
-            x /= 255.0
+        x = self.preprocess(images, plates)
         with torch.no_grad():
             # the image encoder's embedding, before any projection head: what profiles are built from
             return self.model.image_encoder(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+
+def check_channels(trained: list[str], manifest: Manifest) -> None:
+    if list(trained) != list(manifest.channels):
+        raise CheckpointError(f"the checkpoint was trained on channels {trained} but the shards in {manifest.root} "
+                              f"hold {manifest.channels}: re-ingest them in the training order")
 
 
 def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, channels: int) -> dict:
@@ -120,10 +91,7 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
             flush()
     flush()
     emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
-    path = part_path(out, shard)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, embeddings=emb, meta=np.array(json.dumps(rows)))
-    os.replace(tmp, path)
+    write_part(part_path(out, shard), emb, rows)
     return {"shard": shard, "rows": len(rows)}
 
 
@@ -141,59 +109,25 @@ class ShardEmbedder:
 
 
 def consolidate(out: Path, manifest: Manifest, ckpt: str) -> dict:
-    import zarr
-
     embs, metas = [], []
     for s in manifest.data["shards"]:
         e, m = read_part(part_path(out, s["name"]), s["n_samples"])
         embs.append(e)
         metas.append(m)
-    emb = np.concatenate(embs)
-    meta = pd.concat(metas, ignore_index=True)
-    tmp_z = out / ".embeddings.zarr.tmp"
-    shutil.rmtree(tmp_z, ignore_errors=True)
-    arr = zarr.create_array(str(tmp_z), shape=emb.shape, chunks=(min(len(emb), 8192), emb.shape[1]),
-                            dtype="float32", zarr_format=3)
-    arr[:] = emb
-    shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
-    os.replace(tmp_z, out / "embeddings.zarr")
-    meta.to_parquet(out / "sites.parquet.tmp", index=False)
-    os.replace(out / "sites.parquet.tmp", out / "sites.parquet")
-    info = dict(checkpoint=str(ckpt), shards=str(manifest.root), n_sites=len(emb), dim=int(emb.shape[1]))
-    (out / "embed.json.tmp").write_text(json.dumps(info, indent=1))
-    os.replace(out / "embed.json.tmp", out / "embed.json")
-    return info
-
-
-def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """Site metadata and embeddings written by this job; errors name the file and how to repair it."""
-    import zarr
-
-    p = Path(path)
-    hint = f"rerun ./launch.sh embed CKPT SHARDS {p} to repair it"
-    if not (p / "embed.json").is_file():
-        raise EmbeddingError(f"{p} holds no finished embedding run (no embed.json); {hint}")
-    try:
-        meta = pd.read_parquet(p / "sites.parquet")
-    except Exception as e:
-        raise EmbeddingError(f"{p / 'sites.parquet'} is missing or corrupt ({type(e).__name__}); {hint}") from None
-    try:
-        emb = np.asarray(zarr.open_array(str(p / "embeddings.zarr"), mode="r")[:])
-    except Exception as e:
-        raise EmbeddingError(f"{p / 'embeddings.zarr'} is missing or corrupt ({type(e).__name__}: "
-                             f"{str(e)[:200]}); {hint}") from None
-    if len(emb) != len(meta):
-        raise EmbeddingError(f"{p / 'embeddings.zarr'} has {len(emb)} rows but {p / 'sites.parquet'} has "
-                             f"{len(meta)}; {hint}")
-    return meta, emb
+    return write_consolidated(out, np.concatenate(embs), pd.concat(metas, ignore_index=True),
+                              dict(checkpoint=str(ckpt), shards=str(manifest.root)))
 
 
 def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
     manifest = Manifest.load(shards)
     if ckpt != "handcrafted":   # fail here, with the path, rather than inside a Ray actor
-        from train.checkpoint import load_model_weights
-        ckpt_cfg = load_model_weights(ckpt)["config"]
-        print(f"embed: {ckpt_cfg['method']} image encoder ({ckpt_cfg['model']['preset']}) from {ckpt}", flush=True)
+        checkpoint = load_checkpoint(ckpt)
+        check_channels(checkpoint.record.channels, manifest)
+        print(f"embed: {checkpoint.record.method} image encoder ({checkpoint.record.model['preset']}, step "
+              f"{checkpoint.record.step}) from {checkpoint.path}", flush=True)
+        for plate in manifest.plates_without_dmso():
+            print(f"embed: plate {plate} has no DMSO sites; its sites are normalised with the screen-wide DMSO "
+                  f"average, as in training", file=sys.stderr)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     todo = []
     for s in manifest.data["shards"]:
@@ -240,7 +174,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     try:
         info = run(ckpt, shards, out, cfg)
-    except (ManifestError, EmbeddingError, FileNotFoundError) as e:
+    except (ManifestError, EmbeddingError, CheckpointError, FileNotFoundError) as e:
         print(f"embed: {e}", file=sys.stderr)
         return 1
     print(f"embed: {info['n_sites']} sites x {info['dim']} dims -> {out / 'embeddings.zarr'} + "

@@ -21,7 +21,28 @@ from micon import schema
 from micon.config import ConfigError, load_config, save_config, to_dict
 from micon.tables import markdown_table
 
-HEADLINE = ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "fraction_retrieved")
+
+
+def headline(max_k: int) -> tuple[str, ...]:
+    """The report's columns; top-k columns are named by their k."""
+    return ("nsb_top1", f"nsb_top{max_k}", "nss_top1", f"nss_top{max_k}", "map_activity", "fraction_retrieved")
+
+
+class ProfileError(RuntimeError):
+    pass
+
+
+def check_finite(meta: pd.DataFrame, x: np.ndarray, what: str, stage: str) -> None:
+    """Fail, naming plates and wells, instead of turning NaN or inf into numbers."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        where = meta.loc[bad, [schema.PLATE, schema.WELL]]
+        plates = where[schema.PLATE].value_counts()
+        raise ProfileError(f"{int(bad.sum())} of {len(x)} {what} are not finite {stage} (plates: "
+                           + ", ".join(f"{p} ({n} wells)" for p, n in plates.head(5).items())
+                           + f"{' ...' if len(plates) > 5 else ''}; first well {where.iloc[0].tolist()}). Check those "
+                           f"plates' embeddings (a diverged checkpoint gives NaN), or evaluate with normalize=false "
+                           f"spherize=false to see the raw profiles")
 
 
 @dataclass
@@ -55,6 +76,7 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple
     """(well metadata, raw well profiles, normalised and whitened profiles)."""
     from micon.eval.profiles import aggregate_wells, mad_robustize, negcon_mask, spherize
 
+    check_finite(meta, emb, "site embeddings", "as embedded")
     wells, raw = aggregate_wells(meta, emb.astype(np.float32), method=cfg.aggregate)
     # feature selection: a feature constant across DMSO wells (a dead ReLU unit, a saturated statistic)
     # has no robust scale and cannot be whitened; drop it, as pycytominer's variance filter would
@@ -66,11 +88,13 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple
         x = mad_robustize(wells, x)
     if cfg.spherize:
         x = spherize(x, negcon_mask(wells), epsilon=cfg.epsilon)
-    return wells, raw, np.nan_to_num(x).astype(np.float32)
+    check_finite(wells, x, "well profiles", "after " + ("MAD normalisation and " if cfg.normalize else "")
+                 + ("ZCA whitening" if cfg.spherize else "feature selection"))
+    return wells, raw, x.astype(np.float32)
 
 
 def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None) -> dict:
-    from evaluate.embed import load_embeddings
+    from micon.embeddings import load_embeddings
     from micon.eval import map as mapm
     from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
 
@@ -87,10 +111,12 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     _, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size)
     _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size)
     row = lambda k: topk.set_index("k").loc[k]  # noqa: E731
-    metrics = dict(
-        nsb_top1=float(row(1)["nsb"]), nsb_top10=float(row(cfg.max_k)["nsb"]),
-        nss_top1=float(row(1)["nss"]), nss_top10=float(row(cfg.max_k)["nss"]),
-        nsp_top1=float(row(1)["nsp"]), nsp_top10=float(row(cfg.max_k)["nsp"]),
+    k = cfg.max_k
+    metrics = {
+        **{f"{mode}_top1": float(row(1)[mode]) for mode in ("nsb", "nss", "nsp")},
+        **{f"{mode}_top{k}": float(row(k)[mode]) for mode in ("nsb", "nss", "nsp")},
+    }
+    metrics |= dict(
         map_activity=float(act_map["mean_average_precision"].mean()),
         fraction_retrieved=float(mapm.fraction_retrieved(act_map)),
         map_consistency=float(con_map["mean_average_precision"].mean()),
@@ -113,7 +139,7 @@ def write_report(out: Path, results: dict, cfg: EvalConfig) -> Path:
     for name, r in results.items():
         pngs.append(plots.plot_profiles_pca(r["wells"], r["raw"], r["prof"], out / f"profiles_pca_{name}.png",
                                             titles=(f"{name}: raw well profiles", f"{name}: normalised + whitened")))
-    table = markdown_table(summary[["method", *HEADLINE]].round(3).to_dict("records"))
+    table = markdown_table(summary[["method", *headline(cfg.max_k)]].round(3).to_dict("records"))
     lines = ["# Replicate retrieval report", "",
              f"Well profiles ({cfg.aggregate} of sites), {'per-plate robust MAD vs DMSO, ' if cfg.normalize else ''}"
              f"{'ZCA-cor whitening fitted on DMSO (epsilon ' + str(cfg.epsilon) + '), ' if cfg.spherize else ''}"
@@ -148,7 +174,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
-    from evaluate.embed import EmbeddingError
+    from micon.embeddings import EmbeddingError
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,12 +191,13 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         try:
             results[name] = evaluate_method(name, path, cfg, keep)
-        except EmbeddingError as e:
+        except (EmbeddingError, ProfileError) as e:
             print(f"evaluate: {name}: {e}", file=sys.stderr)
             return 1
         m = results[name]["metrics"]
-        print(f"evaluate: {name}: NSB top-1 {m['nsb_top1']:.3f} top-10 {m['nsb_top10']:.3f} | NSS top-1 "
-              f"{m['nss_top1']:.3f} top-10 {m['nss_top10']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
+        k = cfg.max_k
+        print(f"evaluate: {name}: NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "
+              f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
               f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s)", flush=True)
     doc = {"methods": {n: r["metrics"] for n, r in results.items()}, "config": to_dict(cfg)}
     (out / "metrics.json.tmp").write_text(json.dumps(doc, indent=1))
@@ -178,7 +205,7 @@ def main(argv: list[str]) -> int:
     report = write_report(out, results, cfg)
     if cfg.wandb:
         log_wandb(out, cfg, results)
-    table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in HEADLINE})
+    table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})
                           for n, r in results.items()])
     print(table.to_string(index=False))
     print(f"evaluate: metrics {out / 'metrics.json'}, report {report}")

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from micon.distributed import gather_no_grad, gather_with_grad, global_sum, rank_world
 
 __all__ = [
     "gather_with_grad",
@@ -33,67 +34,13 @@ __all__ = [
 _TREATED, _CONTROL = 0, 1
 
 
-# ---------------------------------------------------------------------------------------------
-# rank-aware gathering
-# ---------------------------------------------------------------------------------------------
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather `x` [n, ...] along dim 0 -> [world * n, ...], rank r's rows at [r*n, (r+1)*n).
-
-    Gradients flow back to every rank's input (the backward is a reduce-scatter *sum*). Without an
-    initialised process group, or with one process, returns `x` unchanged. Shapes must match on all ranks.
-    """
-    _, world = _rank_world()
-    if world == 1:
-        return x
-    x = x.contiguous()
-    try:
-        from torch.distributed._functional_collectives import all_gather_single_autograd as _ag
-    except ImportError:  # torch < 2.5
-        try:
-            from torch.distributed._functional_collectives import all_gather_tensor_autograd as _ag
-        except ImportError:
-            _ag = None
-    if _ag is not None:
-        out = _ag(x, 0, dist.group.WORLD)
-        wait = getattr(out, "wait", None)  # AsyncCollectiveTensor: materialise before indexing
-        return wait() if callable(wait) else out
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
-
-
-def _gather_no_grad(x: Tensor) -> Tensor:
-    _, world = _rank_world()
-    if world == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
-
-
-def _global_sum(x: Tensor) -> Tensor:
-    _, world = _rank_world()
-    if world == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
 def _keys(labels: Tensor, kind: int, labels_are_global: bool) -> Tensor:
     """[n, 3] int64 keys (label, scope, kind); scope is this rank for rank-local labels, else -1."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     labels = labels.reshape(-1).long()
     scope = torch.full_like(labels, -1 if labels_are_global else rank)
     return torch.stack([labels, scope, torch.full_like(labels, kind)], dim=1)
@@ -117,14 +64,14 @@ def _multi_positive_nce(anchors: Tensor, anchor_keys: Tensor, anchor_rows: Tenso
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     dtype = _compute_dtype(anchors)
     n = anchors.shape[0]
     same_set = candidates is None
     if same_set:
         candidates, candidate_keys = anchors, anchor_keys
     all_candidates = gather_with_grad(candidates).to(dtype)
-    all_keys = _gather_no_grad(candidate_keys)
+    all_keys = gather_no_grad(candidate_keys)
 
     local = torch.arange(n, device=anchors.device)
     if anchor_rows is not None:
@@ -146,7 +93,7 @@ def _multi_positive_nce(anchors: Tensor, anchor_keys: Tensor, anchor_rows: Tenso
     pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(1)
     valid = n_pos > 0
     per_anchor = torch.where(valid, -pos_log_prob / n_pos.clamp(min=1), torch.zeros_like(pos_log_prob))
-    n_valid = _global_sum(valid.sum().to(dtype))
+    n_valid = global_sum(valid.sum().to(dtype))
     return per_anchor.sum() * world / n_valid.clamp(min=1)
 
 
@@ -284,7 +231,7 @@ def clip_loss(image: Tensor, molecule: Tensor, logit_scale: Tensor | float, *, n
                             for v in range(image.shape[1])]).mean()
     if image.dim() != 2 or image.shape != molecule.shape:
         raise ValueError(f"image and molecule must both be [n, D], got {tuple(image.shape)} and {tuple(molecule.shape)}")
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     dtype = _compute_dtype(image)
     img = _normalize(image, normalize).to(dtype)
     mol = _normalize(molecule, normalize).to(dtype)

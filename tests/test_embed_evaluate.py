@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluate.embed import SiteEncoder, load_embeddings, part_path
+from evaluate.embed import SiteEncoder
+from micon.embeddings import load_embeddings, part_path
 from evaluate.run import EvalConfig, evaluate_method
 from micon import schema
 from micon.data.shards import Manifest, read_tar_samples
@@ -112,3 +113,79 @@ def test_evaluate_names_a_corrupt_embedding_file(embedded, tmp_path):
     assert proc.returncode == 1
     assert f"evaluate: simclr: {out / 'sites.parquet'} is missing or corrupt" in proc.stderr
     assert "rerun ./launch.sh embed" in proc.stderr
+
+
+def _without_dmso(tiny_shards, dst, plate=None):
+    """A copy of the shard set whose plate `plate` (default: the first) has no DMSO statistics."""
+    shutil.copytree(tiny_shards, dst)
+    doc = json.loads((dst / "manifest.json").read_text())
+    plate = plate or sorted(doc["plates"])[0]
+    doc["plates"][plate]["stats"] = dict(mean=None, std=None, n_sites=0)
+    (dst / "manifest.json").write_text(json.dumps(doc))
+    return plate, doc
+
+
+def test_training_and_embedding_preprocess_a_site_identically(checkpoint, tiny_shards, tmp_path):
+    import torch
+
+    from micon.data.pipeline import Augment, ExampleStream, StreamConfig
+    from micon.data.preprocess import Preprocessing
+    from micon.methods import get_method
+
+    shards = tmp_path / "shards"
+    plate, doc = _without_dmso(tiny_shards, shards)
+    enc = SiteEncoder(str(checkpoint), str(shards))
+    # the training stream with augmentation off: its views are the preprocessed sites themselves
+    cfg = StreamConfig(needs=get_method("simclr").needs, batch_size=8, shuffle_buffer=4,
+                       preprocessing=Preprocessing(normalize="plate"),
+                       augment=Augment(crop=0, flip=False, rot90=False, intensity_jitter=0.0))
+    stream = iter(ExampleStream(str(shards), cfg, 0, 1, 0))
+    sites = {k: (img, m) for path in Manifest.load(shards).shard_paths() for k, img, m in read_tar_samples(path)}
+    seen_plates = set()
+    for _ in range(len(sites) // 8):
+        batch = next(stream)
+        for key, view in zip(batch["keys"], batch["views"][:, 0]):
+            img, meta = sites[key]
+            embed_input = enc.preprocess(img[None], [meta[schema.PLATE]])[0]
+            assert embed_input.dtype == np.float32 and np.isfinite(embed_input).all()
+            torch.testing.assert_close(view, torch.from_numpy(embed_input), rtol=0, atol=0)
+            seen_plates.add(meta[schema.PLATE])
+    assert plate in seen_plates
+    # the plate without DMSO is normalised with the screen-wide average of the other plates' DMSO stats
+    others = [p["stats"] for name, p in doc["plates"].items() if name != plate]
+    mean, std = np.mean([s["mean"] for s in others], axis=0), np.mean([s["std"] for s in others], axis=0)
+    img = next(img for img, m in sites.values() if m[schema.PLATE] == plate)
+    expected = (img.astype(np.float32) - mean.astype(np.float32)[:, None, None]) / \
+        np.maximum(std, 1e-3).astype(np.float32)[:, None, None]
+    np.testing.assert_allclose(enc.preprocess(img[None], [plate])[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_embed_job_handles_a_plate_without_dmso(checkpoint, tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    plate, _ = _without_dmso(tiny_shards, shards)
+    out = tmp_path / "emb"
+    proc = run_job("evaluate.embed", checkpoint, shards, out, "workers=1")
+    assert f"embed: plate {plate} has no DMSO sites" in proc.stderr
+    meta, emb = load_embeddings(out)
+    assert np.isfinite(emb).all() and (meta[schema.PLATE] == plate).any()
+
+
+def test_topk_columns_are_named_by_their_k(embedded):
+    m = evaluate_method("simclr", str(embedded), EvalConfig(embeddings={"simclr": str(embedded)}, ray=False,
+                                                            null_size=100, max_k=5), None)["metrics"]
+    assert {"nsb_top1", "nsb_top5", "nss_top5", "nsp_top5"} <= set(m) and "nsb_top10" not in m
+
+
+def test_evaluate_fails_on_non_finite_profiles(embedded, tmp_path):
+    import zarr
+
+    out = tmp_path / "emb"
+    shutil.copytree(embedded, out)
+    arr = zarr.open_array(str(out / "embeddings.zarr"), mode="r+")
+    arr[0, :] = np.nan
+    meta = pd.read_parquet(out / "sites.parquet")
+    proc = run_job("evaluate.run", f"out={tmp_path / 'eval'}", f"embeddings.simclr={out}", "ray=false",
+                   "wandb=false", check=False)
+    assert proc.returncode == 1
+    assert "evaluate: simclr: 1 of 144 site embeddings are not finite as embedded (plates: " in proc.stderr
+    assert meta[schema.PLATE].iloc[0] in proc.stderr

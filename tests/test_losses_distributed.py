@@ -78,6 +78,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     local = {k: v[rank * N_LOCAL:(rank + 1) * N_LOCAL] for k, v in x.items()}
     result = {mode: _value_and_grads(local, key, glob)
               for mode, key, glob in (("local", "local_labels", False), ("global", "global_labels", True))}
+    from micon import distributed   # the control collectives the trainer uses
+    result["control"] = {"max_vote": distributed.max_vote(3.0 * rank), "tag": distributed.broadcast_object(
+        f"step{rank}", src=0), "gathered": distributed.gather_no_grad(torch.tensor([rank])).tolist()}
+    distributed.barrier()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -119,6 +123,8 @@ def test_distributed_losses_equal_single_process(tmp_path):
             # a replicated parameter (the CLIP logit scale): DDP average of per-rank gradients
             dist_scale = sum(r[mode][name][2] for r in ranks) / WORLD
             torch.testing.assert_close(dist_scale, scale_grad, msg=f"{mode} {name}: grad of logit scale")
+    for r in ranks:
+        assert r["control"] == {"max_vote": 3.0, "tag": "step0", "gathered": [0, 1]}
     # the cases are not degenerate: rank-local and global labelling give different losses
     assert not torch.isclose(ranks[0]["local"]["paclr_paper"][0], ranks[0]["global"]["paclr_paper"][0])
 

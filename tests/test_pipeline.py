@@ -9,6 +9,7 @@ import torch
 from micon import schema
 from micon.data.pipeline import (Counts, ExampleStream, ReplicatePairer, StreamConfig, collate_identity,
                                  shard_slot)
+from micon.methods import get_method
 
 
 def test_shard_split_is_shared_disjoint_and_complete():
@@ -50,7 +51,7 @@ def _batches(ds, workers, n):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_fast_forward_continues_exactly_where_the_stream_stopped(tiny_shards, workers):
-    cfg = StreamConfig(method="paclr", batch_size=4, shuffle_buffer=16)
+    cfg = StreamConfig(needs=get_method("paclr").needs, batch_size=4, shuffle_buffer=16)
     full = _batches(ExampleStream(str(tiny_shards), cfg, 0, 1, workers), workers, 7)
     resumed = _batches(ExampleStream(str(tiny_shards), cfg, 0, 1, workers, skip_batches=3), workers, 4)
     for a, b in zip(full[3:], resumed):

@@ -193,3 +193,22 @@ def test_compound_without_graph_is_refused(tiny_screen, tiny_shards, tmp_path):
                    check=False)
     assert proc.returncode == 1
     assert f"train: 1 training compound(s) have no graph in {tmp_path / 'graphs'}: {train_cpd} (" in proc.stderr
+
+
+def test_two_processes_zero2_bf16(tiny_shards, tiny_graphs, tmp_path):
+    """ZeRO stage 2 (optimizer state and gradients partitioned over the ranks) in bf16, as on GPUs."""
+    out = tmp_path / "z2"
+    run_torchrun(*train_args(tiny_shards, tiny_graphs, out, "micon", 12, "micro_batch=6", "optim.lr=5e-3",
+                             "optim.warmup_steps=2", "ckpt_every=100", "wandb.enabled=false",
+                             "engine.zero_stage=2", "engine.precision=bf16"))
+    final = json.loads((out / "final.json").read_text())
+    assert (final["precision"], final["zero_stage"], final["world_size"], final["step"]) == ("bf16", 2, 2, 12)
+    loss = np.array([r["loss/loss"] for r in metrics(out)])
+    assert np.isfinite(loss).all() and loss[-4:].mean() < loss[:4].mean(), loss.round(3)
+    tag = out / "checkpoints" / "step00000012"
+    # one optimizer partition per rank: the state really is sharded
+    parts = sorted(p.name for p in tag.glob("*zero_pp_rank_*_optim_states.pt"))
+    assert len(parts) == 2 and parts[0].startswith("bf16_zero_pp_rank_0"), parts
+    from micon.checkpoint import load_checkpoint
+    ck = load_checkpoint(out)
+    assert ck.record.method == "micon" and all(v.dtype == torch.float32 for v in ck.weights.values())

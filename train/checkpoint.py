@@ -1,8 +1,11 @@
-"""Checkpoints: saved on every rank, never half-written, newest found and broadcast, old ones pruned.
+"""Training checkpoints: saved on every rank, never half-written, newest found and broadcast, old ones pruned.
 
-Layout under OUT/checkpoints: `step00000050/` (DeepSpeed's per-rank files + `model.pt`, a plain
-state dict with the config for `./launch.sh embed`), and `latest` (the newest complete tag). A tag is
-written under `.staging/` and renamed into place by rank 0 only after every rank finished.
+Layout under OUT/checkpoints: `step00000050/` (DeepSpeed's per-rank files for resuming + `model.pt`,
+the self-describing inference file of micon.checkpoint), and `latest` (the newest complete tag). A tag
+is written under `.staging/` and renamed into place by rank 0 only after every rank finished.
+
+Resuming goes through DeepSpeed's loader, which unpickles its own files: only resume from an `out=`
+directory you (or your team) wrote. `./launch.sh embed` reads `model.pt` alone, safely.
 """
 from __future__ import annotations
 
@@ -10,34 +13,26 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from micon import distributed
+from micon.checkpoint import InferenceRecord, find_latest, save_model_file, tag_of
+
+__all__ = ["find_latest", "resolve_resume", "save", "tag_of"]
 
 
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save(engine, root: Path, step: int, state: dict, config: dict, keep: int, rank: int) -> Path:
+def save(engine, root: Path, step: int, state: dict, config: dict, record: InferenceRecord, keep: int,
+         rank: int) -> Path:
     """Collective: every rank must call it at the same step."""
     tag = tag_of(step)
     staging = root / ".staging"
     if rank == 0:
         staging.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging / tag, ignore_errors=True)
-    _barrier()
+    distributed.barrier()
     engine.save_checkpoint(str(staging), tag=tag, client_state=state, save_latest=False)
     if rank == 0:
-        module = engine.module
-        torch.save({"model": {k: v.detach().float().cpu() for k, v in module.state_dict().items()},
-                    "config": config, "state": state}, staging / tag / "model.pt.tmp")
-        os.replace(staging / tag / "model.pt.tmp", staging / tag / "model.pt")
-    _barrier()
+        record.step = step
+        save_model_file(staging / tag / "model.pt", engine.module.state_dict(), record, config, state)
+    distributed.barrier()
     if rank == 0:
         final = root / tag
         shutil.rmtree(final, ignore_errors=True)
@@ -47,19 +42,8 @@ def save(engine, root: Path, step: int, state: dict, config: dict, keep: int, ra
         os.replace(tmp, root / "latest")
         for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    distributed.barrier()
     return root / tag
-
-
-def find_latest(root: Path) -> str | None:
-    """The newest complete tag: the `latest` pointer, else the newest step dir holding model.pt."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / "model.pt").is_file():
-            return tag
-    done = sorted(p.name for p in root.glob("step*") if (p / "model.pt").is_file())
-    return done[-1] if done else None
 
 
 def resolve_resume(root: Path, resume: str, rank: int) -> str | None:
@@ -70,22 +54,4 @@ def resolve_resume(root: Path, resume: str, rank: int) -> str | None:
         if tag is not None and not (root / tag / "model.pt").is_file():
             raise FileNotFoundError(f"checkpoint {root / tag} is missing or incomplete; "
                                     f"complete ones: {[p.name for p in root.glob('step*')]}")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [tag]
-        dist.broadcast_object_list(box, src=0)
-        tag = box[0]
-    return tag
-
-
-def load_model_weights(path: str | Path) -> dict:
-    """A checkpoint's plain `model.pt` (a tag directory or the file): {"model", "config", "state"}."""
-    p = Path(path)
-    if (p / "checkpoints").is_dir():   # a training output directory
-        p = p / "checkpoints"
-    if p.is_dir():
-        latest = find_latest(p) if not (p / "model.pt").is_file() else None
-        p = (p / latest / "model.pt") if latest else p / "model.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"no model.pt at {path}: pass a training output's checkpoints/ directory, "
-                                f"one of its step directories, or a model.pt")
-    return torch.load(p, map_location="cpu", weights_only=False)
+    return distributed.broadcast_object(tag, src=0)

@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 from micon.config import ConfigError
 from micon.data.pipeline import Augment
-from micon.models.factory import METHODS, ModelConfig
+from micon.data.preprocess import NORMALIZATIONS
+from micon.methods import METHODS, LossConfig, get_method
+from micon.models.factory import ModelConfig
 
 @dataclass
 class DataConfig:
@@ -19,14 +21,6 @@ class DataConfig:
     normalize: str = "plate"         # plate | none
     include_poscon: bool = False
     augment: Augment = field(default_factory=lambda: Augment(crop=0, flip=True, rot90=True, intensity_jitter=0.1))
-
-
-@dataclass
-class LossConfig:
-    temperature: float = 0.1
-    counterfactual_weight: float = 1.0   # lambda in PaCLR + lambda * counterfactual
-    counterfactual_mode: str = "union"   # union (official) | cross
-    dmso_positives: bool = False         # False: the paper (DMSO only negatives); True: the official code
 
 
 @dataclass
@@ -66,7 +60,8 @@ class TrainConfig:
     ckpt_every: int = 50
     keep_ckpts: int = 2
     resume: str = "latest"           # latest | none | a step directory name
-    on_nonfinite: str = "stop"       # stop | skip
+    on_nonfinite: str = "stop"       # stop | skip (drop the batch on every rank; not counted as a step)
+    max_skips_in_a_row: int = 10     # on_nonfinite=skip: stop after this many non-finite batches in a row
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -80,10 +75,12 @@ class TrainConfig:
             raise ConfigError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if not self.data.shards:
             raise ConfigError("data.shards is required: the directory written by ./launch.sh prep")
-        if self.method in ("micon", "clip") and not self.data.graphs:
+        if get_method(self.method).needs.graphs and not self.data.graphs:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
         if self.micro_batch < 2:
             raise ConfigError("micro_batch must be at least 2 (contrastive losses need negatives)")
+        if self.data.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"data.normalize: one of {', '.join(NORMALIZATIONS)}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError("on_nonfinite must be stop or skip")
         if self.engine.zero_stage not in (0, 1, 2):

@@ -20,7 +20,8 @@ from webdataset.tariterators import tarfile_samples
 
 from micon import schema
 from micon.chem.graph import collate_graphs
-from micon.data.codecs import decode
+from micon.data.needs import DataNeeds
+from micon.data.preprocess import Preprocessing, SitePreprocessor
 from micon.data.shards import ControlBank, Manifest
 
 log = logging.getLogger("micon.data")
@@ -55,14 +56,13 @@ class Augment:
 
 @dataclass
 class StreamConfig:
-    method: str = "micon"          # micon | paclr | clip (pairs of replicates) or simclr (single sites)
+    needs: DataNeeds = field(default_factory=DataNeeds)   # what the method's examples need (micon.methods)
     batch_size: int = 8            # examples per micro-batch on this rank
     shuffle_buffer: int = 128      # raw samples shuffled before decoding
     pair_buffer: int = 4096        # treated sites waiting for a replicate partner
     pair_prefer: str = "source"    # prefer partners from another source, else batch, plate, well
-    controls: bool = True          # draw a same-plate DMSO control for each view
     resample: bool = False         # draw shards with replacement instead of epoch by epoch
-    normalize: str = "plate"       # plate: standardise with the plate's DMSO channel mean/std; none: x / 255
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)   # written once, shared with embedding
     include_poscon: bool = False   # positive controls as compounds too
     splits: tuple[str, ...] = ("train",)
     seed: int = 0
@@ -195,7 +195,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         if manifest.split_of(meta) not in self.cfg.splits:
             return False
         role = meta[schema.ROLE]
-        if self.cfg.method == "simclr":
+        if self.cfg.needs.negcon_sites:
             return True
         return role == schema.TREATED or (self.cfg.include_poscon and role == schema.POSCON)
 
@@ -207,7 +207,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         for sample in self._raw_samples(manifest, slot, counts):
             if not self._keep(manifest, sample["meta"]):
                 continue
-            if self.cfg.method == "simclr":
+            if not self.cfg.needs.pairs:
                 example = (sample,)
             else:
                 pair = pairer.push(sample)
@@ -221,51 +221,33 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 batch = []
 
     # ---- materialising: decode, controls, augment, collate
-    def _image(self, manifest: Manifest, sample: dict) -> np.ndarray:
-        img = decode(sample["blob"], sample["codec"], len(manifest.channels)).astype(np.float32)
-        return self._normalize(manifest, img, sample["meta"][schema.PLATE])
-
-    def _normalize(self, manifest: Manifest, img: np.ndarray, plate: str) -> np.ndarray:
-        if self.cfg.normalize == "plate":
-            mean, std = self._stats(manifest, plate)
-            return (img - mean[:, None, None]) / std[:, None, None]
-        return img / 255.0
-
-    def _stats(self, manifest: Manifest, plate: str):
-        if plate not in self._stats_cache:
-            mean, std = manifest.data["plates"][plate]["stats"]["mean"], manifest.data["plates"][plate]["stats"]["std"]
-            if mean is None:   # a plate without DMSO: fall back to the screen-wide average
-                ok = [p["stats"] for p in manifest.data["plates"].values() if p["stats"]["mean"] is not None]
-                mean = np.mean([s["mean"] for s in ok], axis=0)
-                std = np.mean([s["std"] for s in ok], axis=0)
-            self._stats_cache[plate] = (np.asarray(mean, np.float32), np.maximum(np.asarray(std, np.float32), 1e-3))
-        return self._stats_cache[plate]
-
-    def _materialise(self, manifest: Manifest, plans: list, bank: ControlBank | None, graphs, counts: Counts) -> dict:
-        aug = self.cfg.augment
+    def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, graphs,
+                     counts: Counts) -> dict:
+        aug, needs = self.cfg.augment, self.cfg.needs
         views, controls, cids = [], [], []
         for example, seed in plans:
             rng = np.random.default_rng(seed)
-            if self.cfg.method == "simclr":   # two augmentations of one site
-                img = self._image(manifest, example[0])
+            if needs.pairs:    # one view per replicate site
+                views.append([aug(prep.decode(s["blob"], s["codec"], s["meta"][schema.PLATE]), rng) for s in example])
+            else:              # two augmentations of one site
+                img = prep.decode(example[0]["blob"], example[0]["codec"], example[0]["meta"][schema.PLATE])
                 views.append([aug(img, rng), aug(img, rng)])
-            else:
-                views.append([aug(self._image(manifest, s), rng) for s in example])
             cids.append(example[0]["meta"][schema.JCP])
-            if self.cfg.controls and self.cfg.method in ("micon", "paclr"):
+            if bank is not None:
                 ctl = []
                 for s in example:
                     m = s["meta"]
                     img, level = bank.draw(m[schema.PLATE], m[schema.BATCH], m[schema.SOURCE], rng)
                     counts.add(f"control_{level}")
-                    ctl.append(aug(self._normalize(manifest, img.astype(np.float32), m[schema.PLATE]), rng))
+                    # a control drawn from another plate is normalised with the treated site's plate
+                    ctl.append(aug(prep(img, m[schema.PLATE]), rng))
                 controls.append(ctl)
         out = dict(views=torch.from_numpy(np.stack([np.stack(v) for v in views])),
                    labels=torch.tensor([self.compound_labels.get(c, -1) for c in cids], dtype=torch.long),
-                   compounds=cids)
+                   compounds=cids, keys=[example[0]["key"] for example, _ in plans])
         if controls:
             out["controls"] = torch.from_numpy(np.stack([np.stack(c) for c in controls]))
-        if graphs is not None and self.cfg.method in ("micon", "clip"):
+        if graphs is not None:
             out["graphs"] = collate_graphs([graphs.get(c) for c in cids])
         return out
 
@@ -277,17 +259,17 @@ class ExampleStream(torch.utils.data.IterableDataset):
         skip = self.skip_batches // self.num_workers + (1 if logical < self.skip_batches % self.num_workers else 0)
         slot = self.rank * self.num_workers + logical
         manifest = Manifest.load(self.manifest_dir)
-        self._stats_cache: dict = {}
+        prep = SitePreprocessor(manifest, self.cfg.preprocessing)
         counts = Counts()
-        bank = ControlBank(manifest.root) if (self.cfg.controls and self.cfg.method in ("micon", "paclr")) else None
+        bank = ControlBank(manifest.root) if self.cfg.needs.controls else None
         graphs = None
-        if self.graph_store and self.cfg.method in ("micon", "clip"):
+        if self.graph_store and self.cfg.needs.graphs:
             from micon.chem.store import GraphStore
             graphs = GraphStore(self.graph_store)
         for i, plans in enumerate(self._plans(manifest, slot, counts)):
             if i < skip:
                 continue
-            batch = self._materialise(manifest, plans, bank, graphs, counts)
+            batch = self._materialise(plans, prep, bank, graphs, counts)
             batch["counts"] = dict(counts)
             batch["worker"] = logical
             yield batch

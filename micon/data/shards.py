@@ -164,9 +164,31 @@ class Manifest:
                 for p, rec in self.data["plates"].items()]
         return pd.DataFrame(rows)
 
+    def plates_without_dmso(self) -> list[str]:
+        return sorted(p for p, rec in self.data["plates"].items() if rec["stats"]["mean"] is None)
+
     def plate_stats(self, plate: str) -> tuple[np.ndarray, np.ndarray]:
-        st = self.data["plates"][plate]["stats"]
-        return np.asarray(st["mean"], np.float32), np.asarray(st["std"], np.float32)
+        """Per-channel DMSO (mean, std) of a plate, float64 [C] each. A plate without DMSO sites gets
+        the screen-wide average of the other plates' statistics (the one fallback rule, used by
+        training and embedding alike). Raises ManifestError naming the plate when nothing fits."""
+        plates = self.data["plates"]
+        if plate not in plates:
+            raise ManifestError(f"plate {plate} is not in the shard manifest {self.root / 'manifest.json'}")
+        st = plates[plate]["stats"]
+        if st["mean"] is None:
+            ok = [p["stats"] for p in plates.values() if p["stats"]["mean"] is not None]
+            if not ok:
+                raise ManifestError(f"plate {plate} has no DMSO sites and neither has any other plate of "
+                                    f"{self.root}: plate normalisation is impossible; train with "
+                                    f"data.normalize=none or add DMSO wells")
+            mean, std = np.mean([s["mean"] for s in ok], axis=0), np.mean([s["std"] for s in ok], axis=0)
+        else:
+            mean, std = np.asarray(st["mean"], np.float64), np.asarray(st["std"], np.float64)
+        if mean.shape != (len(self.channels),) or std.shape != mean.shape or not (
+                np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise ManifestError(f"plate {plate}: DMSO channel statistics are not {len(self.channels)} finite "
+                                f"numbers (mean {st['mean']}, std {st['std']}); rerun prep for this plate")
+        return mean, std
 
     def split_of(self, meta: dict) -> str:
         """'train' or why a site is held out: heldout_source, heldout_batch, heldout_compound."""

@@ -1,11 +1,15 @@
-"""Build a method's model from its configuration (shared by training and embedding)."""
+"""Model configuration and the encoders every method builds from (shared by training and embedding).
+
+Which encoders a method combines, and how, is the method's business (micon.methods); this module
+only turns a `ModelConfig` into an image encoder and a molecule encoder.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-METHODS = ("micon", "paclr", "clip", "simclr")
+MOLECULE_ENCODERS = ("dmpnn", "fingerprint")
 
 
 @dataclass
@@ -23,29 +27,29 @@ class ModelConfig:
     detach_target: bool = True       # official: True; both False = gradients reach the image encoder
 
 
-def build_model(method: str, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0,
-                n_bits: int = 2048) -> nn.Module:
+def build_image_encoder(cfg: ModelConfig, in_chans: int) -> nn.Module:
     from micon.models.image import ImageEncoder
-    from micon.models.micon import CLIP, MICON, SimCLR
-    from micon.models.molecule import DMPNNEncoder, FingerprintMLP
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     kwargs = {}
     if cfg.per_channel_dim:
         kwargs["per_channel_dim"] = cfg.per_channel_dim
     if cfg.img_size:
         kwargs["img_size"] = cfg.img_size
-    image = ImageEncoder(cfg.preset, in_chans=in_chans, mode=cfg.mode, pretrained=cfg.pretrained, **kwargs)
-    if method in ("simclr", "paclr"):
-        return SimCLR(image, projection_dim=cfg.projection_dim)
+    return ImageEncoder(cfg.preset, in_chans=in_chans, mode=cfg.mode, pretrained=cfg.pretrained, **kwargs)
+
+
+def build_molecule_encoder(cfg: ModelConfig, atom_dim: int, bond_dim: int, n_bits: int = 2048) -> nn.Module:
+    from micon.models.molecule import DMPNNEncoder, FingerprintMLP
+
     if cfg.molecule == "dmpnn":
-        molecule = DMPNNEncoder(atom_dim, bond_dim, hidden_dim=cfg.molecule_dim, depth=cfg.molecule_depth)
-    elif cfg.molecule == "fingerprint":
-        molecule = FingerprintMLP(n_bits=n_bits, hidden_dim=cfg.molecule_dim * 2, out_dim=cfg.molecule_dim)
-    else:
-        raise ValueError(f"unknown molecule encoder {cfg.molecule!r}; choose dmpnn or fingerprint")
-    if method == "clip":
-        return CLIP(image, molecule, projection_dim=cfg.projection_dim)
-    return MICON(image, molecule, projection_dim=cfg.projection_dim, detach_control=cfg.detach_control,
-                 detach_target=cfg.detach_target)
+        return DMPNNEncoder(atom_dim, bond_dim, hidden_dim=cfg.molecule_dim, depth=cfg.molecule_depth)
+    if cfg.molecule == "fingerprint":
+        return FingerprintMLP(n_bits=n_bits, hidden_dim=cfg.molecule_dim * 2, out_dim=cfg.molecule_dim)
+    raise ValueError(f"unknown molecule encoder {cfg.molecule!r}; choose one of {', '.join(MOLECULE_ENCODERS)}")
+
+
+def build_model(method: str, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0) -> nn.Module:
+    """The model of a registered method (see micon.methods)."""
+    from micon.methods import get_method
+
+    return get_method(method).build_model(cfg, in_chans, atom_dim, bond_dim)

@@ -1,5 +1,5 @@
 """MICON (image encoder + molecule encoder + projection heads + counterfactual generator) and the
-SimCLR and CLIP baselines built from the same parts.
+PaCLR, SimCLR and CLIP baselines built from the same parts.
 
 Forwards return dicts of the tensors the losses in micon.losses need; no loss is computed here.
 """
@@ -141,6 +141,24 @@ class SimCLR(_ImageEmbedder):
         (h,) = self._embed_views(views)
         z = self.projector(h)
         return {"view1": z[:, 0], "view2": z[:, 1]}
+
+
+class PaCLR(_ImageEmbedder):
+    """MICON's image side alone (perturbation-aware contrastive, no molecule): image encoder + projection
+    head (d -> p) applied to treated views and their same-plate DMSO controls.
+
+    forward(treated, controls: [B, V, C, H, W]) -> {"treated": [B, V, p], "control": [B, V, p]} for `paclr_loss`.
+    """
+
+    def __init__(self, image_encoder: ImageEncoder, *, projection_dim: int = 128, projection_hidden: int | None = None,
+                 dropout: float = 0.0, normalize_embeddings: bool = True) -> None:
+        super().__init__(image_encoder, normalize_embeddings)
+        self.projector = ProjectionHead(image_encoder.out_dim, projection_dim, projection_hidden, dropout)
+
+    def forward(self, treated: Views, controls: Views) -> dict[str, Tensor]:
+        treated, controls = stack_views(treated, "treated"), stack_views(controls, "controls")
+        h_treated, h_control = self._embed_views(treated, controls)
+        return {"treated": self.projector(h_treated), "control": self.projector(h_control)}
 
 
 class CLIP(_ImageEmbedder):

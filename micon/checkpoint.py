@@ -1,0 +1,131 @@
+"""The checkpoint contract for inference: a `model.pt` describes itself, and one loader reads it.
+
+A training step directory holds DeepSpeed's per-rank files (for resuming) and `model.pt`, a plain
+file of tensors and plain data, loaded with `weights_only=True` (it can never run code):
+
+    {"model": state dict (float32, CPU),
+     "record": {"format": "micon-checkpoint", "version": 1, "method", "model" (ModelConfig fields),
+                "channels" (names, in order), "atom_dim", "bond_dim", "preprocessing", "step"},
+     "config": the full training configuration, "state": the trainer state at that step}
+
+Training writes it (train/), embedding reads it (evaluate/): neither imports the other.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT, VERSION = "micon-checkpoint", 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def find_latest(root: Path) -> str | None:
+    """The newest complete tag under a checkpoints/ directory: the `latest` pointer, else the newest
+    step directory holding model.pt."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / "model.pt").is_file():
+            return tag
+    done = sorted(p.name for p in root.glob("step*") if (p / "model.pt").is_file())
+    return done[-1] if done else None
+
+
+@dataclass
+class InferenceRecord:
+    """What it takes to rebuild the image encoder and feed it exactly as in training."""
+
+    method: str
+    model: dict                          # micon.models.factory.ModelConfig fields
+    channels: list[str]                  # channel names in the order of the input tensor
+    atom_dim: int = 0
+    bond_dim: int = 0
+    preprocessing: dict = field(default_factory=dict)   # micon.data.preprocess.Preprocessing fields
+    step: int = 0
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    record: InferenceRecord
+    weights: dict
+    config: dict
+    state: dict
+
+    def build_model(self) -> torch.nn.Module:
+        """The method's model with these weights (CPU, eval mode)."""
+        from micon.methods import get_method
+        from micon.models.factory import ModelConfig
+
+        model = get_method(self.record.method).build_model(
+            ModelConfig(**self.record.model), len(self.record.channels), self.record.atom_dim, self.record.bond_dim)
+        model.load_state_dict(self.weights)
+        return model.eval()
+
+    def preprocessing(self):
+        from micon.data.preprocess import Preprocessing
+        return Preprocessing.from_dict(self.record.preprocessing)
+
+
+def save_model_file(path: Path, weights: dict, record: InferenceRecord, config: dict, state: dict) -> None:
+    """Write model.pt atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": {k: v.detach().float().cpu() for k, v in weights.items()}, "record": record.to_dict(),
+                "config": config, "state": state}, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """A training output directory, its checkpoints/ directory, one step directory, or a model.pt."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.is_dir() and not (p / "model.pt").is_file():
+        latest = find_latest(p)
+        p = p / latest if latest else p
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise CheckpointError(f"no model.pt at {path}: pass a training output directory, its checkpoints/ "
+                              f"directory, one of its step directories, or a model.pt")
+    return p
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a model.pt safely; errors say which file and what is wrong with it."""
+    p = resolve_model_file(path)
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{p} is not a readable checkpoint of plain tensors and data "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); it may be corrupt, "
+                              f"or not written by this project (only weights_only files are loaded)") from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise CheckpointError(f"{p} holds no model weights")
+    rec = ck.get("record")
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise CheckpointError(f"{p} was written before checkpoints described themselves (no inference record: "
+                              f"method, channels, feature sizes, preprocessing). Retrain, or resume the run once "
+                              f"with this version (./launch.sh train ... resume=latest steps=N+1) to rewrite it")
+    if rec.get("version", 0) > VERSION:
+        raise CheckpointError(f"{p}: checkpoint record version {rec['version']} is newer than this code "
+                              f"reads ({VERSION}); update the project")
+    known = InferenceRecord.__dataclass_fields__
+    record = InferenceRecord(**{k: v for k, v in rec.items() if k in known})
+    return Checkpoint(p, record, ck["model"], ck.get("config") or {}, ck.get("state") or {})

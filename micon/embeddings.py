@@ -1,0 +1,97 @@
+"""The on-disk format of site embeddings, shared by the embedding job (writer) and evaluation (reader).
+
+    OUT/parts/{shard}.npz      one shard's rows: `embeddings` [n, dim] float32 + `meta` (JSON records)
+    OUT/embeddings.zarr        [sites, dim] float32, the parts concatenated in manifest order
+    OUT/sites.parquet          Metadata_* columns, one row per site, same order
+    OUT/embed.json             what made them (checkpoint, shard set, sizes); written last
+
+Errors name the file and how to repair it. No model code here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from micon import schema
+
+META_COLUMNS = [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
+                schema.SMILES, schema.ROLE]
+
+
+class EmbeddingError(RuntimeError):
+    pass
+
+
+def part_path(out: str | Path, shard: str) -> Path:
+    return Path(out) / "parts" / (Path(shard).name + ".npz")
+
+
+def write_part(path: Path, embeddings: np.ndarray, rows: list[dict]) -> None:
+    """One shard's embeddings and metadata rows, written under a temporary name and renamed."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, embeddings=embeddings.astype(np.float32), meta=np.array(json.dumps(rows)))
+    os.replace(tmp, path)
+
+
+def read_part(path: Path, expected_rows: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """One shard's part, checked; raises EmbeddingError naming the file when it is unusable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb = z["embeddings"]
+            meta = pd.DataFrame(json.loads(str(z["meta"])))
+    except FileNotFoundError:
+        raise EmbeddingError(f"embedding part {path} is missing") from None
+    except Exception as e:
+        raise EmbeddingError(f"embedding part {path} is corrupt ({type(e).__name__}: {e})") from None
+    if len(meta) != len(emb) or (expected_rows is not None and len(emb) != expected_rows):
+        raise EmbeddingError(f"embedding part {path} has {len(emb)} rows, expected {expected_rows}")
+    return emb, meta
+
+
+def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dict) -> dict:
+    """embeddings.zarr + sites.parquet, then embed.json (last: its presence means the rest is whole)."""
+    import zarr
+
+    tmp_z = out / ".embeddings.zarr.tmp"
+    shutil.rmtree(tmp_z, ignore_errors=True)
+    arr = zarr.create_array(str(tmp_z), shape=emb.shape, chunks=(max(1, min(len(emb), 8192)), max(1, emb.shape[1])),
+                            dtype="float32", zarr_format=3)
+    arr[:] = emb
+    shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
+    os.replace(tmp_z, out / "embeddings.zarr")
+    meta.to_parquet(out / "sites.parquet.tmp", index=False)
+    os.replace(out / "sites.parquet.tmp", out / "sites.parquet")
+    info = dict(info, n_sites=int(len(emb)), dim=int(emb.shape[1]) if emb.ndim == 2 else 0)
+    (out / "embed.json.tmp").write_text(json.dumps(info, indent=1))
+    os.replace(out / "embed.json.tmp", out / "embed.json")
+    return info
+
+
+def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Site metadata and embeddings written by the embedding job; errors name the file and how to repair it."""
+    import zarr
+
+    p = Path(path)
+    hint = f"rerun ./launch.sh embed CKPT SHARDS {p} to repair it"
+    if not p.is_dir():
+        raise EmbeddingError(f"{p} does not exist: embed first with ./launch.sh embed CKPT SHARDS {p}")
+    if not (p / "embed.json").is_file():
+        raise EmbeddingError(f"{p} holds no finished embedding run (no embed.json); {hint}")
+    try:
+        meta = pd.read_parquet(p / "sites.parquet")
+    except Exception as e:
+        raise EmbeddingError(f"{p / 'sites.parquet'} is missing or corrupt ({type(e).__name__}); {hint}") from None
+    try:
+        emb = np.asarray(zarr.open_array(str(p / "embeddings.zarr"), mode="r")[:])
+    except Exception as e:
+        raise EmbeddingError(f"{p / 'embeddings.zarr'} is missing or corrupt ({type(e).__name__}: "
+                             f"{str(e)[:200]}); {hint}") from None
+    if len(emb) != len(meta):
+        raise EmbeddingError(f"{p / 'embeddings.zarr'} has {len(emb)} rows but {p / 'sites.parquet'} has "
+                             f"{len(meta)}; {hint}")
+    return meta, emb

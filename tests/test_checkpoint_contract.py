@@ -1,0 +1,104 @@
+"""The inference checkpoint contract (micon.checkpoint): a model.pt describes itself, loads without
+running code, and old or foreign files get a message a person can act on. Plus the house rules that
+keep it so: evaluate/ and the library never import train/, and nothing branches on a method's name."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from micon.checkpoint import CheckpointError, InferenceRecord, load_checkpoint, save_model_file
+from micon.methods import METHODS, get_method
+from micon.models.factory import ModelConfig
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_record_rebuilds_the_same_image_encoder(tmp_path, name):
+    method = get_method(name)
+    cfg = ModelConfig(preset="tiny", molecule_dim=16, projection_dim=8)
+    torch.manual_seed(0)
+    model = method.build_model(cfg, 3, **method.feature_dims()).eval()
+    record = InferenceRecord(method=name, model=vars(cfg), channels=["DNA", "RNA", "Mito"], **method.feature_dims(),
+                             preprocessing={"normalize": "plate"})
+    (tmp_path / "step00000007").mkdir()
+    save_model_file(tmp_path / "step00000007" / "model.pt", model.state_dict(), record, {"method": name}, {"step": 7})
+    (tmp_path / "latest").write_text("step00000007")
+    ck = load_checkpoint(tmp_path)          # a checkpoints/ directory resolves to its latest step
+    assert ck.record.method == name and ck.record.channels == ["DNA", "RNA", "Mito"]
+    assert ck.preprocessing().normalize == "plate" and ck.state == {"step": 7}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.build_model().image_encoder(x), model.image_encoder(x))
+
+
+def test_old_checkpoint_without_record_gets_a_clear_message(tmp_path):
+    torch.save({"model": {}, "config": {"method": "simclr"}, "state": {}}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="written before checkpoints described themselves"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_model_file_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    torch.save({"model": {}, "record": payload}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint of plain tensors"):
+        load_checkpoint(tmp_path / "model.pt")
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=f"no model.pt at {tmp_path}"):
+        load_checkpoint(tmp_path)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_train_imports_train():
+    offenders = []
+    for folder in ("micon", "evaluate", "data_prep", "bench", "cluster"):
+        for path in (REPO / folder).rglob("*.py"):
+            if any(n == "train" or n.startswith("train.") for n in _imports(path)):
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []
+
+
+def test_nothing_in_the_loop_the_stream_or_the_benchmarks_branches_on_a_method_name():
+    names = "|".join(METHODS)
+    # `method == "micon"`, `cfg.method in ("clip", ...)`, `if name != 'simclr'` ...
+    pattern = re.compile(rf"""(==|!=|\bin)\s*[\(\[{{]?\s*["']({names})["']""")
+    offenders = []
+    for folder in ("train", "micon/data", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    assert offenders == []
+
+
+def test_collectives_live_in_one_module():
+    pattern = re.compile(r"\bdist\.(all_reduce|all_gather|barrier|broadcast|broadcast_object_list|"
+                         r"init_process_group|reduce_scatter)\(")
+    offenders = [str(p.relative_to(REPO)) for folder in ("micon", "train", "evaluate", "bench")
+                 for p in (REPO / folder).rglob("*.py")
+                 if p.name != "distributed.py" and pattern.search(p.read_text())]
+    assert offenders == []

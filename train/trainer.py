@@ -1,0 +1,398 @@
+"""The training loop as an object: set-up, resume, step, checkpoint, finish (torchtitan's Trainer shape).
+
+Its state (step, samples seen, data position, seeds, skipped batches) is one `TrainState`, saved with
+every checkpoint and restored on resume. The method (micon.methods) builds the model and computes the
+loss; the Trainer never looks at the method's name. Collectives go through micon.distributed.
+Works in-process with one rank (tests) as under torchrun or srun with many.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from micon import distributed, schema
+from micon.checkpoint import InferenceRecord, tag_of
+from micon.config import describe, save_config, to_dict
+from micon.data.preprocess import Preprocessing
+from micon.methods import get_method
+
+EXIT_OK, EXIT_STOPPED, EXIT_REQUEUE = 0, 1, 75
+log = logging.getLogger("micon.train")
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0                    # optimizer steps taken (a skipped batch is not a step)
+    samples_seen: int = 0            # examples that went into optimizer steps, all ranks
+    seed: int = 0                    # model initialisation seed
+    data_seed: int = 0               # the stream's shuffle seed (changes when the layout changes on resume)
+    data_position: int = 0           # batches consumed by this rank's loader, skipped ones included
+    data_workers: int = 0
+    world_size: int = 1
+    skipped_nonfinite: int = 0       # batches dropped for a non-finite loss
+
+
+class TrainingStopped(RuntimeError):
+    """A run that must stop with a message for a person (exit code 1)."""
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit or preemption) ask for a checkpoint."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def ds_config(cfg, world_size: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.engine.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.engine.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up then cosine decay to min_ratio of the base rate (a picklable closure target)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        t = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def compound_labels(manifest) -> dict[str, int]:
+    ids = sorted(c[schema.JCP] for c in manifest.data["compounds"])
+    return {c: i for i, c in enumerate(ids)}
+
+
+def check_graphs(manifest, store_dir: str) -> None:
+    """Refuse to start when a training compound has no graph, naming them and the reason."""
+    from micon.chem.store import GraphStore
+
+    store = GraphStore(store_dir)
+    missing = []
+    for c in manifest.data["compounds"]:
+        if c["Metadata_Role"] in (schema.TREATED, schema.POSCON) and c[schema.JCP] not in manifest.data["splits"][
+                "heldout_compounds"] and c[schema.JCP] not in store:
+            reason = "not featurised"
+            if c[schema.JCP] in set(store.index[schema.JCP]):
+                reason = store.index.set_index(schema.JCP).loc[c[schema.JCP], "reason"]
+            missing.append(f"{c[schema.JCP]} ({reason})")
+    if missing:
+        raise TrainingStopped(f"{len(missing)} training compound(s) have no graph in {store_dir}: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Fix their structures "
+                              f"and rerun ./launch.sh featurize, or drop them from the screen.")
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.method = get_method(cfg.method)
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.state = TrainState(seed=cfg.seed, data_seed=cfg.seed, data_workers=cfg.data.num_workers)
+        self.run = self.bar = self.batches = None
+        self.counts_by_worker: dict[int, dict] = {}
+        self.reported_lost = 0
+        self.last_losses: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        from micon.data.shards import Manifest
+
+        cfg = self.cfg
+        self.flag = SignalFlag()
+        self.dist = distributed.init(cfg.engine.dist_timeout_s)
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.state.world_size = self.world
+        if self.rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and cuda
+                                                       and torch.cuda.is_bf16_supported())
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.manifest = Manifest.load(cfg.data.shards)
+        problem = None
+        if self.method.needs.graphs and self.rank == 0:
+            try:
+                check_graphs(self.manifest, cfg.data.graphs)
+            except TrainingStopped as e:
+                problem = str(e)
+        problem = distributed.broadcast_object(problem)   # every rank stops, none waits in a collective
+        if problem:
+            raise TrainingStopped(problem)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            log.info("training %s on %d process(es) via %s, %s, %s, ZeRO %d; config %s", self.method.name, self.world,
+                     self.dist.launcher, self.device, "bf16" if self.bf16 else "fp32", cfg.engine.zero_stage,
+                     describe(cfg))
+        self.record = InferenceRecord(method=self.method.name, model=to_dict(cfg.model),
+                                      channels=list(self.manifest.channels), **self.method.feature_dims(),
+                                      preprocessing=Preprocessing(normalize=cfg.data.normalize).to_dict())
+        self._build_engine()
+        return self
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
+                                        self.record.bond_dim)
+        if self.bf16:
+            # DeepSpeed casts parameters to bf16 but not buffers: batch norm then meets bf16 weights with
+            # float32 running statistics and fails ("expected scalar type BFloat16 but found Float")
+            model = model.to(torch.bfloat16)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2],
+                                        "weight_decay": cfg.optim.weight_decay},
+                                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                      lr=cfg.optim.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config(cfg, self.world, self.bf16), dist_init_required=False)
+
+    def resume(self) -> None:
+        from train import checkpoint
+
+        cfg = self.cfg
+        tag = checkpoint.resolve_resume(self.ckpt_root, cfg.resume, self.rank)
+        if tag is None:
+            return
+        _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        saved = TrainState(**{k: v for k, v in client.items() if k in TrainState.__dataclass_fields__})
+        if saved.data_workers != cfg.data.num_workers or saved.world_size != self.world:
+            log.warning("resuming with %d workers x %d ranks (saved with %d x %d): the data stream continues "
+                        "from a new order, not exactly where it stopped", cfg.data.num_workers, self.world,
+                        saved.data_workers, saved.world_size)
+            saved.data_position, saved.data_workers, saved.world_size = 0, cfg.data.num_workers, self.world
+            saved.data_seed = cfg.seed + saved.step
+        self.state = saved
+        log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
+                 saved.samples_seen)
+
+    def start_stream(self) -> None:
+        from micon.data.pipeline import ExampleStream, StreamConfig, collate_identity, ignore_stop_signals
+
+        cfg = self.cfg
+        stream_cfg = StreamConfig(needs=self.method.needs, batch_size=cfg.micro_batch,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, pair_buffer=cfg.data.pair_buffer,
+                                  pair_prefer=cfg.data.pair_prefer, resample=cfg.data.resample,
+                                  preprocessing=Preprocessing(normalize=cfg.data.normalize),
+                                  include_poscon=cfg.data.include_poscon, seed=self.state.data_seed,
+                                  augment=cfg.data.augment)
+        dataset = ExampleStream(cfg.data.shards, stream_cfg, self.rank, self.world, cfg.data.num_workers,
+                                cfg.data.graphs or None, skip_batches=self.state.data_position,
+                                compound_labels=compound_labels(self.manifest))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                                             collate_fn=collate_identity, pin_memory=self.device.type == "cuda",
+                                             worker_init_fn=ignore_stop_signals,
+                                             prefetch_factor=4 if cfg.data.num_workers else None)
+        self.batches = iter(loader)
+
+    def start_logging(self) -> None:
+        cfg = self.cfg
+        if self.rank == 0 and cfg.wandb.enabled:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            run_id_file = self.out / "wandb_run_id"
+            run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+            self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, dir=str(self.out),
+                                  mode=cfg.wandb.mode or os.environ.get("WANDB_MODE", "offline"), config=to_dict(cfg),
+                                  name=cfg.wandb.name or None, id=run_id, resume="allow" if run_id else None)
+            run_id_file.write_text(self.run.id)
+        if self.rank == 0 and cfg.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.steps, initial=self.state.step, desc=f"train {self.method.name}", unit="step",
+                            dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ one step
+    def _next_batch(self) -> dict:
+        batch = next(self.batches)
+        self.state.data_position += 1
+        self.counts_by_worker[batch["worker"]] = batch["counts"]
+        return batch
+
+    def step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches with a finite loss on every rank. A batch whose
+        loss is non-finite on any rank is dropped by all ranks before backward (on_nonfinite=skip): it moves
+        the data position but neither the step counter, the engine nor the learning-rate schedule."""
+        cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
+        data_time, done, in_a_row = 0.0, 0, 0
+        losses: dict[str, float] = {}
+        while done < cfg.engine.grad_accum:
+            td = time.perf_counter()
+            batch = self._next_batch()
+            data_time += time.perf_counter() - td
+            parts = self.method.loss(self.engine, self.method.to_device(batch, self.device, self.dtype), cfg.loss)
+            loss = parts["loss"]
+            if distributed.max_vote(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+                if cfg.on_nonfinite == "stop":
+                    raise TrainingStopped(
+                        f"non-finite loss at step {state.step} ({self.method.name}, loss {loss.item()} on rank "
+                        f"{self.rank}); stopping. Lower optim.lr, check the inputs, or set on_nonfinite=skip. "
+                        f"The last checkpoint is in {self.ckpt_root}")
+                state.skipped_nonfinite += 1
+                in_a_row += 1
+                log.warning("skipping a batch with a non-finite loss at step %d (%d skipped in all)", state.step,
+                            state.skipped_nonfinite)
+                if in_a_row >= cfg.max_skips_in_a_row:
+                    raise TrainingStopped(
+                        f"{in_a_row} batches in a row had a non-finite loss at step {state.step} "
+                        f"({self.method.name}); the model has probably diverged. Lower optim.lr and resume from "
+                        f"the last checkpoint in {self.ckpt_root}")
+                continue
+            in_a_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            done += 1
+            for k, v in parts.items():
+                losses[k] = losses.get(k, 0.0) + float(v.detach()) / cfg.engine.grad_accum
+        state.step += 1
+        examples = cfg.micro_batch * cfg.engine.grad_accum * self.world
+        state.samples_seen += examples
+        step_time = time.perf_counter() - t0
+        self.last_losses = losses
+        return {f"loss/{k}": v for k, v in losses.items()} | {
+            "lr": self.scheduler.get_last_lr()[0], "samples_per_second": examples / step_time,
+            "samples_per_second_per_device": examples / step_time / self.world,
+            "images_per_second": examples * self.method.images_per_example / step_time,
+            "data_wait_share": data_time / step_time, "step_time": step_time,
+            "memory_mb": memory_mb(self.device), "samples_seen": state.samples_seen,
+            "skipped_nonfinite": state.skipped_nonfinite,
+        }
+
+    def data_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self.counts_by_worker.values():
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+        return counts
+
+    def report(self, metrics: dict) -> None:
+        counts = self.data_counts()
+        lost = counts.get("corrupt", 0) + counts.get("incomplete", 0)
+        if lost > self.reported_lost:
+            self.reported_lost = lost
+            logging.getLogger("micon.data").warning("rank %d: %d corrupt or incomplete shard members skipped so far",
+                                                    self.rank, lost)
+        if self.rank != 0:
+            return
+        metrics = metrics | {f"data/{k}": v for k, v in counts.items()}
+        if self.run is not None and self.state.step % self.cfg.wandb.log_every == 0:
+            self.run.log(metrics, step=self.state.step)
+        with open(self.out / "metrics.jsonl", "a") as fh:   # plain-text twin of the wandb history
+            fh.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.last_losses.get('loss', float('nan')):.4f}",
+                                 data=f"{metrics['data_wait_share']:.0%}")
+            self.bar.update(1)
+
+    def checkpoint(self) -> Path:
+        from train import checkpoint
+
+        return checkpoint.save(self.engine, self.ckpt_root, self.state.step, asdict(self.state), to_dict(self.cfg),
+                               self.record, self.cfg.keep_ckpts, self.rank)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        """Steps until cfg.steps, a stop request (checkpoint, exit 75) or a TrainingStopped."""
+        cfg = self.cfg
+        self.resume()
+        self.start_stream()
+        self.start_logging()
+        while self.state.step < cfg.steps:
+            self.report(self.step())
+            # agree on a requested stop: Slurm may signal only some ranks first
+            stop = distributed.max_vote(self.flag.signum)
+            if stop > 0 or self.state.step % cfg.ckpt_every == 0 or self.state.step == cfg.steps:
+                self.checkpoint()
+            if stop > 0:
+                log.info("signal %d: checkpointed step %d in %s; exiting for requeue (resume=latest continues)",
+                         int(stop), self.state.step, self.ckpt_root)
+                return EXIT_REQUEUE
+        return EXIT_OK
+
+    def finish(self, exit_code: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        final_path = self.out / "final.json"
+        if self.rank == 0 and exit_code == EXIT_OK and (self.last_losses or not final_path.is_file()):
+            final = dict(method=self.method.name, step=self.state.step, samples_seen=self.state.samples_seen,
+                         loss=self.last_losses.get("loss"), checkpoint=str(self.ckpt_root / tag_of(self.state.step)),
+                         counts=self.data_counts(), skipped_nonfinite=self.state.skipped_nonfinite,
+                         precision="bf16" if self.bf16 else "fp32", zero_stage=self.cfg.engine.zero_stage,
+                         world_size=self.world)
+            final_path.write_text(json.dumps(final, indent=1))
+            log.info("finished %d steps; final loss %s; checkpoint %s", self.state.step,
+                     "n/a" if final["loss"] is None else f"{final['loss']:.4f}", final["checkpoint"])
+        elif self.rank == 0 and exit_code == EXIT_OK:
+            log.info("already finished: %d of %d steps done in %s", self.state.step, self.cfg.steps, self.ckpt_root)
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+        self.batches = None   # stops the loader workers
+        self.flag.restore()
+        distributed.shutdown()
+
+
+def train(cfg) -> int:
+    """Set up, fit and finish one run; returns the exit code (messages for people go to stderr)."""
+    from micon.data.shards import ManifestError
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        code = trainer.fit()
+    except (TrainingStopped, ManifestError) as e:
+        if getattr(trainer, "rank", 0) == 0:
+            print(f"train: {e}", file=sys.stderr)
+        code = EXIT_STOPPED
+    if hasattr(trainer, "engine"):
+        trainer.finish(code)
+    else:
+        if hasattr(trainer, "flag"):
+            trainer.flag.restore()
+        distributed.shutdown()
+    return code
