@@ -19,17 +19,17 @@ import torch  # noqa: E402
 from bench._report import markdown_table, write_section  # noqa: E402
 
 
-def run(preset: str, batch: int, steps: int, loader=None, method_name: str = "paclr") -> dict:
+def run(preset: str, batch: int, steps: int, loader=None, method_name: str = "paclr", size: int = 224) -> dict:
     from bench.bench_datapath import synthetic_batch
     from micon.methods import LossConfig, get_method
     from micon.models.factory import ModelConfig
 
     dev = torch.device("cuda")
     method = get_method(method_name)
-    model = method.build_model(ModelConfig(preset=preset, img_size=224 if "vit" in preset else 0), 5,
+    model = method.build_model(ModelConfig(preset=preset, img_size=size if "vit" in preset else 0), 5,
                                **method.feature_dims()).to(dev)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    fixed = method.to_device(synthetic_batch(method, batch, 224), dev, torch.float32)
+    fixed = method.to_device(synthetic_batch(method, batch, size), dev, torch.float32)
     it = iter(loader) if loader is not None else None
     data_t, t_all = 0.0, []
     torch.cuda.reset_peak_memory_stats()

@@ -85,8 +85,7 @@ def test_dry_run_4_nodes_8_gpus(tmp_path):
     assert f"cd {REPO}" in script
 
 
-@pytest.mark.skipif(not (REPO / "train" / "distributed.py").exists(), reason="train/distributed.py not there yet")
-def test_rank_mapping_of_32_tasks_is_done_by_train_distributed():
+def test_rank_mapping_of_32_tasks_is_done_by_micon_distributed():
     from micon.distributed import slurm_rank_env
 
     job_id = 123456
