@@ -22,7 +22,8 @@ import pandas as pd
 from micon import schema
 from micon.config import ConfigError, load_config, save_config
 from micon.data.codecs import CODECS, DEFAULT_CODEC
-from micon.data.jump import IngestError, plate_sites, read_screen
+from micon.data.jump import IngestError, Screen, plate_sites, read_screen
+from micon.data.replicate_sets import ReplicateSetConfig
 from micon.raycluster import init_ray
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits, atomic_write_json
 
@@ -46,6 +47,8 @@ class IngestConfig:
     heldout_compound_fraction: float = 0.2
     heldout_sources: int = 0
     heldout_batches: int = 0
+    replicate_sets: bool = True     # end with the replicate-set shards training reads (see rsets)
+    rsets: ReplicateSetConfig = field(default_factory=ReplicateSetConfig)
 
     def validate(self) -> None:
         if self.codec not in CODECS:
@@ -71,13 +74,14 @@ def plate_done(out: Path, plate: str) -> dict | None:
     return rec
 
 
-def ingest_plate(src: str, out: str, plate: str, cfg: IngestConfig, progress=None) -> dict:
-    """Read, scale and shard one plate; write its DMSO sites to the control bank. Returns its record."""
+def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, progress=None) -> dict:
+    """Read, scale and shard one plate; write its DMSO sites to the control bank. Returns its record.
+    `src` is the screen's root, or (from `run`) the plate's own slice of the metadata tables."""
     from micon.data.imaging import process_site
     import zarr
 
     out_p = Path(out)
-    screen = read_screen(src)
+    screen = src if isinstance(src, Screen) else read_screen(src)
     sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
     for leftover in (out_p / "shards").glob(f"{plate}-*.tar*"):
         leftover.unlink()   # a half-finished earlier attempt: redo the plate from scratch
@@ -177,7 +181,7 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
                            cfg.seed, cfg.heldout_compound_fraction, cfg.heldout_sources, cfg.heldout_batches)
     shapes = {tuple(r["image_shape"]) for r in records if r["image_shape"]}
     manifest = dict(
-        format_version=FORMAT_VERSION, channels=list(schema.CHANNELS), codec=cfg.codec,
+        format_version=FORMAT_VERSION, channels=list(schema.CHANNELS), codec=cfg.codec, shard_mb=cfg.shard_mb,
         image_shape=list(shapes.pop()) if len(shapes) == 1 else None, source=str(src),
         scaling=dict(rule="per-image percentile", p_low=cfg.p_low, p_high=cfg.p_high, illum=cfg.illum,
                      image_size=cfg.image_size, resize=cfg.resize),
@@ -226,7 +230,9 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
 
         progress = Progress.remote()
         task = ray.remote(num_cpus=1, max_retries=0)(ingest_plate)
-        pending = {task.remote(str(src), str(out), p, cfg, progress): p for p in todo}
+        # the metadata tables are read once here; each task gets its plate's rows through the object store
+        subsets = screen.subsets(todo)
+        pending = {task.remote(subsets[p], str(out), p, cfg, progress): p for p in todo}
         plate_bar = tqdm(total=len(todo), desc="prep plates", unit="plate", position=0)
         site_bar = tqdm(desc="prep sites", unit="site", position=1)
         while pending:
@@ -261,6 +267,9 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
           f"({np.mean(sizes) / 1e3:.1f} kB/site, {cfg.codec}), "
           f"{sum(p['stats']['n_sites'] for p in m['plates'].values())} DMSO sites in the control bank, "
           f"{m['n_skipped']} sites skipped (see {out / REPORT}); manifest {out / 'manifest.json'}")
+    if cfg.replicate_sets:
+        from data_prep.replicate_sets import build
+        build(out, cfg.rsets, cfg.workers)
     return 0
 
 

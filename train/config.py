@@ -14,6 +14,7 @@ class DataConfig:
     shards: str = ""                 # prep output directory (manifest.json)
     graphs: str = ""                 # featurize output directory (micon, clip)
     num_workers: int = 0             # DataLoader workers per rank
+    stream: str = "auto"             # auto (replicate sets when the method pairs replicates) | replicate_sets | plates
     shuffle_buffer: int = 128
     pair_buffer: int = 4096
     pair_prefer: str = "source"      # source | batch | plate | well
@@ -79,6 +80,10 @@ class TrainConfig:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
         if self.micro_batch < 2:
             raise ConfigError("micro_batch must be at least 2 (contrastive losses need negatives)")
+        if self.data.stream not in ("auto", "replicate_sets", "plates"):
+            raise ConfigError("data.stream: auto, replicate_sets or plates")
+        if self.data.stream == "replicate_sets" and not get_method(self.method).needs.pairs:
+            raise ConfigError(f"method={self.method} reads single sites: use data.stream=plates or auto")
         if self.data.normalize not in NORMALIZATIONS:
             raise ConfigError(f"data.normalize: one of {', '.join(NORMALIZATIONS)}")
         if self.on_nonfinite not in ("stop", "skip"):

@@ -15,7 +15,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ class TrainState:
     data_workers: int = 0
     world_size: int = 1
     skipped_nonfinite: int = 0       # batches dropped for a non-finite loss
+    data_counts: dict = field(default_factory=dict)   # the stream's counters up to this checkpoint
 
 
 class TrainingStopped(RuntimeError):
@@ -128,6 +129,7 @@ class Trainer:
         self.state = TrainState(seed=cfg.seed, data_seed=cfg.seed, data_workers=cfg.data.num_workers)
         self.run = self.bar = self.batches = None
         self.counts_by_worker: dict[int, dict] = {}
+        self.counts_at_start: dict[str, int] = {}
         self.reported_lost = 0
         self.last_losses: dict[str, float] = {}
 
@@ -207,6 +209,7 @@ class Trainer:
             saved.data_position, saved.data_workers, saved.world_size = 0, cfg.data.num_workers, self.world
             saved.data_seed = cfg.seed + saved.step
         self.state = saved
+        self.counts_at_start = dict(saved.data_counts)
         log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
                  saved.samples_seen)
 
@@ -214,7 +217,12 @@ class Trainer:
         from micon.data.pipeline import ExampleStream, StreamConfig, collate_identity, ignore_stop_signals
 
         cfg = self.cfg
-        stream_cfg = StreamConfig(needs=self.method.needs, batch_size=cfg.micro_batch,
+        rsets = self.use_replicate_sets()
+        if self.rank == 0:
+            log.info("data: %s", "replicate-set shards (pairs and same-plate controls co-located)" if rsets else
+                     "plate shards" + (" + replicate pairing buffer" if self.method.needs.pairs else "")
+                     + (" + control bank" if self.method.needs.controls else ""))
+        stream_cfg = StreamConfig(needs=self.method.needs, batch_size=cfg.micro_batch, replicate_sets=rsets,
                                   shuffle_buffer=cfg.data.shuffle_buffer, pair_buffer=cfg.data.pair_buffer,
                                   pair_prefer=cfg.data.pair_prefer, resample=cfg.data.resample,
                                   preprocessing=Preprocessing(normalize=cfg.data.normalize),
@@ -228,6 +236,14 @@ class Trainer:
                                              worker_init_fn=ignore_stop_signals,
                                              prefetch_factor=4 if cfg.data.num_workers else None)
         self.batches = iter(loader)
+
+    def use_replicate_sets(self) -> bool:
+        """data.stream=auto: replicate sets for methods that pair replicates, when the shard set has them."""
+        mode, has = self.cfg.data.stream, self.manifest.replicate_sets is not None
+        if mode == "replicate_sets" and not has:
+            raise TrainingStopped(f"data.stream=replicate_sets but {self.manifest.root} has none: run "
+                                  f"./launch.sh rsets {self.manifest.root}")
+        return self.method.needs.pairs and has if mode == "auto" else mode == "replicate_sets"
 
     def start_logging(self) -> None:
         cfg = self.cfg
@@ -248,7 +264,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _next_batch(self) -> dict:
-        batch = next(self.batches)
+        from micon.data.pipeline import DataStreamError
+
+        try:
+            batch = next(self.batches)
+        except DataStreamError as e:   # re-raised from a loader worker with its traceback: keep the message
+            raise TrainingStopped(str(e).strip().splitlines()[-1].split("DataStreamError: ", 1)[-1]) from None
         self.state.data_position += 1
         self.counts_by_worker[batch["worker"]] = batch["counts"]
         return batch
@@ -304,7 +325,8 @@ class Trainer:
         }
 
     def data_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        """The rank's data counters, summed over its loader workers, cumulative over the run (resumes too)."""
+        counts: dict[str, int] = dict(self.counts_at_start)
         for c in self.counts_by_worker.values():
             for k, v in c.items():
                 counts[k] = counts.get(k, 0) + v
@@ -312,11 +334,12 @@ class Trainer:
 
     def report(self, metrics: dict) -> None:
         counts = self.data_counts()
-        lost = counts.get("corrupt", 0) + counts.get("incomplete", 0)
+        lost = counts.get("samples_lost", 0)
         if lost > self.reported_lost:
             self.reported_lost = lost
-            logging.getLogger("micon.data").warning("rank %d: %d corrupt or incomplete shard members skipped so far",
-                                                    self.rank, lost)
+            logging.getLogger("micon.data").warning(
+                "rank %d: %d samples lost to unreadable or truncated shards so far (%d shard passes damaged)",
+                self.rank, lost, counts.get("shards_damaged", 0))
         if self.rank != 0:
             return
         metrics = metrics | {f"data/{k}": v for k, v in counts.items()}
@@ -332,6 +355,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         from train import checkpoint
 
+        self.state.data_counts = self.data_counts()
         return checkpoint.save(self.engine, self.ckpt_root, self.state.step, asdict(self.state), to_dict(self.cfg),
                                self.record, self.cfg.keep_ckpts, self.rank)
 

@@ -38,6 +38,20 @@ class Screen:
     wells: pd.DataFrame      # Metadata_Source, Metadata_Plate, Metadata_Well, Metadata_JCP2022
     compounds: pd.DataFrame  # Metadata_JCP2022, Metadata_InChIKey, Metadata_InChI, Metadata_SMILES
 
+    def subsets(self, plates: list[str]) -> dict[str, "Screen"]:
+        """One small Screen per plate (its plate row, wells and their compounds), split in one pass, so
+        that a per-plate task gets only its own rows instead of re-reading the screen's tables."""
+        wells = self.wells[self.wells[schema.PLATE].isin(plates)]
+        by_plate = dict(tuple(wells.groupby(schema.PLATE, sort=False)))
+        cpd = self.compounds.set_index(schema.JCP, drop=False)
+        out = {}
+        for plate in plates:
+            w = by_plate.get(plate, self.wells.iloc[:0])
+            out[plate] = Screen(self.root, self.plates[self.plates[schema.PLATE] == plate].reset_index(drop=True),
+                                w.reset_index(drop=True),
+                                cpd[cpd.index.isin(w[schema.JCP].unique())].reset_index(drop=True))
+        return out
+
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     if not path.is_file():

@@ -13,6 +13,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,13 +65,29 @@ class StreamConfig:
     resample: bool = False         # draw shards with replacement instead of epoch by epoch
     preprocessing: Preprocessing = field(default_factory=Preprocessing)   # written once, shared with embedding
     include_poscon: bool = False   # positive controls as compounds too
+    replicate_sets: bool = False   # pairs and controls from replicate-set shards (else plate shards + pairer)
     splits: tuple[str, ...] = ("train",)
     seed: int = 0
     augment: Augment = field(default_factory=Augment)
 
 
+class DataStreamError(RuntimeError):
+    """The stream cannot continue (nothing readable); the message names the shards."""
+
+
+TAR_BLOCK = 512
+
+
+def tar_bytes(*payloads: bytes) -> int:
+    """Bytes a tar reader goes through for these members: a header block each plus padded data."""
+    return sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in payloads)
+
+
 class Counts(dict):
-    """Per-worker counters shipped to the trainer with every batch (corrupt members, fallbacks...)."""
+    """Per-worker counters shipped to the trainer with every batch, cumulative: images_read (every site
+    image read from storage, controls and plate-cache loads included), images_used (images placed into
+    a batch), bytes_read, examples, pairs_across_{source,batch,plate}, controls_{plate,batch,source},
+    samples_lost (corrupt or incomplete samples skipped)."""
 
     def add(self, key: str, n: int = 1) -> None:
         self[key] = self.get(key, 0) + n
@@ -83,8 +100,9 @@ class _Handler:
         self.counts = counts
 
     def __call__(self, exn: Exception) -> bool:
-        self.counts.add("corrupt")
-        log.warning("skipping corrupt shard data: %s", str(exn).split("\n")[0][:300])
+        self.counts.add("corrupt_reads")
+        log.warning("skipping unreadable shard data (the rest of that shard is lost): %s",
+                    str(exn).split("\n")[0][:300])
         return True
 
 
@@ -163,22 +181,26 @@ class ExampleStream(torch.utils.data.IterableDataset):
     # ---- planning: metadata only, no pixel decoded
     def _raw_samples(self, manifest: Manifest, slot: int, counts: Counts):
         shards = manifest.shard_paths()
+        expected = {sh["name"]: sh["n_samples"] for sh in manifest.data["shards"]}
         n_slots = self.world * self.num_workers
         for epoch in count():
             urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
             rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}")
             buf: list[dict] = []
+            usable, got = 0, {}
             for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
                 image_key = next((k for k in s if k.startswith("image.")), None)
+                counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
+                counts.add("images_read", int(image_key is not None))
                 if image_key is None or "json" not in s:
-                    counts.add("incomplete")
                     log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
                     continue
                 try:
                     meta = json.loads(s["json"])
                 except ValueError:
-                    counts.add("corrupt")
                     continue
+                usable += 1
+                self._tally(s["__url__"], got, expected, counts)
                 sample = dict(key=s["__key__"], meta=meta, blob=s[image_key], codec=image_key.split(".", 1)[1],
                               epoch=epoch)
                 # shuffle before decode: a reservoir of raw bytes
@@ -190,6 +212,41 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 yield sample
             rng.shuffle(buf)
             yield from buf
+            self._count_lost(urls, got, expected, counts)
+            self._check_epoch(usable, urls, slot, epoch)
+
+    @staticmethod
+    def _tally(url: str, got: dict, expected: dict, counts: Counts) -> None:
+        """One whole sample from `url`; when the stream moves on to another shard, the previous one is
+        settled: samples it should have held (manifest) but did not yield whole are counted as lost."""
+        last = got.get("__last__")
+        if last is not None and last != url:
+            ExampleStream._settle(last, got, expected, counts)
+        got["__last__"] = url
+        got[url] = got.get(url, 0) + 1
+
+    @staticmethod
+    def _settle(url: str, got: dict, expected: dict, counts: Counts) -> None:
+        if got.get(("settled", url)):
+            return
+        got[("settled", url)] = True
+        lost = expected.get(Path(url).name, 0) - got.get(url, 0)
+        if lost > 0:
+            counts.add("samples_lost", lost)
+            counts.add("shards_damaged")
+
+    @staticmethod
+    def _count_lost(urls: list[str], got: dict, expected: dict, counts: Counts) -> None:
+        """At the end of an epoch, settle every shard of it (one that yielded nothing included)."""
+        for u in urls:
+            ExampleStream._settle(u, got, expected, counts)
+
+    def _check_epoch(self, usable: int, urls: list[str], slot: int, epoch: int) -> None:
+        if usable == 0:
+            names = ", ".join(Path(u).name for u in urls[:5]) + (" ..." if len(urls) > 5 else "")
+            raise DataStreamError(f"epoch {epoch} of data stream {slot} (rank {self.rank}) read no usable sample "
+                                  f"from its {len(urls)} shards ({names}): they are unreadable or truncated. "
+                                  f"Rerun prep to rewrite them, or remove them from the shard set")
 
     def _keep(self, manifest: Manifest, meta: dict) -> bool:
         if manifest.split_of(meta) not in self.cfg.splits:
@@ -214,11 +271,90 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 if pair is None:
                     continue
                 example = pair
-            batch.append((example, (self.cfg.seed, slot, n)))
+            counts.add("examples")
+            counts.add("images_used", len(example))
+            batch.append((dict(views=[(x["blob"], x["codec"], x["meta"]) for x in example], controls=None,
+                               key=example[0]["key"]), (self.cfg.seed, slot, n)))
             n += 1
             if len(batch) == self.cfg.batch_size:
                 yield batch
                 batch = []
+
+    # ---- materialising: decode, controls, augment, collate
+    def _rset_samples(self, manifest: Manifest, slot: int, counts: Counts):
+        """Replicate-set samples of this slot's shards, shuffled as raw bytes before decoding."""
+        shards = manifest.replicate_set_paths()
+        expected = {sh["name"]: sh["n_samples"] for sh in manifest.replicate_sets["shards"]}
+        n_slots = self.world * self.num_workers
+        for epoch in count():
+            urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
+            rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}-rsets")
+            buf: list[dict] = []
+            usable, got = 0, {}
+            for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
+                counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
+                counts.add("images_read", sum(1 for k in s if not k.startswith("__") and k != "json"))
+                try:
+                    doc = json.loads(s["json"])
+                    members = [w["image"] for w in doc["wells"]] + [w["control"]["image"] for w in doc["wells"]
+                                                                     if w["control"]]
+                    missing = [m for m in members if m not in s]
+                except (KeyError, ValueError, TypeError):
+                    missing = ["json"]
+                if missing:
+                    log.warning("skipping incomplete replicate set %s in %s (missing %s)", s.get("__key__"),
+                                s.get("__url__"), ", ".join(missing[:3]))
+                    continue
+                usable += 1
+                self._tally(s["__url__"], got, expected, counts)
+                sample = dict(key=s["__key__"], doc=doc, blobs={m: s[m] for m in members})
+                if len(buf) < self.cfg.shuffle_buffer:
+                    buf.append(sample)
+                    continue
+                i = rng.randrange(len(buf))
+                buf[i], sample = sample, buf[i]
+                yield sample
+            rng.shuffle(buf)
+            yield from buf
+            self._count_lost(urls, got, expected, counts)
+            self._check_epoch(usable, urls, slot, epoch)
+
+    def _rset_plans(self, manifest: Manifest, slot: int, counts: Counts):
+        """Batches of example plans from replicate sets: every well of a sample in a pair (another source
+        preferred), its same-plate control beside it; no pairing buffer, no control-bank read."""
+        from micon.data.replicate_sets import pair_wells
+
+        roles = {schema.TREATED} | ({schema.POSCON} if self.cfg.include_poscon else set())
+        batch, n = [], 0
+        for sample in self._rset_samples(manifest, slot, counts):
+            doc = sample["doc"]
+            if doc["role"] not in roles:
+                continue
+            rng = np.random.default_rng([self.cfg.seed, slot, n, 3])
+            if doc.get("weight", 1.0) < 1.0 and rng.random() >= doc["weight"]:
+                continue          # a down-weighted compound is used in that share of its samples
+            wells = doc["wells"]
+            pairs = pair_wells([w["meta"] for w in wells], rng)
+            used = set()
+            for i, j, level in pairs:
+                views = [(sample["blobs"][wells[k]["image"]], doc["codec"], wells[k]["meta"]) for k in (i, j)]
+                used |= {wells[i]["image"], wells[j]["image"]}
+                controls = None
+                if self.cfg.needs.controls:
+                    controls = [(sample["blobs"][wells[k]["control"]["image"]], doc["codec"], wells[k]["meta"],
+                                 wells[k]["control"]["level"]) for k in (i, j)]
+                    used |= {wells[i]["control"]["image"], wells[j]["control"]["image"]}
+                    for k in (i, j):
+                        counts.add(f"controls_{wells[k]['control']['level']}")
+                counts.add(f"pairs_across_{level}")
+                counts.add("examples")
+                batch.append((dict(views=views, controls=controls, key=f"{sample['key']}:{i}-{j}"),
+                              (self.cfg.seed, slot, n)))
+                n += 1
+                if len(batch) == self.cfg.batch_size:
+                    yield batch
+                    batch = []
+            counts.add("images_used", len(used))
 
     # ---- materialising: decode, controls, augment, collate
     def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, graphs,
@@ -228,23 +364,30 @@ class ExampleStream(torch.utils.data.IterableDataset):
         for example, seed in plans:
             rng = np.random.default_rng(seed)
             if needs.pairs:    # one view per replicate site
-                views.append([aug(prep.decode(s["blob"], s["codec"], s["meta"][schema.PLATE]), rng) for s in example])
+                views.append([aug(prep.decode(blob, codec, meta[schema.PLATE]), rng)
+                              for blob, codec, meta in example["views"]])
             else:              # two augmentations of one site
-                img = prep.decode(example[0]["blob"], example[0]["codec"], example[0]["meta"][schema.PLATE])
+                blob, codec, meta = example["views"][0]
+                img = prep.decode(blob, codec, meta[schema.PLATE])
                 views.append([aug(img, rng), aug(img, rng)])
-            cids.append(example[0]["meta"][schema.JCP])
-            if bank is not None:
-                ctl = []
-                for s in example:
-                    m = s["meta"]
+            cids.append(example["views"][0][2][schema.JCP])
+            if not needs.controls:
+                continue
+            ctl = []
+            if example["controls"] is not None:       # co-located in the replicate set
+                for blob, codec, meta, level in example["controls"]:
+                    ctl.append(aug(prep.decode(blob, codec, meta[schema.PLATE]), rng))
+            else:                                     # drawn from the control bank
+                for _, _, m in example["views"]:
                     img, level = bank.draw(m[schema.PLATE], m[schema.BATCH], m[schema.SOURCE], rng)
-                    counts.add(f"control_{level}")
+                    counts.add(f"controls_{level}")
+                    counts.add("images_used")
                     # a control drawn from another plate is normalised with the treated site's plate
                     ctl.append(aug(prep(img, m[schema.PLATE]), rng))
-                controls.append(ctl)
+            controls.append(ctl)
         out = dict(views=torch.from_numpy(np.stack([np.stack(v) for v in views])),
                    labels=torch.tensor([self.compound_labels.get(c, -1) for c in cids], dtype=torch.long),
-                   compounds=cids, keys=[example[0]["key"] for example, _ in plans])
+                   compounds=cids, keys=[example["key"] for example, _ in plans])
         if controls:
             out["controls"] = torch.from_numpy(np.stack([np.stack(c) for c in controls]))
         if graphs is not None:
@@ -261,12 +404,15 @@ class ExampleStream(torch.utils.data.IterableDataset):
         manifest = Manifest.load(self.manifest_dir)
         prep = SitePreprocessor(manifest, self.cfg.preprocessing)
         counts = Counts()
-        bank = ControlBank(manifest.root) if self.cfg.needs.controls else None
+        bank = None
+        if self.cfg.needs.controls and not self.cfg.replicate_sets:
+            bank = ControlBank(manifest.root, counts=counts)
         graphs = None
         if self.graph_store and self.cfg.needs.graphs:
             from micon.chem.store import GraphStore
             graphs = GraphStore(self.graph_store)
-        for i, plans in enumerate(self._plans(manifest, slot, counts)):
+        plans_of = self._rset_plans if self.cfg.replicate_sets else self._plans
+        for i, plans in enumerate(plans_of(manifest, slot, counts)):
             if i < skip:
                 continue
             batch = self._materialise(plans, prep, bank, graphs, counts)

@@ -167,6 +167,19 @@ class Manifest:
     def plates_without_dmso(self) -> list[str]:
         return sorted(p for p, rec in self.data["plates"].items() if rec["stats"]["mean"] is None)
 
+    @property
+    def replicate_sets(self) -> dict | None:
+        """The replicate-set shards' manifest (replicate_sets/manifest.json), or None when not built."""
+        p = self.root / "replicate_sets" / "manifest.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def replicate_set_paths(self) -> list[str]:
+        rs = self.replicate_sets
+        if rs is None:
+            raise ManifestError(f"{self.root} has no replicate sets: run ./launch.sh rsets {self.root} (prep "
+                                f"builds them unless replicate_sets=false)")
+        return [str(self.root / "replicate_sets" / s["name"]) for s in rs["shards"]]
+
     def plate_stats(self, plate: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel DMSO (mean, std) of a plate, float64 [C] each. A plate without DMSO sites gets
         the screen-wide average of the other plates' statistics (the one fallback rule, used by
@@ -230,7 +243,7 @@ class ControlBank:
     (plate, batch, source, well, site, row). Same-plate lookups are O(1); the fallbacks to the
     same batch, then source, are for plates whose controls were all lost or held out."""
 
-    def __init__(self, root: str | Path, cache_plates: int = 16):
+    def __init__(self, root: str | Path, cache_plates: int = 16, counts: dict | None = None):
         """`cache_plates`: how many plates' DMSO sites to keep decoded in memory (LRU; 0 = read one
         site per draw). Plate-grouped shards keep a worker on a few plates at a time, so a small
         cache turns almost every draw into a memory lookup."""
@@ -241,6 +254,7 @@ class ControlBank:
         self._zarr = zarr.open_group(str(self.root / "control_bank.zarr"), mode="r")
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_plates = cache_plates
+        self.counts = counts      # images_read / bytes_read of every site loaded (micon.data.pipeline.Counts)
         counts = self.table.groupby(schema.PLATE).size()
         self.n_by_plate = counts.to_dict()
         first = self.table.drop_duplicates(schema.PLATE).set_index(schema.PLATE)
@@ -253,6 +267,7 @@ class ControlBank:
             self._cache.move_to_end(plate)
             return self._cache[plate]
         arr = np.asarray(self._zarr[plate][:])
+        self._count(arr)
         if self.cache_plates > 0:
             self._cache[plate] = arr
             if len(self._cache) > self.cache_plates:
@@ -262,7 +277,14 @@ class ControlBank:
     def get(self, plate: str, row: int) -> np.ndarray:
         if self.cache_plates > 0:
             return self.plate_images(plate)[row]
-        return np.asarray(self._zarr[plate][row])
+        arr = np.asarray(self._zarr[plate][row])
+        self._count(arr[None])
+        return arr
+
+    def _count(self, arr: np.ndarray) -> None:
+        if self.counts is not None:   # decoded bytes: the zarr chunks are stored uncompressed-equivalent
+            self.counts.add("images_read", len(arr))
+            self.counts.add("bytes_read", int(arr.nbytes))
 
     def draw(self, plate: str, batch: str, source: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         """A random DMSO site for a treated site: same plate, else same batch, else same source.

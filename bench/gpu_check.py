@@ -1,0 +1,148 @@
+"""The prepared GPU check: one command for a single-GPU machine, under 8 minutes, one table.
+
+    bash bench/gpu_check.sh                 (on the GPU machine, with the project's environment)
+    python bench/gpu_check.py --smoke       (a CPU dry run of the same plumbing, tiny everything)
+
+Rows: (1) each method's training step in bf16 on synthetic 5-channel 224 px tensors for ResNet-50 and
+ViT-S/16 (model only: images/s, peak memory); (2) a few DeepSpeed steps of each method with ZeRO 1 and
+ZeRO 2 in bf16, fed from shards of a synthetic screen stored at 256 px and cropped to 224 (images/s,
+data-wait share, peak memory, from the job's own metrics); (3) the Ray embed job on the GPU (sites/s).
+Writes the table to docs/BENCHMARKS.md ("GPU check") with the card's name. Tests never run it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._report import markdown_table, write_section  # noqa: E402
+
+BUDGET_S = 7.5 * 60
+
+
+def sh(args: list[str], log: Path, env: dict | None = None, timeout: float = 300) -> float:
+    """Run one job; its output goes to `log`; returns seconds; raises with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
+                                   "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} ... exited {proc.returncode}:\n{log.read_text()[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def train_row(work: Path, method: str, zero: int, preset: str, a) -> dict:
+    out = work / f"train-{method}-z{zero}-{preset}"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    args = [torchrun, "--standalone", "--nproc-per-node", "1", "-m", "train.run", "-", f"method={method}",
+            f"data.shards={work / 'shards'}", f"data.graphs={work / 'graphs'}", f"out={out}", f"steps={a.steps}",
+            f"micro_batch={a.batch}", f"engine.zero_stage={zero}", f"engine.precision={a.precision}",
+            f"model.preset={preset}", f"data.augment.crop={a.crop}", f"data.num_workers={a.workers}",
+            "data.shuffle_buffer=64", "data.pair_buffer=4096", "progress=false", "wandb.enabled=false",
+            f"ckpt_every={a.steps}", "optim.warmup_steps=1"]
+    if "vit" in preset:
+        args.append(f"model.img_size={a.crop}")
+    seconds = sh(args, work / f"{out.name}.log", timeout=240)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[2:] or rows          # the first steps compile kernels and fill the loader
+    final = json.loads((out / "final.json").read_text())
+    return {"part": "DeepSpeed from shards", "method": method, "preset": preset, "ZeRO": zero,
+            "precision": final["precision"], "images/s": f"{statistics.median(r['images_per_second'] for r in steady):.0f}",
+            "data-wait share": f"{statistics.median(r['data_wait_share'] for r in steady):.2f}",
+            "peak memory GB": f"{rows[-1]['memory_mb'] / 1024:.2f}", "wall s": f"{seconds:.0f}",
+            "final loss": f"{final['loss']:.3f}"}
+
+
+def synthetic_rows(a) -> list[dict]:
+    import torch
+
+    from bench.gpu_train import run
+    from micon.methods import METHODS
+
+    rows = []
+    for preset in a.presets:
+        for name in METHODS:
+            torch.cuda.empty_cache()
+            r = run(preset, a.batch, a.steps, method_name=name, size=a.crop)
+            rows.append({"part": "model only, synthetic tensors", "method": name, "preset": preset, "ZeRO": "-",
+                         "precision": "bf16 autocast", "images/s": f"{r['images/s']:.0f}", "data-wait share": "-",
+                         "peak memory GB": f"{r['peak GB']:.2f}", "wall s": "-", "final loss": "-"})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, 32 px, 2 steps")
+    ap.add_argument("--work", default="", help="scratch directory (default: a temporary one)")
+    a = ap.parse_args()
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not a.smoke:
+        print("gpu_check: no CUDA GPU here; run it on a GPU machine, or pass --smoke for a CPU dry run")
+        return 2
+    if a.smoke:
+        a.presets, a.crop, a.batch, a.steps, a.workers, a.precision, a.size = ["tiny"], 32, 4, 3, 0, "fp32", 64
+    else:
+        a.presets, a.crop, a.batch, a.steps, a.workers, a.precision, a.size = (
+            ["resnet50", "vit_small_patch16_224"], 224, 32, 8, min(8, max(1, (os.cpu_count() or 2) - 2)), "bf16", 256)
+    t_start = time.perf_counter()
+    work = Path(a.work or tempfile.mkdtemp(prefix="micon-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    print(f"gpu_check: scratch {work}; device {torch.cuda.get_device_name(0) if gpu else 'CPU (smoke)'}", flush=True)
+    sh([py, "-m", "data_prep.synth", str(work / "screen"), "preset=tiny", f"image_size={a.size}", "n_compounds=24",
+        "sites_per_well=3"], work / "synth.log")
+    sh([py, "-m", "data_prep.ingest", str(work / "screen"), str(work / "shards"), "shard_mb=1"], work / "prep.log")
+    sh([py, "-m", "data_prep.featurize", str(work / "screen" / "metadata" / "compound.csv.gz"), str(work / "graphs")],
+       work / "featurize.log")
+    print(f"gpu_check: screen, shards and graphs ready in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    rows = synthetic_rows(a) if gpu else []
+    from micon.methods import METHODS
+    plan = [(m, z, a.presets[0]) for m in METHODS for z in (1, 2)] + [("micon", 2, p) for p in a.presets[1:]]
+    for method, zero, preset in plan:
+        if time.perf_counter() - t_start > BUDGET_S:
+            rows.append({"part": "DeepSpeed from shards", "method": method, "preset": preset, "ZeRO": zero,
+                         "images/s": "skipped: time budget"})
+            continue
+        try:
+            rows.append(train_row(work, method, zero, preset, a))
+        except Exception as e:   # one failing configuration is a finding, not the end of the check
+            rows.append({"part": "DeepSpeed from shards", "method": method, "preset": preset, "ZeRO": zero,
+                         "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
+        print(f"gpu_check: {rows[-1]}", flush=True)
+
+    ckpt = work / f"train-micon-z1-{a.presets[0]}"
+    if (ckpt / "final.json").is_file():
+        n_sites = json.loads((work / "shards" / "manifest.json").read_text())["n_sites"]
+        t = sh([py, "-m", "evaluate.embed", str(ckpt), str(work / "shards"), str(work / "embed"), "batch_size=64"],
+               work / "embed.log")
+        rows.append({"part": "Ray embed job (incl. start-up)", "method": "micon", "preset": a.presets[0],
+                     "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{t:.0f}"})
+    columns = ["part", "method", "preset", "ZeRO", "precision", "images/s", "data-wait share", "peak memory GB",
+               "wall s", "final loss"]
+    table = markdown_table([{c: r.get(c, "") for c in columns} for r in rows])
+    print(table)
+    print(f"gpu_check: done in {time.perf_counter() - t_start:.0f} s")
+    if gpu:
+        write_section("GPU check", f"""`bash bench/gpu_check.sh`: 5 channels, crop {a.crop} px from shards stored at
+{a.size} px (synthetic screen), {a.batch} examples per step, {a.steps} steps per DeepSpeed run (median of steps 3+),
+{a.workers} loader workers; images/s counts every image of an example (MICON/PaCLR: 4, CLIP/SimCLR: 2).
+
+{table}""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

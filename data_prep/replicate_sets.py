@@ -1,0 +1,144 @@
+"""Replicate-set shards from plate shards: the last stage of prep, or a job of its own.
+
+    ./launch.sh rsets SHARDS [sites_per_well=N] [weights=FILE] [shard_mb=M] [include_poscon=true] [seed=S]
+
+Ray tasks index the plate shards (tar headers and JSON members only) into SHARDS/site_index.parquet,
+the planner groups each training compound's wells with a same-plate DMSO site per well
+(micon.data.replicate_sets), and one Ray task per output shard copies the encoded bytes by offset into
+SHARDS/replicate_sets/rset-NNNNN.tar. Compounds left out (fewer than two usable wells, weight 0) are
+listed in SHARDS/replicate_sets_report.csv. Restartable: a shard is renamed into place only when
+whole, and a rerun with the same inputs and options keeps finished shards and writes identical bytes;
+other options rebuild from scratch, saying so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from micon import schema
+from micon.config import ConfigError, load_config, save_config
+from micon.data.replicate_sets import (INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig, assign_shards,
+                                       index_shard, plan_fingerprint, plan_replicate_sets, write_shard)
+from micon.data.shards import Manifest, ManifestError, atomic_write_json
+from micon.raycluster import init_ray
+
+
+def read_weights(path: str) -> dict[str, float]:
+    p = Path(path)
+    try:
+        table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    except Exception as e:
+        raise ConfigError(f"weights={path}: cannot read it ({type(e).__name__}: {e}); expected a CSV or parquet "
+                          f"table with columns {schema.JCP}, weight") from None
+    if schema.JCP not in table.columns or "weight" not in table.columns:
+        raise ConfigError(f"weights={path} needs columns {schema.JCP} and weight; it has {list(table.columns)}")
+    return dict(zip(table[schema.JCP].astype(str), table["weight"].astype(float)))
+
+
+def site_index(root: Path, manifest: Manifest, ray) -> pd.DataFrame:
+    """The site index of every plate shard (reused when the shard set has not changed)."""
+    path, stamp_path = root / INDEX_FILE, root / (INDEX_FILE + ".json")
+    stamp = [[s["name"], s["bytes"]] for s in manifest.data["shards"]]
+    if path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return pd.read_parquet(path)
+    task = ray.remote(num_cpus=1)(index_shard)
+    refs = [task.remote(str(root / "shards" / s["name"])) for s in manifest.data["shards"]]
+    index = pd.DataFrame([r for chunk in ray.get(refs) for r in chunk])
+    tmp = path.with_name(path.name + ".tmp")
+    index.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    atomic_write_json(stamp_path, stamp)
+    return index
+
+
+def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool = True) -> dict:
+    """Build (or finish) the replicate-set shards of the shard set at `root`; returns their manifest."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    manifest = Manifest.load(root)
+    ray = init_ray(workers)
+    index = site_index(root, manifest, ray)
+    if cfg.shard_mb <= 0:   # as large as the plate shards
+        cfg = dataclasses.replace(cfg, shard_mb=float(manifest.data.get("shard_mb", 64.0)))
+    weights = read_weights(cfg.weights) if cfg.weights else None
+    fingerprint = plan_fingerprint(index, manifest.data["splits"], cfg, weights)
+    out = root / RSET_DIR
+    done_path = out / "manifest.json"
+    if done_path.is_file() and json.loads(done_path.read_text()).get("fingerprint") == fingerprint:
+        print(f"rsets: replicate sets in {out} are up to date ({fingerprint})", flush=True)
+        return json.loads(done_path.read_text())
+    plan_path = out / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()).get("fingerprint") != fingerprint:
+        print(f"rsets: {out} was built from other plate shards or options; rebuilding it", file=sys.stderr)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob("*.tmp"):
+        leftover.unlink()            # a killed writer's partial shard
+    samples, report = plan_replicate_sets(index, manifest.data["splits"], cfg, weights)
+    shards = assign_shards(samples, cfg.seed, cfg.shard_mb * 1e6)
+    names = [f"rset-{i:05d}.tar" for i in range(len(shards))]
+    atomic_write_json(plan_path, {"fingerprint": fingerprint, "shards": names})
+    report.to_csv(root / (REPORT_FILE + ".tmp"), index=False)
+    (root / (REPORT_FILE + ".tmp")).replace(root / REPORT_FILE)
+    todo = [i for i, n in enumerate(names) if not (out / n).is_file()]
+    print(f"rsets: {len(samples)} replicate sets of {len({s['compound'] for s in samples})} compounds in "
+          f"{len(shards)} shards, {len(shards) - len(todo)} already written, {len(todo)} to write; "
+          f"{len(report)} compounds left out (see {root / REPORT_FILE})", flush=True)
+    task = ray.remote(num_cpus=1, max_retries=0)(write_shard)
+    pending = {task.remote(shards[i], root / "shards", out / names[i]): i for i in todo}
+    bar = tqdm(total=len(todo), desc="rsets shards", unit="shard", disable=not progress)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            pending.pop(ref)
+            ray.get(ref)
+            bar.update()
+    bar.close()
+    records = []
+    for name, group in zip(names, shards):
+        p = out / name
+        records.append({"name": name, "n_samples": len(group), "bytes": p.stat().st_size,
+                        "n_images": sum(len(s["wells"]) + sum(e["c"] is not None for e in s["wells"]) for s in group)})
+    per_compound: dict[str, dict] = {}
+    for s in samples:
+        c = per_compound.setdefault(s["compound"], {"n_wells": len(s["wells"]), "n_slots": 0, "weight": s["weight"],
+                                                    "role": s["role"]})
+        c["n_slots"] += 1
+    levels = pd.Series([e["level"] for s in samples for e in s["wells"]]).value_counts().to_dict()
+    doc = {"fingerprint": fingerprint, "config": cfg.to_dict(), "format": "micon-replicate-sets", "version": 1,
+           "shards": records, "n_samples": len(samples), "n_images": sum(r["n_images"] for r in records),
+           "bytes": sum(r["bytes"] for r in records), "controls_by_level": levels,
+           "compounds": per_compound, "left_out": dict(zip(report[schema.JCP], report["reason"]))}
+    atomic_write_json(done_path, doc)
+    plan_path.unlink(missing_ok=True)
+    mb = doc["bytes"] / 1e6
+    print(f"rsets: wrote {len(samples)} replicate sets ({doc['n_images']} images, {mb:.1f} MB, "
+          f"{doc['bytes'] / max(doc['n_images'], 1) / 1e3:.1f} kB/image) in {len(records)} shards under {out} in "
+          f"{time.perf_counter() - t0:.1f} s; controls by level {levels}", flush=True)
+    return doc
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    root = Path(argv[0])
+    try:
+        cfg = load_config(ReplicateSetConfig, overrides=argv[1:])
+        build(root, cfg)
+    except (ConfigError, ManifestError) as e:
+        print(f"rsets: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    save_config(cfg, root / RSET_DIR / "rsets_config.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
