@@ -24,7 +24,8 @@ import pandas as pd
 from micon import schema
 from micon.config import ConfigError, load_config, save_config
 from micon.data.replicate_sets import (INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig, assign_shards,
-                                       index_shard, plan_fingerprint, plan_replicate_sets, write_shard)
+                                       index_shard, plan_fingerprint, plan_replicate_sets, resolve,
+                                       write_shard)
 from micon.data.shards import Manifest, ManifestError, atomic_write_json
 from micon.raycluster import init_ray
 
@@ -75,14 +76,16 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
         print(f"rsets: replicate sets in {out} are up to date ({fingerprint})", flush=True)
         return json.loads(done_path.read_text())
     plan_path = out / "plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()).get("fingerprint") != fingerprint:
-        print(f"rsets: {out} was built from other plate shards or options; rebuilding it", file=sys.stderr)
-        shutil.rmtree(out)
+    for p in (done_path, plan_path):     # built, or half-built, from other plate shards or options
+        if p.is_file() and json.loads(p.read_text()).get("fingerprint") != fingerprint:
+            print(f"rsets: {out} was made from other plate shards or options; rebuilding it", file=sys.stderr)
+            shutil.rmtree(out)
+            break
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob("*.tmp"):
         leftover.unlink()            # a killed writer's partial shard
     samples, report = plan_replicate_sets(index, manifest.data["splits"], cfg, weights)
-    shards = assign_shards(samples, cfg.seed, cfg.shard_mb * 1e6)
+    shards = assign_shards(samples, index["size"].to_numpy(), cfg.seed, cfg.shard_mb * 1e6)
     names = [f"rset-{i:05d}.tar" for i in range(len(shards))]
     atomic_write_json(plan_path, {"fingerprint": fingerprint, "shards": names})
     report.to_csv(root / (REPORT_FILE + ".tmp"), index=False)
@@ -92,7 +95,7 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
           f"{len(shards)} shards, {len(shards) - len(todo)} already written, {len(todo)} to write; "
           f"{len(report)} compounds left out (see {root / REPORT_FILE})", flush=True)
     task = ray.remote(num_cpus=1, max_retries=0)(write_shard)
-    pending = {task.remote(shards[i], root / "shards", out / names[i]): i for i in todo}
+    pending = {task.remote(resolve(shards[i], index), root / "shards", out / names[i]): i for i in todo}
     bar = tqdm(total=len(todo), desc="rsets shards", unit="shard", disable=not progress)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -105,13 +108,14 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
     for name, group in zip(names, shards):
         p = out / name
         records.append({"name": name, "n_samples": len(group), "bytes": p.stat().st_size,
-                        "n_images": sum(len(s["wells"]) + sum(e["c"] is not None for e in s["wells"]) for s in group)})
+                        "n_images": sum(len(s["t"]) + sum(c >= 0 for c in s["c"]) for s in group)})
     per_compound: dict[str, dict] = {}
     for s in samples:
-        c = per_compound.setdefault(s["compound"], {"n_wells": len(s["wells"]), "n_slots": 0, "weight": s["weight"],
+        c = per_compound.setdefault(s["compound"], {"n_wells": 0, "n_sets": 0, "weight": s["weight"],
                                                     "role": s["role"]})
-        c["n_slots"] += 1
-    levels = pd.Series([e["level"] for s in samples for e in s["wells"]]).value_counts().to_dict()
+        c["n_sets"] += 1
+        c["n_wells"] += len(s["t"]) if s["slot"] == 0 else 0
+    levels = pd.Series([lv for s in samples for lv in s["level"]]).value_counts().to_dict()
     doc = {"fingerprint": fingerprint, "config": cfg.to_dict(), "format": "micon-replicate-sets", "version": 1,
            "shards": records, "n_samples": len(samples), "n_images": sum(r["n_images"] for r in records),
            "bytes": sum(r["bytes"] for r in records), "controls_by_level": levels,

@@ -37,6 +37,11 @@ PRESETS: dict[str, dict] = {
                  dmso_wells=12, poscon_wells=3, sites_per_well=3, image_size=96, wells_per_plate=384),
     "small": dict(n_sources=4, batches_per_source=3, plates_per_batch=3, n_compounds=1500, replicates=4,
                   dmso_wells=32, poscon_wells=8, sites_per_well=4, image_size=256, wells_per_plate=384),
+    # cpg0016's replicate structure at toy pixel size: one well per compound per plate, 5 wells per compound
+    # spread over 8 sources, ~200 plates; minutes to write and ingest on 2 cores (data-path tests, benchmarks)
+    "jumplike": dict(n_sources=8, batches_per_source=4, plates_per_batch=6, n_compounds=1536, replicates=5,
+                     dmso_wells=8, poscon_wells=2, sites_per_well=2, image_size=32, wells_per_plate=96,
+                     cells_per_site=5.0),
     # JUMP-like plates (384-well, 9 sites, 1080 px) with nearly every molecule RDKit ships; hours
     "jump": dict(n_sources=8, batches_per_source=4, plates_per_batch=8, n_compounds=14000, replicates=5,
                  dmso_wells=28, poscon_wells=16, sites_per_well=9, image_size=1080, wells_per_plate=384),

@@ -47,6 +47,7 @@ class ReplicateSetConfig:
     """How `prep` groups sites into replicate sets (recorded with the shards; a change rebuilds them)."""
 
     sites_per_well: int = 0          # site slots per compound: 0 = as many as its best-imaged well has
+    max_wells_per_set: int = 16      # a compound with more wells (a positive control) is split into several sets
     include_poscon: bool = True      # positive controls get replicate sets too (training decides to use them)
     shard_mb: float = 0.0            # target replicate-set shard size (0 = the plate shards' shard_mb)
     weights: str = ""                # optional CSV/parquet: Metadata_JCP2022, weight (0 = leave the compound out)
@@ -84,34 +85,49 @@ def _stable(*parts) -> int:
 
 def plan_replicate_sets(index: pd.DataFrame, splits: dict, cfg: ReplicateSetConfig,
                         weights: dict[str, float] | None = None) -> tuple[list[dict], pd.DataFrame]:
-    """(samples, report). A sample: {key, compound, role, slot, weight, wells: [{t: row, c: row, level}]}
-    where rows are site-index records. The report lists every training compound left out, and why.
+    """(samples, report). A sample is {key, compound, role, slot, weight, t, c, level}: for each of its
+    wells the index row of the treated site (t), of its DMSO control (c, -1 if none) and the control's
+    level (plate, batch, source). Rows are positions in `index`, so a plan for millions of sites holds
+    integers, not records (see `resolve`). The report lists every training compound left out, and why.
 
     Only training sites are used (held-out sources, batches and compounds of the manifest's splits are
-    not); controls are DMSO sites of the well's own plate, else of its batch, else of its source."""
-    idx = index
-    heldout = (idx[schema.SOURCE].isin(splits.get("heldout_sources", []))
-               | idx[schema.BATCH].isin(splits.get("heldout_batches", [])))
-    idx = idx[~heldout]
+    not). A compound with more than `max_wells_per_set` wells (a positive control on every plate) is
+    split into sets of at most that many wells, so no sample grows with the number of plates."""
+    idx = index.reset_index(drop=True)
+    col = {c: idx[c].to_numpy() for c in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.JCP,
+                                          schema.ROLE)}
+    train = ~(np.isin(col[schema.SOURCE], splits.get("heldout_sources", []))
+              | np.isin(col[schema.BATCH], splits.get("heldout_batches", [])))
     roles = [schema.TREATED] + ([schema.POSCON] if cfg.include_poscon else [])
-    treated = idx[idx[schema.ROLE].isin(roles) & ~idx[schema.JCP].isin(splits.get("heldout_compounds", []))]
-    dmso = idx[idx[schema.ROLE] == schema.NEGCON].sort_values("key")
-    by_plate = {p: g.to_dict("records") for p, g in dmso.groupby(schema.PLATE, sort=False)}
-    by_batch = {b: g.to_dict("records") for b, g in dmso.groupby(schema.BATCH, sort=False)}
-    by_source = {s: g.to_dict("records") for s, g in dmso.groupby(schema.SOURCE, sort=False)}
+    treated = np.flatnonzero(train & np.isin(col[schema.ROLE], roles)
+                             & ~np.isin(col[schema.JCP], splits.get("heldout_compounds", [])))
+    dmso = idx.iloc[np.flatnonzero(col[schema.ROLE] == schema.NEGCON)].sort_values("key")
+    pools = {level: {k: g.index.to_numpy() for k, g in dmso.groupby(c, sort=False)}
+             for level, c in (("plate", schema.PLATE), ("batch", schema.BATCH), ("source", schema.SOURCE))}
 
-    def control(site: dict, cpd: str, slot: int):
-        for level, table, k in (("plate", by_plate, schema.PLATE), ("batch", by_batch, schema.BATCH),
-                                ("source", by_source, schema.SOURCE)):
-            cands = table.get(site[k])
-            if cands:
-                return cands[_stable(cfg.seed, cpd, site[schema.PLATE], site[schema.WELL], slot) % len(cands)], level
-        return None, "none"
+    def control(row: int, cpd: str, slot: int) -> tuple[int, str]:
+        for level, c in (("plate", schema.PLATE), ("batch", schema.BATCH), ("source", schema.SOURCE)):
+            cands = pools[level].get(col[c][row])
+            if cands is not None and len(cands):
+                return int(cands[_stable(cfg.seed, cpd, col[schema.PLATE][row], col[schema.WELL][row], slot)
+                                 % len(cands)]), level
+        return -1, "none"
+
+    t = idx.iloc[treated].sort_values([schema.JCP, schema.PLATE, schema.WELL, schema.SITE, "key"])
+    rows = t.index.to_numpy()
+    cpd_of, plate_of, well_of = (col[c][rows] for c in (schema.JCP, schema.PLATE, schema.WELL))
+    new_well = np.ones(len(rows), bool)
+    new_well[1:] = (cpd_of[1:] != cpd_of[:-1]) | (plate_of[1:] != plate_of[:-1]) | (well_of[1:] != well_of[:-1])
+    well_starts = np.flatnonzero(new_well)
+    well_rows = np.split(rows, well_starts[1:]) if len(rows) else []
+    well_cpd = cpd_of[well_starts] if len(rows) else np.array([])
+    cpd_starts = np.flatnonzero(np.r_[True, well_cpd[1:] != well_cpd[:-1]]) if len(well_cpd) else np.array([], int)
+    bounds = list(zip(cpd_starts, list(cpd_starts[1:]) + [len(well_cpd)]))
 
     samples, report = [], []
-    treated = treated.sort_values([schema.JCP, schema.PLATE, schema.WELL, schema.SITE, "key"])
-    for cpd, g in treated.groupby(schema.JCP, sort=True):
-        wells = [w.to_dict("records") for _, w in g.groupby([schema.PLATE, schema.WELL], sort=True)]
+    for lo, hi in bounds:
+        cpd = str(well_cpd[lo])
+        wells = well_rows[lo:hi]
         w = 1.0 if weights is None else float(weights.get(cpd, 0.0))
         if len(wells) < 2:
             report.append({schema.JCP: cpd, "n_wells": len(wells), "reason": f"{len(wells)} usable well (needs 2)"})
@@ -120,29 +136,44 @@ def plan_replicate_sets(index: pd.DataFrame, splits: dict, cfg: ReplicateSetConf
             report.append({schema.JCP: cpd, "n_wells": len(wells),
                            "reason": "weight 0" if weights and cpd in weights else "not in the weights table"})
             continue
+        groups = [wells]
+        if cfg.max_wells_per_set and len(wells) > cfg.max_wells_per_set:
+            order = np.random.default_rng([cfg.seed, _stable(cpd)]).permutation(len(wells))
+            n_groups = -(-len(wells) // cfg.max_wells_per_set)
+            groups = [[wells[i] for i in order[g::n_groups]] for g in range(n_groups)]
         n_slots = max(len(x) for x in wells)
         if cfg.sites_per_well > 0:
             n_slots = min(n_slots, cfg.sites_per_well)
-        role = wells[0][0][schema.ROLE]
-        for k in range(n_slots):
-            entries = []
-            for sites in wells:
-                t = sites[k % len(sites)]
-                c, level = control(t, cpd, k)
-                entries.append({"t": t, "c": c, "level": level})
-            samples.append({"key": f"{cpd}__s{k}".replace(".", "-"), "compound": cpd, "role": role, "slot": k,
-                            "weight": w, "wells": entries})
+        role = str(col[schema.ROLE][wells[0][0]])
+        for gi, group in enumerate(groups):
+            for k in range(n_slots):
+                tt = [int(sites[k % len(sites)]) for sites in group]
+                cc = [control(r, cpd, k) for r in tt]
+                key = f"{cpd}__s{k}" + (f"g{gi}" if len(groups) > 1 else "")
+                samples.append({"key": key.replace(".", "-"), "compound": cpd, "role": role, "slot": k,
+                                "weight": w, "t": tt, "c": [c for c, _ in cc], "level": [lv for _, lv in cc]})
     return samples, pd.DataFrame(report, columns=[schema.JCP, "n_wells", "reason"])
 
 
-def assign_shards(samples: list[dict], seed: int, shard_bytes: float) -> list[list[dict]]:
-    """Samples shuffled by seed (a compound's slots scatter), then cut into shards of about shard_bytes."""
+def resolve(samples: list[dict], index: pd.DataFrame) -> list[dict]:
+    """Samples with row positions -> samples with their wells' index records (what `write_shard` reads)."""
+    cols = ["key", "shard", "offset", "size", "codec", *META_COLUMNS]
+    idx = index.reset_index(drop=True)
+    needed = sorted({r for s in samples for r in s["t"] + [c for c in s["c"] if c >= 0]})
+    records = dict(zip(needed, idx.loc[needed, cols].to_dict("records")))
+    return [dict(s, wells=[{"t": records[t], "c": records[c] if c >= 0 else None, "level": lv}
+                           for t, c, lv in zip(s["t"], s["c"], s["level"])]) for s in samples]
+
+
+def assign_shards(samples: list[dict], sizes: np.ndarray, seed: int, shard_bytes: float) -> list[list[dict]]:
+    """Samples shuffled by seed (a compound's slots scatter), then cut into shards of about shard_bytes.
+    `sizes` are the index's member sizes (row position -> bytes)."""
     order = np.random.default_rng([seed, 7]).permutation(len(samples))
     shards, current, size = [], [], 0
     for i in order:
         s = samples[int(i)]
         current.append(s)
-        size += sum(e["t"]["size"] + (e["c"]["size"] if e["c"] else 0) for e in s["wells"])
+        size += int(sizes[s["t"]].sum()) + int(sizes[[c for c in s["c"] if c >= 0]].sum())
         if size >= shard_bytes:
             shards.append(current)
             current, size = [], 0
