@@ -96,7 +96,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   demo [OUT]                 end-to-end demo on a synthetic screen (everything under OUT, default runs/demo)
   test [PYTEST ARGS]         the test suite
   synth OUT [key=value ...]  write a synthetic Cell Painting screen in the JUMP (cpg0016) layout
-  prep SRC OUT [key=value]   JUMP layout -> WebDataset shards, DMSO control bank, channel stats
+  prep SRC OUT [key=value]   JUMP layout -> WebDataset shards, DMSO control bank, replicate sets
+  rsets SHARDS [key=value]   (re)build the replicate-set shards of a prep output (prep does it too)
   featurize COMPOUNDS OUT    Ray job: RDKit molecular graphs + fingerprints -> zarr
   train CONFIG [--nproc N] [key=value]
                              DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -
@@ -117,6 +118,7 @@ case "$cmd" in
   demo) setup; cd "$ROOT"; demo "${1:-runs/demo}" "${@:2}" ;;
   synth) setup; exec "$PY" -m data_prep.synth "$@" ;;
   prep) setup; exec "$PY" -m data_prep.ingest "$@" ;;
+  rsets) setup; exec "$PY" -m data_prep.replicate_sets "$@" ;;
   featurize) setup; exec "$PY" -m data_prep.featurize "$@" ;;
   train)
     # --nproc N anywhere in the arguments: N processes on this machine through torchrun

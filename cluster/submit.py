@@ -4,7 +4,7 @@
                       [--cpus-per-task C] [--time T] [--mem M] [--partition P] [--account A]
                       [--job-name NAME] [--site SITE.yaml] [--dry-run] [-- key=value ...]
 
-JOB is train (DeepSpeed, one srun task per GPU) or featurize, prep, embed, evaluate (Ray on Slurm).
+JOB is train (DeepSpeed, one srun task per GPU) or featurize, prep, rsets, embed, evaluate (Ray on Slurm).
 JOB ARGS are the job's own positional arguments (train: CONFIG; featurize: COMPOUNDS OUT; prep:
 SRC OUT; ...); everything after `--` is passed to the job as well. Site settings (partition,
 account, modules, container, python) come from cluster/site.yaml merged with --site/MICON_SITE.
@@ -46,6 +46,7 @@ JOBS = {
     "train": JobSpec("train.sbatch", "train.run", "CONFIG (a YAML file, or - for the defaults)"),
     "featurize": JobSpec("ray.sbatch", "data_prep.featurize", "COMPOUNDS OUT"),
     "prep": JobSpec("ray.sbatch", "data_prep.ingest", "SRC OUT"),
+    "rsets": JobSpec("ray.sbatch", "data_prep.replicate_sets", "SHARDS"),
     "embed": JobSpec("ray.sbatch", "evaluate.embed", "CKPT SHARDS OUT"),
     "evaluate": JobSpec("ray.sbatch", "evaluate.run", "(key=value only)"),
 }
@@ -162,7 +163,7 @@ class Request:
 
 # Keys whose values are paths: made absolute, because the job runs from the repository.
 PATH_KEYS = {"out", "shards", "graphs", "dir", "path", "root", "ckpt", "checkpoint", "config", "embeddings",
-             "compounds", "screen", "src"}
+             "compounds", "screen", "src", "weights"}
 
 
 def absolute_args(args: list[str], cwd: Path) -> list[str]:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from micon import schema
 from micon.config import ConfigError, load_config, save_config
-from micon.data.replicate_sets import (INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig, assign_shards,
+from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig, assign_shards,
                                        index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
 from micon.data.shards import Manifest, ManifestError, atomic_write_json
@@ -116,7 +116,8 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
         c["n_sets"] += 1
         c["n_wells"] += len(s["t"]) if s["slot"] == 0 else 0
     levels = pd.Series([lv for s in samples for lv in s["level"]]).value_counts().to_dict()
-    doc = {"fingerprint": fingerprint, "config": cfg.to_dict(), "format": "micon-replicate-sets", "version": 1,
+    doc = {"fingerprint": fingerprint, "config": cfg.to_dict(), "format": "micon-replicate-sets",
+           "version": FORMAT_VERSION,
            "shards": records, "n_samples": len(samples), "n_images": sum(r["n_images"] for r in records),
            "bytes": sum(r["bytes"] for r in records), "controls_by_level": levels,
            "compounds": per_compound, "left_out": dict(zip(report[schema.JCP], report["reason"]))}

@@ -16,7 +16,8 @@ import sys
 # job -> (module with main(argv), one-line description): the jobs of launch.sh
 JOBS = {
     "synth": ("data_prep.synth", "write a synthetic Cell Painting screen in the JUMP (cpg0016) layout"),
-    "prep": ("data_prep.ingest", "JUMP layout -> WebDataset shards, DMSO control bank, channel stats"),
+    "prep": ("data_prep.ingest", "JUMP layout -> WebDataset shards, DMSO control bank, replicate sets"),
+    "rsets": ("data_prep.replicate_sets", "(re)build the replicate-set shards of a prep output"),
     "featurize": ("data_prep.featurize", "Ray job: RDKit molecular graphs + fingerprints -> zarr"),
     "train": ("train.run", "DeepSpeed training (method=micon|paclr|clip|simclr) [--nproc N]"),
     "embed": ("evaluate.embed", "Ray Data embedding of shards with a trained image encoder"),

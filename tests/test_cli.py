@@ -14,7 +14,7 @@ MICON = str(Path(sys.executable).with_name("micon"))
 def test_console_script_lists_the_jobs(tmp_path):
     proc = subprocess.run([MICON, "--help"], capture_output=True, text=True, env=job_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for job in ("synth", "prep", "featurize", "train", "embed", "evaluate", "slurm"):
+    for job in ("synth", "prep", "rsets", "featurize", "train", "embed", "evaluate", "slurm"):
         assert f"  {job} " in proc.stdout
 
 
@@ -31,4 +31,4 @@ def test_unknown_job_and_bad_configuration(capsys):
     assert "unknown job 'trian'" in capsys.readouterr().err
     assert main(["train", "-", "method=nope", "data.shards=x"]) == 2
     assert "method='nope': choose one of micon, paclr, clip, simclr" in capsys.readouterr().err
-    assert set(JOBS) == {"synth", "prep", "featurize", "train", "embed", "evaluate", "slurm"}
+    assert set(JOBS) == {"synth", "prep", "rsets", "featurize", "train", "embed", "evaluate", "slurm"}

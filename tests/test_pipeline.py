@@ -49,9 +49,9 @@ def _batches(ds, workers, n):
     return list(itertools.islice(iter(loader), n))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_fast_forward_continues_exactly_where_the_stream_stopped(tiny_shards, workers):
-    cfg = StreamConfig(needs=get_method("paclr").needs, batch_size=4, shuffle_buffer=16)
+@pytest.mark.parametrize("workers,rsets", [(0, False), (2, False), (0, True), (2, True)])
+def test_fast_forward_continues_exactly_where_the_stream_stopped(tiny_shards, workers, rsets):
+    cfg = StreamConfig(needs=get_method("paclr").needs, batch_size=4, shuffle_buffer=16, replicate_sets=rsets)
     full = _batches(ExampleStream(str(tiny_shards), cfg, 0, 1, workers), workers, 7)
     resumed = _batches(ExampleStream(str(tiny_shards), cfg, 0, 1, workers, skip_batches=3), workers, 4)
     for a, b in zip(full[3:], resumed):

@@ -86,7 +86,8 @@ def tar_bytes(*payloads: bytes) -> int:
 class Counts(dict):
     """Per-worker counters shipped to the trainer with every batch, cumulative: images_read (every site
     image read from storage, controls and plate-cache loads included), images_used (images placed into
-    a batch), bytes_read, examples, pairs_across_{source,batch,plate}, controls_{plate,batch,source},
+    a batch), bytes_read (tar bytes, headers included), bytes_used (the payload of the images used), examples,
+    pairs_across_{source,batch,plate}, controls_{plate,batch,source},
     samples_lost (corrupt or incomplete samples skipped)."""
 
     def add(self, key: str, n: int = 1) -> None:
@@ -273,6 +274,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 example = pair
             counts.add("examples")
             counts.add("images_used", len(example))
+            counts.add("bytes_used", sum(len(x["blob"]) for x in example))
             batch.append((dict(views=[(x["blob"], x["codec"], x["meta"]) for x in example], controls=None,
                                key=example[0]["key"]), (self.cfg.seed, slot, n)))
             n += 1
@@ -293,21 +295,22 @@ class ExampleStream(torch.utils.data.IterableDataset):
             usable, got = 0, {}
             for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
                 counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
-                counts.add("images_read", sum(1 for k in s if not k.startswith("__") and k != "json"))
+                counts.add("images_read", s["json"].count(b'"image"') if "json" in s else 0)
                 try:
-                    doc = json.loads(s["json"])
-                    members = [w["image"] for w in doc["wells"]] + [w["control"]["image"] for w in doc["wells"]
-                                                                     if w["control"]]
-                    missing = [m for m in members if m not in s]
-                except (KeyError, ValueError, TypeError):
-                    missing = ["json"]
-                if missing:
-                    log.warning("skipping incomplete replicate set %s in %s (missing %s)", s.get("__key__"),
-                                s.get("__url__"), ", ".join(missing[:3]))
+                    doc, pack = json.loads(s["json"]), s["pack"]
+                    for w in doc["wells"]:          # the compound's fields are stored once per sample
+                        w["meta"].update(doc["shared"])
+                    spans = [tuple(w["image"]) for w in doc["wells"]] + [tuple(w["control"]["image"])
+                                                                         for w in doc["wells"] if w["control"]]
+                    if max(o + n for o, n in spans) > len(pack):
+                        raise ValueError("pack shorter than its images")
+                except (KeyError, ValueError, TypeError) as e:
+                    log.warning("skipping incomplete replicate set %s in %s (%s)", s.get("__key__"), s.get("__url__"),
+                                str(e)[:100])
                     continue
                 usable += 1
                 self._tally(s["__url__"], got, expected, counts)
-                sample = dict(key=s["__key__"], doc=doc, blobs={m: s[m] for m in members})
+                sample = dict(key=s["__key__"], doc=doc, blobs={sp: pack[sp[0]:sp[0] + sp[1]] for sp in spans})
                 if len(buf) < self.cfg.shuffle_buffer:
                     buf.append(sample)
                     continue
@@ -337,13 +340,13 @@ class ExampleStream(torch.utils.data.IterableDataset):
             pairs = pair_wells([w["meta"] for w in wells], rng)
             used = set()
             for i, j, level in pairs:
-                views = [(sample["blobs"][wells[k]["image"]], doc["codec"], wells[k]["meta"]) for k in (i, j)]
-                used |= {wells[i]["image"], wells[j]["image"]}
+                views = [(sample["blobs"][tuple(wells[k]["image"])], doc["codec"], wells[k]["meta"]) for k in (i, j)]
+                used |= {tuple(wells[i]["image"]), tuple(wells[j]["image"])}
                 controls = None
                 if self.cfg.needs.controls:
-                    controls = [(sample["blobs"][wells[k]["control"]["image"]], doc["codec"], wells[k]["meta"],
-                                 wells[k]["control"]["level"]) for k in (i, j)]
-                    used |= {wells[i]["control"]["image"], wells[j]["control"]["image"]}
+                    controls = [(sample["blobs"][tuple(wells[k]["control"]["image"])], doc["codec"],
+                                 wells[k]["meta"], wells[k]["control"]["level"]) for k in (i, j)]
+                    used |= {tuple(wells[i]["control"]["image"]), tuple(wells[j]["control"]["image"])}
                     for k in (i, j):
                         counts.add(f"controls_{wells[k]['control']['level']}")
                 counts.add(f"pairs_across_{level}")
@@ -355,6 +358,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
                     yield batch
                     batch = []
             counts.add("images_used", len(used))
+            counts.add("bytes_used", sum(len(sample["blobs"][m]) for m in used))
 
     # ---- materialising: decode, controls, augment, collate
     def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, graphs,
@@ -374,7 +378,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             if not needs.controls:
                 continue
             ctl = []
-            if example["controls"] is not None:       # co-located in the replicate set
+            if example["controls"] is not None:       # co-located; normalised with the treated site's plate
                 for blob, codec, meta, level in example["controls"]:
                     ctl.append(aug(prep.decode(blob, codec, meta[schema.PLATE]), rng))
             else:                                     # drawn from the control bank
@@ -382,6 +386,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
                     img, level = bank.draw(m[schema.PLATE], m[schema.BATCH], m[schema.SOURCE], rng)
                     counts.add(f"controls_{level}")
                     counts.add("images_used")
+                    counts.add("bytes_used", int(img.nbytes))
                     # a control drawn from another plate is normalised with the treated site's plate
                     ctl.append(aug(prep(img, m[schema.PLATE]), rng))
             controls.append(ctl)

@@ -3,9 +3,9 @@
 In cpg0016 a compound's ~5 wells lie on ~5 plates, mostly in different sources, so a stream of plate
 shards meets them thousands of plates apart. A replicate-set sample brings them together on purpose:
 
-    one WebDataset sample per (compound, site slot k):  {key}.json
-        {key}.t{i}.{codec}   site k (cycled when a well has fewer) of the compound's well i
-        {key}.c{i}.{codec}   a DMSO site from well i's own plate (else its batch, then its source)
+    one WebDataset sample per (compound, site slot k):  {key}.json + {key}.pack, the pack holding
+        site k (cycled when a well has fewer) of each of the compound's wells, and beside each
+        a DMSO site from that well's own plate (else its batch, then its source), encoded, back to back
 
 Why a slot and not the whole compound: one example uses two wells and one site of each, so a
 sample holding every site of every well would be read to use a few percent of it. One slot of every
@@ -39,7 +39,10 @@ INDEX_FILE = "site_index.parquet"
 REPORT_FILE = "replicate_sets_report.csv"
 META_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
                 schema.SMILES, schema.ROLE)
+WELL_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE)
+COMPOUND_COLUMNS = (schema.JCP, schema.INCHIKEY, schema.SMILES, schema.ROLE)
 PAIR_LEVELS = ("source", "batch", "plate", "well")
+FORMAT_VERSION = 3          # 2: one `.pack` member per sample; 3: compound fields once per sample
 
 
 @dataclass
@@ -187,59 +190,64 @@ def plan_fingerprint(index: pd.DataFrame, splits: dict, cfg: ReplicateSetConfig,
     h = hashlib.sha256()
     cols = ["key", "shard", "offset", "size", "codec", *META_COLUMNS]
     h.update(pd.util.hash_pandas_object(index[cols].sort_values("key"), index=False).values.tobytes())
-    h.update(json.dumps([splits, cfg.to_dict(), sorted((weights or {}).items())], sort_keys=True, default=str).encode())
+    h.update(json.dumps([FORMAT_VERSION, splits, cfg.to_dict(), sorted((weights or {}).items())], sort_keys=True,
+                        default=str).encode())
     return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------- writing
 
-def _sample_json(s: dict, codec: str) -> dict:
-    meta = lambda r: {c: r[c] for c in META_COLUMNS}  # noqa: E731
-    return {"compound": s["compound"], "role": s["role"], "slot": s["slot"], "weight": s["weight"], "codec": codec,
-            "wells": [{"meta": meta(e["t"]), "image": f"t{i}.{codec}",
-                       "control": None if e["c"] is None else {"meta": meta(e["c"]), "image": f"c{i}.{codec}",
-                                                               "level": e["level"]}}
-                      for i, e in enumerate(s["wells"])]}
-
-
 def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
     """Copy the encoded site bytes of `samples` from the plate shards into one tar at `dst` (temporary
-    name, then rename; tar headers carry no time or owner, so a rerun writes identical bytes)."""
-    reads: dict[str, list[tuple[int, int, str]]] = defaultdict(list)   # plate shard -> (offset, size, member)
-    members: dict[str, bytes] = {}
-    for s in samples:
+    name, then rename; tar headers carry no time or owner, so a rerun writes identical bytes).
+
+    A sample is two members: `{key}.json` (the wells' Metadata_*, control levels, and where each image
+    lies in the pack) and `{key}.pack` (the encoded images back to back: treated site i at
+    wells[i].image = [offset, size], its control at wells[i].control.image). One member for all images
+    keeps tar headers (512 bytes each) from costing more than small images themselves."""
+    reads: dict[str, list[tuple[int, int, tuple]]] = defaultdict(list)   # plate shard -> (offset, size, id)
+    for si, s in enumerate(samples):
         for i, e in enumerate(s["wells"]):
             for tag, row in (("t", e["t"]), ("c", e["c"])):
                 if row is not None:
-                    reads[row["shard"]].append((int(row["offset"]), int(row["size"]),
-                                                f"{s['key']}.{tag}{i}.{row['codec']}"))
+                    reads[row["shard"]].append((int(row["offset"]), int(row["size"]), (si, i, tag)))
+    data: dict[tuple, bytes] = {}
     for shard, wanted in reads.items():
         with open(plate_shards / shard, "rb") as fh:
-            for offset, size, name in sorted(wanted):
+            for offset, size, ident in sorted(wanted):
                 fh.seek(offset)
-                data = fh.read(size)
-                if len(data) != size:
-                    raise OSError(f"{plate_shards / shard} is truncated: member {name} at byte {offset} needs {size} "
-                                  f"bytes, got {len(data)}; rerun prep for its plate")
-                members[name] = data
+                blob = fh.read(size)
+                if len(blob) != size:
+                    raise OSError(f"{plate_shards / shard} is truncated: a site at byte {offset} needs {size} "
+                                  f"bytes, got {len(blob)}; rerun prep for its plate")
+                data[ident] = blob
+    # per well only what varies between wells; the compound's own fields once per sample
+    meta = lambda r: {c: r[c] for c in WELL_COLUMNS}  # noqa: E731
     tmp = dst.with_name(dst.name + ".tmp")
     n_images = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        def add(name: str, data: bytes) -> None:
+        def add(name: str, payload: bytes) -> None:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
             info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, io.BytesIO(payload))
 
-        for s in samples:
-            codec = s["wells"][0]["t"]["codec"]
-            add(f"{s['key']}.json", json.dumps(_sample_json(s, codec), sort_keys=True).encode())
+        for si, s in enumerate(samples):
+            pack, wells = bytearray(), []
             for i, e in enumerate(s["wells"]):
-                add(f"{s['key']}.t{i}.{e['t']['codec']}", members[f"{s['key']}.t{i}.{e['t']['codec']}"])
-                n_images += 1
+                entry = {"meta": meta(e["t"]), "image": [len(pack), len(data[(si, i, "t")])], "control": None}
+                pack += data[(si, i, "t")]
                 if e["c"] is not None:
-                    add(f"{s['key']}.c{i}.{e['c']['codec']}", members[f"{s['key']}.c{i}.{e['c']['codec']}"])
-                    n_images += 1
+                    entry["control"] = {"meta": meta(e["c"]), "image": [len(pack), len(data[(si, i, "c")])],
+                                        "level": e["level"]}
+                    pack += data[(si, i, "c")]
+                wells.append(entry)
+            n_images += len(s["wells"]) + sum(e["c"] is not None for e in s["wells"])
+            first = s["wells"][0]["t"]
+            doc = {"compound": s["compound"], "role": s["role"], "slot": s["slot"], "weight": s["weight"],
+                   "codec": first["codec"], "shared": {c: first[c] for c in COMPOUND_COLUMNS}, "wells": wells}
+            add(f"{s['key']}.json", json.dumps(doc, sort_keys=True).encode())
+            add(f"{s['key']}.pack", bytes(pack))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, dst)

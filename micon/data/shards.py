@@ -178,6 +178,10 @@ class Manifest:
         if rs is None:
             raise ManifestError(f"{self.root} has no replicate sets: run ./launch.sh rsets {self.root} (prep "
                                 f"builds them unless replicate_sets=false)")
+        from micon.data.replicate_sets import FORMAT_VERSION as RSET_VERSION
+        if rs.get("version") != RSET_VERSION:
+            raise ManifestError(f"{self.root / 'replicate_sets'} has format version {rs.get('version')}, this code "
+                                f"reads {RSET_VERSION}: rebuild them with ./launch.sh rsets {self.root}")
         return [str(self.root / "replicate_sets" / s["name"]) for s in rs["shards"]]
 
     def plate_stats(self, plate: str) -> tuple[np.ndarray, np.ndarray]:
