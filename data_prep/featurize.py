@@ -201,8 +201,10 @@ def consolidate(out: Path, part_paths: list[Path], cfg: FeaturizeConfig, input_d
         c, g = read_part(p)
         cols.append(c)
         graphs.append(g)
+    for c in cols:   # parts written before structures were flagged
+        c.setdefault("flags", np.full(len(c["status"]), "", dtype=str))
     index = pd.DataFrame({k: np.concatenate([c[k] for c in cols]) for k in cols[0]}) if cols else \
-        pd.DataFrame({k: pd.Series(dtype=str) for k in INDEX_COLUMNS[:4]})
+        pd.DataFrame({k: pd.Series(dtype=str) for k in INDEX_COLUMNS[:5]})
     all_graphs = RaggedGraphs.concat(graphs) if graphs else RaggedGraphs.from_encoded([], [], cfg.n_bits)
     order = np.argsort(index[schema.JCP].to_numpy(), kind="stable")
     index = index.iloc[order].reset_index(drop=True)
@@ -290,6 +292,11 @@ def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
         print(f"featurize: {len(failed)} of {len(index)} compounds have no graph, for example:")
         for r in failed.head(5).itertuples(index=False):
             print(f"  {r.Metadata_JCP2022}: {r.reason}")
+    flagged = index[(index.status == OK) & (index["flags"] != "")]
+    if len(flagged):
+        print(f"featurize: {len(flagged)} compounds are metal-containing or inorganic, kept whole and flagged in "
+              f"{out / INDEX_NAME} (column flags), for example: " + ", ".join(
+                  f"{r.Metadata_JCP2022} ({r.flags})" for r in flagged.head(3).itertuples(index=False)))
     timing = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
     print(summary_line(counts, out, time.time() - t0, cfg,
                        f"{len(pending)} of {len(chunks)} chunks featurised, {len(chunks) - len(pending)} reused; "

@@ -28,6 +28,7 @@ from micon.raycluster import init_ray
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits, atomic_write_json
 
 REPORT = "ingest_report.csv"
+PLATE_LEVEL_PROBLEMS = ("missing_channel", "missing_load_data", "bad_illum")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class IngestConfig:
     plates: list[str] = field(default_factory=list)  # only these plates (default: every COMPOUND plate)
     plate_types: list[str] = field(default_factory=lambda: ["COMPOUND", "TARGET2", "DMSO", "POSCON8"])
     workers: int = 0                # Ray CPUs for the local cluster (0 = all cores)
+    rebuild: bool = False           # redo plates made with other output options (else refuse)
     seed: int = 0
     heldout_compound_fraction: float = 0.2
     heldout_sources: int = 0
@@ -61,17 +63,44 @@ class IngestConfig:
             raise ConfigError("need 0 <= p_low < p_high <= 100")
 
 
-def plate_done(out: Path, plate: str) -> dict | None:
-    """The plate's record if the plate is complete (record present and every shard whole)."""
+def output_options(cfg: IngestConfig) -> dict:
+    """The options that shape a plate's stored sites: plates made with others cannot share a shard set."""
+    return dict(codec=cfg.codec, image_size=cfg.image_size, resize=cfg.resize, p_low=cfg.p_low, p_high=cfg.p_high,
+                illum=cfg.illum, channels=list(schema.CHANNELS))
+
+
+class OptionsMismatch(RuntimeError):
+    pass
+
+
+def plate_done(out: Path, plate: str, options: dict | None = None) -> dict | None:
+    """The plate's record if the plate is complete (record present and every shard whole). With
+    `options`, a plate made with other output options raises OptionsMismatch naming them."""
     rec_path = out / "plates" / f"{plate}.json"
     if not rec_path.is_file():
         return None
     rec = json.loads(rec_path.read_text())
+    if options is not None and rec.get("options") != options:
+        made = rec.get("options") or {}
+        diff = [f"{k}={made.get(k, '?')} (now {v})" for k, v in options.items() if made.get(k) != v]
+        raise OptionsMismatch(f"plate {plate} was made with {', '.join(diff) or 'options this version does not record'}")
     for s in rec["shards"]:
         p = out / "shards" / s["name"]
         if not p.is_file() or p.stat().st_size != s["bytes"]:
             return None
     return rec
+
+
+def plates_todo(out: Path, plates: list[str], options: dict) -> list[str]:
+    """Plates not finished with these options (other options count as not finished)."""
+    todo = []
+    for p in plates:
+        try:
+            if plate_done(out, p, options) is None:
+                todo.append(p)
+        except OptionsMismatch:
+            todo.append(p)
+    return todo
 
 
 def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, progress=None) -> dict:
@@ -88,7 +117,10 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     writer = ShardWriter(out_p / "shards", plate, cfg.codec, int(cfg.shard_mb * 1e6))
     illum_cache: dict[str, np.ndarray] = {}
     negcon_images, negcon_rows = [], []
-    expected_shape = None
+    # the plate's image shape: what most of its first images share, not whatever image comes first
+    from micon.data.imaging import majority_shape
+    expected_shape = majority_shape([p for r in sites.head(5).itertuples(index=False)
+                                     for p in (getattr(r, f"path_{ch}") for ch in schema.CHANNELS)])
     n_written = 0
     try:
         for i, r in enumerate(sites.itertuples(index=False)):
@@ -151,7 +183,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     record = dict(plate=plate, source=str(sites[schema.SOURCE].iloc[0]) if len(sites) else "",
                   batch=str(sites[schema.BATCH].iloc[0]) if len(sites) else "", n_sites=n_written,
                   n_by_role={k: int(v) for k, v in roles.items()}, shards=shards, stats=stats,
-                  controls=negcon_rows, problems=problems,
+                  controls=negcon_rows, problems=problems, options=output_options(cfg),
                   image_shape=list(negcon_images[0].shape) if negcon_images else None)
     atomic_write_json(out_p / "plates" / f"{plate}.json", record)
     return record
@@ -210,7 +242,23 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
         return 2
     for d in ("shards", "plates", "control_bank.zarr"):
         (out / d).mkdir(parents=True, exist_ok=True)
-    todo = [p for p in plates if plate_done(out, p) is None]
+    options = output_options(cfg)
+    todo, mismatched = [], []
+    for p in plates:
+        try:
+            if plate_done(out, p, options) is None:
+                todo.append(p)
+        except OptionsMismatch as e:
+            mismatched.append(str(e))
+    if mismatched and not cfg.rebuild:
+        print(f"prep: {out} already holds {len(mismatched)} plate(s) made with other options, and one shard set "
+              f"cannot mix them: {'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}. Rerun with "
+              f"the same options to finish it, write to another OUT, or pass rebuild=true to redo those plates",
+              file=sys.stderr)
+        return 2
+    if mismatched:
+        print(f"prep: rebuild=true: redoing {len(mismatched)} plate(s) made with other options", file=sys.stderr)
+        todo = plates_todo(out, plates, options)
     print(f"prep: {len(plates)} plates in {src}, {len(plates) - len(todo)} already done, {len(todo)} to ingest "
           f"[codec={cfg.codec} image_size={cfg.image_size or 'source'} on_error={cfg.on_error}]", flush=True)
     failures: list[tuple[str, str]] = []
@@ -245,16 +293,24 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
                     ray.get(ref)
                 except Exception as e:  # the task's IngestError, re-raised by Ray
                     cause = getattr(e, "cause", None) or e
-                    failures.append((plate, str(cause).splitlines()[0] if str(cause) else repr(cause)))
+                    failures.append((plate, str(cause).splitlines()[0] if str(cause) else repr(cause),
+                                     getattr(cause, "kind", "")))
                 plate_bar.update()
         site_bar.close()
         plate_bar.close()
     if failures:
-        for plate, msg in failures:
+        for plate, msg, _ in failures:
             print(f"prep: plate {plate} failed, nothing written for it: {msg}", file=sys.stderr)
         done_n = len(plates) - len(failures)
-        print(f"prep: {done_n} of {len(plates)} plates are done and kept; fix the input (or pass on_error=skip) "
-              f"and rerun the same command to finish the rest", file=sys.stderr)
+        # a missing channel or load_data concerns the whole plate: on_error=skip cannot skip part of it
+        whole = sorted(p for p, _, kind in failures if kind in PLATE_LEVEL_PROBLEMS)
+        hint = ("fix the input (or pass on_error=skip to drop bad sites)" if cfg.on_error == "stop" and
+                len(whole) < len(failures) else "fix the input")
+        if whole:
+            hint += (f"; {len(whole)} plate(s) have a whole-plate problem that on_error=skip cannot skip: fix their "
+                     f"load_data, or leave them out by listing the other plates in plates=[...]")
+        print(f"prep: {done_n} of {len(plates)} plates are done and kept; {hint}, and rerun the same command to "
+              f"finish the rest", file=sys.stderr)
         return 1
     m = finalize(src, out, cfg, plates)
     no_dmso = sorted(p for p, rec in m["plates"].items() if rec["stats"]["mean"] is None)

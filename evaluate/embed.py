@@ -9,7 +9,9 @@ OUT/embeddings.zarr ([sites, dim] float32) and OUT/sites.parquet (Metadata_* col
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import ConfigError, load_config, save_config
 from micon.data.preprocess import Preprocessing, SitePreprocessor
 from micon.data.shards import Manifest, ManifestError, read_tar_samples
-from micon.embeddings import META_COLUMNS, EmbeddingError, part_path, read_part, write_consolidated, write_part
+from micon.embeddings import (META_COLUMNS, EmbeddingError, describe_identity, identity_difference, identity_key,
+                              part_path, read_part, sha256_file, write_consolidated, write_part)
 from micon.raycluster import init_ray
 
 
@@ -32,6 +35,7 @@ class EmbedConfig:
     workers: int = 0          # actors (0 = one per GPU, else 2 CPU actors)
     batch_size: int = 64      # sites per forward pass
     threads: int = 1          # torch threads per CPU actor
+    overwrite: bool = False   # replace embeddings of another model or shard set found in OUT (else refuse)
 
 
 class SiteEncoder:
@@ -74,7 +78,8 @@ def check_channels(trained: list[str], manifest: Manifest) -> None:
                               f"hold {manifest.channels}: re-ingest them in the training order")
 
 
-def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, channels: int) -> dict:
+def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, channels: int,
+                identity: str = "") -> dict:
     rows, embs, images, plates = [], [], [], []
 
     def flush():
@@ -91,35 +96,75 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
             flush()
     flush()
     emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
-    write_part(part_path(out, shard), emb, rows)
+    write_part(part_path(out, shard), emb, rows, identity)
     return {"shard": shard, "rows": len(rows)}
 
 
 class ShardEmbedder:
     """Ray Data actor: one model per actor, one shard per call."""
 
-    def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int):
+    def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int, identity: str):
         self.encoder = SiteEncoder(ckpt, manifest_dir, threads)
-        self.out, self.batch_size = Path(out), batch_size
+        self.out, self.batch_size, self.identity = Path(out), batch_size, identity
 
     def __call__(self, batch: dict) -> dict:
-        done = [embed_shard(self.encoder, s, self.out, self.batch_size, len(self.encoder.manifest.channels))
+        done = [embed_shard(self.encoder, s, self.out, self.batch_size, len(self.encoder.manifest.channels),
+                            self.identity)
                 for s in batch["shard"]]
         return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done])}
 
 
-def consolidate(out: Path, manifest: Manifest, ckpt: str) -> dict:
+def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict) -> dict:
     embs, metas = [], []
+    key = identity_key(identity)
     for s in manifest.data["shards"]:
-        e, m = read_part(part_path(out, s["name"]), s["n_samples"])
+        e, m = read_part(part_path(out, s["name"]), s["n_samples"], key)
         embs.append(e)
         metas.append(m)
     return write_consolidated(out, np.concatenate(embs), pd.concat(metas, ignore_index=True),
-                              dict(checkpoint=str(ckpt), shards=str(manifest.root)))
+                              dict(checkpoint=str(ckpt), shards=str(manifest.root), identity=identity,
+                                   identity_key=key, method=identity["model"].get("method", "handcrafted")))
+
+
+def embedding_identity(ckpt: str, manifest: Manifest, checkpoint=None) -> dict:
+    """What makes these embeddings: the model (checkpoint file hash, or the hand-crafted featuriser), the
+    shard set (its manifest's hash) and the preprocessing. Parts and embed.json carry it."""
+    shards = {"path": str(manifest.root), "sha256": sha256_file(manifest.root / "manifest.json")}
+    if checkpoint is None:
+        from micon.eval.handcrafted import feature_names
+        model = {"featuriser": "handcrafted", "method": "handcrafted",
+                 "features": identity_key({"names": feature_names(manifest.channels)})}
+    else:
+        model = {"method": checkpoint.record.method, "path": str(checkpoint.path), "step": checkpoint.record.step,
+                 "sha256": sha256_file(checkpoint.path), "preprocessing": checkpoint.record.preprocessing}
+    return {"model": model, "shards": shards}
+
+
+def check_output(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to mix embeddings of different models or shard sets in one directory."""
+    path = out / "embed_identity.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if identity_key(old) != identity_key(identity):
+            if not overwrite:
+                raise EmbeddingError(f"{out} holds embeddings of {describe_identity(old)}; this run embeds "
+                                     f"{describe_identity(identity)} ({identity_difference(old, identity)}). Use "
+                                     f"another output directory, or pass overwrite=true to replace them")
+            print(f"embed: replacing the embeddings in {out} ({identity_difference(old, identity)})", file=sys.stderr)
+            for p in (out / "parts").glob("*.npz"):
+                p.unlink()
+            for name in ("embed.json", "sites.parquet"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(identity, indent=1))
+    os.replace(tmp, path)
 
 
 def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
     manifest = Manifest.load(shards)
+    checkpoint = None
     if ckpt != "handcrafted":   # fail here, with the path, rather than inside a Ray actor
         checkpoint = load_checkpoint(ckpt)
         check_channels(checkpoint.record.channels, manifest)
@@ -128,13 +173,16 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
         for plate in manifest.plates_without_dmso():
             print(f"embed: plate {plate} has no DMSO sites; its sites are normalised with the screen-wide DMSO "
                   f"average, as in training", file=sys.stderr)
+    identity = embedding_identity(ckpt, manifest, checkpoint)
+    key = identity_key(identity)
+    check_output(out, identity, cfg.overwrite)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     todo = []
     for s in manifest.data["shards"]:
         p = part_path(out, s["name"])
         if p.exists():
             try:
-                read_part(p, s["n_samples"])
+                read_part(p, s["n_samples"], key)
                 continue
             except EmbeddingError as e:
                 print(f"embed: {e}; recomputing it", file=sys.stderr)
@@ -154,9 +202,9 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
             ShardEmbedder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(size, len(todo))),
             num_gpus=1 if gpus else 0, num_cpus=cfg.threads if not gpus else 1,
             fn_constructor_kwargs=dict(ckpt=ckpt, manifest_dir=str(shards), out=str(out),
-                                       batch_size=cfg.batch_size, threads=cfg.threads)).take_all()
+                                       batch_size=cfg.batch_size, threads=cfg.threads, identity=key)).take_all()
         print(f"embed: embedded {sum(int(r['rows']) for r in results)} sites from {len(results)} shards", flush=True)
-    info = consolidate(out, manifest, ckpt)
+    info = consolidate(out, manifest, ckpt, identity)
     save_config(cfg, out / "embed_config.yaml")
     return info
 

@@ -58,6 +58,7 @@ class EvalConfig:
     shards: str = ""                 # manifest dir (for compounds=heldout)
     null_size: int = 10000
     ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
+    plates_without_dmso: str = "stop"   # stop | drop (their wells) | batch (against the batch's, else source's DMSO)
     wandb: bool = True
     wandb_project: str = "micon"
 
@@ -68,6 +69,8 @@ class EvalConfig:
             raise ConfigError("aggregate: mean or median")
         if self.compounds not in ("all", "heldout"):
             raise ConfigError("compounds: all or heldout")
+        if self.plates_without_dmso not in ("stop", "drop", "batch"):
+            raise ConfigError("plates_without_dmso: stop, drop or batch")
         if self.compounds == "heldout" and not self.shards:
             raise ConfigError("compounds=heldout needs shards=DIR (the manifest that names them)")
 
@@ -78,6 +81,7 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple
 
     check_finite(meta, emb, "site embeddings", "as embedded")
     wells, raw = aggregate_wells(meta, emb.astype(np.float32), method=cfg.aggregate)
+    wells, raw, fallback = handle_plates_without_dmso(wells, raw, cfg)
     # feature selection: a feature constant across DMSO wells (a dead ReLU unit, a saturated statistic)
     # has no robust scale and cannot be whitened; drop it, as pycytominer's variance filter would
     neg = negcon_mask(wells)
@@ -85,7 +89,7 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple
     mad = np.median(np.abs(ref - np.median(ref, axis=0)), axis=0)
     x = raw[:, (mad > 1e-8) & (ref.std(axis=0) > 1e-8)].astype(np.float64)
     if cfg.normalize:
-        x = mad_robustize(wells, x)
+        x = mad_robustize_with_fallback(wells, x, fallback)
     if cfg.spherize:
         x = spherize(x, negcon_mask(wells), epsilon=cfg.epsilon)
     check_finite(wells, x, "well profiles", "after " + ("MAD normalisation and " if cfg.normalize else "")
@@ -93,11 +97,76 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple
     return wells, raw, x.astype(np.float32)
 
 
+def handle_plates_without_dmso(wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConfig):
+    """Plates with no DMSO well cannot be normalised per plate: stop naming them (default), drop their
+    wells, or normalise them against their batch's DMSO wells (`plates_without_dmso=stop|drop|batch`)."""
+    from micon.eval.profiles import negcon_mask
+
+    has = wells.loc[negcon_mask(wells), schema.PLATE].unique()
+    missing = sorted(set(wells[schema.PLATE]) - set(has))
+    if not missing or not cfg.normalize:
+        return wells, raw, []
+    names = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    if cfg.plates_without_dmso == "stop":
+        raise ProfileError(f"{len(missing)} plate(s) have no DMSO well to normalise against: {names}. Pass "
+                           f"plates_without_dmso=drop to leave their wells out, or plates_without_dmso=batch to "
+                           f"normalise them against their batch's (else their source's) DMSO wells")
+    if cfg.plates_without_dmso == "drop":
+        keep = ~wells[schema.PLATE].isin(missing).to_numpy()
+        print(f"evaluate: dropping {int((~keep).sum())} wells of {len(missing)} plate(s) without DMSO: {names}",
+              file=sys.stderr)
+        return wells[keep].reset_index(drop=True), raw[keep], []
+    print(f"evaluate: {len(missing)} plate(s) without DMSO normalised against their batch's (else source's) DMSO: "
+          f"{names}",
+          file=sys.stderr)
+    return wells, raw, missing
+
+
+def mad_robustize_with_fallback(wells: pd.DataFrame, x: np.ndarray, fallback: list[str]) -> np.ndarray:
+    from micon.eval.profiles import mad_robustize, negcon_mask
+
+    if not fallback:
+        return mad_robustize(wells, x)
+    out = np.empty_like(x)
+    own = ~wells[schema.PLATE].isin(fallback).to_numpy()
+    out[own] = mad_robustize(wells[own].reset_index(drop=True), x[own])
+    neg = negcon_mask(wells)
+    for plate, rows in wells[~own].groupby(schema.PLATE).groups.items():
+        first = wells.loc[rows[0]]
+        ref = np.array([], int)
+        for col in (schema.BATCH, schema.SOURCE):       # the batch's DMSO wells, else the source's
+            ref = np.flatnonzero(neg & (wells[col] == first[col]).to_numpy())
+            if len(ref):
+                break
+        if len(ref) == 0:
+            raise ProfileError(f"plate {plate}: neither its batch nor its source has a DMSO well; use "
+                               f"plates_without_dmso=drop")
+        idx = np.r_[ref, np.asarray(list(rows))]
+        sub = wells.iloc[idx].reset_index(drop=True).assign(**{schema.PLATE: "batch"})
+        out[np.asarray(list(rows))] = mad_robustize(sub, x[idx], negcon=np.r_[np.ones(len(ref), bool),
+                                                                                np.zeros(len(rows), bool)])[len(ref):]
+    return out
+
+
+def check_label(name: str, path: str) -> None:
+    """A label must name the method that made the embeddings (a suffix is fine: micon_seed1)."""
+    import json as _json
+
+    info_path = Path(path) / "embed.json"
+    made_by = _json.loads(info_path.read_text()).get("method") if info_path.is_file() else None
+    if made_by and not name.startswith(made_by):
+        from micon.methods import METHODS
+        known = ", ".join([*METHODS, "handcrafted"])
+        raise ProfileError(f"label {name!r} does not name the method that made {path} ({made_by}); write "
+                           f"embeddings.{made_by}={path} (a suffix such as {made_by}_seed1 is fine). Methods: {known}")
+
+
 def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None) -> dict:
     from micon.embeddings import load_embeddings
     from micon.eval import map as mapm
     from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
 
+    check_label(name, path)
     meta, emb = load_embeddings(path)
     wells, raw, prof = well_profiles(meta, emb, cfg)
     if keep_compounds is not None:

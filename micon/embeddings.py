@@ -9,6 +9,7 @@ Errors name the file and how to repair it. No model code here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,26 +32,70 @@ def part_path(out: str | Path, shard: str) -> Path:
     return Path(out) / "parts" / (Path(shard).name + ".npz")
 
 
-def write_part(path: Path, embeddings: np.ndarray, rows: list[dict]) -> None:
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def identity_key(identity: dict) -> str:
+    """A short key of what made a set of embeddings (model, shard set, preprocessing)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_identity(identity: dict) -> str:
+    m = identity.get("model", {})
+    what = (f"{m.get('method')} checkpoint {m.get('path')} (step {m.get('step')}, sha256 {m.get('sha256', '')[:12]})"
+            if "sha256" in m else f"{m.get('featuriser', 'unknown')} features")
+    return f"{what} of shards {identity.get('shards', {}).get('path')} (manifest {identity.get('shards', {}).get('sha256', '')[:12]})"
+
+
+def identity_difference(old: dict, new: dict) -> str:
+    """Which of model, shard set and preprocessing differ, in words."""
+    parts = []
+    om, nm = old.get("model", {}), new.get("model", {})
+    if {k: om.get(k) for k in ("sha256", "featuriser")} != {k: nm.get(k) for k in ("sha256", "featuriser")}:
+        parts.append("another model")
+    if old.get("shards", {}).get("sha256") != new.get("shards", {}).get("sha256"):
+        parts.append("another shard set")
+    if om.get("preprocessing") != nm.get("preprocessing"):
+        parts.append("other preprocessing")
+    return ", ".join(parts) or "other settings"
+
+
+def write_part(path: Path, embeddings: np.ndarray, rows: list[dict], identity: str = "") -> None:
     """One shard's embeddings and metadata rows, written under a temporary name and renamed."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, embeddings=embeddings.astype(np.float32), meta=np.array(json.dumps(rows)))
+    np.savez(tmp, embeddings=embeddings.astype(np.float32), meta=np.array(json.dumps(rows)),
+             identity=np.array(identity))
     os.replace(tmp, path)
 
 
-def read_part(path: Path, expected_rows: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """One shard's part, checked; raises EmbeddingError naming the file when it is unusable."""
+def read_part(path: Path, expected_rows: int | None = None,
+              identity: str | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """One shard's part, checked; raises EmbeddingError naming the file when it is unusable or was made
+    by something else than `identity` (a key from `identity_key`)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             emb = z["embeddings"]
             meta = pd.DataFrame(json.loads(str(z["meta"])))
+            made_by = str(z["identity"]) if "identity" in z.files else ""
     except FileNotFoundError:
         raise EmbeddingError(f"embedding part {path} is missing") from None
     except Exception as e:
         raise EmbeddingError(f"embedding part {path} is corrupt ({type(e).__name__}: {e})") from None
     if len(meta) != len(emb) or (expected_rows is not None and len(emb) != expected_rows):
         raise EmbeddingError(f"embedding part {path} has {len(emb)} rows, expected {expected_rows}")
+    if identity is not None and made_by != identity:
+        raise EmbeddingError(f"embedding part {path} was made by another model or shard set ({made_by or 'unknown'}, "
+                             f"this run is {identity})")
     return emb, meta
+
+
+def array_checksum(emb: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(emb, dtype=np.float32).tobytes()).hexdigest()
 
 
 def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dict) -> dict:
@@ -66,7 +111,8 @@ def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dic
     os.replace(tmp_z, out / "embeddings.zarr")
     meta.to_parquet(out / "sites.parquet.tmp", index=False)
     os.replace(out / "sites.parquet.tmp", out / "sites.parquet")
-    info = dict(info, n_sites=int(len(emb)), dim=int(emb.shape[1]) if emb.ndim == 2 else 0)
+    info = dict(info, n_sites=int(len(emb)), dim=int(emb.shape[1]) if emb.ndim == 2 else 0,
+                sha256=array_checksum(emb))
     (out / "embed.json.tmp").write_text(json.dumps(info, indent=1))
     os.replace(out / "embed.json.tmp", out / "embed.json")
     return info
@@ -94,4 +140,9 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     if len(emb) != len(meta):
         raise EmbeddingError(f"{p / 'embeddings.zarr'} has {len(emb)} rows but {p / 'sites.parquet'} has "
                              f"{len(meta)}; {hint}")
+    info = json.loads((p / "embed.json").read_text())
+    if info.get("n_sites", len(emb)) != len(emb) or ("sha256" in info and array_checksum(emb) != info["sha256"]):
+        # zarr reads a lost chunk as its fill value: the array is whole-looking and wrong
+        raise EmbeddingError(f"{p / 'embeddings.zarr'} does not match the checksum recorded in embed.json when it was "
+                             f"written (a chunk lost or changed); {hint}")
     return meta, emb

@@ -257,3 +257,20 @@ def test_graph_store_reads_what_was_written(tmp_path):
     with pytest.raises(StoreError, match="launch.sh featurize"):
         GraphStore(tmp_path / "missing")
     assert decode(store.encoded("JCP2022_000003")).n_atoms == 1
+
+
+def test_metal_complexes_are_kept_whole_and_flagged():
+    from rdkit import Chem
+
+    from micon.chem.standardize import standardize_molecule, structure_flags
+
+    cisplatin = standardize_molecule("N.N.Cl[Pt]Cl")
+    assert sorted(a.GetSymbol() for a in cisplatin.GetAtoms()) == ["Cl", "Cl", "N", "N", "Pt"]
+    assert structure_flags(cisplatin) == ["metal", "inorganic"]
+    gd = standardize_molecule("[Gd+3].[Cl-].[Cl-].[Cl-]")
+    assert sorted(a.GetSymbol() for a in gd.GetAtoms()) == ["Cl", "Cl", "Cl", "Gd"]
+    ferrocene_like = standardize_molecule("[Fe+2].c1cc[cH-]c1.c1cc[cH-]c1")
+    assert "Fe" in {a.GetSymbol() for a in ferrocene_like.GetAtoms()} and structure_flags(ferrocene_like) == ["metal"]
+    # counterion metals are still stripped like any salt, with no flag
+    acetate = standardize_molecule("CC(=O)[O-].[Na+]")
+    assert Chem.MolToSmiles(acetate) == "CC(=O)O" and structure_flags(acetate) == []

@@ -177,15 +177,86 @@ def test_topk_columns_are_named_by_their_k(embedded):
 
 
 def test_evaluate_fails_on_non_finite_profiles(embedded, tmp_path):
-    import zarr
-
     out = tmp_path / "emb"
     shutil.copytree(embedded, out)
-    arr = zarr.open_array(str(out / "embeddings.zarr"), mode="r+")
-    arr[0, :] = np.nan
-    meta = pd.read_parquet(out / "sites.parquet")
+    from micon.embeddings import write_consolidated
+
+    meta, emb = load_embeddings(out)
+    emb[0, :] = np.nan         # a diverged model's output, written consistently (checksum and all)
+    write_consolidated(out, emb, meta, json.loads((out / "embed.json").read_text()))
     proc = run_job("evaluate.run", f"out={tmp_path / 'eval'}", f"embeddings.simclr={out}", "ray=false",
                    "wandb=false", check=False)
     assert proc.returncode == 1
     assert "evaluate: simclr: 1 of 144 site embeddings are not finite as embedded (plates: " in proc.stderr
     assert meta[schema.PLATE].iloc[0] in proc.stderr
+
+
+def test_embedding_another_model_into_the_same_directory_is_refused(embedded, checkpoint, tiny_shards, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(embedded, out)
+    other = tmp_path / "other"
+    run_job("train.run", "-", f"data.shards={tiny_shards}", f"out={other}", "method=simclr", "steps=2",
+            "micro_batch=4", "progress=false", "wandb.enabled=false", "seed=7")
+    proc = run_job("evaluate.embed", other, tiny_shards, out, "workers=1", check=False)
+    assert proc.returncode == 1
+    assert f"embed: {out} holds embeddings of simclr checkpoint" in proc.stderr
+    assert "(another model). Use another output directory, or pass overwrite=true" in proc.stderr
+    np.testing.assert_array_equal(load_embeddings(out)[1], load_embeddings(embedded)[1])   # nothing touched
+    proc = run_job("evaluate.embed", other, tiny_shards, out, "workers=1", "overwrite=true")
+    assert "0 already embedded, 12 to do" in proc.stdout
+    info = json.loads((out / "embed.json").read_text())
+    assert info["identity"]["model"]["path"].startswith(str(other))
+    assert not np.allclose(load_embeddings(out)[1], load_embeddings(embedded)[1])
+    # another shard set is another identity too
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    doc = json.loads((shards / "manifest.json").read_text())
+    doc["splits"]["seed"] = 99
+    (shards / "manifest.json").write_text(json.dumps(doc))
+    proc = run_job("evaluate.embed", other, shards, out, "workers=1", check=False)
+    assert proc.returncode == 1 and "(another shard set)" in proc.stderr
+
+
+def test_a_lost_zarr_chunk_is_detected(embedded, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(embedded, out)
+    chunks = [p for p in (out / "embeddings.zarr").rglob("*") if p.is_file() and "zarr.json" not in p.name]
+    assert chunks
+    chunks[0].unlink()
+    with pytest.raises(Exception, match="does not match the checksum recorded in embed.json"):
+        load_embeddings(out)
+
+
+def test_evaluate_refuses_a_misspelt_label_and_a_missing_directory(embedded, tmp_path):
+    proc = run_job("evaluate.run", f"out={tmp_path / 'eval'}", f"embeddings.simcrl={embedded}", "ray=false",
+                   "wandb=false", check=False)
+    assert proc.returncode == 1
+    assert "label 'simcrl' does not name the method that made" in proc.stderr and "embeddings.simclr=" in proc.stderr
+    m = evaluate_method("simclr_seed1", str(embedded), EvalConfig(embeddings={"x": "y"}, ray=False, null_size=50),
+                        None)
+    assert m["metrics"]["n_wells"] > 0
+    proc = run_job("evaluate.run", f"out={tmp_path / 'eval'}", f"embeddings.simclr={tmp_path / 'nope'}", "ray=false",
+                   "wandb=false", check=False)
+    assert proc.returncode == 1 and "does not exist: embed first" in proc.stderr
+
+
+def test_evaluate_plates_without_dmso(embedded, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(embedded, out)
+    meta, emb = load_embeddings(out)
+    plate = sorted(meta[schema.PLATE].unique())[0]
+    keep = ~((meta[schema.PLATE] == plate) & (meta[schema.ROLE] == schema.NEGCON)).to_numpy()
+    meta, emb = meta[keep].reset_index(drop=True), emb[keep]
+    from micon.embeddings import write_consolidated
+    write_consolidated(out, emb, meta, json.loads((out / "embed.json").read_text()))
+    common = (f"embeddings.simclr={out}", "ray=false", "wandb=false", "null_size=100")
+    proc = run_job("evaluate.run", f"out={tmp_path / 'e1'}", *common, check=False)
+    assert proc.returncode == 1
+    assert f"1 plate(s) have no DMSO well to normalise against: {plate}. Pass plates_without_dmso=drop" in proc.stderr
+    drop = run_job("evaluate.run", f"out={tmp_path / 'e2'}", *common, "plates_without_dmso=drop")
+    assert f"of 1 plate(s) without DMSO: {plate}" in drop.stderr
+    batch = run_job("evaluate.run", f"out={tmp_path / 'e3'}", *common, "plates_without_dmso=batch")
+    assert "normalised against their batch's (else source's) DMSO" in batch.stderr
+    n2 = json.loads((tmp_path / "e2" / "metrics.json").read_text())["methods"]["simclr"]["n_wells"]
+    n3 = json.loads((tmp_path / "e3" / "metrics.json").read_text())["methods"]["simclr"]["n_wells"]
+    assert n3 > n2

@@ -199,6 +199,12 @@ def _break(screen, kind, plate):
         cpd.loc[cpd.Metadata_JCP2022 == jcp, "Metadata_SMILES"] = ""
         cpd.to_csv(screen / "metadata" / "compound.csv.gz", index=False)
         return r.Metadata_Well, r.Metadata_Site, jcp
+    elif kind == "unknown_compound":
+        wells = pd.read_csv(screen / "metadata" / "well.csv.gz")
+        jcp = wells[(wells.Metadata_Plate == plate) & (wells.Metadata_Well == r.Metadata_Well)].Metadata_JCP2022.iloc[0]
+        cpd = pd.read_csv(screen / "metadata" / "compound.csv.gz")
+        cpd[cpd.Metadata_JCP2022 != jcp].to_csv(screen / "metadata" / "compound.csv.gz", index=False)
+        return r.Metadata_Well, r.Metadata_Site, jcp
     elif kind == "missing_channel":
         for p in screen.glob(f"*/workspace/load_data_csv/*/{plate}/*"):
             df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype=str)
@@ -215,6 +221,7 @@ EXPECTED = {
     "wrong_dtype": "image has dtype float32; expected uint16",
     "no_compound": "well has no compound in metadata/well.csv.gz",
     "no_smiles": "has no SMILES in metadata/compound.csv.gz",
+    "unknown_compound": "is not in metadata/compound.csv.gz",
     "missing_channel": "load_data is missing channel(s) Mito",
 }
 
@@ -237,7 +244,7 @@ def test_bad_input_names_the_site_and_loses_nothing(tiny_screen, tmp_path, kind)
         assert f"well {well}" in msg and f"site {site}" in msg
     if kind in ("missing_tiff", "unreadable_tiff", "wrong_shape", "wrong_dtype"):
         assert f"file {what}" in msg
-    if kind in ("no_smiles", "missing_channel"):
+    if kind in ("no_smiles", "unknown_compound", "missing_channel"):
         assert what in msg
     # the default stops before writing anything for that plate
     assert list((out / "shards").iterdir()) == [] and list((out / "plates").iterdir()) == []
@@ -275,3 +282,50 @@ def test_job_reports_failed_plate_keeps_others_and_rerun_finishes(tiny_screen, t
     assert "3 already done, 1 to ingest" in rerun.stdout
     assert {k: v for k, v in digest(out).items() if k in kept} == kept
     assert Manifest.load(out).data["n_sites"] == 144
+
+
+def test_a_wrong_first_site_is_blamed_not_the_plate(tiny_screen, tmp_path):
+    """Every channel of the plate's first site has another shape: that site is the odd one out."""
+    screen = tmp_path / "screen"
+    shutil.copytree(tiny_screen, screen)
+    plate = "SYN0102001"
+    r = _first_site(screen, plate)
+    for ch in schema.CHANNELS:
+        tifffile.imwrite(screen / getattr(r, f"PathName_Orig{ch}") / getattr(r, f"FileName_Orig{ch}"),
+                         np.full((48, 48), 1000, np.uint16))
+    out = tmp_path / "out"
+    for d in ("shards", "plates", "control_bank.zarr"):
+        (out / d).mkdir(parents=True)
+    rec = ingest_plate(str(screen), str(out), plate, IngestConfig(shard_mb=0.2, on_error="skip", illum=False))
+    assert [(p["well"], str(p["site"]), p["kind"]) for p in rec["problems"]] == [
+        (r.Metadata_Well, str(r.Metadata_Site), "wrong_shape")]
+    assert rec["n_sites"] == 35 and "expected 64x64" in rec["problems"][0]["reason"]
+
+
+@pytest.mark.slow
+def test_rerun_with_other_options_refuses_to_mix_plates(tiny_screen, tmp_path):
+    out = tmp_path / "out"
+    run_job("data_prep.ingest", tiny_screen, out, "workers=2", "plates=[SYN0101001,SYN0102001]",
+            "replicate_sets=false")
+    proc = run_job("data_prep.ingest", tiny_screen, out, "workers=2", "codec=png", "image_size=32",
+                   "replicate_sets=false", check=False)
+    assert proc.returncode == 2
+    assert "already holds 2 plate(s) made with other options" in proc.stderr
+    assert "codec=dzstd (now png)" in proc.stderr and "image_size=0 (now 32)" in proc.stderr
+    assert not (out / "manifest.json").exists() or Manifest.load(out).codec == "dzstd"
+    proc = run_job("data_prep.ingest", tiny_screen, out, "workers=2", "codec=png", "image_size=32",
+                   "replicate_sets=false", "rebuild=true")
+    assert "redoing 2 plate(s) made with other options" in proc.stderr
+    shapes = {img.shape for _, img, _ in all_samples(out)}
+    assert shapes == {(5, 32, 32)} and Manifest.load(out).codec == "png"
+
+
+@pytest.mark.slow
+def test_a_whole_plate_problem_is_not_offered_on_error_skip(tiny_screen, tmp_path):
+    screen = tmp_path / "screen"
+    shutil.copytree(tiny_screen, screen)
+    _break(screen, "missing_channel", "SYN0102001")
+    proc = run_job("data_prep.ingest", screen, tmp_path / "out", "workers=2", "on_error=skip", check=False)
+    assert proc.returncode == 1 and "load_data is missing channel(s) Mito" in proc.stderr
+    assert "whole-plate problem that on_error=skip cannot skip" in proc.stderr
+    assert "pass on_error=skip" not in proc.stderr

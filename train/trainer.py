@@ -243,7 +243,11 @@ class Trainer:
         if mode == "replicate_sets" and not has:
             raise TrainingStopped(f"data.stream=replicate_sets but {self.manifest.root} has none: run "
                                   f"./launch.sh rsets {self.manifest.root}")
-        return self.method.needs.pairs and has if mode == "auto" else mode == "replicate_sets"
+        use = self.method.needs.pairs and has if mode == "auto" else mode == "replicate_sets"
+        if use and self.cfg.data.include_poscon and not self.manifest.replicate_sets["config"].get("include_poscon"):
+            log.warning("data.include_poscon=true but the replicate sets were built without positive controls: "
+                        "rebuild them with ./launch.sh rsets %s include_poscon=true", self.manifest.root)
+        return use
 
     def start_logging(self) -> None:
         cfg = self.cfg

@@ -12,7 +12,7 @@ import numpy as np
 
 from micon.chem.featurizer import EncodedMol, encode, morgan_fingerprint
 from micon.chem.standardize import (DEFAULT_MAX_ATOMS, MoleculeError, parse_molecule, standard_inchikey,
-                                    standardize)
+                                    standardize, structure_flags)
 from micon.chem.store import ERROR, OK, RaggedGraphs
 
 
@@ -48,6 +48,7 @@ class CompoundResult:
     reason: str
     encoded: EncodedMol | None = None
     fingerprint: np.ndarray | None = None
+    flags: str = ""            # "metal", "inorganic" (comma-separated): featurised, but worth a look
 
 
 def standardized_mol(structure: Structure, opts: FeaturizeOptions):
@@ -90,7 +91,7 @@ def featurize_compound(compound_id: str, inchikey: str, structures: list[Structu
     if mol is None:
         return CompoundResult(compound_id, inchikey, ERROR, reason)
     return CompoundResult(compound_id, inchikey, OK, "", encode(mol),
-                          morgan_fingerprint(mol, opts.radius, opts.n_bits))
+                          morgan_fingerprint(mol, opts.radius, opts.n_bits), ",".join(structure_flags(mol)))
 
 
 def featurize_chunk(items: list[tuple[str, str, list[Structure]]], opts: FeaturizeOptions
@@ -102,6 +103,7 @@ def featurize_chunk(items: list[tuple[str, str, list[Structure]]], opts: Featuri
         "Metadata_InChIKey": np.array([r.inchikey for r in results], dtype=str),
         "status": np.array([r.status for r in results], dtype=str),
         "reason": np.array([r.reason for r in results], dtype=str),
+        "flags": np.array([r.flags for r in results], dtype=str),
     }
     graphs = RaggedGraphs.from_encoded([r.encoded for r in results], [r.fingerprint for r in results], opts.n_bits)
     return columns, graphs

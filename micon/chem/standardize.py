@@ -68,8 +68,32 @@ def _tautomer_enumerator():
     return rdMolStandardize.TautomerEnumerator()
 
 
+# Counterion metals (alkali and alkaline earth) are stripped like any salt; any other metal makes the
+# structure a coordination compound or an inorganic salt that is kept whole (cisplatin written as
+# "N.N.Cl[Pt]Cl" is one compound, not ammonia; "[Gd+3].[Cl-].[Cl-].[Cl-]" is not gadolinium alone).
+COUNTERION_METALS = {3, 4, 11, 12, 19, 20, 37, 38, 55, 56}
+_NON_METALS = {1, 2, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17, 18, 33, 34, 35, 36, 52, 53, 54, 85, 86}
+
+
+def metal_atoms(mol: Chem.Mol) -> set[str]:
+    """Symbols of the metals in `mol` other than counterion metals."""
+    return {a.GetSymbol() for a in mol.GetAtoms()
+            if a.GetAtomicNum() not in _NON_METALS and a.GetAtomicNum() not in COUNTERION_METALS}
+
+
+def structure_flags(mol: Chem.Mol) -> list[str]:
+    """Flags a user may want to filter on: "metal" (a non-counterion metal), "inorganic" (no carbon)."""
+    flags = []
+    if metal_atoms(mol):
+        flags.append("metal")
+    if not any(a.GetAtomicNum() == 6 for a in mol.GetAtoms()):
+        flags.append("inorganic")
+    return flags
+
+
 def standardize(mol: Chem.Mol, *, tautomers: bool = False, max_atoms: int = DEFAULT_MAX_ATOMS) -> Chem.Mol:
-    """Largest fragment -> neutralised -> (canonical tautomer) -> explicit Hs removed.
+    """Largest fragment (all fragments of a structure with a non-counterion metal) -> neutralised ->
+    (canonical tautomer) -> explicit Hs removed.
 
     Raises MoleculeError when nothing with a heavy atom is left or it has more than
     `max_atoms` heavy atoms (polymers, peptides: too large for the molecule encoder's budget).
@@ -81,7 +105,8 @@ def standardize(mol: Chem.Mol, *, tautomers: bool = False, max_atoms: int = DEFA
         try:
             # The chooser and RemoveHs copy the molecule; skipping them when they would change
             # nothing saves ~25% of the per-molecule cost.
-            out = chooser.choose(mol) if len(Chem.GetMolFrags(mol)) > 1 else mol
+            keep_whole = bool(metal_atoms(mol))
+            out = chooser.choose(mol) if len(Chem.GetMolFrags(mol)) > 1 and not keep_whole else mol
             out = uncharger.uncharge(out)
             if tautomers:
                 out = _tautomer_enumerator().Canonicalize(out)
@@ -93,7 +118,7 @@ def standardize(mol: Chem.Mol, *, tautomers: bool = False, max_atoms: int = DEFA
     if n_heavy == 0:
         raise MoleculeError("empty molecule: no heavy atoms left after standardisation")
     if n_heavy > max_atoms:
-        raise MoleculeError(f"too large: {n_heavy} heavy atoms in the largest fragment, more than "
+        raise MoleculeError(f"too large: {n_heavy} heavy atoms in the kept fragment(s), more than "
                             f"max_atoms={max_atoms} (raise max_atoms to keep it)")
     return out
 

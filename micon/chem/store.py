@@ -3,7 +3,8 @@
     OUT/graphs.zarr   atom_codes [A, 7] uint8, atom_scalars [A, 1] float32, bond_atoms [B, 2] int32
                       (local atom indices), bond_codes [B, 4] uint8, atom_offsets / bond_offsets [n+1]
                       int64, fingerprints [n, n_bits/8] uint8 (np.packbits); attrs: layout, radius, n_bits
-    OUT/index.parquet Metadata_JCP2022, Metadata_InChIKey, status ("ok"/"error"), reason, n_atoms, n_bonds
+    OUT/index.parquet Metadata_JCP2022, Metadata_InChIKey, status ("ok"/"error"), reason, flags ("metal",
+                      "inorganic"), n_atoms, n_bonds
 Row i of the index is molecule i of every array (a failed compound has empty ranges and a zero
 fingerprint). Features are stored as codes (see featurizer.py) and expanded on read. `GraphStore` is
 the reader training uses; building a store (RDKit, Ray) is data_prep/featurize.py's job, not this module's.
@@ -22,7 +23,7 @@ from micon.chem.graph import BatchedGraph, MolGraph, collate_graphs
 STORE_FORMAT = 1
 ZARR_NAME = "graphs.zarr"
 INDEX_NAME = "index.parquet"
-INDEX_COLUMNS = ("Metadata_JCP2022", "Metadata_InChIKey", "status", "reason", "n_atoms", "n_bonds")
+INDEX_COLUMNS = ("Metadata_JCP2022", "Metadata_InChIKey", "status", "reason", "flags", "n_atoms", "n_bonds")
 OK, ERROR = "ok", "error"
 _ARRAYS = ("atom_codes", "atom_scalars", "bond_atoms", "bond_codes", "atom_offsets", "bond_offsets", "fingerprints")
 

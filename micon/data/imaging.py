@@ -33,6 +33,25 @@ def read_channel(path: str, plate: str, well: str, site: str, expected_shape: tu
     return img.astype(np.float32)
 
 
+def majority_shape(paths: list[str], max_images: int = 25) -> tuple[int, int] | None:
+    """The image shape most of the first `max_images` readable TIFFs share (headers only), so that one
+    odd image is blamed, not the plate's good ones; None when none can be read."""
+    import collections
+
+    import tifffile
+
+    shapes = collections.Counter()
+    for path in paths[:max_images]:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.pages[0].shape)
+        except Exception:   # missing or unreadable: reported when the site itself is read
+            continue
+        if len(shape) == 2:
+            shapes[shape] += 1
+    return shapes.most_common(1)[0][0] if shapes else None
+
+
 def scale_to_uint8(img: np.ndarray, p_low: float = 0.1, p_high: float = 99.9) -> np.ndarray:
     """Per-image percentile scaling of one channel to uint8 (see module docstring)."""
     lo, hi = np.percentile(img, [p_low, p_high])

@@ -28,6 +28,9 @@ class IngestError(ValueError):
         return dict(plate=self.plate, well=self.well, site=self.site, file=self.file, kind=self.kind,
                     reason=self.reason)
 
+    def __reduce__(self):   # keep every field through pickling (Ray hands task errors back pickled)
+        return IngestError, (self.reason, self.plate, self.well, self.site, self.file, self.kind)
+
 
 @dataclass
 class Screen:
@@ -122,7 +125,8 @@ def plate_sites(screen: Screen, plate: str, channels=schema.CHANNELS,
     ld = ld.assign(**{schema.SOURCE: source, schema.BATCH: batch, schema.PLATE: plate})
     wells = screen.wells[screen.wells[schema.PLATE] == plate][[schema.WELL, schema.JCP]]
     sites = ld.merge(wells, on=schema.WELL, how="left")
-    sites = sites.merge(screen.compounds[[schema.JCP, schema.INCHIKEY, schema.SMILES]], on=schema.JCP, how="left")
+    sites = sites.merge(screen.compounds[[schema.JCP, schema.INCHIKEY, schema.SMILES]], on=schema.JCP, how="left",
+                        indicator="_in_compounds")
     problems: list[dict] = []
     bad = pd.Series(False, index=sites.index)
     for i, r in sites.iterrows():
@@ -130,6 +134,10 @@ def plate_sites(screen: Screen, plate: str, channels=schema.CHANNELS,
         if pd.isna(r[schema.JCP]) or r[schema.JCP] == "":
             err = IngestError("well has no compound in metadata/well.csv.gz (expected a Metadata_JCP2022)",
                               plate, r[schema.WELL], r[schema.SITE], kind="no_compound")
+        elif r[schema.JCP] != schema.EMPTY_WELL and r["_in_compounds"] == "left_only":
+            err = IngestError(f"compound {r[schema.JCP]} is not in metadata/compound.csv.gz (the well table names "
+                              f"it; add its row with a SMILES, or fix the id in metadata/well.csv.gz)",
+                              plate, r[schema.WELL], r[schema.SITE], kind="unknown_compound")
         elif r[schema.JCP] != schema.EMPTY_WELL and (pd.isna(r[schema.SMILES]) or r[schema.SMILES] == ""):
             err = IngestError(f"compound {r[schema.JCP]} has no SMILES in metadata/compound.csv.gz",
                               plate, r[schema.WELL], r[schema.SITE], kind="no_smiles")
@@ -138,7 +146,7 @@ def plate_sites(screen: Screen, plate: str, channels=schema.CHANNELS,
                 raise err
             problems.append(err.record())
             bad[i] = True
-    sites = sites[~bad]
+    sites = sites[~bad].drop(columns="_in_compounds")
     sites = sites[sites[schema.JCP] != schema.EMPTY_WELL].copy()
     sites[schema.ROLE] = sites[schema.JCP].map(schema.role_of)
     for ch in channels:

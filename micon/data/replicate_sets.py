@@ -51,7 +51,7 @@ class ReplicateSetConfig:
 
     sites_per_well: int = 0          # site slots per compound: 0 = as many as its best-imaged well has
     max_wells_per_set: int = 16      # a compound with more wells (a positive control) is split into several sets
-    include_poscon: bool = True      # positive controls get replicate sets too (training decides to use them)
+    include_poscon: bool = False     # positive controls get replicate sets too (then train with data.include_poscon)
     shard_mb: float = 0.0            # target replicate-set shard size (0 = the plate shards' shard_mb)
     weights: str = ""                # optional CSV/parquet: Metadata_JCP2022, weight (0 = leave the compound out)
     seed: int = 0
