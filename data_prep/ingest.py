@@ -29,6 +29,7 @@ from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits, atomic
 
 REPORT = "ingest_report.csv"
 PLATE_LEVEL_PROBLEMS = ("missing_channel", "missing_load_data", "bad_illum")
+DELAY_ENV = "MICON_INGEST_TEST_DELAY_S"
 
 
 @dataclass
@@ -111,6 +112,8 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
 
     out_p = Path(out)
     screen = src if isinstance(src, Screen) else read_screen(src)
+    if os.environ.get(DELAY_ENV):   # tests: slow a plate down so that a kill lands mid-run
+        time.sleep(float(os.environ[DELAY_ENV]))
     sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
     for leftover in (out_p / "shards").glob(f"{plate}-*.tar*"):
         leftover.unlink()   # a half-finished earlier attempt: redo the plate from scratch

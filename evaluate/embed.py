@@ -96,6 +96,8 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
             flush()
     flush()
     emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
+    if os.environ.get("MICON_EMBED_TEST_DELAY_S"):   # tests: slow a shard down so that a kill lands mid-run
+        time.sleep(float(os.environ["MICON_EMBED_TEST_DELAY_S"]))
     write_part(part_path(out, shard), emb, rows, identity)
     return {"shard": shard, "rows": len(rows)}
 

@@ -79,7 +79,8 @@ def assert_same_store(a: Path, b: Path):
 
 def test_index_reports_every_planted_failure(job):
     index = pd.read_parquet(job["out"] / "index.parquet")
-    assert list(index.columns) == ["Metadata_JCP2022", "Metadata_InChIKey", "status", "reason", "n_atoms", "n_bonds"]
+    assert list(index.columns) == ["Metadata_JCP2022", "Metadata_InChIKey", "status", "reason", "flags", "n_atoms",
+                                   "n_bonds"]
     assert index.Metadata_JCP2022.is_unique and index.Metadata_JCP2022.is_monotonic_increasing
     assert len(index) == 204
     reason = dict(zip(index.Metadata_JCP2022, index.reason))

@@ -200,6 +200,7 @@ class Trainer:
         tag = checkpoint.resolve_resume(self.ckpt_root, cfg.resume, self.rank)
         if tag is None:
             return
+        self._check_same_model(tag)
         _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
         saved = TrainState(**{k: v for k, v in client.items() if k in TrainState.__dataclass_fields__})
         if saved.data_workers != cfg.data.num_workers or saved.world_size != self.world:
@@ -212,6 +213,21 @@ class Trainer:
         self.counts_at_start = dict(saved.data_counts)
         log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
                  saved.samples_seen)
+
+    def _check_same_model(self, tag: str) -> None:
+        """Resuming continues a run; a checkpoint of another method, model or channel order is refused
+        (every rank reads the record; the options that may change between resumes, such as steps or the
+        learning rate, are not compared)."""
+        from micon.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(self.ckpt_root / tag).record
+        diff = [f"{k}: {getattr(saved, k)!r} there, {getattr(self.record, k)!r} now"
+                for k in ("method", "model", "channels", "atom_dim", "bond_dim", "preprocessing")
+                if getattr(saved, k) != getattr(self.record, k)]
+        if diff:
+            raise TrainingStopped(f"{self.ckpt_root / tag} was trained with other model settings ({'; '.join(diff)}). "
+                                  f"Resume with the same settings, write to another out=, or pass resume=none to "
+                                  f"start over in this one")
 
     def start_stream(self) -> None:
         from micon.data.pipeline import ExampleStream, StreamConfig, collate_identity, ignore_stop_signals
