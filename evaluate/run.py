@@ -196,6 +196,20 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
                 wells=wells, raw=raw, prof=prof)
 
 
+def write_profiles(out: Path, name: str, wells: pd.DataFrame, prof: np.ndarray) -> Path:
+    """The normalised, whitened well-level profiles the metrics were computed on, as the field reads
+    them: Metadata_* columns then feature columns, one row per well (copairs and pycytominer read it
+    without a mapping step)."""
+    features = pd.DataFrame(prof.astype(np.float32), columns=[f"{name}_{i:04d}" for i in range(prof.shape[1])])
+    meta = wells.reset_index(drop=True)
+    meta = meta.rename(columns={c: f"Metadata_{c}" for c in meta.columns if not c.startswith("Metadata_")})
+    table = pd.concat([meta, features], axis=1)
+    path = out / f"profiles_{name}.parquet"
+    table.to_parquet(path.with_name(path.name + ".tmp"), index=False)
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    return path
+
+
 def write_report(out: Path, results: dict, cfg: EvalConfig) -> Path:
     from micon.eval import plots
 
@@ -263,6 +277,7 @@ def main(argv: list[str]) -> int:
         except (EmbeddingError, ProfileError) as e:
             print(f"evaluate: {name}: {e}", file=sys.stderr)
             return 1
+        write_profiles(out, name, results[name]["wells"], results[name]["prof"])
         m = results[name]["metrics"]
         k = cfg.max_k
         print(f"evaluate: {name}: NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "

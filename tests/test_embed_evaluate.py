@@ -260,3 +260,27 @@ def test_evaluate_plates_without_dmso(embedded, tmp_path):
     n2 = json.loads((tmp_path / "e2" / "metrics.json").read_text())["methods"]["simclr"]["n_wells"]
     n3 = json.loads((tmp_path / "e3" / "metrics.json").read_text())["methods"]["simclr"]["n_wells"]
     assert n3 > n2
+
+
+def test_profiles_parquet_gives_copairs_the_same_map(embedded, tmp_path):
+    """The written well profiles, read as a user would and scored by copairs itself, give metrics.json's mAP."""
+    from copairs import map as copairs_map
+    from copairs.matching import assign_reference_index
+
+    out = tmp_path / "eval"
+    run_job("evaluate.run", f"out={out}", f"embeddings.simclr={embedded}", "ray=false", "wandb=false",
+            "null_size=200")
+    table = pd.read_parquet(out / "profiles_simclr.parquet")
+    meta_cols = [c for c in table.columns if c.startswith("Metadata_")]
+    feats = table[[c for c in table.columns if not c.startswith("Metadata_")]].to_numpy()
+    assert meta_cols[:3] == [schema.SOURCE, schema.BATCH, schema.PLATE] and feats.dtype == np.float32
+    keep = table[schema.ROLE].isin([schema.TREATED, schema.POSCON, schema.NEGCON]).to_numpy()
+    meta = table.loc[keep, meta_cols].reset_index(drop=True)
+    ref = assign_reference_index(meta, f"{schema.JCP} == '{schema.DMSO}'", reference_col="Metadata_Reference_Index")
+    ap = copairs_map.average_precision(ref, feats[keep], pos_sameby=[schema.JCP, "Metadata_Reference_Index"],
+                                       pos_diffby=[], neg_sameby=[schema.PLATE],
+                                       neg_diffby=[schema.JCP, "Metadata_Reference_Index"], progress_bar=False)
+    maps = copairs_map.mean_average_precision(ap, [schema.JCP], null_size=200, threshold=0.05, seed=0,
+                                              progress_bar=False, cache_dir=tmp_path / "cache")
+    mine = json.loads((out / "metrics.json").read_text())["methods"]["simclr"]
+    assert maps["mean_average_precision"].mean() == pytest.approx(mine["map_activity"], abs=1e-4)
