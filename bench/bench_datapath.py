@@ -320,7 +320,7 @@ def main() -> None:
                                                                         "n_compounds=24", "sites_per_well=3"],
                                                        ["shard_mb=4"]),
     }
-    batches, warmup = (20, 5) if a.quick else (120, 20)
+    batches, warmup = (20, 5) if a.quick else (400, 40)
     rows = []
     for name, (shards, graphs) in screens.items():
         crop = 224 if name.startswith("hires") else 0

@@ -10,6 +10,7 @@ Pure: no process group set-up, no I/O.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ class Method:
     def build_model(self, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0) -> nn.Module:
         raise NotImplementedError
 
+    def chance_loss(self, examples: int, cfg: LossConfig) -> float:
+        """The loss of an encoder that tells nothing apart (uniform softmax), for `examples` in the gathered
+        batch: the level a learning run must fall well below."""
+        raise NotImplementedError
+
     def loss(self, model: nn.Module, batch: dict, cfg: LossConfig) -> dict[str, Tensor]:
         """{"loss": scalar to backpropagate, other scalars to log}; `batch` already on the device."""
         raise NotImplementedError
@@ -82,6 +88,11 @@ class MiconMethod(Method):
                      projection_dim=cfg.projection_dim, detach_control=cfg.detach_control,
                      detach_target=cfg.detach_target)
 
+    def chance_loss(self, examples, cfg):
+        rows = 4 * examples        # two treated views and two controls per example
+        cf = math.log(rows - 1) if cfg.counterfactual_mode == "union" else math.log(2 * examples)
+        return math.log(rows - 1) + cfg.counterfactual_weight * cf
+
     def loss(self, model, batch, cfg):
         out = model(batch["views"], batch["controls"], batch["graphs"], batch["labels"])
         parts = losses.micon_loss(out, temperature=cfg.temperature, counterfactual_weight=cfg.counterfactual_weight,
@@ -99,6 +110,9 @@ class PaCLRMethod(Method):
         from micon.models.micon import PaCLR
         return PaCLR(build_image_encoder(cfg, in_chans), projection_dim=cfg.projection_dim)
 
+    def chance_loss(self, examples, cfg):
+        return math.log(4 * examples - 1)
+
     def loss(self, model, batch, cfg):
         out = model(batch["views"], batch["controls"])
         return {"loss": losses.paclr_loss(out["treated"], out["control"], batch["labels"], cfg.temperature,
@@ -115,6 +129,9 @@ class CLIPMethod(Method):
         return CLIP(build_image_encoder(cfg, in_chans), build_molecule_encoder(cfg, atom_dim, bond_dim),
                     projection_dim=cfg.projection_dim)
 
+    def chance_loss(self, examples, cfg):
+        return math.log(examples)
+
     def loss(self, model, batch, cfg):
         out = model(batch["views"], batch["graphs"])
         return {"loss": losses.clip_loss(out["image"], out["molecule"], out["logit_scale"])}
@@ -128,6 +145,9 @@ class SimCLRMethod(Method):
     def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0):
         from micon.models.micon import SimCLR
         return SimCLR(build_image_encoder(cfg, in_chans), projection_dim=cfg.projection_dim)
+
+    def chance_loss(self, examples, cfg):
+        return math.log(2 * examples - 1)
 
     def loss(self, model, batch, cfg):
         out = model(batch["views"])

@@ -203,3 +203,23 @@ def test_bad_shapes_have_clear_errors():
         losses.counterfactual_paclr_loss(torch.randn(2, 2, 3), torch.randn(2, 2, 3), torch.arange(2), mode="x")
     with pytest.raises(ValueError, match="temperature"):
         losses.supcon_loss(torch.randn(4, 3), torch.arange(4), 0.0)
+
+
+def test_chance_levels_are_the_losses_of_an_encoder_that_tells_nothing_apart():
+    """Every method's declared chance level equals its loss on constant embeddings (uniform softmax)."""
+    from micon.methods import LossConfig, get_method
+
+    b, d = 6, 8
+    z = torch.ones(b, 2, d)
+    labels = torch.arange(b)
+    cfg = LossConfig(temperature=0.1)
+    paclr = losses.paclr_loss(z, torch.ones(b, 2, d), labels, 0.1)
+    assert paclr.item() == pytest.approx(get_method("paclr").chance_loss(b, cfg), rel=1e-5)
+    out = {"treated": z, "control": torch.ones(b, 2, d), "generated": z, "target": z, "labels": labels}
+    for mode in ("union", "cross"):
+        c = LossConfig(temperature=0.1, counterfactual_mode=mode, counterfactual_weight=0.5)
+        total = losses.micon_loss(out, temperature=0.1, counterfactual_weight=0.5, counterfactual_mode=mode)["loss"]
+        assert total.item() == pytest.approx(get_method("micon").chance_loss(b, c), rel=1e-5)
+    assert losses.simclr_loss(z[:, 0], z[:, 1], 0.1).item() == pytest.approx(get_method("simclr").chance_loss(b, cfg))
+    assert losses.clip_loss(z[:, 0], torch.ones(b, d), 10.0).item() == pytest.approx(
+        get_method("clip").chance_loss(b, cfg), rel=1e-5)

@@ -335,7 +335,8 @@ class Trainer:
         state.samples_seen += examples
         step_time = time.perf_counter() - t0
         self.last_losses = losses
-        return {f"loss/{k}": v for k, v in losses.items()} | {
+        chance = self.method.chance_loss(cfg.micro_batch * self.world, cfg.loss)
+        return {f"loss/{k}": v for k, v in losses.items()} | {"loss/chance": chance,
             "lr": self.scheduler.get_last_lr()[0], "samples_per_second": examples / step_time,
             "samples_per_second_per_device": examples / step_time / self.world,
             "images_per_second": examples * self.method.images_per_example / step_time,
