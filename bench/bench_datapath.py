@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -182,7 +181,6 @@ def simulate_plate_path(idx, ranks=8, workers=10, epochs=3, shard_sites=1900, sh
     pairer = ReplicatePairer(pair_buffer, "source", counts)
     cache: OrderedDict = OrderedDict()
     read = used = examples = peak_waiting = ctl_read = 0
-    rng_draw = np.random.default_rng(seed)
     for epoch in range(epochs):
         rng = random.Random(f"{seed}-{epoch}")
         buf = []
@@ -210,7 +208,6 @@ def simulate_plate_path(idx, ranks=8, workers=10, epochs=3, shard_sites=1900, sh
                     cache[plate] = n
                     if len(cache) > cache_plates:
                         cache.popitem(last=False)
-        rng_draw.random()
     images_read = read + ctl_read
     cross = counts.get("pairs_across_source", 0) / max(examples, 1)
     same_plate = counts.get("pairs_across_well", 0) / max(examples, 1)
@@ -334,7 +331,6 @@ def main() -> None:
     del idx9
     idx1 = jump_index(a.wells, a.plates, sites=1)
     new = simulate_rset_path(idx1)
-    import pandas as pd
     from micon import schema
     sim_compounds = idx1[idx1[schema.ROLE] == schema.TREATED][schema.JCP].nunique()
     sim_plates = idx1[schema.PLATE].nunique()

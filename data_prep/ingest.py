@@ -92,16 +92,18 @@ def plate_done(out: Path, plate: str, options: dict | None = None) -> dict | Non
     return rec
 
 
-def plates_todo(out: Path, plates: list[str], options: dict) -> list[str]:
-    """Plates not finished with these options (other options count as not finished)."""
-    todo = []
+def plates_todo(out: Path, plates: list[str], options: dict) -> tuple[list[str], list[str]]:
+    """(plates not finished with these options, why each plate made with other options differs); the
+    latter are in the former too, so that rebuild=true redoes them."""
+    todo, mismatched = [], []
     for p in plates:
         try:
             if plate_done(out, p, options) is None:
                 todo.append(p)
-        except OptionsMismatch:
+        except OptionsMismatch as e:
             todo.append(p)
-    return todo
+            mismatched.append(str(e))
+    return todo, mismatched
 
 
 def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, progress=None) -> dict:
@@ -245,14 +247,7 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
         return 2
     for d in ("shards", "plates", "control_bank.zarr"):
         (out / d).mkdir(parents=True, exist_ok=True)
-    options = output_options(cfg)
-    todo, mismatched = [], []
-    for p in plates:
-        try:
-            if plate_done(out, p, options) is None:
-                todo.append(p)
-        except OptionsMismatch as e:
-            mismatched.append(str(e))
+    todo, mismatched = plates_todo(out, plates, output_options(cfg))
     if mismatched and not cfg.rebuild:
         print(f"prep: {out} already holds {len(mismatched)} plate(s) made with other options, and one shard set "
               f"cannot mix them: {'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}. Rerun with "
@@ -261,7 +256,6 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
         return 2
     if mismatched:
         print(f"prep: rebuild=true: redoing {len(mismatched)} plate(s) made with other options", file=sys.stderr)
-        todo = plates_todo(out, plates, options)
     print(f"prep: {len(plates)} plates in {src}, {len(plates) - len(todo)} already done, {len(todo)} to ingest "
           f"[codec={cfg.codec} image_size={cfg.image_size or 'source'} on_error={cfg.on_error}]", flush=True)
     failures: list[tuple[str, str]] = []

@@ -23,7 +23,7 @@ import pandas as pd
 from micon import schema
 from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import ConfigError, load_config, save_config
-from micon.data.preprocess import Preprocessing, SitePreprocessor
+from micon.data.preprocess import SitePreprocessor
 from micon.data.shards import Manifest, ManifestError, read_tar_samples
 from micon.embeddings import (META_COLUMNS, EmbeddingError, describe_identity, identity_difference, identity_key,
                               part_path, read_part, sha256_file, write_consolidated, write_part)

@@ -77,7 +77,7 @@ class EvalConfig:
 
 def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """(well metadata, raw well profiles, normalised and whitened profiles)."""
-    from micon.eval.profiles import aggregate_wells, mad_robustize, negcon_mask, spherize
+    from micon.eval.profiles import aggregate_wells, negcon_mask, spherize
 
     check_finite(meta, emb, "site embeddings", "as embedded")
     wells, raw = aggregate_wells(meta, emb.astype(np.float32), method=cfg.aggregate)
@@ -150,10 +150,8 @@ def mad_robustize_with_fallback(wells: pd.DataFrame, x: np.ndarray, fallback: li
 
 def check_label(name: str, path: str) -> None:
     """A label must name the method that made the embeddings (a suffix is fine: micon_seed1)."""
-    import json as _json
-
     info_path = Path(path) / "embed.json"
-    made_by = _json.loads(info_path.read_text()).get("method") if info_path.is_file() else None
+    made_by = json.loads(info_path.read_text()).get("method") if info_path.is_file() else None
     if made_by and not name.startswith(made_by):
         from micon.methods import METHODS
         known = ", ".join([*METHODS, "handcrafted"])

@@ -23,11 +23,11 @@ from micon import schema
 from micon.chem.graph import collate_graphs
 from micon.data.needs import DataNeeds
 from micon.data.preprocess import Preprocessing, SitePreprocessor
+from micon.data.replicate_sets import PAIR_LEVELS, pair_score, pair_wells
 from micon.data.shards import ControlBank, Manifest
 
 log = logging.getLogger("micon.data")
 
-PAIR_LEVELS = ("source", "batch", "plate", "well")
 
 
 @dataclass
@@ -119,14 +119,6 @@ def shard_slot(shards: list[str], epoch: int, seed: int, slot: int, n_slots: int
     return [shards[i] for i in order[slot::n_slots]]
 
 
-def _pair_score(a: dict, b: dict) -> int:
-    """Higher is better: partners that differ at a coarser level first."""
-    for i, col in enumerate((schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL)):
-        if a[col] != b[col]:
-            return len(PAIR_LEVELS) - i
-    return 0
-
-
 class ReplicatePairer:
     """Pairs two treated sites of one compound from different wells, preferring different sources
     (then batches, then plates). Holds at most `capacity` unpaired sites, evicting the oldest."""
@@ -144,7 +136,7 @@ class ReplicatePairer:
         cid = meta[schema.JCP]
         best, best_score = None, 0
         for key in self.by_compound.get(cid, []):
-            s = _pair_score(meta, self.waiting[key]["meta"])
+            s = pair_score(meta, self.waiting[key]["meta"])
             if s > best_score:
                 best, best_score = key, s
         if best is not None and best_score >= min(self.min_score, 1):
@@ -161,6 +153,41 @@ class ReplicatePairer:
             self.by_compound[old["meta"][schema.JCP]].remove(old_key)
             self.counts.add("pair_evicted")
         return None
+
+
+class ShardTally:
+    """Whole samples each shard of an epoch yielded. When the stream moves on from a shard (or the epoch
+    ends) the shard is settled: what it should have held (the manifest's count) but did not yield whole
+    is counted as samples lost, so a truncated shard reports samples, not tar members."""
+
+    def __init__(self, expected: dict[str, int], counts: Counts):
+        self.expected, self.counts = expected, counts
+        self.got: dict[str, int] = {}
+        self.settled: set[str] = set()
+        self.last: str | None = None
+
+    @property
+    def usable(self) -> int:
+        return sum(self.got.values())
+
+    def add(self, url: str) -> None:
+        if self.last is not None and self.last != url:
+            self._settle(self.last)
+        self.last = url
+        self.got[url] = self.got.get(url, 0) + 1
+
+    def finish(self, urls: list[str]) -> None:
+        for u in urls:
+            self._settle(u)
+
+    def _settle(self, url: str) -> None:
+        if url in self.settled:
+            return
+        self.settled.add(url)
+        lost = self.expected.get(Path(url).name, 0) - self.got.get(url, 0)
+        if lost > 0:
+            self.counts.add("samples_lost", lost)
+            self.counts.add("shards_damaged")
 
 
 class ExampleStream(torch.utils.data.IterableDataset):
@@ -180,31 +207,22 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.compound_labels = compound_labels or {}
 
     # ---- planning: metadata only, no pixel decoded
-    def _raw_samples(self, manifest: Manifest, slot: int, counts: Counts):
-        shards = manifest.shard_paths()
-        expected = {sh["name"]: sh["n_samples"] for sh in manifest.data["shards"]}
+    def _epochs(self, shards: list[str], expected: dict, slot: int, counts: Counts, parse, salt: str = ""):
+        """Endless epochs over this slot's `shards`: each tar sample goes through `parse` (None = unusable),
+        then a reservoir of raw bytes shuffles it before anything is decoded. Samples lost to damaged
+        shards are counted against the manifest's `expected` counts; an epoch with nothing usable stops."""
         n_slots = self.world * self.num_workers
         for epoch in count():
             urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
-            rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}")
+            rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}{salt}")
             buf: list[dict] = []
-            usable, got = 0, {}
+            tally = ShardTally(expected, counts)
             for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
-                image_key = next((k for k in s if k.startswith("image.")), None)
                 counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
-                counts.add("images_read", int(image_key is not None))
-                if image_key is None or "json" not in s:
-                    log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
+                sample = parse(s, counts)
+                if sample is None:
                     continue
-                try:
-                    meta = json.loads(s["json"])
-                except ValueError:
-                    continue
-                usable += 1
-                self._tally(s["__url__"], got, expected, counts)
-                sample = dict(key=s["__key__"], meta=meta, blob=s[image_key], codec=image_key.split(".", 1)[1],
-                              epoch=epoch)
-                # shuffle before decode: a reservoir of raw bytes
+                tally.add(s["__url__"])
                 if len(buf) < self.cfg.shuffle_buffer:
                     buf.append(sample)
                     continue
@@ -213,34 +231,25 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 yield sample
             rng.shuffle(buf)
             yield from buf
-            self._count_lost(urls, got, expected, counts)
-            self._check_epoch(usable, urls, slot, epoch)
+            tally.finish(urls)
+            self._check_epoch(tally.usable, urls, slot, epoch)
 
     @staticmethod
-    def _tally(url: str, got: dict, expected: dict, counts: Counts) -> None:
-        """One whole sample from `url`; when the stream moves on to another shard, the previous one is
-        settled: samples it should have held (manifest) but did not yield whole are counted as lost."""
-        last = got.get("__last__")
-        if last is not None and last != url:
-            ExampleStream._settle(last, got, expected, counts)
-        got["__last__"] = url
-        got[url] = got.get(url, 0) + 1
+    def _parse_site(s: dict, counts: Counts) -> dict | None:
+        image_key = next((k for k in s if k.startswith("image.")), None)
+        counts.add("images_read", int(image_key is not None))
+        if image_key is None or "json" not in s:
+            log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
+            return None
+        try:
+            meta = json.loads(s["json"])
+        except ValueError:
+            return None
+        return dict(key=s["__key__"], meta=meta, blob=s[image_key], codec=image_key.split(".", 1)[1])
 
-    @staticmethod
-    def _settle(url: str, got: dict, expected: dict, counts: Counts) -> None:
-        if got.get(("settled", url)):
-            return
-        got[("settled", url)] = True
-        lost = expected.get(Path(url).name, 0) - got.get(url, 0)
-        if lost > 0:
-            counts.add("samples_lost", lost)
-            counts.add("shards_damaged")
-
-    @staticmethod
-    def _count_lost(urls: list[str], got: dict, expected: dict, counts: Counts) -> None:
-        """At the end of an epoch, settle every shard of it (one that yielded nothing included)."""
-        for u in urls:
-            ExampleStream._settle(u, got, expected, counts)
+    def _raw_samples(self, manifest: Manifest, slot: int, counts: Counts):
+        expected = {sh["name"]: sh["n_samples"] for sh in manifest.data["shards"]}
+        return self._epochs(manifest.shard_paths(), expected, slot, counts, self._parse_site)
 
     def _check_epoch(self, usable: int, urls: list[str], slot: int, epoch: int) -> None:
         if usable == 0:
@@ -282,51 +291,33 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 yield batch
                 batch = []
 
-    # ---- materialising: decode, controls, augment, collate
+    @staticmethod
+    def _parse_replicate_set(s: dict, counts: Counts) -> dict | None:
+        counts.add("images_read", s["json"].count(b'"image"') if "json" in s else 0)
+        try:
+            doc, pack = json.loads(s["json"]), s["pack"]
+            for w in doc["wells"]:          # the compound's fields are stored once per sample
+                w["meta"].update(doc["shared"])
+            spans = [tuple(w["image"]) for w in doc["wells"]] + [tuple(w["control"]["image"])
+                                                                 for w in doc["wells"] if w["control"]]
+            if max(o + n for o, n in spans) > len(pack):
+                raise ValueError("pack shorter than its images")
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("skipping incomplete replicate set %s in %s (%s)", s.get("__key__"), s.get("__url__"),
+                        str(e)[:100])
+            return None
+        return dict(key=s["__key__"], doc=doc, blobs={sp: pack[sp[0]:sp[0] + sp[1]] for sp in spans})
+
     def _rset_samples(self, manifest: Manifest, slot: int, counts: Counts):
         """Replicate-set samples of this slot's shards, shuffled as raw bytes before decoding."""
-        shards = manifest.replicate_set_paths()
-        expected = {sh["name"]: sh["n_samples"] for sh in manifest.replicate_sets["shards"]}
-        n_slots = self.world * self.num_workers
-        for epoch in count():
-            urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
-            rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}-rsets")
-            buf: list[dict] = []
-            usable, got = 0, {}
-            for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
-                counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
-                counts.add("images_read", s["json"].count(b'"image"') if "json" in s else 0)
-                try:
-                    doc, pack = json.loads(s["json"]), s["pack"]
-                    for w in doc["wells"]:          # the compound's fields are stored once per sample
-                        w["meta"].update(doc["shared"])
-                    spans = [tuple(w["image"]) for w in doc["wells"]] + [tuple(w["control"]["image"])
-                                                                         for w in doc["wells"] if w["control"]]
-                    if max(o + n for o, n in spans) > len(pack):
-                        raise ValueError("pack shorter than its images")
-                except (KeyError, ValueError, TypeError) as e:
-                    log.warning("skipping incomplete replicate set %s in %s (%s)", s.get("__key__"), s.get("__url__"),
-                                str(e)[:100])
-                    continue
-                usable += 1
-                self._tally(s["__url__"], got, expected, counts)
-                sample = dict(key=s["__key__"], doc=doc, blobs={sp: pack[sp[0]:sp[0] + sp[1]] for sp in spans})
-                if len(buf) < self.cfg.shuffle_buffer:
-                    buf.append(sample)
-                    continue
-                i = rng.randrange(len(buf))
-                buf[i], sample = sample, buf[i]
-                yield sample
-            rng.shuffle(buf)
-            yield from buf
-            self._count_lost(urls, got, expected, counts)
-            self._check_epoch(usable, urls, slot, epoch)
+        rs = manifest.replicate_sets
+        expected = {sh["name"]: sh["n_samples"] for sh in rs["shards"]}
+        return self._epochs(manifest.replicate_set_paths(), expected, slot, counts, self._parse_replicate_set,
+                            salt="-rsets")
 
     def _rset_plans(self, manifest: Manifest, slot: int, counts: Counts):
         """Batches of example plans from replicate sets: every well of a sample in a pair (another source
         preferred), its same-plate control beside it; no pairing buffer, no control-bank read."""
-        from micon.data.replicate_sets import pair_wells
-
         roles = {schema.TREATED} | ({schema.POSCON} if self.cfg.include_poscon else set())
         batch, n = [], 0
         for sample in self._rset_samples(manifest, slot, counts):
@@ -360,6 +351,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             counts.add("images_used", len(used))
             counts.add("bytes_used", sum(len(sample["blobs"][m]) for m in used))
 
+    # ---- materialising: decode, controls, augment, collate
     # ---- materialising: decode, controls, augment, collate
     def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, graphs,
                      counts: Counts) -> dict:

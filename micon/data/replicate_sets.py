@@ -258,7 +258,8 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
 # ----------------------------------------------------------------------------------------- pairing
 
 def pair_score(a: dict, b: dict) -> int:
-    """Higher is better: partners that differ at a coarser level first (4 = another source)."""
+    """Higher is better: partners that differ at a coarser level first (4 = another source). Shared by
+    the replicate sets' pairing and the plate-shard stream's ReplicatePairer."""
     for i, col in enumerate((schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL)):
         if a[col] != b[col]:
             return len(PAIR_LEVELS) - i

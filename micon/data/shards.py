@@ -7,6 +7,7 @@ owner, so the same input gives the same bytes.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -167,9 +168,9 @@ class Manifest:
     def plates_without_dmso(self) -> list[str]:
         return sorted(p for p, rec in self.data["plates"].items() if rec["stats"]["mean"] is None)
 
-    @property
+    @functools.cached_property
     def replicate_sets(self) -> dict | None:
-        """The replicate-set shards' manifest (replicate_sets/manifest.json), or None when not built."""
+        """The replicate-set shards' manifest (replicate_sets/manifest.json, read once), or None when not built."""
         p = self.root / "replicate_sets" / "manifest.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
