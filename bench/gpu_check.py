@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,20 +33,21 @@ BUDGET_S = 7.5 * 60
 def sh(args: list[str], log: Path, env: dict | None = None, timeout: float = 300) -> float:
     """Run one job; its output goes to `log`; returns seconds; raises with the log's tail on failure."""
     t0 = time.perf_counter()
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))   # keep carried packages
     with open(log, "w") as fh:
         proc = subprocess.run(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
+                              env={**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline",
                                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])} ... exited {proc.returncode}:\n{log.read_text()[-2000:]}")
     return time.perf_counter() - t0
 
 
-def train_row(work: Path, method: str, zero: int, preset: str, a) -> dict:
+def train_row(data: Path, work: Path, method: str, zero: int, preset: str, a) -> dict:
     out = work / f"train-{method}-z{zero}-{preset}"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     args = [torchrun, "--standalone", "--nproc-per-node", "1", "-m", "train.run", "-", f"method={method}",
-            f"data.shards={work / 'shards'}", f"data.graphs={work / 'graphs'}", f"out={out}", f"steps={a.steps}",
+            f"data.shards={data / 'shards'}", f"data.graphs={data / 'graphs'}", f"out={out}", f"steps={a.steps}",
             f"micro_batch={a.batch}", f"engine.zero_stage={zero}", f"engine.precision={a.precision}",
             f"model.preset={preset}", f"data.augment.crop={a.crop}", f"data.num_workers={a.workers}",
             "data.shuffle_buffer=64", "data.pair_buffer=4096", "progress=false", "wandb.enabled=false",
@@ -80,15 +82,55 @@ def synthetic_rows(a) -> list[dict]:
     return rows
 
 
+def prepare(work: Path, a, py: str) -> None:
+    """The synthetic screen, its shards and compound graphs (needs RDKit and Ray, no GPU)."""
+    sh([py, "-m", "data_prep.synth", str(work / "screen"), "preset=tiny", f"image_size={a.size}", "n_compounds=24",
+        "sites_per_well=1"], work / "synth.log")   # small enough to travel to a GPU machine (< 64 MiB)
+    sh([py, "-m", "data_prep.ingest", str(work / "screen"), str(work / "shards"), "shard_mb=1"], work / "prep.log")
+    sh([py, "-m", "data_prep.featurize", str(work / "screen" / "metadata" / "compound.csv.gz"), str(work / "graphs")],
+       work / "featurize.log")
+
+
+def embed_row(data: Path, work: Path, ckpt: Path, preset: str) -> dict:
+    """The Ray embed job; where Ray is not installed (a wheel over the device tool's carry limit), the same
+    actor code (SiteEncoder + embed_shard, one model, one shard per call) run in-process, labelled so."""
+    py = sys.executable
+    n_sites = json.loads((data / "shards" / "manifest.json").read_text())["n_sites"]
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        from evaluate.embed import SiteEncoder, embed_shard
+        from micon.data.shards import Manifest
+        t0 = time.perf_counter()
+        enc = SiteEncoder(str(ckpt), str(data / "shards"))
+        manifest = Manifest.load(data / "shards")
+        t1 = time.perf_counter()
+        out = work / "embed-inprocess"
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        for s in manifest.data["shards"]:
+            embed_shard(enc, str(manifest.root / "shards" / s["name"]), out, 64, len(manifest.channels))
+        t = time.perf_counter() - t1
+        return {"part": "embed actor code, in-process (no Ray here)", "method": "micon", "preset": preset,
+                "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{time.perf_counter() - t0:.0f}"}
+    t = sh([py, "-m", "evaluate.embed", str(ckpt), str(data / "shards"), str(work / "embed"), "batch_size=64"],
+           work / "embed.log")
+    return {"part": "Ray embed job (incl. start-up)", "method": "micon", "preset": preset,
+            "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{t:.0f}"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, 32 px, 2 steps")
     ap.add_argument("--work", default="", help="scratch directory (default: a temporary one)")
+    ap.add_argument("--prepare", default="", metavar="DIR",
+                    help="only build the screen, shards and graphs into DIR (no GPU needed) and stop")
+    ap.add_argument("--prepared", default="", metavar="DIR",
+                    help="use the screen, shards and graphs that --prepare built (a GPU machine without RDKit/Ray)")
     a = ap.parse_args()
     import torch
 
     gpu = torch.cuda.is_available()
-    if not gpu and not a.smoke:
+    if not gpu and not a.smoke and not a.prepare:
         print("gpu_check: no CUDA GPU here; run it on a GPU machine, or pass --smoke for a CPU dry run")
         return 2
     if a.smoke:
@@ -97,17 +139,18 @@ def main() -> int:
         a.presets, a.crop, a.batch, a.steps, a.workers, a.precision, a.size = (
             ["resnet50", "vit_small_patch16_224"], 224, 32, 8, min(8, max(1, (os.cpu_count() or 2) - 2)), "bf16", 256)
     t_start = time.perf_counter()
-    work = Path(a.work or tempfile.mkdtemp(prefix="micon-gpu-check-"))
+    work = Path(a.prepare or a.work or tempfile.mkdtemp(prefix="micon-gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     print(f"gpu_check: scratch {work}; device {torch.cuda.get_device_name(0) if gpu else 'CPU (smoke)'}", flush=True)
-    sh([py, "-m", "data_prep.synth", str(work / "screen"), "preset=tiny", f"image_size={a.size}", "n_compounds=24",
-        "sites_per_well=3"], work / "synth.log")
-    sh([py, "-m", "data_prep.ingest", str(work / "screen"), str(work / "shards"), "shard_mb=1"], work / "prep.log")
-    sh([py, "-m", "data_prep.featurize", str(work / "screen" / "metadata" / "compound.csv.gz"), str(work / "graphs")],
-       work / "featurize.log")
+    data = Path(a.prepared).resolve() if a.prepared else work
+    if not a.prepared:
+        prepare(work, a, py)
+    if a.prepare:
+        shutil.rmtree(work / "screen")   # the raw TIFFs: the check reads shards only
+        print(f"gpu_check: prepared {work}; on the GPU machine: bash bench/gpu_check.sh --prepared {work.name}")
+        return 0
     print(f"gpu_check: screen, shards and graphs ready in {time.perf_counter() - t_start:.0f} s", flush=True)
-
     rows = synthetic_rows(a) if gpu else []
     from micon.methods import METHODS
     plan = [(m, z, a.presets[0]) for m in METHODS for z in (1, 2)] + [("micon", 2, p) for p in a.presets[1:]]
@@ -117,7 +160,7 @@ def main() -> int:
                          "images/s": "skipped: time budget"})
             continue
         try:
-            rows.append(train_row(work, method, zero, preset, a))
+            rows.append(train_row(data, work, method, zero, preset, a))
         except Exception as e:   # one failing configuration is a finding, not the end of the check
             rows.append({"part": "DeepSpeed from shards", "method": method, "preset": preset, "ZeRO": zero,
                          "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
@@ -125,11 +168,10 @@ def main() -> int:
 
     ckpt = work / f"train-micon-z1-{a.presets[0]}"
     if (ckpt / "final.json").is_file():
-        n_sites = json.loads((work / "shards" / "manifest.json").read_text())["n_sites"]
-        t = sh([py, "-m", "evaluate.embed", str(ckpt), str(work / "shards"), str(work / "embed"), "batch_size=64"],
-               work / "embed.log")
-        rows.append({"part": "Ray embed job (incl. start-up)", "method": "micon", "preset": a.presets[0],
-                     "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{t:.0f}"})
+        try:
+            rows.append(embed_row(data, work, ckpt, a.presets[0]))
+        except Exception as e:
+            rows.append({"part": "embed", "method": "micon", "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
     columns = ["part", "method", "preset", "ZeRO", "precision", "images/s", "data-wait share", "peak memory GB",
                "wall s", "final loss"]
     table = markdown_table([{c: r.get(c, "") for c in columns} for r in rows])

@@ -274,3 +274,16 @@ def test_metal_complexes_are_kept_whole_and_flagged():
     # counterion metals are still stripped like any salt, with no flag
     acetate = standardize_molecule("CC(=O)[O-].[Na+]")
     assert Chem.MolToSmiles(acetate) == "CC(=O)O" and structure_flags(acetate) == []
+
+
+def test_layout_codes_are_rdkits_own_values():
+    """The layout writes RDKit's integers out (graph readers need no RDKit); they must equal RDKit's."""
+    from rdkit import Chem
+
+    from micon.chem import featurizer as f
+
+    pt = Chem.GetPeriodicTable()
+    assert f.ELEMENTS == {e: pt.GetAtomicNumber(e) for e in f.ELEMENTS}
+    for values, enum in ((f.CHIRAL, Chem.ChiralType), (f.HYBRID, Chem.HybridizationType),
+                         (f.BOND_TYPES, Chem.BondType), (f.STEREO, Chem.BondStereo)):
+        assert values == {k: int(enum.names[k]) for k in values}

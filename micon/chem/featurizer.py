@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from rdkit import Chem
-from rdkit.Chem import rdFingerprintGenerator
 
 from micon.chem.graph import MolGraph
+
+if TYPE_CHECKING:
+    from rdkit import Chem
 
 ONEHOT, FLAG, SCALAR = "onehot", "flag", "scalar"
 
@@ -117,29 +119,36 @@ class Layout:
         return "\n".join(lines)
 
 
-_ELEMENTS = ("B", "C", "N", "O", "F", "Si", "P", "S", "Cl", "As", "Se", "Br", "Sn", "Te", "I",
-             "Fe", "Co", "Cu", "Zn", "Pt", "Hg")
-_PT = Chem.GetPeriodicTable()
-_HYBRID = ("S", "SP", "SP2", "SP2D", "SP3", "SP3D", "SP3D2")
-_CHIRAL = ("CHI_UNSPECIFIED", "CHI_TETRAHEDRAL_CW", "CHI_TETRAHEDRAL_CCW")
-_BOND_TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "AROMATIC")
-_STEREO = ("STEREONONE", "STEREOANY", "STEREOZ", "STEREOE", "STEREOCIS", "STEREOTRANS")
+# RDKit's own integer values (atomic numbers; the ChiralType, HybridizationType, BondType and BondStereo
+# enums), written out so that reading graphs (training, embedding) does not need RDKit;
+# tests/test_chem.py checks each against RDKit.
+ELEMENTS = {"B": 5, "C": 6, "N": 7, "O": 8, "F": 9, "Si": 14, "P": 15, "S": 16, "Cl": 17, "As": 33, "Se": 34,
+            "Br": 35, "Sn": 50, "Te": 52, "I": 53, "Fe": 26, "Co": 27, "Cu": 29, "Zn": 30, "Pt": 78, "Hg": 80}
+CHIRAL = {"CHI_UNSPECIFIED": 0, "CHI_TETRAHEDRAL_CW": 1, "CHI_TETRAHEDRAL_CCW": 2}
+HYBRID = {"S": 1, "SP": 2, "SP2": 3, "SP2D": 5, "SP3": 4, "SP3D": 6, "SP3D2": 7}
+BOND_TYPES = {"SINGLE": 1, "DOUBLE": 2, "TRIPLE": 3, "AROMATIC": 12}
+STEREO = {"STEREONONE": 0, "STEREOANY": 1, "STEREOZ": 2, "STEREOE": 3, "STEREOCIS": 4, "STEREOTRANS": 5}
+
+
+def _onehot(name: str, values: dict) -> Field:
+    return Field(name, ONEHOT, tuple(values.values()), tuple(values))
+
 
 ATOM_LAYOUT = Layout((
-    Field("atomic_num", ONEHOT, tuple(_PT.GetAtomicNumber(e) for e in _ELEMENTS), _ELEMENTS),
+    _onehot("atomic_num", ELEMENTS),
     Field("degree", ONEHOT, (0, 1, 2, 3, 4, 5)),
     Field("formal_charge", ONEHOT, (-2, -1, 0, 1, 2)),
-    Field("chiral_tag", ONEHOT, tuple(int(Chem.ChiralType.names[c]) for c in _CHIRAL), _CHIRAL),
+    _onehot("chiral_tag", CHIRAL),
     Field("num_hs", ONEHOT, (0, 1, 2, 3, 4)),
-    Field("hybridization", ONEHOT, tuple(int(Chem.HybridizationType.names[h]) for h in _HYBRID), _HYBRID),
+    _onehot("hybridization", HYBRID),
     Field("aromatic", FLAG),
     Field("mass", SCALAR, labels=("atomic mass / 100",)),
 ))
 BOND_LAYOUT = Layout((
-    Field("bond_type", ONEHOT, tuple(int(Chem.BondType.names[t]) for t in _BOND_TYPES), _BOND_TYPES),
+    _onehot("bond_type", BOND_TYPES),
     Field("conjugated", FLAG),
     Field("in_ring", FLAG),
-    Field("stereo", ONEHOT, tuple(int(Chem.BondStereo.names[s]) for s in _STEREO), _STEREO),
+    _onehot("stereo", STEREO),
 ))
 ATOM_DIM = ATOM_LAYOUT.dim
 BOND_DIM = BOND_LAYOUT.dim
@@ -237,6 +246,7 @@ def featurize(mol: Chem.Mol) -> MolGraph:
 
 @functools.lru_cache(maxsize=8)
 def _morgan_generator(radius: int, n_bits: int):
+    from rdkit.Chem import rdFingerprintGenerator
     return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
 
 
