@@ -28,6 +28,12 @@ FACTORS = (
 )
 FACTOR_SCALE = np.array([0.30, 0.45, 0.30, 0.55, 0.55, 0.60, 0.50, 0.60, 0.50, 0.45])
 
+# The calibrated screens' effects (see SynthConfig): fixed from the hand-crafted baseline alone
+# (`python bench/calibrate.py`), before any method was compared on them.
+CALIBRATION = dict(active_fraction=0.4, strong_fraction=0.05, well_noise=0.05, source_interaction=0.6,
+                   source_response=0.3, optics=0.15, stain_gamma=0.2, bleed=0.1, density_source=0.25,
+                   density_plate=0.1)
+
 PRESETS: dict[str, dict] = {
     # seconds; used by every test
     "tiny": dict(n_sources=2, batches_per_source=2, plates_per_batch=1, n_compounds=12, replicates=4,
@@ -42,6 +48,15 @@ PRESETS: dict[str, dict] = {
     "jumplike": dict(n_sources=8, batches_per_source=4, plates_per_batch=6, n_compounds=1536, replicates=5,
                      dmso_wells=8, poscon_wells=2, sites_per_well=2, image_size=32, wells_per_plate=96,
                      cells_per_site=5.0),
+    # TARGET2-like (every compound once on every plate; 4 sources x 2 batches) with the effects that survive
+    # normalisation, calibrated so that hand-crafted features land at the field's levels (docs/RESULTS.md)
+    "calibrated": dict(n_sources=4, batches_per_source=2, plates_per_batch=1, n_compounds=300, replicates=8,
+                       dmso_wells=16, poscon_wells=4, sites_per_well=2, image_size=64, wells_per_plate=384,
+                       **CALIBRATION),
+    # the same effects on a screen the demo can afford
+    "calibrated_small": dict(n_sources=3, batches_per_source=2, plates_per_batch=1, n_compounds=120, replicates=6,
+                             dmso_wells=12, poscon_wells=3, sites_per_well=2, image_size=64, wells_per_plate=384,
+                             **CALIBRATION),
     # JUMP-like plates (384-well, 9 sites, 1080 px) with nearly every molecule RDKit ships; hours
     "jump": dict(n_sources=8, batches_per_source=4, plates_per_batch=8, n_compounds=14000, replicates=5,
                  dmso_wells=28, poscon_wells=16, sites_per_well=9, image_size=1080, wells_per_plate=384),
@@ -68,6 +83,16 @@ class SynthConfig:
     active_fraction: float = 0.3   # share of compounds with any phenotype
     strong_fraction: float = 0.1   # share of compounds at full strength
     source_effect: float = 1.0     # multiplies every technical effect (0 = none)
+    # Effects that survive per-image scaling and per-plate MAD + ZCA, as real ones do (0 = off; the
+    # `calibrated` presets set them, chosen so that hand-crafted features land at the field's levels):
+    well_noise: float = 0.04       # sd of log morphology per well (biological well-to-well variation)
+    source_interaction: float = 0.0  # share of a compound's phenotype direction that is source-specific
+    source_response: float = 0.0   # sd of log phenotype strength per (source, compound)
+    optics: float = 0.0            # per-source pixel size (sd of log scale) and defocus (blur up to 3x this)
+    stain_gamma: float = 0.0       # sd of log staining gamma per (source, channel): non-linear intensity
+    bleed: float = 0.0             # largest channel bleed-through fraction per source
+    density_source: float = 0.0    # sd of log cell density per source
+    density_plate: float = 0.0     # sd of log cell density per plate
     workers: int = 0               # processes; 0 = all cores
     write_parquet: bool = True
     write_illum: bool = True
@@ -87,6 +112,12 @@ class SynthConfig:
             raise ConfigError("dmso_wells must be at least 1: every plate needs DMSO controls")
         if not 0 <= self.strong_fraction <= self.active_fraction <= 1:
             raise ConfigError("need 0 <= strong_fraction <= active_fraction <= 1")
+        if not 0 <= self.source_interaction <= 1:
+            raise ConfigError(f"source_interaction={self.source_interaction}: a share, 0 to 1")
+        for name in ("well_noise", "source_response", "optics", "stain_gamma", "bleed", "density_source",
+                     "density_plate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
         n_plates = self.n_plates
         if self.replicates > n_plates:
             raise ConfigError(f"replicates={self.replicates} but only {n_plates} plates: each replicate "
@@ -312,6 +343,20 @@ def technical_effects(cfg: SynthConfig, plates: pd.DataFrame, seed: int) -> dict
             # file channel number (1-based) of each canonical channel, like source_4 (ch1 = Mito...)
             channel_number={ch: int(perm[i]) + 1 for i, ch in enumerate(schema.CHANNELS)},
         )
+        # the calibrated effects; drawn from their own stream so that older presets keep their numbers
+        srng = np.random.default_rng([seed, 13, int(s.rsplit("_", 1)[-1]) if s.rsplit("_", 1)[-1].isdigit() else 0])
+        bleed = np.eye(n_ch)
+        for c in range(n_ch):   # each channel picks up a little of its spectral neighbours
+            for nb in (c - 1, c + 1):
+                if 0 <= nb < n_ch:
+                    bleed[c, nb] = srng.uniform(0, cfg.bleed)
+        sources[s].update(
+            pixel_scale=float(round(sources[s]["pixel_scale"] * np.exp(srng.normal(0, cfg.optics)), 4)),
+            blur=float(round(sources[s]["blur"] + srng.uniform(0, 3 * cfg.optics), 3)),
+            gamma=np.exp(srng.normal(0, cfg.stain_gamma, n_ch)).round(4).tolist(),
+            bleed=bleed.round(4).tolist(),
+            density=float(round(np.exp(srng.normal(0, cfg.density_source)), 4)),
+        )
     for b in sorted(plates.Metadata_Batch.unique()):
         batches[b] = dict(gain=np.exp(rng.normal(0, 0.10 * k, n_ch)).round(4).tolist())
     plate_fx = {}
@@ -325,6 +370,9 @@ def technical_effects(cfg: SynthConfig, plates: pd.DataFrame, seed: int) -> dict
             edge_intensity=float(round(1 + rng.uniform(0.05, 0.15) * k, 4)),
             edge_density=float(round(1 - rng.uniform(0.1, 0.25) * k, 4)),
         )
+    prng = np.random.default_rng([seed, 17])
+    for plate in plate_fx:
+        plate_fx[plate]["density"] = float(round(np.exp(prng.normal(0, cfg.density_plate)), 4))
     return dict(sources=sources, batches=batches, plates=plate_fx)
 
 
@@ -344,9 +392,33 @@ class WellBiology:
     factors: np.ndarray  # multiplicative, [N_FACTORS]; 1 = DMSO
 
 
-def well_factors(direction: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-    """exp(scale * m * d) plus small biological well-to-well variability."""
-    return np.exp(FACTOR_SCALE * magnitude * direction + rng.normal(0, 0.04, N_FACTORS)).astype(np.float32)
+def well_factors(direction: np.ndarray, magnitude: float, rng: np.random.Generator,
+                 well_noise: float = 0.04) -> np.ndarray:
+    """exp(scale * m * d) plus biological well-to-well variability."""
+    return np.exp(FACTOR_SCALE * magnitude * direction + rng.normal(0, well_noise, N_FACTORS)).astype(np.float32)
+
+
+def source_phenotype(cfg: SynthConfig, direction: np.ndarray, magnitude: float, source: str,
+                     jcp: str) -> tuple[np.ndarray, float]:
+    """The compound's phenotype as expressed in one source (cell line passage, protocol, dose accuracy):
+    direction sqrt(1 - rho^2) d + rho u with u a per-(source, compound) draw (rho = source_interaction),
+    strength m * exp(N(0, source_response)). The identity when both are 0."""
+    if cfg.source_interaction == 0 and cfg.source_response == 0:
+        return direction, magnitude
+    h = int.from_bytes(hashlib.sha256(f"{source}/{jcp}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng([cfg.seed, 19, h])
+    u = rng.normal(0, 1, N_FACTORS)
+    rho = cfg.source_interaction
+    d = np.sqrt(1 - rho ** 2) * direction + rho * u
+    return d.astype(np.float32), float(magnitude * np.exp(rng.normal(0, cfg.source_response)))
+
+
+def stain(img: np.ndarray, bleed: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """Channel bleed-through (a channel mixing matrix) then a per-channel staining non-linearity."""
+    out = np.tensordot(bleed, img, axes=1) if not np.allclose(bleed, np.eye(len(bleed))) else img
+    if np.allclose(gamma, 1):
+        return out
+    return np.power(np.maximum(out, 0), gamma[:, None, None]).astype(np.float32)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -470,14 +542,18 @@ def render_well_sites(screen: Screen, plate: str, well: str, jcp: str, sites: ra
     ci = int(np.flatnonzero(screen.compounds.Metadata_JCP2022.to_numpy() == jcp)[0])
     edge = is_edge_well(well, cfg.wells_per_plate)
     wrng = site_seed(cfg.seed, plate, well, 0)
-    factors = well_factors(screen.direction[ci], float(screen.magnitude[ci]), wrng)
+    direction, magnitude = source_phenotype(cfg, screen.direction[ci], float(screen.magnitude[ci]),
+                                            prow.Metadata_Source, jcp)
+    factors = well_factors(direction, magnitude, wrng, cfg.well_noise)
+    density = (pfx["edge_density"] if edge else 1.0) * src_fx.get("density", 1.0) * pfx.get("density", 1.0)
+    bleed, gamma = np.array(src_fx.get("bleed", np.eye(len(gain)))), np.array(src_fx.get("gamma", np.ones(len(gain))))
     out = []
     for s in sites:
         rng = site_seed(cfg.seed, plate, well, s)
-        img = render_site(rng, cfg.image_size, factors, cfg.cells_per_site, src_fx["pixel_scale"],
-                          pfx["edge_density"] if edge else 1.0)
+        img = render_site(rng, cfg.image_size, factors, cfg.cells_per_site, src_fx["pixel_scale"], density)
         if edge:
             img *= pfx["edge_intensity"]
+        img = stain(img, bleed, gamma)
         out.append(acquire(img, rng, gain, np.array(src_fx["offset"]), src_fx["blur"], src_fx["noise"], illum))
     return out
 
