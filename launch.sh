@@ -103,6 +103,9 @@ usage: ./launch.sh COMMAND [ARGS...]
                              DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -
   embed CKPT SHARDS OUT      Ray Data embedding of shards with a trained image encoder
   evaluate [key=value ...]   profiles, normalisation, NSB/NSS top-k, mAP, report
+  compare [options]          the science: every method x 3 seeds on the calibrated screen, ablations,
+                             activity-aware MICON, three splits, intervals (bench/science.py --help)
+  calibrate [key=value ...]  hand-crafted levels of a synthetic screen beside the field's anchors
   slurm JOB [options]        render and submit a job to Slurm
   help                       this list
 
@@ -120,6 +123,8 @@ case "$cmd" in
   prep) setup; exec "$PY" -m data_prep.ingest "$@" ;;
   rsets) setup; exec "$PY" -m data_prep.replicate_sets "$@" ;;
   featurize) setup; exec "$PY" -m data_prep.featurize "$@" ;;
+  compare) setup; cd "$ROOT"; exec "$PY" bench/science.py "$@" ;;
+  calibrate) setup; cd "$ROOT"; exec "$PY" bench/calibrate.py "$@" ;;
   train)
     # --nproc N anywhere in the arguments: N processes on this machine through torchrun
     setup; nproc=1; args=()

@@ -1,0 +1,384 @@
+"""Does MICON help? The comparison on the calibrated screen, with seeds, intervals and three splits.
+
+    python bench/science.py [--out runs/science] [--seeds 0 1 2] [--steps 400] [--parts comparison ablations activity]
+    ./launch.sh compare [same options]
+
+One synthetic screen (preset `calibrated`, fixed before any method ran: micon.synth.CALIBRATION), ingested
+with one held-out source, two held-out batches and 20% held-out compounds. Then, through the real jobs
+(train.run under DeepSpeed, evaluate.embed under Ray), for every method and seed: train, embed; the
+hand-crafted features are embedded once. Every embedding becomes well profiles exactly as `evaluate` makes
+them (mean over sites, per-plate MAD against DMSO, ZCA-cor on DMSO) and is scored on three query sets:
+
+  heldout_batches    wells of training compounds in the two held-out batches (plates never trained on)
+  heldout_compounds  every well of the held-out compounds (molecules never trained on)
+  heldout_source     every well in the held-out source (a microscope and lab never trained on)
+
+against the gallery of all wells: NSB/NSS top-1 and top-10, mAP of phenotypic activity (vs same-plate
+DMSO) and of replicate consistency (same compound vs other compounds; copairs' recipes, APs of the query
+wells), fraction retrieved, and source kNN accuracy of the profiles (lower = less batch effect).
+Intervals: 95% t-interval over seeds and a bootstrap over compounds (1,000 resamples) of the first seed.
+
+Parts: `comparison` (micon, paclr, clip, simclr x seeds), `ablations` (MICON variants, first seed),
+`activity` (a first-pass activity call on hand-crafted profiles, then MICON trained with inactive compounds
+undersampled). Every stage is skipped when its output exists: a killed run resumes. Writes
+OUT/results.json, OUT/*.png and, with --docs, docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from micon import schema  # noqa: E402
+
+METHODS = ("micon", "paclr", "clip", "simclr")
+LR = {"clip": 1e-3}                      # CLIP's learnable temperature collapses at 3e-3 (README)
+ABLATIONS = {                            # name -> train overrides (MICON, first seed)
+    "micon_cf0": ["loss.counterfactual_weight=0"],
+    "micon_grad": ["model.detach_control=false", "model.detach_target=false"],
+    "micon_official_dmso": ["loss.dmso_positives=true"],
+    "micon_t1": ["loss.temperature=1.0"],
+    "micon_init": ["optim.lr=0"],      # the same network never updated: what training adds over random features
+}
+SPLITS = ("heldout_batches", "heldout_compounds", "heldout_source")
+METRICS = ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "map_consistency",
+           "fraction_retrieved", "source_knn")
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}
+
+
+def log(msg: str) -> None:
+    print(f"[science {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(args: list[str], logfile: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "w") as fh:
+        rc = subprocess.run(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if rc:
+        raise RuntimeError(f"{' '.join(args[:4])} ... exited {rc}; see {logfile}:\n{logfile.read_text()[-1500:]}")
+
+
+# --------------------------------------------------------------------------- stages
+
+def prepare(out: Path, preset: str) -> None:
+    py = sys.executable
+    if not (out / "screen" / "ground_truth").is_dir():
+        log(f"synthetic screen (preset={preset})")
+        sh([py, "-m", "data_prep.synth", str(out / "screen"), f"preset={preset}"], out / "logs" / "synth.log")
+    if not (out / "shards" / "manifest.json").is_file():
+        log("ingest: shards, control bank, splits (1 held-out source, 2 held-out batches, 20% compounds)")
+        sh([py, "-m", "data_prep.ingest", str(out / "screen"), str(out / "shards"), "shard_mb=2",
+            "heldout_sources=1", "heldout_batches=2", "heldout_compound_fraction=0.2"], out / "logs" / "ingest.log")
+    if not (out / "graphs").is_dir():
+        log("compound graphs")
+        sh([py, "-m", "data_prep.featurize", str(out / "screen" / "metadata" / "compound.csv.gz"), str(out / "graphs")],
+           out / "logs" / "featurize.log")
+
+
+def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, extra: list[str],
+                    shards: Path | None = None) -> Path:
+    py = sys.executable
+    shards = shards or out / "shards"
+    emb = out / "embeddings" / name
+    if (emb / "embed.json").is_file():
+        return emb
+    ckpt = out / "train" / name
+    if not (ckpt / "final.json").is_file():
+        t0 = time.perf_counter()
+        sh([py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}", f"data.graphs={out / 'graphs'}",
+            f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32", f"optim.lr={LR.get(method, 3e-3)}",
+            "optim.warmup_steps=20", "data.augment.crop=56", "data.num_workers=1", f"ckpt_every={steps}",
+            "progress=false", *extra], out / "logs" / f"train-{name}.log")
+        log(f"trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s")
+    sh([py, "-m", "evaluate.embed", str(ckpt), str(out / "shards"), str(emb)], out / "logs" / f"embed-{name}.log")
+    return emb
+
+
+def embed_handcrafted(out: Path) -> Path:
+    emb = out / "embeddings" / "handcrafted"
+    if not (emb / "embed.json").is_file():
+        log("hand-crafted features")
+        sh([sys.executable, "-m", "evaluate.embed", "handcrafted", str(out / "shards"), str(emb)],
+           out / "logs" / "embed-handcrafted.log")
+    return emb
+
+
+# --------------------------------------------------------------------------- scoring
+
+def profiles(emb: Path):
+    from evaluate.run import EvalConfig, well_profiles
+    from micon.embeddings import load_embeddings
+
+    meta, x = load_embeddings(emb)
+    return well_profiles(meta, x, EvalConfig(embeddings={"x": str(emb)}))
+
+
+def query_sets(wells: pd.DataFrame, splits: dict) -> dict[str, np.ndarray]:
+    treated = (wells[schema.ROLE] == schema.TREATED).to_numpy()
+    held_c = wells[schema.JCP].isin(splits["heldout_compounds"]).to_numpy()
+    return {
+        "heldout_batches": treated & ~held_c & wells[schema.BATCH].isin(splits["heldout_batches"]).to_numpy(),
+        "heldout_compounds": treated & held_c,
+        "heldout_source": treated & wells[schema.SOURCE].isin(splits["heldout_sources"]).to_numpy(),
+    }
+
+
+def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, n_boot: int = 1000,
+          seed: int = 0) -> dict:
+    """{split: {metric: value, metric + "_boot": (lo, hi)}} (see the module docstring)."""
+    from micon.eval import map as mapm
+    from micon.eval.calibration import knn_accuracy
+    from micon.eval.retrieval import topk_hit_rate
+
+    out = {}
+    act_ap, _ = mapm.phenotypic_activity(wells, prof, null_size=2000)
+    con_ap, _ = mapm.phenotypic_consistency(wells, prof, null_size=2000)
+    for split, q in query_sets(wells, splits).items():
+        if not q.any():
+            continue
+        _, per_q = topk_hit_rate(wells[q].reset_index(drop=True), prof[q], wells, prof, ks=(1, 10),
+                                 modes=("nsb", "nss"), per_query=True)
+        r = {}
+        hits = {}
+        for mode in ("nsb", "nss"):
+            elig = per_q[f"{mode}_eligible"].to_numpy(bool)
+            fh = per_q[f"{mode}_first_hit"].to_numpy()
+            for k in (1, 10):
+                h = ((fh > 0) & (fh <= k)).astype(float)
+                r[f"{mode}_top{k}"] = float(h[elig].mean()) if elig.any() else float("nan")
+                hits[f"{mode}_top{k}"] = pd.Series(h[elig]).groupby(per_q.loc[elig, schema.JCP].to_numpy()).mean()
+        qkeys = set(zip(wells.loc[q, schema.PLATE], wells.loc[q, schema.WELL]))
+        for name, ap in (("activity", act_ap), ("consistency", con_ap)):
+            keep = [k in qkeys for k in zip(ap[schema.PLATE], ap[schema.WELL])]
+            m = mapm.mean_average_precision(ap[keep], [schema.JCP], null_size=2000)
+            r[f"map_{name}"] = float(m["mean_average_precision"].mean())
+            hits[f"map_{name}"] = m.set_index(schema.JCP)["mean_average_precision"]
+            if name == "activity":
+                r["fraction_retrieved"] = mapm.fraction_retrieved(m)
+                hits["fraction_retrieved"] = (m.set_index(schema.JCP)["corrected_p_value"] < 0.05).astype(float)
+        compounds = set(wells.loc[q, schema.JCP])
+        on = wells[schema.JCP].isin(compounds).to_numpy() | (wells[schema.ROLE] == schema.NEGCON).to_numpy()
+        r["source_knn"] = knn_accuracy(prof[on], wells.loc[on, schema.SOURCE].to_numpy())
+        rng = np.random.default_rng(seed)
+        for metric, per_c in hits.items():       # bootstrap over compounds
+            v = per_c.dropna().to_numpy()
+            if len(v) > 1:
+                boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
+                r[metric + "_boot"] = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)))
+        r["n_queries"] = int(q.sum())
+        r["n_compounds"] = len(compounds)
+        out[split] = r
+    return out
+
+
+def summarise(runs: dict[str, dict]) -> pd.DataFrame:
+    """runs: label -> score(); labels 'method' or 'method@seed'. Rows: method x split x metric with the mean
+    over seeds, its 95% t-interval, and the first seed's bootstrap interval."""
+    rows = []
+    groups: dict[str, list[str]] = {}
+    for label in runs:
+        groups.setdefault(label.split("@")[0], []).append(label)
+    for method, labels in groups.items():
+        for split in SPLITS:
+            for metric in METRICS:
+                vals = [runs[lb][split][metric] for lb in labels if split in runs[lb]]
+                if not vals:
+                    continue
+                mean = float(np.mean(vals))
+                half = float(T95.get(len(vals) - 1, 1.96) * np.std(vals, ddof=1) / np.sqrt(len(vals))) \
+                    if len(vals) > 1 else float("nan")
+                boot = runs[labels[0]][split].get(metric + "_boot", (np.nan, np.nan))
+                rows.append(dict(method=method, split=split, metric=metric, mean=mean, seeds=len(vals),
+                                 ci_lo=mean - half, ci_hi=mean + half, boot_lo=boot[0], boot_hi=boot[1],
+                                 values=" ".join(f"{v:.3f}" for v in vals)))
+    return pd.DataFrame(rows)
+
+
+def plot(summary: pd.DataFrame, path: Path, metrics=("nsb_top10", "nss_top10", "map_activity", "source_knn")) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(summary.method))
+    fig, axes = plt.subplots(len(metrics), len(SPLITS), figsize=(4.2 * len(SPLITS), 2.6 * len(metrics)),
+                             squeeze=False)
+    for i, metric in enumerate(metrics):
+        for j, split in enumerate(SPLITS):
+            ax = axes[i, j]
+            sub = summary[(summary.metric == metric) & (summary.split == split)].set_index("method")
+            sub = sub.reindex([m for m in methods if m in sub.index])
+            one = sub.seeds.to_numpy() == 1     # one seed: its bootstrap-over-compounds interval instead
+            lo, hi = np.where(one, sub.boot_lo, sub.ci_lo), np.where(one, sub.boot_hi, sub.ci_hi)
+            err = np.vstack([sub["mean"] - lo, hi - sub["mean"]])
+            err = np.where(np.isfinite(err), err, 0)
+            ax.bar(range(len(sub)), sub["mean"], yerr=err, capsize=3,
+                   color=["#c0392b" if m.startswith("micon") else "#7f8c8d" if m == "handcrafted" else "#2980b9"
+                          for m in sub.index])
+            ax.set_xticks(range(len(sub)), sub.index, rotation=30, ha="right", fontsize=8)
+            ax.set_title(f"{metric} - {split}", fontsize=9)
+    fig.suptitle("Calibrated screen: mean over seeds with 95% t-interval (one seed: bootstrap over compounds); "
+                 "lower source_knn = less batch effect", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- activity-aware training
+
+def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float) -> tuple[Path, dict]:
+    """First-pass activity call on hand-crafted profiles (mAP vs same-plate DMSO, BH-corrected), a weights
+    table (active 1, inactive `inactive_weight`), and a copy of the shards whose replicate sets use it."""
+    from micon.eval.activity import activity_call, weights_table
+
+    wells, _, prof = handcrafted_profiles
+    call = activity_call(wells, prof)
+    weights = out / "activity_weights.csv"
+    weights_table(call, inactive_weight).merge(call, on=schema.JCP).to_csv(weights, index=False)
+    truth = pd.read_csv(out / "screen" / "ground_truth" / "compounds.csv")
+    truth = truth[truth.role == schema.TREATED].set_index("Metadata_JCP2022")
+    called = set(call.loc[call.active, schema.JCP])
+    true = set(truth.index[truth.magnitude > 0])
+    rec = dict(called=len(called), true_active=len(true), precision=len(called & true) / max(len(called), 1),
+               recall=len(called & true) / max(len(true), 1), n_compounds=int(len(truth)))
+    dst = out / "shards_activity"
+    if not (dst / "replicate_sets" / "rsets_config.yaml").is_file() or \
+            "activity_weights" not in (dst / "replicate_sets" / "rsets_config.yaml").read_text():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(out / "shards", dst, copy_function=os.link, ignore=shutil.ignore_patterns("replicate_sets"))
+        sh([sys.executable, "-m", "data_prep.replicate_sets", str(dst), f"weights={weights}"],
+           out / "logs" / "rsets-activity.log")
+    return dst, rec
+
+
+# --------------------------------------------------------------------------- report
+
+def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) -> Path:
+    from micon.eval.calibration import ANCHORS, ANCHOR_SOURCE
+    from micon.synth import CALIBRATION
+
+    cal = results["calibration"]
+    fmt = lambda r: f"{r['mean']:.3f} [{r.ci_lo:.3f}, {r.ci_hi:.3f}]" if r.seeds > 1 else f"{r['mean']:.3f}"  # noqa: E731
+    lines = [
+        "# Results: does MICON help on a calibrated synthetic screen?", "",
+        f"Command: `{command}`  ",
+        f"Machine: {results['machine']}  ",
+        f"Date: {results['date']}; wall time {results['wall_min']:.0f} min", "",
+        "## 1. Calibration (hand-crafted features only, fixed before any method ran)", "",
+        f"Preset `{results['preset']}`: {results['screen']}. Effects (micon.synth.CALIBRATION): "
+        + ", ".join(f"{k}={v}" for k, v in CALIBRATION.items()) + ".", "",
+        f"Anchors: {ANCHOR_SOURCE}.", "",
+        "| measure | anchor band | this screen (real jobs, all wells) |", "|---|---|---|",
+        *[f"| {k} | {lo if lo is not None else ''} - {hi if hi is not None else ''} | {cal[k]:.3f} |"
+          for k, (lo, hi) in ANCHORS.items()],
+        f"| nsb_top1 / nss_top1 | 0.085 / 0.012 | {cal['nsb_top1']:.3f} / {cal['nss_top1']:.3f} |",
+        f"| source_knn_normalised (after MAD + ZCA) | - | {cal['source_knn_normalised']:.3f} |", "",
+        "## 2. Comparison", "",
+        f"Each learned method: {results['steps']} steps, 32 examples per step, seeds {results['seeds']}; "
+        "mean over seeds with its 95% t-interval in brackets (bootstrap-over-compounds intervals of the first seed "
+        "are in results.json). Query sets: see bench/science.py.", "",
+    ]
+    for split in SPLITS:
+        lines += [f"### {split}", "", "| method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for method in dict.fromkeys(summary.method):
+            sub = summary[(summary.method == method) & (summary.split == split)].set_index("metric")
+            if len(sub):
+                lines.append(f"| {method} | " + " | ".join(fmt(sub.loc[m]) if m in sub.index else "" for m in METRICS)
+                             + " |")
+        lines.append("")
+    lines += ["![comparison](results/comparison.png)", ""]
+    if results.get("activity"):
+        a = results["activity"]
+        lines += ["## 3. Activity-aware training", "",
+                  f"First pass: phenotypic-activity mAP of hand-crafted profiles vs same-plate DMSO, BH-corrected "
+                  f"p < 0.05 = active. Called {a['called']} of {a['n_compounds']} treated compounds active; the "
+                  f"screen's truth has {a['true_active']} (magnitude > 0): precision {a['precision']:.2f}, recall "
+                  f"{a['recall']:.2f}. Inactive compounds are then used in {a['inactive_weight']:.0%} of their "
+                  f"replicate-set samples (`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
+                  f"`micon_activity` in the tables (first seed).", ""]
+    lines += results.get("verdict", [])
+    path = ROOT / "docs" / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n")
+    (ROOT / "docs" / "results").mkdir(exist_ok=True)
+    shutil.copy(out / "comparison.png", ROOT / "docs" / "results" / "comparison.png")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/science")
+    ap.add_argument("--preset", default="calibrated")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--parts", nargs="+", default=["comparison", "ablations", "activity"])
+    ap.add_argument("--inactive-weight", type=float, default=0.25)
+    ap.add_argument("--docs", action="store_true", help="write docs/RESULTS.md and docs/results/*.png")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prepare(out, a.preset)
+    splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
+    scores_path = out / "scores.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+
+    def scored(label: str, emb: Path, profiles_=None) -> None:
+        if label not in scores:
+            scores[label] = score(*(profiles_ or profiles(emb)), splits)
+            scores_path.write_text(json.dumps(scores, indent=1))
+            s = scores[label]["heldout_batches"]
+            log(f"{label}: held-out batches NSB top-10 {s['nsb_top10']:.3f}, NSS top-10 {s['nss_top10']:.3f}")
+
+    from micon.eval.calibration import levels
+    hc = profiles(embed_handcrafted(out))
+    scored("handcrafted", out / "embeddings" / "handcrafted", hc)
+    calibration = levels(*hc)
+    jobs = []
+    if "comparison" in a.parts:
+        jobs += [(f"{m}@{s}", m, s, []) for s in a.seeds for m in a.methods]
+    if "ablations" in a.parts:
+        jobs += [(name, "micon", a.seeds[0], extra) for name, extra in ABLATIONS.items()]
+    for i, (label, method, seed, extra) in enumerate(jobs):
+        name = label.replace("@", "_seed")
+        log(f"[{i + 1}/{len(jobs)}] {label}")
+        scored(label, train_and_embed(out, name, method, seed, a.steps, extra))
+    activity = None
+    if "activity" in a.parts:
+        shards, activity = activity_shards(out, hc, a.inactive_weight)
+        activity["inactive_weight"] = a.inactive_weight
+        log(f"activity call: {activity}")
+        scored("micon_activity", train_and_embed(out, "micon_activity", "micon", a.seeds[0], a.steps, [], shards))
+    summary = summarise(scores)
+    summary.to_csv(out / "summary.csv", index=False)
+    plot(summary, out / "comparison.png")
+    import platform
+    results = dict(preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
+                   scores=scores, date=time.strftime("%Y-%m-%d"), wall_min=(time.perf_counter() - t0) / 60,
+                   machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "
+                           f"Python {platform.python_version()}",
+                   screen=f"{len(json.loads((out / 'shards' / 'manifest.json').read_text())['plates'])} plates")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    print(summary[summary.metric.isin(["nsb_top10", "nss_top10", "map_activity", "source_knn"])].to_string(index=False))
+    if a.docs:
+        path = write_docs(out, results, summary, "python bench/science.py " + " ".join(argv or sys.argv[1:]))
+        log(f"wrote {path}")
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The comparison's arithmetic (bench/science.py) and the first-pass activity call (micon.eval.activity)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import science  # noqa: E402
+from micon import schema  # noqa: E402
+from micon.eval.activity import activity_call, weights_table  # noqa: E402
+from micon.eval.retrieval import topk_hit_rate  # noqa: E402
+
+
+def screen_profiles(seed=0, n_plates=6, n_cpd=30, n_active=8, dmso=8, shift=3.0, dim=12):
+    """Random well profiles: 3 sources x 2 batches, every compound once per plate; the first `n_active`
+    compounds carry a fixed shift, the rest are DMSO-like noise."""
+    rng = np.random.default_rng(seed)
+    rows, feats = [], []
+    dirs = rng.normal(size=(n_cpd, dim))
+    for p in range(n_plates):
+        src, batch = f"s{p // 2}", f"b{p}"
+        for w in range(dmso):
+            rows.append((src, batch, f"P{p}", f"D{w:02d}", schema.DMSO, schema.NEGCON))
+            feats.append(rng.normal(size=dim))
+        for c in range(n_cpd):
+            rows.append((src, batch, f"P{p}", f"C{c:02d}", f"JCP{c:03d}", schema.TREATED))
+            feats.append(rng.normal(size=dim) + (shift * dirs[c] / np.linalg.norm(dirs[c]) if c < n_active else 0))
+    meta = pd.DataFrame(rows, columns=[schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.JCP,
+                                       schema.ROLE])
+    return meta, np.array(feats, np.float32)
+
+
+def test_activity_call_finds_the_shifted_compounds_and_controls_false_calls():
+    # copairs' null is conservative (a compound's wells share one null stream): the recipe needs JUMP-like
+    # numbers of same-plate DMSO wells (16-32) to call anything
+    meta, x = screen_profiles(dmso=24, shift=4.0)
+    call = activity_call(meta, x, null_size=2000)
+    assert len(call) == 30 and schema.DMSO not in set(call[schema.JCP])
+    active = set(call.loc[call.active, schema.JCP])
+    truth = {f"JCP{c:03d}" for c in range(8)}
+    assert len(active & truth) >= 7                # strong shifts are found
+    assert len(active - truth) <= 2                # BH at 5%: few false calls among 22 inactive compounds
+    w = weights_table(call, 0.25).set_index(schema.JCP)["weight"]
+    assert set(w.unique()) <= {1.0, 0.25} and (w[list(active)] == 1.0).all()
+
+
+def test_score_top_k_agrees_with_the_retrieval_module_and_has_intervals():
+    meta, x = screen_profiles(seed=1)
+    splits = {"heldout_compounds": [f"JCP{c:03d}" for c in range(0, 30, 3)], "heldout_sources": ["s2"],
+              "heldout_batches": ["b1", "b3"]}
+    raw = x
+    out = science.score(meta, raw, x, splits, n_boot=200)
+    assert set(out) == set(science.SPLITS)
+    # held-out compounds: the same numbers as topk_hit_rate over those queries against every well
+    q = meta[schema.JCP].isin(splits["heldout_compounds"]).to_numpy()
+    ref = topk_hit_rate(meta[q].reset_index(drop=True), x[q], meta, x, ks=(1, 10), modes=("nsb", "nss"))
+    ref = ref.set_index("k")
+    r = out["heldout_compounds"]
+    assert r["nsb_top10"] == pytest.approx(ref.loc[10, "nsb"]) and r["nss_top1"] == pytest.approx(ref.loc[1, "nss"])
+    lo, hi = r["nsb_top10_boot"]
+    assert lo <= r["nsb_top10"] <= hi
+    assert out["heldout_source"]["n_queries"] == 2 * 30
+
+
+def test_summary_interval_is_the_t_interval_over_seeds():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    runs = {}
+    for s in range(3):
+        runs[f"micon@{s}"] = {split: {m: float(rng.uniform()) for m in science.METRICS} for split in science.SPLITS}
+    summ = science.summarise(runs).set_index(["split", "metric"])
+    vals = [runs[f"micon@{s}"]["heldout_source"]["map_activity"] for s in range(3)]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
+    row = summ.loc[("heldout_source", "map_activity")]
+    assert row["mean"] == pytest.approx(np.mean(vals))
+    assert row.ci_lo == pytest.approx(lo, abs=2e-3) and row.ci_hi == pytest.approx(hi, abs=2e-3)
