@@ -57,8 +57,8 @@ demo() {
   local out="$1"; shift || true
   local t0=$SECONDS steps="${MICON_DEMO_STEPS:-150}"
   mkdir -p "$out"
-  log "demo 1/6: synthetic JUMP-layout screen -> $out/screen"
-  "$PY" -m data_prep.synth "$out/screen" preset=demo "$@"
+  log "demo 1/6: synthetic JUMP-layout screen (calibrated: hand-crafted features at the field's levels) -> $out/screen"
+  "$PY" -m data_prep.synth "$out/screen" preset=calibrated_small "$@"
   log "demo 2/6: ingest -> WebDataset shards, DMSO control bank, splits -> $out/shards"
   "$PY" -m data_prep.ingest "$out/screen" "$out/shards" shard_mb=2
   log "demo 3/6: compound graphs (Ray + RDKit) -> $out/graphs"
@@ -69,7 +69,7 @@ demo() {
     local lr=3e-3; [[ $m == clip ]] && lr=1e-3
     log "demo 4/6: train $m for $steps steps (DeepSpeed, wandb offline) -> $out/train/$m"
     "$PY" -m train.run - method=$m "data.shards=$out/shards" "data.graphs=$out/graphs" "out=$out/train/$m" \
-      steps="$steps" micro_batch=16 optim.lr=$lr optim.warmup_steps=10 data.augment.crop=64 \
+      steps="$steps" micro_batch=16 optim.lr=$lr optim.warmup_steps=10 data.augment.crop=56 \
       data.num_workers=1 ckpt_every=50
     [[ -f "$out/train/$m/final.json" ]] || { log "demo: training $m failed"; exit 1; }
   done

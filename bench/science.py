@@ -88,6 +88,9 @@ def prepare(out: Path, preset: str) -> None:
            out / "logs" / "featurize.log")
 
 
+TRAIN_ARGS: list[str] = []              # --train-args: appended to every training run (later keys win)
+
+
 def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, extra: list[str],
                     shards: Path | None = None) -> Path:
     py = sys.executable
@@ -101,7 +104,7 @@ def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, ex
         sh([py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}", f"data.graphs={out / 'graphs'}",
             f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32", f"optim.lr={LR.get(method, 3e-3)}",
             "optim.warmup_steps=20", "data.augment.crop=56", "data.num_workers=1", f"ckpt_every={steps}",
-            "progress=false", *extra], out / "logs" / f"train-{name}.log")
+            "progress=false", *TRAIN_ARGS, *extra], out / "logs" / f"train-{name}.log")
         log(f"trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s")
     sh([py, "-m", "evaluate.embed", str(ckpt), str(out / "shards"), str(emb)], out / "logs" / f"embed-{name}.log")
     return emb
@@ -326,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--parts", nargs="+", default=["comparison", "ablations", "activity"])
     ap.add_argument("--inactive-weight", type=float, default=0.25)
+    ap.add_argument("--train-args", nargs="*", default=[],
+                    help="key=value for every training run, e.g. on a GPU: model.preset=resnet50 micro_batch=256 "
+                         "data.augment.crop=224 data.num_workers=8 (with --preset small --steps 20000)")
     ap.add_argument("--docs", action="store_true", help="write docs/RESULTS.md and docs/results/*.png")
     a = ap.parse_args(argv)
+    TRAIN_ARGS[:] = a.train_args
     t0 = time.perf_counter()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
