@@ -342,8 +342,17 @@ class Trainer:
             "images_per_second": examples * self.method.images_per_example / step_time,
             "data_wait_share": data_time / step_time, "step_time": step_time,
             "memory_mb": memory_mb(self.device), "samples_seen": state.samples_seen,
-            "skipped_nonfinite": state.skipped_nonfinite,
+            "skipped_nonfinite": state.skipped_nonfinite, "grad_norm": self.grad_norm(),
         }
+
+    def grad_norm(self) -> float:
+        """The last step's global gradient norm before clipping (DeepSpeed's; NaN where it kept none): with
+        gradient clipping, a loss term with large gradients shrinks every other term's update."""
+        try:
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        except Exception:   # an engine without the attribute: the number is a diagnostic, never a failure
+            return float("nan")
 
     def data_counts(self) -> dict[str, int]:
         """The rank's data counters, summed over its loader workers, cumulative over the run (resumes too)."""
