@@ -65,8 +65,14 @@ def sh(args: list[str], logfile: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     logfile.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     with open(logfile, "w") as fh:
         rc = subprocess.run(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    # each job's seconds, kept across resumed runs (OUT/stage_seconds.json): the compute the results cost
+    times_path = logfile.parent.parent / "stage_seconds.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    times[logfile.stem] = round(time.perf_counter() - t0, 1)
+    times_path.write_text(json.dumps(times, indent=1))
     if rc:
         raise RuntimeError(f"{' '.join(args[:4])} ... exited {rc}; see {logfile}:\n{logfile.read_text()[-1500:]}")
 
@@ -242,28 +248,43 @@ def plot(summary: pd.DataFrame, path: Path, metrics=("nsb_top10", "nss_top10", "
 
 # --------------------------------------------------------------------------- activity-aware training
 
-def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float) -> tuple[Path, dict]:
-    """First-pass activity call on hand-crafted profiles (mAP vs same-plate DMSO, BH-corrected), a weights
-    table (active 1, inactive `inactive_weight`), and a copy of the shards whose replicate sets use it."""
+def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, min_share: float = 0.05,
+                    top_share: float = 0.3) -> tuple[Path, dict]:
+    """First-pass activity call on hand-crafted profiles (mAP vs same-plate DMSO, BH-corrected; where that
+    calls under `min_share` of the compounds, the top `top_share` by mAP), a weights table (active 1,
+    inactive `inactive_weight`), and a copy of the shards whose replicate sets use it."""
+    import hashlib
+
     from micon.eval.activity import activity_call, weights_table
 
     wells, _, prof = handcrafted_profiles
-    call = activity_call(wells, prof)
+    call = bh = activity_call(wells, prof)
+    if bh.active.mean() < min_share:
+        call = activity_call(wells, prof, top_share=top_share)
     weights = out / "activity_weights.csv"
     weights_table(call, inactive_weight).merge(call, on=schema.JCP).to_csv(weights, index=False)
     truth = pd.read_csv(out / "screen" / "ground_truth" / "compounds.csv")
     truth = truth[truth.role == schema.TREATED].set_index("Metadata_JCP2022")
-    called = set(call.loc[call.active, schema.JCP])
     true = set(truth.index[truth.magnitude > 0])
-    rec = dict(called=len(called), true_active=len(true), precision=len(called & true) / max(len(called), 1),
-               recall=len(called & true) / max(len(true), 1), n_compounds=int(len(truth)))
+
+    def recovery(c: pd.DataFrame) -> dict:
+        called = set(c.loc[c.active, schema.JCP])
+        return dict(called=len(called), precision=len(called & true) / max(len(called), 1),
+                    recall=len(called & true) / max(len(true), 1))
+
+    rec = dict(rule=str(call["rule"].iloc[0]), **recovery(call), bh=recovery(bh), true_active=len(true),
+               n_compounds=int(len(truth)))
     dst = out / "shards_activity"
-    if not (dst / "replicate_sets" / "rsets_config.yaml").is_file() or \
-            "activity_weights" not in (dst / "replicate_sets" / "rsets_config.yaml").read_text():
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    stamp = dst / "weights.sha256"
+    if not stamp.is_file() or stamp.read_text() != digest:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(out / "shards", dst, copy_function=os.link, ignore=shutil.ignore_patterns("replicate_sets"))
         sh([sys.executable, "-m", "data_prep.replicate_sets", str(dst), f"weights={weights}"],
            out / "logs" / "rsets-activity.log")
+        stamp.write_text(digest)
+        shutil.rmtree(out / "train" / "micon_activity", ignore_errors=True)     # trained on other weights
+        shutil.rmtree(out / "embeddings" / "micon_activity", ignore_errors=True)
     return dst, rec
 
 
@@ -306,7 +327,10 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
         "# Results: does MICON help on a calibrated synthetic screen?", "",
         f"Command: `{command}`  ",
         f"Machine: {results['machine']}  ",
-        f"Date: {results['date']}; wall time {results['wall_min']:.0f} min", "",
+        f"Date: {results['date']}; compute {results['compute_min']['all']:.0f} min in all jobs (comparison "
+        f"{results['compute_min']['comparison']:.0f}, ablations {results['compute_min']['ablations']:.0f}, activity "
+        f"{results['compute_min']['activity']:.0f}, data preparation {results['compute_min']['prepare']:.0f}), plus "
+        f"scoring", "",
         "## 1. Calibration (hand-crafted features only, fixed before any method ran)", "",
         f"Preset `{results['preset']}`: {results['screen']}. Effects (micon.synth.CALIBRATION): "
         + ", ".join(f"{k}={v}" for k, v in CALIBRATION.items()) + ".", "",
@@ -333,19 +357,34 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
     if results.get("activity"):
         a = results["activity"]
         lines += ["## 3. Activity-aware training", "",
-                  f"First pass: phenotypic-activity mAP of hand-crafted profiles vs same-plate DMSO, BH-corrected "
-                  f"p < 0.05 = active. Called {a['called']} of {a['n_compounds']} treated compounds active; the "
-                  f"screen's truth has {a['true_active']} (magnitude > 0): precision {a['precision']:.2f}, recall "
-                  f"{a['recall']:.2f}. Inactive compounds are then used in {a['inactive_weight']:.0%} of their "
+                  f"First pass: phenotypic-activity mAP of hand-crafted profiles vs same-plate DMSO (copairs' "
+                  f"recipe). The BH rule (corrected p < 0.05) called {a['bh']['called']} of {a['n_compounds']} "
+                  f"treated compounds (precision {a['bh']['precision']:.2f}, recall {a['bh']['recall']:.2f}); "
+                  f"the call used: {a['rule']}, {a['called']} compounds, precision {a['precision']:.2f}, recall "
+                  f"{a['recall']:.2f} against the screen's truth ({a['true_active']} compounds with magnitude > 0). "
+                  f"Inactive compounds are then used in {a['inactive_weight']:.0%} of their "
                   f"replicate-set samples (`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
                   f"`micon_activity` in the tables (first seed).", ""]
     lines += ["## Verdict (computed from the intervals above)", "", *verdict(summary), ""]
-    lines += results.get("notes", [])
+    notes = ROOT / "docs" / "results" / "NOTES.md"      # the hand-written reading, kept across regenerations
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     path = ROOT / "docs" / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     (ROOT / "docs" / "results").mkdir(exist_ok=True)
     shutil.copy(out / "comparison.png", ROOT / "docs" / "results" / "comparison.png")
     return path
+
+
+def screen_description(out: Path) -> str:
+    import yaml
+    cfg = yaml.safe_load((out / "screen" / "ground_truth" / "config.yaml").read_text())
+    splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
+    return (f"{cfg['n_compounds']} compounds from RDKit's bundled sets, {cfg['replicates']} wells each (one per plate), "
+            f"{cfg['n_sources']} sources x {cfg['batches_per_source']} batches x {cfg['plates_per_batch']} plate, "
+            f"{cfg['dmso_wells']} DMSO wells per plate, {cfg['sites_per_well']} sites per well at "
+            f"{cfg['image_size']} px; held out from training: source {', '.join(splits['heldout_sources'])}, "
+            f"batches {', '.join(splits['heldout_batches'])}, {len(splits['heldout_compounds'])} compounds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,11 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     summary.to_csv(out / "summary.csv", index=False)
     plot(summary, out / "comparison.png")
     import platform
-    results = dict(preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
+    times = json.loads((out / "stage_seconds.json").read_text())
+    part = lambda keys: sum(v for k, v in times.items() if any(k.endswith(x) or x in k for x in keys)) / 60  # noqa: E731
+    compute = dict(all=sum(times.values()) / 60,
+                   comparison=part([f"-{m}_seed" for m in a.methods]),
+                   ablations=part(list(ABLATIONS)), activity=part(["micon_activity", "rsets-activity"]),
+                   prepare=part(["synth", "ingest", "featurize", "embed-handcrafted"]))
+    results = dict(compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
                    scores=scores, date=time.strftime("%Y-%m-%d"), wall_min=(time.perf_counter() - t0) / 60,
                    machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "
                            f"Python {platform.python_version()}",
-                   screen=f"{len(json.loads((out / 'shards' / 'manifest.json').read_text())['plates'])} plates")
+                   screen=screen_description(out))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print(summary[summary.metric.isin(["nsb_top10", "nss_top10", "map_activity", "source_knn"])].to_string(index=False))
     if a.docs:

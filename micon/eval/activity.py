@@ -15,16 +15,25 @@ from micon import schema
 
 
 def activity_call(wells: pd.DataFrame, prof: np.ndarray, threshold: float = 0.05, null_size: int = 10000,
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0, top_share: float = 0.0) -> pd.DataFrame:
     """Per treated compound: `mean_average_precision`, `corrected_p_value`, `active` (normalised well
-    profiles in, e.g. hand-crafted or SimCLR profiles after MAD + ZCA)."""
+    profiles in, e.g. hand-crafted or SimCLR profiles after MAD + ZCA).
+
+    `top_share` > 0 calls the top share of compounds by mAP active instead of the BH rule: copairs' null
+    for a compound's mAP is conservative (its wells share one null stream, so the null of the mean is as
+    wide as a single AP's), and with a plate's 16 DMSO wells the rule can call nothing at all even where
+    the ranking by mAP separates active from inactive compounds well (docs/RESULTS.md)."""
     from micon.eval.map import phenotypic_activity
 
     keep = wells[schema.ROLE].isin([schema.TREATED, schema.NEGCON]).to_numpy()
     _, m = phenotypic_activity(wells[keep].reset_index(drop=True), np.asarray(prof)[keep], null_size=null_size,
                                threshold=threshold, seed=seed)
     m = m[m[schema.JCP] != schema.DMSO].reset_index(drop=True)
-    return m.assign(active=(m["corrected_p_value"] < threshold).to_numpy())
+    if top_share > 0:
+        n = int(round(top_share * len(m)))
+        top = m["mean_average_precision"].rank(ascending=False, method="first") <= n
+        return m.assign(active=top.to_numpy(), rule=f"top {top_share:.0%} by mAP")
+    return m.assign(active=(m["corrected_p_value"] < threshold).to_numpy(), rule=f"BH-corrected p < {threshold}")
 
 
 def weights_table(call: pd.DataFrame, inactive_weight: float = 0.25) -> pd.DataFrame:
