@@ -294,7 +294,7 @@ def verdict(summary: pd.DataFrame, metrics=("nsb_top10", "nss_top10", "map_activ
     """Plain sentences: per split and metric, MICON against the best other method (learned or hand-crafted),
     called a difference only when the 95% intervals (t over seeds; bootstrap for one seed) do not overlap."""
     lines = []
-    rivals = [m for m in ("paclr", "clip", "simclr", "handcrafted") if m in set(summary.method)]
+    rivals = [m for m in dict.fromkeys(summary.method) if not m.startswith("micon")]   # baselines, not ablations
     for split in SPLITS:
         parts = []
         for metric in metrics:
