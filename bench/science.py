@@ -54,7 +54,6 @@ ABLATIONS = {                            # name -> train overrides (MICON, first
 SPLITS = ("heldout_batches", "heldout_compounds", "heldout_source")
 METRICS = ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "map_consistency",
            "fraction_retrieved", "source_knn")
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}
 
 
 def log(msg: str) -> None:
@@ -196,6 +195,8 @@ def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, 
 def summarise(runs: dict[str, dict]) -> pd.DataFrame:
     """runs: label -> score(); labels 'method' or 'method@seed'. Rows: method x split x metric with the mean
     over seeds, its 95% t-interval, and the first seed's bootstrap interval."""
+    from scipy import stats
+
     rows = []
     groups: dict[str, list[str]] = {}
     for label in runs:
@@ -207,8 +208,7 @@ def summarise(runs: dict[str, dict]) -> pd.DataFrame:
                 if not vals:
                     continue
                 mean = float(np.mean(vals))
-                half = float(T95.get(len(vals) - 1, 1.96) * np.std(vals, ddof=1) / np.sqrt(len(vals))) \
-                    if len(vals) > 1 else float("nan")
+                half = float(stats.t.ppf(0.975, len(vals) - 1) * stats.sem(vals)) if len(vals) > 1 else float("nan")
                 boot = runs[labels[0]][split].get(metric + "_boot", (np.nan, np.nan))
                 rows.append(dict(method=method, split=split, metric=metric, mean=mean, seeds=len(vals),
                                  ci_lo=mean - half, ci_hi=mean + half, boot_lo=boot[0], boot_hi=boot[1],

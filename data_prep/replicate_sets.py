@@ -23,8 +23,8 @@ import pandas as pd
 
 from micon import schema
 from micon.config import ConfigError, load_config, save_config
-from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig, assign_shards,
-                                       index_shard, plan_fingerprint, plan_replicate_sets, resolve,
+from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig,
+                                       assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
 from micon.data.shards import Manifest, ManifestError, atomic_write_json
 from micon.raycluster import init_ray

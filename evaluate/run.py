@@ -117,8 +117,7 @@ def handle_plates_without_dmso(wells: pd.DataFrame, raw: np.ndarray, cfg: EvalCo
               file=sys.stderr)
         return wells[keep].reset_index(drop=True), raw[keep], []
     print(f"evaluate: {len(missing)} plate(s) without DMSO normalised against their batch's (else source's) DMSO: "
-          f"{names}",
-          file=sys.stderr)
+          f"{names}", file=sys.stderr)
     return wells, raw, missing
 
 

@@ -405,8 +405,7 @@ def source_phenotype(cfg: SynthConfig, direction: np.ndarray, magnitude: float, 
     strength m * exp(N(0, source_response)). The identity when both are 0."""
     if cfg.source_interaction == 0 and cfg.source_response == 0:
         return direction, magnitude
-    h = int.from_bytes(hashlib.sha256(f"{source}/{jcp}".encode()).digest()[:8], "little")
-    rng = np.random.default_rng([cfg.seed, 19, h])
+    rng = np.random.default_rng([cfg.seed, 19, _hash64(f"{source}/{jcp}")])
     u = rng.normal(0, 1, N_FACTORS)
     rho = cfg.source_interaction
     d = np.sqrt(1 - rho ** 2) * direction + rho * u
@@ -494,10 +493,14 @@ def acquire(img: np.ndarray, rng: np.random.Generator, gain: np.ndarray, offset:
     return out
 
 
+def _hash64(text: str) -> int:
+    """A stable 64-bit integer of `text` (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
 def site_seed(seed: int, plate: str, well: str, site: int) -> np.random.Generator:
     """Each site's randomness depends only on (seed, plate, well, site): any order, any worker count."""
-    h = int.from_bytes(hashlib.sha256(f"{plate}/{well}/{site}".encode()).digest()[:8], "little")
-    return np.random.default_rng([seed, h])
+    return np.random.default_rng([seed, _hash64(f"{plate}/{well}/{site}")])
 
 
 def is_edge_well(well: str, wells_per_plate: int) -> bool:
@@ -545,8 +548,8 @@ def render_well_sites(screen: Screen, plate: str, well: str, jcp: str, sites: ra
     direction, magnitude = source_phenotype(cfg, screen.direction[ci], float(screen.magnitude[ci]),
                                             prow.Metadata_Source, jcp)
     factors = well_factors(direction, magnitude, wrng, cfg.well_noise)
-    density = (pfx["edge_density"] if edge else 1.0) * src_fx.get("density", 1.0) * pfx.get("density", 1.0)
-    bleed, gamma = np.array(src_fx.get("bleed", np.eye(len(gain)))), np.array(src_fx.get("gamma", np.ones(len(gain))))
+    density = (pfx["edge_density"] if edge else 1.0) * src_fx["density"] * pfx["density"]
+    bleed, gamma = np.array(src_fx["bleed"]), np.array(src_fx["gamma"])
     out = []
     for s in sites:
         rng = site_seed(cfg.seed, plate, well, s)

@@ -352,7 +352,6 @@ class ExampleStream(torch.utils.data.IterableDataset):
             counts.add("bytes_used", sum(len(sample["blobs"][m]) for m in used))
 
     # ---- materialising: decode, controls, augment, collate
-    # ---- materialising: decode, controls, augment, collate
     def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, graphs,
                      counts: Counts) -> dict:
         aug, needs = self.cfg.augment, self.cfg.needs

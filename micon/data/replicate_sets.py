@@ -42,6 +42,7 @@ META_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.S
 WELL_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE)
 COMPOUND_COLUMNS = (schema.JCP, schema.INCHIKEY, schema.SMILES, schema.ROLE)
 PAIR_LEVELS = ("source", "batch", "plate", "well")
+CONTROL_LEVELS = (("plate", schema.PLATE), ("batch", schema.BATCH), ("source", schema.SOURCE))   # nearest first
 FORMAT_VERSION = 3          # 2: one `.pack` member per sample; 3: compound fields once per sample
 
 
@@ -105,11 +106,10 @@ def plan_replicate_sets(index: pd.DataFrame, splits: dict, cfg: ReplicateSetConf
     treated = np.flatnonzero(train & np.isin(col[schema.ROLE], roles)
                              & ~np.isin(col[schema.JCP], splits.get("heldout_compounds", [])))
     dmso = idx.iloc[np.flatnonzero(col[schema.ROLE] == schema.NEGCON)].sort_values("key")
-    pools = {level: {k: g.index.to_numpy() for k, g in dmso.groupby(c, sort=False)}
-             for level, c in (("plate", schema.PLATE), ("batch", schema.BATCH), ("source", schema.SOURCE))}
+    pools = {level: {k: g.index.to_numpy() for k, g in dmso.groupby(c, sort=False)} for level, c in CONTROL_LEVELS}
 
     def control(row: int, cpd: str, slot: int) -> tuple[int, str]:
-        for level, c in (("plate", schema.PLATE), ("batch", schema.BATCH), ("source", schema.SOURCE)):
+        for level, c in CONTROL_LEVELS:
             cands = pools[level].get(col[c][row])
             if cands is not None and len(cands):
                 return int(cands[_stable(cfg.seed, cpd, col[schema.PLATE][row], col[schema.WELL][row], slot)
