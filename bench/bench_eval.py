@@ -31,6 +31,7 @@ from micon import schema  # noqa: E402
 KS = list(range(1, 11))
 NULL_SIZE = 10000
 TASKS = ("micon_topk", "sklearn_topk", "micon_map", "copairs_map")
+OURS = ("micon_topk", "micon_map")      # this project's implementations (the package, not the method)
 
 
 def make_screen(n_wells: int, seed: int = 0, d: int = 256, n_sources: int = 5, batches_per_source: int = 3,
@@ -199,7 +200,7 @@ def main() -> None:
     runs = {}
     for n in args.sizes:
         for task in args.tasks:
-            timeout = args.timeout if task.startswith("micon") else args.baseline_timeout
+            timeout = args.timeout if task in OURS else args.baseline_timeout
             r = measure(task, n, timeout, args.rss_limit_gb * 1024)
             runs[(task, n)] = r
             print(f"{task:13s} n={n:6d} {r['status']:40s} wall={r.get('wall_s', float('nan')):8.1f}s "

@@ -91,31 +91,68 @@ def prepare(work: Path, a, py: str) -> None:
        work / "featurize.log")
 
 
-def embed_row(data: Path, work: Path, ckpt: Path, preset: str) -> dict:
-    """The Ray embed job; where Ray is not installed (a wheel over the device tool's carry limit), the same
-    actor code (SiteEncoder + embed_shard, one model, one shard per call) run in-process, labelled so."""
-    py = sys.executable
+def tiled_shards(src: Path, dst: Path, k: int) -> Path:
+    """The shard set at `src` listed `k` times (links to the same tars under new names): a larger embed
+    input without carrying more bytes to the GPU machine. Site keys repeat; the check only times the job."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    (dst / "shards").mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name not in ("shards", "manifest.json", "replicate_sets"):
+            (dst / entry.name).symlink_to(entry.resolve())
+    doc = json.loads((src / "manifest.json").read_text())
+    shards = []
+    for j in range(k):
+        for sh_ in doc["shards"]:
+            name = sh_["name"].replace(".tar", f"-t{j}.tar")
+            (dst / "shards" / name).symlink_to((src / "shards" / sh_["name"]).resolve())
+            shards.append({**sh_, "name": name})
+    doc["shards"], doc["n_sites"] = shards, doc["n_sites"] * k
+    (dst / "manifest.json").write_text(json.dumps(doc))
+    return dst
+
+
+def embed_rows(data: Path, work: Path, ckpt: Path, preset: str, tiles: int) -> list[dict]:
+    """The Ray embed job (python -m evaluate.embed) on the GPU, on the shard set and on it listed `tiles`
+    times: wall time with Ray's start-up, and the steady rate from the difference of the two runs; beside
+    them the Ray actor's own code in-process (no Ray). Without Ray (a wheel over the device tool's carry
+    limit) only the in-process row."""
+    from evaluate.embed import SiteEncoder, embed_shard
+    from micon.data.shards import Manifest
+
+    rows = []
     n_sites = json.loads((data / "shards" / "manifest.json").read_text())["n_sites"]
     try:
         import ray  # noqa: F401
+        have_ray = True
     except ImportError:
-        from evaluate.embed import SiteEncoder, embed_shard
-        from micon.data.shards import Manifest
-        t0 = time.perf_counter()
-        enc = SiteEncoder(str(ckpt), str(data / "shards"))
-        manifest = Manifest.load(data / "shards")
+        have_ray = False
+    if have_ray:
+        walls = {}
+        for k in (1, tiles):
+            src = data / "shards" if k == 1 else tiled_shards(data / "shards", work / f"shards-x{k}", k)
+            walls[k] = sh([sys.executable, "-m", "evaluate.embed", str(ckpt), str(src), str(work / f"embed-x{k}"),
+                           "batch_size=128"], work / f"embed-x{k}.log", timeout=400)
+            rows.append({"part": f"Ray embed job, {n_sites * k} sites (start-up incl.)", "method": "image encoder",
+                         "preset": preset, "images/s": f"{n_sites * k / walls[k]:.0f} sites/s",
+                         "wall s": f"{walls[k]:.0f}"})
+        rows.append({"part": "Ray embed job, steady (difference of the two)", "method": "image encoder",
+                     "preset": preset, "images/s": f"{n_sites * (tiles - 1) / max(walls[tiles] - walls[1], 1e-9):.0f} "
+                                                   f"sites/s"})
+    t0 = time.perf_counter()
+    enc = SiteEncoder(str(ckpt), str(data / "shards"))
+    manifest = Manifest.load(data / "shards")
+    t1 = time.perf_counter()
+    out = work / "embed-inprocess"
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    for rep in range(2):                 # the second pass is timed: CUDA start-up and kernel choice excluded
         t1 = time.perf_counter()
-        out = work / "embed-inprocess"
-        (out / "parts").mkdir(parents=True, exist_ok=True)
         for s in manifest.data["shards"]:
-            embed_shard(enc, str(manifest.root / "shards" / s["name"]), out, 64, len(manifest.channels))
-        t = time.perf_counter() - t1
-        return {"part": "embed actor code, in-process (no Ray here)", "method": "micon", "preset": preset,
-                "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{time.perf_counter() - t0:.0f}"}
-    t = sh([py, "-m", "evaluate.embed", str(ckpt), str(data / "shards"), str(work / "embed"), "batch_size=64"],
-           work / "embed.log")
-    return {"part": "Ray embed job (incl. start-up)", "method": "micon", "preset": preset,
-            "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{t:.0f}"}
+            embed_shard(enc, str(manifest.root / "shards" / s["name"]), out, 128, len(manifest.channels))
+    t = time.perf_counter() - t1
+    rows.append({"part": "embed actor code in-process (decode + model, one process)", "method": "image encoder",
+                 "preset": preset, "images/s": f"{n_sites / t:.0f} sites/s", "wall s": f"{time.perf_counter() - t0:.0f}"})
+    return rows
 
 
 def main() -> int:
@@ -124,6 +161,9 @@ def main() -> int:
     ap.add_argument("--work", default="", help="scratch directory (default: a temporary one)")
     ap.add_argument("--prepare", default="", metavar="DIR",
                     help="only build the screen, shards and graphs into DIR (no GPU needed) and stop")
+    ap.add_argument("--only", choices=["all", "embed"], default="all",
+                    help="embed: one short training run for a checkpoint, then the embed rows only")
+    ap.add_argument("--tiles", type=int, default=8, help="the embed job's larger input: the shard set listed N times")
     ap.add_argument("--prepared", default="", metavar="DIR",
                     help="use the screen, shards and graphs that --prepare built (a GPU machine without RDKit/Ray)")
     a = ap.parse_args()
@@ -151,9 +191,11 @@ def main() -> int:
         print(f"gpu_check: prepared {work}; on the GPU machine: bash bench/gpu_check.sh --prepared {work.name}")
         return 0
     print(f"gpu_check: screen, shards and graphs ready in {time.perf_counter() - t_start:.0f} s", flush=True)
-    rows = synthetic_rows(a) if gpu else []
+    rows = synthetic_rows(a) if gpu and a.only == "all" else []
     from micon.methods import METHODS
-    plan = [(m, z, a.presets[0]) for m in METHODS for z in (1, 2)] + [("micon", 2, p) for p in a.presets[1:]]
+    plan = [(m, z, a.presets[0]) for m in METHODS for z in (1, 2)] + [(list(METHODS)[0], 2, p) for p in a.presets[1:]]
+    if a.only == "embed":   # a checkpoint of the first preset's image encoder, from plate shards alone
+        plan = [(next(m for m, meth in METHODS.items() if not meth.needs.pairs), 1, a.presets[0])]
     for method, zero, preset in plan:
         if time.perf_counter() - t_start > BUDGET_S:
             rows.append({"part": "DeepSpeed from shards", "method": method, "preset": preset, "ZeRO": zero,
@@ -166,18 +208,27 @@ def main() -> int:
                          "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
         print(f"gpu_check: {rows[-1]}", flush=True)
 
-    ckpt = work / f"train-micon-z1-{a.presets[0]}"
-    if (ckpt / "final.json").is_file():
+    ckpt = next((work / f"train-{m}-z{z}-{p}" for m, z, p in plan if (work / f"train-{m}-z{z}-{p}" / "final.json").is_file()
+                 and p == a.presets[0]), None)
+    if ckpt is not None:
         try:
-            rows.append(embed_row(data, work, ckpt, a.presets[0]))
+            rows += embed_rows(data, work, ckpt, a.presets[0], a.tiles)
         except Exception as e:
-            rows.append({"part": "embed", "method": "micon", "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
+            rows.append({"part": "embed", "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
     columns = ["part", "method", "preset", "ZeRO", "precision", "images/s", "data-wait share", "peak memory GB",
                "wall s", "final loss"]
     table = markdown_table([{c: r.get(c, "") for c in columns} for r in rows])
     print(table)
     print(f"gpu_check: done in {time.perf_counter() - t_start:.0f} s")
-    if gpu:
+    if gpu and a.only == "embed":
+        write_section("GPU check: the Ray embed job", f"""`bash bench/gpu_check.sh --only embed`: a ResNet-50
+image encoder (a {a.steps}-step SimCLR checkpoint; the weights do not change the cost) embeds the synthetic
+screen's {a.size} px shards with `python -m evaluate.embed CKPT SHARDS OUT batch_size=128` (Ray Data, one actor
+per GPU), once on the shard set and once on it listed {a.tiles} times; the steady rate is the difference of the
+two. Beside it the actor's own code in one process (second pass timed).
+
+{table}""")
+    elif gpu:
         write_section("GPU check", f"""`bash bench/gpu_check.sh`: 5 channels, crop {a.crop} px from shards stored at
 {a.size} px (synthetic screen), {a.batch} examples per step, {a.steps} steps per DeepSpeed run (median of steps 3+),
 {a.workers} loader workers; images/s counts every image of an example (MICON/PaCLR: 4, CLIP/SimCLR: 2).

@@ -43,14 +43,24 @@ sys.path.insert(0, str(ROOT))
 from micon import schema  # noqa: E402
 
 METHODS = ("micon", "paclr", "clip", "simclr")
+SUBJECT = "micon"                        # the method the comparison asks about (--subject)
 LR = {"clip": 1e-3}                      # CLIP's learnable temperature collapses at 3e-3 (README)
-ABLATIONS = {                            # name -> train overrides (MICON, first seed)
-    "micon_cf0": ["loss.counterfactual_weight=0"],
-    "micon_grad": ["model.detach_control=false", "model.detach_target=false"],
-    "micon_official_dmso": ["loss.dmso_positives=true"],
-    "micon_t1": ["loss.temperature=1.0"],
-    "micon_init": ["optim.lr=0"],      # the same network never updated: what training adds over random features
+ABLATIONS = {                            # variant -> train overrides of the subject (first seed), run as SUBJECT_variant
+    "cf0": ["loss.counterfactual_weight=0"],
+    "grad": ["model.detach_control=false", "model.detach_target=false"],
+    "official_dmso": ["loss.dmso_positives=true"],
+    "t1": ["loss.temperature=1.0"],
+    "init": ["optim.lr=0"],            # the same network never updated: what training adds over random features
 }
+
+
+def variant(subject: str, name: str) -> str:
+    """The label of a run of the subject method with other settings (an ablation, activity-aware data)."""
+    return f"{subject}_{name}"
+
+
+def of_subject(label: str, subject: str) -> bool:
+    return label == subject or label.startswith(variant(subject, ""))
 SPLITS = ("heldout_batches", "heldout_compounds", "heldout_source")
 METRICS = ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "map_consistency",
            "fraction_retrieved", "source_knn")
@@ -216,7 +226,8 @@ def summarise(runs: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(summary: pd.DataFrame, path: Path, metrics=("nsb_top10", "nss_top10", "map_activity", "source_knn")) -> None:
+def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
+         metrics=("nsb_top10", "nss_top10", "map_activity", "source_knn")) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -234,7 +245,7 @@ def plot(summary: pd.DataFrame, path: Path, metrics=("nsb_top10", "nss_top10", "
             err = np.vstack([sub["mean"] - lo, hi - sub["mean"]])
             err = np.where(np.isfinite(err), err, 0)
             ax.bar(range(len(sub)), sub["mean"], yerr=err, capsize=3,
-                   color=["#c0392b" if m.startswith("micon") else "#7f8c8d" if m == "handcrafted" else "#2980b9"
+                   color=["#c0392b" if of_subject(m, subject) else "#7f8c8d" if m == "handcrafted" else "#2980b9"
                           for m in sub.index])
             ax.set_xticks(range(len(sub)), sub.index, rotation=30, ha="right", fontsize=8)
             ax.set_title(f"{metric} - {split}", fontsize=9)
@@ -248,7 +259,7 @@ def plot(summary: pd.DataFrame, path: Path, metrics=("nsb_top10", "nss_top10", "
 
 # --------------------------------------------------------------------------- activity-aware training
 
-def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, min_share: float = 0.05,
+def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, label: str, min_share: float = 0.05,
                     top_share: float = 0.3) -> tuple[Path, dict]:
     """First-pass activity call on hand-crafted profiles (mAP vs same-plate DMSO, BH-corrected; where that
     calls under `min_share` of the compounds, the top `top_share` by mAP), a weights table (active 1,
@@ -283,37 +294,39 @@ def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, min
         sh([sys.executable, "-m", "data_prep.replicate_sets", str(dst), f"weights={weights}"],
            out / "logs" / "rsets-activity.log")
         stamp.write_text(digest)
-        shutil.rmtree(out / "train" / "micon_activity", ignore_errors=True)     # trained on other weights
-        shutil.rmtree(out / "embeddings" / "micon_activity", ignore_errors=True)
+        shutil.rmtree(out / "train" / label, ignore_errors=True)     # trained on other weights
+        shutil.rmtree(out / "embeddings" / label, ignore_errors=True)
     return dst, rec
 
 
 # --------------------------------------------------------------------------- report
 
-def verdict(summary: pd.DataFrame, metrics=("nsb_top10", "nss_top10", "map_activity", "map_consistency")) -> list[str]:
-    """Plain sentences: per split and metric, MICON against the best other method (learned or hand-crafted),
-    called a difference only when the 95% intervals (t over seeds; bootstrap for one seed) do not overlap."""
+def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
+            metrics=("nsb_top10", "nss_top10", "map_activity", "map_consistency")) -> list[str]:
+    """Plain sentences: per split and metric, the subject against the best other method (learned or
+    hand-crafted), called a difference only when the 95% intervals (t over seeds; bootstrap for one seed)
+    do not overlap. The subject's own variants (ablations) are not its rivals."""
     lines = []
-    rivals = [m for m in dict.fromkeys(summary.method) if not m.startswith("micon")]   # baselines, not ablations
+    rivals = [m for m in dict.fromkeys(summary.method) if not of_subject(m, subject)]
     for split in SPLITS:
         parts = []
         for metric in metrics:
             sub = summary[(summary.split == split) & (summary.metric == metric)].set_index("method")
-            if "micon" not in sub.index or not rivals:
+            if subject not in sub.index or not rivals:
                 continue
             best = sub.loc[rivals, "mean"].idxmax()
             lo = lambda m: sub.loc[m, "ci_lo"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_lo"]  # noqa: E731
             hi = lambda m: sub.loc[m, "ci_hi"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_hi"]  # noqa: E731
-            m, b = sub.loc["micon", "mean"], sub.loc[best, "mean"]
-            if lo("micon") > hi(best):
+            m, b = sub.loc[subject, "mean"], sub.loc[best, "mean"]
+            if lo(subject) > hi(best):
                 word = "better than"
-            elif hi("micon") < lo(best):
+            elif hi(subject) < lo(best):
                 word = "worse than"
             else:
                 word = "not distinguishable from"
             parts.append(f"{metric} {m:.3f} vs {best} {b:.3f}: {word}")
         if parts:
-            lines.append(f"- **{split}**: MICON " + "; ".join(parts) + ".")
+            lines.append(f"- **{split}**: {subject} " + "; ".join(parts) + ".")
     return lines
 
 
@@ -364,8 +377,8 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
                   f"{a['recall']:.2f} against the screen's truth ({a['true_active']} compounds with magnitude > 0). "
                   f"Inactive compounds are then used in {a['inactive_weight']:.0%} of their "
                   f"replicate-set samples (`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
-                  f"`micon_activity` in the tables (first seed).", ""]
-    lines += ["## Verdict (computed from the intervals above)", "", *verdict(summary), ""]
+                  f"`{variant(results['subject'], 'activity')}` in the tables (first seed).", ""]
+    lines += ["## Verdict (computed from the intervals above)", "", *verdict(summary, results["subject"]), ""]
     notes = ROOT / "docs" / "results" / "NOTES.md"      # the hand-written reading, kept across regenerations
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
@@ -394,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--subject", default=SUBJECT, choices=METHODS,
+                    help="the method the comparison asks about: its ablations, its activity-aware run, the verdict")
     ap.add_argument("--parts", nargs="+", default=["comparison", "ablations", "activity"])
     ap.add_argument("--inactive-weight", type=float, default=0.25)
     ap.add_argument("--train-args", nargs="*", default=[],
@@ -425,28 +440,30 @@ def main(argv: list[str] | None = None) -> int:
     if "comparison" in a.parts:
         jobs += [(f"{m}@{s}", m, s, []) for s in a.seeds for m in a.methods]
     if "ablations" in a.parts:
-        jobs += [(name, "micon", a.seeds[0], extra) for name, extra in ABLATIONS.items()]
+        jobs += [(variant(a.subject, name), a.subject, a.seeds[0], extra) for name, extra in ABLATIONS.items()]
     for i, (label, method, seed, extra) in enumerate(jobs):
         name = label.replace("@", "_seed")
         log(f"[{i + 1}/{len(jobs)}] {label}")
         scored(label, train_and_embed(out, name, method, seed, a.steps, extra))
     activity = None
     if "activity" in a.parts:
-        shards, activity = activity_shards(out, hc, a.inactive_weight)
+        label = variant(a.subject, "activity")
+        shards, activity = activity_shards(out, hc, a.inactive_weight, label)
         activity["inactive_weight"] = a.inactive_weight
         log(f"activity call: {activity}")
-        scored("micon_activity", train_and_embed(out, "micon_activity", "micon", a.seeds[0], a.steps, [], shards))
+        scored(label, train_and_embed(out, label, a.subject, a.seeds[0], a.steps, [], shards))
     summary = summarise(scores)
     summary.to_csv(out / "summary.csv", index=False)
-    plot(summary, out / "comparison.png")
+    plot(summary, out / "comparison.png", a.subject)
     import platform
     times = json.loads((out / "stage_seconds.json").read_text())
     part = lambda keys: sum(v for k, v in times.items() if any(k.endswith(x) or x in k for x in keys)) / 60  # noqa: E731
     compute = dict(all=sum(times.values()) / 60,
                    comparison=part([f"-{m}_seed" for m in a.methods]),
-                   ablations=part(list(ABLATIONS)), activity=part(["micon_activity", "rsets-activity"]),
+                   ablations=part([variant(a.subject, n) for n in ABLATIONS]),
+                   activity=part([variant(a.subject, "activity"), "rsets-activity"]),
                    prepare=part(["synth", "ingest", "featurize", "embed-handcrafted"]))
-    results = dict(compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
+    results = dict(subject=a.subject, compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
                    scores=scores, date=time.strftime("%Y-%m-%d"), wall_min=(time.perf_counter() - t0) / 60,
                    machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "
                            f"Python {platform.python_version()}",

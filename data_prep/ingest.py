@@ -275,9 +275,10 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
 
         progress = Progress.remote()
         task = ray.remote(num_cpus=1, max_retries=0)(ingest_plate)
-        # the metadata tables are read once here; each task gets its plate's rows through the object store
-        subsets = screen.subsets(todo)
-        pending = {task.remote(subsets[p], str(out), p, cfg, progress): p for p in todo}
+        # the metadata tables are read once here; each task gets its plate's rows (plate, wells, compounds)
+        # through the object store, never the screen's tables
+        refs = {p: ray.put(sub) for p, sub in screen.subsets(todo).items()}
+        pending = {task.remote(refs[p], str(out), p, cfg, progress): p for p in todo}
         plate_bar = tqdm(total=len(todo), desc="prep plates", unit="plate", position=0)
         site_bar = tqdm(desc="prep sites", unit="site", position=1)
         while pending:

@@ -25,6 +25,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class NoRecordError(CheckpointError):
+    """A checkpoint written before checkpoints described themselves (no inference record)."""
+
+
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
@@ -120,7 +124,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{p} holds no model weights")
     rec = ck.get("record")
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise CheckpointError(f"{p} was written before checkpoints described themselves (no inference record: "
+        raise NoRecordError(f"{p} was written before checkpoints described themselves (no inference record: "
                               f"method, channels, feature sizes, preprocessing). Retrain, or resume the run once "
                               f"with this version (./launch.sh train ... resume=latest steps=N+1) to rewrite it")
     if rec.get("version", 0) > VERSION:

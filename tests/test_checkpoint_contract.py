@@ -84,8 +84,10 @@ def test_only_train_imports_train():
 
 def test_nothing_in_the_loop_the_stream_or_the_benchmarks_branches_on_a_method_name():
     names = "|".join(METHODS)
-    # `method == "micon"`, `cfg.method in ("clip", ...)`, `if name != 'simclr'` ...
-    pattern = re.compile(rf"""(==|!=|\bin)\s*[\(\[{{]?\s*["']({names})["']""")
+    # `method == "micon"`, `cfg.method in ("clip", ...)`, `if name != 'simclr'`, `"micon" not in rows`,
+    # `m.startswith("micon")`, `rows.loc["micon"]` ...
+    pattern = re.compile(rf"""(==|!=|\bin|startswith\(|endswith\(|(?<=[\w\)\]])\[)\s*[\(\[{{]?\s*["']({names})[_"']"""
+                         rf"""|["']({names})["']\s*(==|!=|\bin\b|\bnot in\b)""")
     offenders = []
     for folder in ("train", "micon/data", "bench"):
         for path in (REPO / folder).rglob("*.py"):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def kill_midway(args: list[str], progress, total: int, seed: int, env: dict | No
     return progress()
 
 
+def already(pattern: str, text: str, seen: int) -> int:
+    """The rerun's count of finished work: at least what was finished at the kill (a task of the killed
+    run's Ray workers may still have finished its unit, atomically, before they noticed)."""
+    m = re.search(pattern, text)
+    assert m, text[-2000:]
+    assert int(m.group(1)) >= seen, (m.group(0), seen)
+    return int(m.group(1))
+
+
 def tar_digests(d: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.tar"))}
 
@@ -56,9 +66,30 @@ def test_prep_killed_midway_reruns_to_identical_shards_and_replicate_sets(tiny_s
                        env={"MICON_INGEST_TEST_DELAY_S": "0.5"})
     assert 1 <= seen < 4 and not (out / "manifest.json").exists()
     rerun = run_job(*args)
-    assert f"{seen} already done, {4 - seen} to ingest" in rerun.stdout
+    done = already(r"(\d+) already done, (\d+) to ingest", rerun.stdout, seen)
+    assert f"{done} already done, {4 - done} to ingest" in rerun.stdout
     assert tar_digests(out / "shards") == tar_digests(tiny_shards / "shards")
     assert tar_digests(out / "replicate_sets") == tar_digests(tiny_shards / "replicate_sets")
+
+
+def test_replicate_set_build_killed_midway_reruns_to_identical_shards(tiny_shards, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    shutil.rmtree(shards / "replicate_sets")
+    clean = json.loads((tiny_shards / "replicate_sets" / "manifest.json").read_text())
+    n = len(clean["shards"])
+    args = ["data_prep.replicate_sets", str(shards)]
+    seen = kill_midway(args, lambda: len(list((shards / "replicate_sets").glob("rset-*.tar"))), n, SEED + 4,
+                       env={"MICON_RSETS_TEST_DELAY_S": "0.4"})
+    assert 1 <= seen < n and not (shards / "replicate_sets" / "manifest.json").exists()
+    rerun = run_job(*args)
+    done = already(r"(\d+) already written, \d+ to write", rerun.stdout, seen)
+    assert f"{done} already written, {n - done} to write" in rerun.stdout
+    assert tar_digests(shards / "replicate_sets") == tar_digests(tiny_shards / "replicate_sets")
+    again = json.loads((shards / "replicate_sets" / "manifest.json").read_text())
+    assert again["shards"] == clean["shards"] and again["fingerprint"] == clean["fingerprint"]
 
 
 def test_featurize_killed_midway_reruns_to_the_same_store(tiny_screen, tiny_graphs, tmp_path):
@@ -77,10 +108,16 @@ def test_featurize_killed_midway_reruns_to_the_same_store(tiny_screen, tiny_grap
                                                                                   mode="r")
     for name, arr in zb.arrays():
         np.testing.assert_array_equal(za[name][:], arr[:], err_msg=name)
-    # changed options into the same output: redone, not mixed
-    proc = run_job("data_prep.featurize", str(tiny_screen / "metadata" / "compound.csv.gz"), str(out),
-                   "num_workers=1", "radius=3")
-    assert "0 already done" in proc.stderr or "chunks (0 already done)" in proc.stderr
+    # changed options into the same output: every chunk redone (none reused), equal to a clean run of them
+    radius3 = [str(tiny_screen / "metadata" / "compound.csv.gz"), "num_workers=1", "chunk_size=2", "radius=3"]
+    proc = run_job("data_prep.featurize", radius3[0], str(out), *radius3[1:])
+    assert f"{n_chunks} chunks (0 already done)" in proc.stderr, proc.stderr[-2000:]
+    run_job("data_prep.featurize", radius3[0], str(tmp_path / "clean3"), *radius3[1:])
+    za, zc = zarr.open_group(str(out / "graphs.zarr"), mode="r"), zarr.open_group(str(tmp_path / "clean3" /
+                                                                                  "graphs.zarr"), mode="r")
+    assert za.attrs["radius"] == 3
+    for name, arr in zc.arrays():
+        np.testing.assert_array_equal(za[name][:], arr[:], err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +136,24 @@ def test_embed_killed_midway_reruns_to_the_same_embeddings(trained, tiny_shards,
     from micon.embeddings import load_embeddings
 
     clean, out = tmp_path / "clean", tmp_path / "killed"
-    run_job("evaluate.embed", trained, tiny_shards, clean, "workers=1")
-    args = ["evaluate.embed", str(trained), str(tiny_shards), str(out), "workers=1", "batch_size=4"]
-    seen = kill_midway(args, lambda: len(list((out / "parts").glob("*.npz"))), 12, SEED + 2,
+    args = [str(trained), str(tiny_shards), "workers=1", "batch_size=4"]
+    run_job("evaluate.embed", args[0], args[1], clean, *args[2:])
+    seen = kill_midway(["evaluate.embed", args[0], args[1], str(out), *args[2:]],
+                       lambda: len(list((out / "parts").glob("*.npz"))), 12, SEED + 2,
                        env={"MICON_EMBED_TEST_DELAY_S": "0.3"})
     assert not (out / "embed.json").exists()
-    rerun = run_job(*args)
-    assert f"{seen} already embedded" in rerun.stdout or seen >= 1
+    rerun = run_job("evaluate.embed", args[0], args[1], out, *args[2:])
+    already(r"(\d+) already embedded", rerun.stdout, seen)
     (m1, e1), (m0, e0) = load_embeddings(out), load_embeddings(clean)
     pd.testing.assert_frame_equal(m1, m0)
-    np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(e1, e0)       # the same bytes: parts of the killed run and the rerun
+    assert json.loads((out / "embed.json").read_text())["sha256"] == json.loads((clean / "embed.json").read_text())[
+        "sha256"]
+    # changed options into the same output: another checkpoint is refused, naming what differs
+    other = tmp_path / "other-model"
+    run_job("train.run", *train_args(tiny_shards, other, 2))
+    proc = run_job("evaluate.embed", other, tiny_shards, out, "workers=1", check=False)
+    assert proc.returncode == 1 and "Use another output directory, or pass overwrite=true" in proc.stderr
 
 
 def test_train_killed_midway_resumes_to_the_same_parameters(trained, tiny_shards, tmp_path):

@@ -49,6 +49,10 @@ def compound_rows() -> list[dict]:
         dict(Metadata_JCP2022="JCP2022_900004", Metadata_InChIKey="", Metadata_SMILES="",
              Metadata_InChI="InChI=1S/C2H6O/c1-2-3/h3H,2H2,1H3"),
         dict(Metadata_JCP2022="JCP2022_000010", **{k: v for k, v in rows[10].items() if k != "Metadata_JCP2022"}),
+        # coordination compounds: kept whole (not ammonia, not a bare ion) and flagged in the index
+        dict(Metadata_JCP2022="JCP2022_900005", Metadata_InChIKey="", Metadata_InChI="", Metadata_SMILES="N.N.Cl[Pt]Cl"),
+        dict(Metadata_JCP2022="JCP2022_900006", Metadata_InChIKey="", Metadata_InChI="",
+             Metadata_SMILES="[Gd+3].[Cl-].[Cl-].[Cl-]"),
     ]
     return rows
 
@@ -82,7 +86,7 @@ def test_index_reports_every_planted_failure(job):
     assert list(index.columns) == ["Metadata_JCP2022", "Metadata_InChIKey", "status", "reason", "flags", "n_atoms",
                                    "n_bonds"]
     assert index.Metadata_JCP2022.is_unique and index.Metadata_JCP2022.is_monotonic_increasing
-    assert len(index) == 204
+    assert len(index) == 206
     reason = dict(zip(index.Metadata_JCP2022, index.reason))
     status = dict(zip(index.Metadata_JCP2022, index.status))
     assert "cannot parse the SMILES 'C1CC(N'" in reason["JCP2022_900001"]
@@ -92,14 +96,18 @@ def test_index_reports_every_planted_failure(job):
     assert "different structures" in dup and "row 6 " in dup and "row 204 " in dup and "'CCO'" in dup
     assert status["JCP2022_900004"] == "ok" and status["JCP2022_000010"] == "ok"
     assert dict(zip(index.Metadata_JCP2022, index.Metadata_InChIKey))["JCP2022_000010"] == "KEY10"
+    row = index.set_index("Metadata_JCP2022")
+    assert (row.loc["JCP2022_900005", ["status", "flags", "n_atoms"]].tolist() == ["ok", "metal,inorganic", 5])
+    assert (row.loc["JCP2022_900006", ["status", "flags", "n_atoms"]].tolist() == ["ok", "metal,inorganic", 4])
+    assert (index["flags"] == "").mean() > 0.9        # ordinary organic compounds carry no flag
     failed = index[index.status == "error"]
     assert (failed.n_atoms == 0).all() and (failed.reason.str.len() > 10).all()
     assert ((index.status == "ok") == (index.reason == "")).all()
     # the job's last line says how many failed; a few examples are printed above it
     lines = job["proc"].stdout.strip().splitlines()
     n_failed = len(failed)
-    assert lines[-1].startswith(f"featurize: 204 compounds -> {204 - n_failed} graphs, {n_failed} failed")
-    assert f"{n_failed} of 204 compounds have no graph" in job["proc"].stdout
+    assert lines[-1].startswith(f"featurize: 206 compounds -> {206 - n_failed} graphs, {n_failed} failed")
+    assert f"{n_failed} of 206 compounds have no graph" in job["proc"].stdout
     assert "JCP2022_900001: RDKit cannot parse" in job["proc"].stdout
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from micon.checkpoint import load_checkpoint
+from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import load_config
 from micon.distributed import free_port
 from train.config import TrainConfig
@@ -87,3 +87,33 @@ def test_stop_mode_names_the_step_and_the_fix(tiny_shards, tmp_path, one_rank, m
     assert train(_cfg(tiny_shards, tmp_path / "stop", "steps=3")) == 1
     err = capsys.readouterr().err
     assert "train: non-finite loss at step 0 (simclr" in err and "set on_nonfinite=skip" in err
+
+
+def test_every_data_counter_is_logged_from_the_first_step(tiny_shards, tmp_path, one_rank):
+    from micon.data.pipeline import Counts
+
+    assert train(_cfg(tiny_shards, tmp_path / "c", "steps=2")) == EXIT_OK
+    first = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {f"data/{k}" for k in Counts.REPORTED} <= set(first), sorted(first)
+    assert first["data/controls_source"] == 0 and first["data/examples"] == 4   # simclr: single sites
+
+
+def test_resuming_a_checkpoint_without_a_record_continues_and_writes_one(tiny_shards, tmp_path, one_rank, caplog):
+    import torch
+
+    out = tmp_path / "old"
+    assert train(_cfg(tiny_shards, out, "steps=2")) == EXIT_OK
+    model_file = out / "checkpoints" / "step00000002" / "model.pt"
+    ck = torch.load(model_file, weights_only=True)
+    del ck["record"]                                    # what a checkpoint of an older version holds
+    torch.save(ck, model_file)
+    with pytest.raises(CheckpointError, match="written before checkpoints described themselves"):
+        load_checkpoint(out)
+    assert train(_cfg(tiny_shards, out, "steps=3")) == EXIT_OK   # the message's advice works
+    assert "written before checkpoints described themselves" in caplog.text
+    assert load_checkpoint(out).record.step == 3
+
+
+def test_a_missing_checkpoint_to_resume_is_named(tiny_shards, tmp_path, one_rank, capsys):
+    assert train(_cfg(tiny_shards, tmp_path / "r", "steps=2", "resume=step00000007")) == 1
+    assert "step00000007 is missing or incomplete" in capsys.readouterr().err

@@ -47,11 +47,15 @@ def save(engine, root: Path, step: int, state: dict, config: dict, record: Infer
 
 
 def resolve_resume(root: Path, resume: str, rank: int) -> str | None:
-    """Rank 0 decides which tag to load; every rank gets the same answer."""
-    tag = None
+    """Rank 0 decides which tag to load; every rank gets the same answer, or the same error (no rank is
+    left waiting in a collective for one that stopped)."""
+    tag, problem = None, None
     if rank == 0 and resume != "none":
         tag = find_latest(root) if resume == "latest" else resume
         if tag is not None and not (root / tag / "model.pt").is_file():
-            raise FileNotFoundError(f"checkpoint {root / tag} is missing or incomplete; "
-                                    f"complete ones: {[p.name for p in root.glob('step*')]}")
-    return distributed.broadcast_object(tag, src=0)
+            problem = (f"checkpoint {root / tag} is missing or incomplete; complete ones: "
+                       f"{sorted(p.name for p in root.glob('step*') if (p / 'model.pt').is_file())}")
+    tag, problem = distributed.broadcast_object((tag, problem), src=0)
+    if problem:
+        raise FileNotFoundError(problem)
+    return tag

@@ -49,6 +49,10 @@ class TrainingStopped(RuntimeError):
     """A run that must stop with a message for a person (exit code 1)."""
 
 
+class DataStopped(TrainingStopped):
+    """A rank's data stream cannot go on; every rank stops with that rank's message."""
+
+
 class SignalFlag:
     """SIGTERM / SIGUSR1 (Slurm's warning before the time limit or preemption) ask for a checkpoint."""
 
@@ -220,9 +224,15 @@ class Trainer:
         """Resuming continues a run; a checkpoint of another method, model or channel order is refused
         (every rank reads the record; the options that may change between resumes, such as steps or the
         learning rate, are not compared)."""
-        from micon.checkpoint import load_checkpoint
+        from micon.checkpoint import NoRecordError, load_checkpoint
 
-        saved = load_checkpoint(self.ckpt_root / tag).record
+        try:
+            saved = load_checkpoint(self.ckpt_root / tag).record
+        except NoRecordError:
+            log.warning("%s was written before checkpoints described themselves: its model settings cannot be "
+                        "compared with this run's; resuming, and the next checkpoint writes the record",
+                        self.ckpt_root / tag)
+            return
         diff = [f"{k}: {getattr(saved, k)!r} there, {getattr(self.record, k)!r} now"
                 for k in ("method", "model", "channels", "atom_dim", "bond_dim", "preprocessing")
                 if getattr(saved, k) != getattr(self.record, k)]
@@ -289,9 +299,14 @@ class Trainer:
         from micon.data.pipeline import DataStreamError
 
         try:
-            batch = next(self.batches)
+            batch, problem = next(self.batches), None
         except DataStreamError as e:   # re-raised from a loader worker with its traceback: keep the message
-            raise TrainingStopped(str(e).strip().splitlines()[-1].split("DataStreamError: ", 1)[-1]) from None
+            batch, problem = None, str(e).strip().splitlines()[-1].split("DataStreamError: ", 1)[-1]
+        # every rank learns whether any rank's stream stopped before anyone enters the loss's collectives;
+        # the message travels from the lowest such rank
+        failed = distributed.max_vote(self.world - self.rank if problem else 0)
+        if failed > 0:
+            raise DataStopped(distributed.broadcast_object(problem, src=int(self.world - failed)))
         self.state.data_position += 1
         self.counts_by_worker[batch["worker"]] = batch["counts"]
         return batch
@@ -430,13 +445,14 @@ class Trainer:
 
 def train(cfg) -> int:
     """Set up, fit and finish one run; returns the exit code (messages for people go to stderr)."""
+    from micon.checkpoint import CheckpointError
     from micon.data.shards import ManifestError
 
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         code = trainer.fit()
-    except (TrainingStopped, ManifestError) as e:
+    except (TrainingStopped, ManifestError, CheckpointError, FileNotFoundError) as e:
         if getattr(trainer, "rank", 0) == 0:
             print(f"train: {e}", file=sys.stderr)
         code = EXIT_STOPPED

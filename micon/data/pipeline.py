@@ -88,10 +88,21 @@ class Counts(dict):
     image read from storage, controls and plate-cache loads included), images_used (images placed into
     a batch), bytes_read (tar bytes, headers included), bytes_used (the payload of the images used), examples,
     pairs_across_{source,batch,plate}, controls_{plate,batch,source},
-    samples_lost (corrupt or incomplete samples skipped)."""
+    samples_lost (corrupt or incomplete samples skipped). The reported ones start at 0, so every step's
+    record holds all of them."""
+
+    REPORTED = ("images_read", "images_used", "bytes_read", "examples", "pairs_across_source", "pairs_across_batch",
+                "pairs_across_plate", "controls_plate", "controls_batch", "controls_source", "samples_lost")
+
+    def __init__(self):
+        super().__init__(dict.fromkeys(self.REPORTED, 0))
 
     def add(self, key: str, n: int = 1) -> None:
         self[key] = self.get(key, 0) + n
+
+    def since(self, base: dict) -> dict:
+        """These counts minus `base` (what a resumed stream re-read to fast-forward was counted before)."""
+        return {k: v - base.get(k, 0) for k, v in self.items()}
 
 
 class _Handler:
@@ -207,22 +218,26 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.compound_labels = compound_labels or {}
 
     # ---- planning: metadata only, no pixel decoded
-    def _epochs(self, shards: list[str], expected: dict, slot: int, counts: Counts, parse, salt: str = ""):
-        """Endless epochs over this slot's `shards`: each tar sample goes through `parse` (None = unusable),
-        then a reservoir of raw bytes shuffles it before anything is decoded. Samples lost to damaged
-        shards are counted against the manifest's `expected` counts; an epoch with nothing usable stops."""
+    def _epochs(self, shards: list[str], expected: dict, slot: int, counts: Counts, parse, keep, salt: str = ""):
+        """Endless epochs over this slot's `shards`: each tar sample goes through `parse` (None = unreadable)
+        and `keep` (False = not for this run: another split, role), then a reservoir of raw bytes shuffles
+        it before anything is decoded. Samples lost to damaged shards are counted against the manifest's
+        `expected` counts; an epoch with nothing readable, or nothing kept, stops the stream."""
         n_slots = self.world * self.num_workers
         for epoch in count():
             urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
             rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}{salt}")
             buf: list[dict] = []
-            tally = ShardTally(expected, counts)
+            tally, kept = ShardTally(expected, counts), 0
             for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
                 counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
                 sample = parse(s, counts)
                 if sample is None:
                     continue
                 tally.add(s["__url__"])
+                if not keep(sample):
+                    continue
+                kept += 1
                 if len(buf) < self.cfg.shuffle_buffer:
                     buf.append(sample)
                     continue
@@ -232,7 +247,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             rng.shuffle(buf)
             yield from buf
             tally.finish(urls)
-            self._check_epoch(tally.usable, urls, slot, epoch)
+            self._check_epoch(tally.usable, kept, urls, slot, epoch)
 
     @staticmethod
     def _parse_site(s: dict, counts: Counts) -> dict | None:
@@ -249,14 +264,21 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     def _raw_samples(self, manifest: Manifest, slot: int, counts: Counts):
         expected = {sh["name"]: sh["n_samples"] for sh in manifest.data["shards"]}
-        return self._epochs(manifest.shard_paths(), expected, slot, counts, self._parse_site)
+        return self._epochs(manifest.shard_paths(), expected, slot, counts, self._parse_site,
+                            lambda sample: self._keep(manifest, sample["meta"]))
 
-    def _check_epoch(self, usable: int, urls: list[str], slot: int, epoch: int) -> None:
-        if usable == 0:
-            names = ", ".join(Path(u).name for u in urls[:5]) + (" ..." if len(urls) > 5 else "")
-            raise DataStreamError(f"epoch {epoch} of data stream {slot} (rank {self.rank}) read no usable sample "
-                                  f"from its {len(urls)} shards ({names}): they are unreadable or truncated. "
-                                  f"Rerun prep to rewrite them, or remove them from the shard set")
+    def _check_epoch(self, readable: int, kept: int, urls: list[str], slot: int, epoch: int) -> None:
+        names = ", ".join(Path(u).name for u in urls[:5]) + (" ..." if len(urls) > 5 else "")
+        where = f"epoch {epoch} of data stream {slot} (rank {self.rank})"
+        if readable == 0:
+            raise DataStreamError(f"{where} read no usable sample from its {len(urls)} shards ({names}): they are "
+                                  f"unreadable or truncated. Rerun prep to rewrite them, or remove them from the "
+                                  f"shard set")
+        if kept == 0:
+            raise DataStreamError(f"{where} read {readable} samples from its {len(urls)} shards ({names}) but none "
+                                  f"is for this run (splits {list(self.cfg.splits)}, positive controls "
+                                  f"{'in' if self.cfg.include_poscon else 'out'}): use fewer ranks x loader workers "
+                                  f"or more, smaller shards (prep shard_mb), or other splits")
 
     def _keep(self, manifest: Manifest, meta: dict) -> bool:
         if manifest.split_of(meta) not in self.cfg.splits:
@@ -272,8 +294,6 @@ class ExampleStream(torch.utils.data.IterableDataset):
         batch = []
         n = 0
         for sample in self._raw_samples(manifest, slot, counts):
-            if not self._keep(manifest, sample["meta"]):
-                continue
             if not self.cfg.needs.pairs:
                 example = (sample,)
             else:
@@ -312,18 +332,16 @@ class ExampleStream(torch.utils.data.IterableDataset):
         """Replicate-set samples of this slot's shards, shuffled as raw bytes before decoding."""
         rs = manifest.replicate_sets
         expected = {sh["name"]: sh["n_samples"] for sh in rs["shards"]}
+        roles = {schema.TREATED} | ({schema.POSCON} if self.cfg.include_poscon else set())
         return self._epochs(manifest.replicate_set_paths(), expected, slot, counts, self._parse_replicate_set,
-                            salt="-rsets")
+                            lambda sample: sample["doc"]["role"] in roles, salt="-rsets")
 
     def _rset_plans(self, manifest: Manifest, slot: int, counts: Counts):
         """Batches of example plans from replicate sets: every well of a sample in a pair (another source
         preferred), its same-plate control beside it; no pairing buffer, no control-bank read."""
-        roles = {schema.TREATED} | ({schema.POSCON} if self.cfg.include_poscon else set())
         batch, n = [], 0
         for sample in self._rset_samples(manifest, slot, counts):
             doc = sample["doc"]
-            if doc["role"] not in roles:
-                continue
             rng = np.random.default_rng([self.cfg.seed, slot, n, 3])
             if doc.get("weight", 1.0) < 1.0 and rng.random() >= doc["weight"]:
                 continue          # a down-weighted compound is used in that share of its samples
@@ -408,11 +426,14 @@ class ExampleStream(torch.utils.data.IterableDataset):
             from micon.chem.store import GraphStore
             graphs = GraphStore(self.graph_store)
         plans_of = self._rset_plans if self.cfg.replicate_sets else self._plans
+        base: dict = {}   # a resumed run's checkpoint holds the counts up to here: count only what follows
         for i, plans in enumerate(plans_of(manifest, slot, counts)):
             if i < skip:
+                if i == skip - 1:
+                    base = dict(counts)
                 continue
             batch = self._materialise(plans, prep, bank, graphs, counts)
-            batch["counts"] = dict(counts)
+            batch["counts"] = counts.since(base)
             batch["worker"] = logical
             yield batch
 

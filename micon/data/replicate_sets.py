@@ -24,6 +24,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ COMPOUND_COLUMNS = (schema.JCP, schema.INCHIKEY, schema.SMILES, schema.ROLE)
 PAIR_LEVELS = ("source", "batch", "plate", "well")
 CONTROL_LEVELS = (("plate", schema.PLATE), ("batch", schema.BATCH), ("source", schema.SOURCE))   # nearest first
 FORMAT_VERSION = 3          # 2: one `.pack` member per sample; 3: compound fields once per sample
+DELAY_ENV = "MICON_RSETS_TEST_DELAY_S"
 
 
 @dataclass
@@ -250,6 +252,8 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
             add(f"{s['key']}.pack", bytes(pack))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+    if os.environ.get(DELAY_ENV):   # tests: slow each shard down so that a kill lands mid-build
+        time.sleep(float(os.environ[DELAY_ENV]))
     os.replace(tmp, dst)
     return {"name": dst.name, "n_samples": len(samples), "n_images": n_images, "bytes": dst.stat().st_size,
             "compounds": sorted({s["compound"] for s in samples})}
