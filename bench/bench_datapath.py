@@ -360,7 +360,9 @@ Metadata-only simulation over cpg0016's real plate maps ({os.path.relpath(a.well
 Worker memory: before = peak pairing-buffer occupancy x stored site + 16 decoded DMSO plates; now = 128
 buffered sets at the 99th percentile of set size (a compound's sets hold at most 16 wells, so the bound is
 128 x 16 x 2 x {SITE_KB_256} kB = {128 * 16 * 2 * SITE_KB_256 / 1e3:.0f} MB whatever the number of
-compounds or plates).
+compounds or plates; the bound is the buffer's, the process itself adds a fixed ~100-400 MB, the measured RSS
+of the rows above). The simulation's "used / read" for replicate sets is 1.000 by construction (it counts
+a sample's images as used when they are read); the real screens above measure it.
 
 {t2}
 

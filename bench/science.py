@@ -116,10 +116,14 @@ def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, ex
     ckpt = out / "train" / name
     if not (ckpt / "final.json").is_file():
         t0 = time.perf_counter()
+        # every method that pairs replicates reads the same pairs (replicate sets: another source first),
+        # whichever path data.stream=auto would pick for its cost, so the comparison differs in the objective alone
+        from micon.methods import get_method
+        stream = "replicate_sets" if get_method(method).needs.pairs else "plates"
         sh([py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}", f"data.graphs={out / 'graphs'}",
             f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32", f"optim.lr={LR.get(method, 3e-3)}",
             "optim.warmup_steps=20", "data.augment.crop=56", "data.num_workers=1", f"ckpt_every={steps}",
-            "progress=false", *TRAIN_ARGS, *extra], out / "logs" / f"train-{name}.log")
+            f"data.stream={stream}", "progress=false", *TRAIN_ARGS, *extra], out / "logs" / f"train-{name}.log")
         log(f"trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s")
     sh([py, "-m", "evaluate.embed", str(ckpt), str(out / "shards"), str(emb)], out / "logs" / f"embed-{name}.log")
     return emb

@@ -24,7 +24,8 @@ from micon import schema
 from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import ConfigError, load_config, save_config
 from micon.data.preprocess import SitePreprocessor
-from micon.data.shards import Manifest, ManifestError, read_tar_samples
+from micon.data.codecs import decode
+from micon.data.shards import Manifest, ManifestError, read_tar_encoded
 from micon.embeddings import (META_COLUMNS, EmbeddingError, describe_identity, identity_difference, identity_key,
                               part_path, read_part, sha256_file, write_consolidated, write_part)
 from micon.raycluster import init_ray
@@ -34,7 +35,8 @@ from micon.raycluster import init_ray
 class EmbedConfig:
     workers: int = 0          # actors (0 = one per GPU, else 2 CPU actors)
     batch_size: int = 64      # sites per forward pass
-    threads: int = 1          # torch threads per CPU actor
+    threads: int = 1          # per actor: torch threads on a CPU; on a GPU, threads decoding the next batch
+                              # while the GPU embeds this one (decoding, not the GPU, bounds one thread)
     overwrite: bool = False   # replace embeddings of another model or shard set found in OUT (else refuse)
 
 
@@ -60,16 +62,27 @@ class SiteEncoder:
     def preprocess(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
         return self.prep.batch(images, plates)
 
-    def __call__(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+    def inputs(self, blobs: list[tuple[bytes, str, str]]) -> np.ndarray:
+        """Encoded sites (bytes, codec, plate) -> the model's [N, C, H, W] input (the hand-crafted
+        featuriser's: uint8 images). Pure NumPy/zstd work that releases the GIL: run in threads."""
+        n_channels = len(self.manifest.channels)
+        if self.handcrafted:
+            return np.stack([decode(b, c, n_channels) for b, c, _ in blobs])
+        return np.stack([self.prep.decode(b, c, p) for b, c, p in blobs])
+
+    def embed_inputs(self, x: np.ndarray) -> np.ndarray:
         if self.handcrafted:
             from micon.eval.handcrafted import site_features
-            return np.stack([site_features(im, self.manifest.channels.index("DNA")) for im in images])
+            return np.stack([site_features(im, self.manifest.channels.index("DNA")) for im in x])
         import torch
 
-        x = self.preprocess(images, plates)
         with torch.no_grad():
             # the image encoder's embedding, before any projection head: what profiles are built from
             return self.model.image_encoder(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+    def __call__(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+        """[N, C, H, W] uint8 sites of the given plates -> [N, D] embeddings."""
+        return self.embed_inputs(images if self.handcrafted else self.preprocess(images, plates))
 
 
 def check_channels(trained: list[str], manifest: Manifest) -> None:
@@ -79,22 +92,31 @@ def check_channels(trained: list[str], manifest: Manifest) -> None:
 
 
 def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, channels: int,
-                identity: str = "") -> dict:
-    rows, embs, images, plates = [], [], [], []
+                identity: str = "", threads: int = 1) -> dict:
+    """Embed one shard into its part. With `threads` > 1, the next batches are decoded and preprocessed
+    in a thread pool while the model embeds the current one."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def flush():
-        if images:
-            embs.append(encoder(np.stack(images), plates))
-            images.clear()
-            plates.clear()
-
-    for key, img, meta in read_tar_samples(shard, channels):
+    rows, batches = [], []
+    for key, blob, codec, meta in read_tar_encoded(shard):
         rows.append({c: str(meta.get(c, "")) for c in META_COLUMNS})
-        images.append(img)
-        plates.append(meta[schema.PLATE])
-        if len(images) == batch_size:
-            flush()
-    flush()
+        if not batches or len(batches[-1]) == batch_size:
+            batches.append([])
+        batches[-1].append((blob, codec, meta[schema.PLATE]))
+    with ThreadPoolExecutor(max(threads, 1)) as pool:
+        # split each batch over the threads, and keep the next batches in flight
+        def submit(batch):
+            step = -(-len(batch) // max(threads, 1))
+            return [pool.submit(encoder.inputs, batch[i:i + step]) for i in range(0, len(batch), step)]
+
+        ahead = max(threads, 1)
+        futures = [submit(b) for b in batches[:ahead]]
+        embs = []
+        for i in range(len(batches)):
+            x = np.concatenate([f.result() for f in futures[i]])
+            if i + ahead < len(batches):
+                futures.append(submit(batches[i + ahead]))
+            embs.append(encoder.embed_inputs(x))
     emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
     if os.environ.get("MICON_EMBED_TEST_DELAY_S"):   # tests: slow a shard down so that a kill lands mid-run
         time.sleep(float(os.environ["MICON_EMBED_TEST_DELAY_S"]))
@@ -105,13 +127,14 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
 class ShardEmbedder:
     """Ray Data actor: one model per actor, one shard per call."""
 
-    def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int, identity: str):
+    def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int, identity: str,
+                 decode_threads: int = 1):
         self.encoder = SiteEncoder(ckpt, manifest_dir, threads)
-        self.out, self.batch_size, self.identity = Path(out), batch_size, identity
+        self.out, self.batch_size, self.identity, self.decode_threads = Path(out), batch_size, identity, decode_threads
 
     def __call__(self, batch: dict) -> dict:
         done = [embed_shard(self.encoder, s, self.out, self.batch_size, len(self.encoder.manifest.channels),
-                            self.identity)
+                            self.identity, self.decode_threads)
                 for s in batch["shard"]]
         return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done])}
 
@@ -202,9 +225,10 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
         results = ds.map_batches(
             ShardEmbedder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(size, len(todo))),
-            num_gpus=1 if gpus else 0, num_cpus=cfg.threads if not gpus else 1,
-            fn_constructor_kwargs=dict(ckpt=ckpt, manifest_dir=str(shards), out=str(out),
-                                       batch_size=cfg.batch_size, threads=cfg.threads, identity=key)).take_all()
+            num_gpus=1 if gpus else 0, num_cpus=cfg.threads,
+            fn_constructor_kwargs=dict(ckpt=ckpt, manifest_dir=str(shards), out=str(out), batch_size=cfg.batch_size,
+                                       threads=1 if gpus else cfg.threads, identity=key,
+                                       decode_threads=cfg.threads if gpus else 1)).take_all()
         print(f"embed: embedded {sum(int(r['rows']) for r in results)} sites from {len(results)} shards", flush=True)
     info = consolidate(out, manifest, ckpt, identity)
     save_config(cfg, out / "embed_config.yaml")

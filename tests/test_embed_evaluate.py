@@ -52,6 +52,28 @@ def test_embeddings_match_the_encoder_and_carry_jump_metadata(embedded, checkpoi
     np.testing.assert_allclose(emb[rows], direct, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ckpt", ["model", "handcrafted"])
+def test_decoding_in_threads_gives_the_same_embeddings(embedded, checkpoint, tiny_shards, tmp_path, ckpt):
+    """Decoding the next batches in threads while the model embeds (threads= on a GPU) changes nothing:
+    the same part, byte for byte, as one thread; and for the model, the encoder's own output."""
+    from evaluate.embed import SiteEncoder, embed_shard
+    from micon.embeddings import part_path, read_part
+
+    enc = SiteEncoder(str(checkpoint) if ckpt == "model" else "handcrafted", str(tiny_shards))
+    shard = Manifest.load(tiny_shards).shard_paths()[0]
+    n = len(list(read_tar_samples(shard)))
+    for threads in (1, 3):
+        (tmp_path / f"t{threads}" / "parts").mkdir(parents=True)
+        embed_shard(enc, shard, tmp_path / f"t{threads}", 2, 5, "k", threads=threads)
+    (e1, m1), (e3, m3) = (read_part(part_path(tmp_path / f"t{t}", shard), n, "k") for t in (1, 3))
+    np.testing.assert_array_equal(e1, e3)
+    pd.testing.assert_frame_equal(m1, m3)
+    if ckpt == "model":
+        images = np.stack([img for _, img, _ in read_tar_samples(shard)])
+        plates = [m[schema.PLATE] for _, _, m in read_tar_samples(shard)]
+        np.testing.assert_allclose(e1, enc(images, plates), rtol=1e-5, atol=1e-6)
+
+
 def test_rerun_repairs_missing_and_corrupt_parts(embedded, checkpoint, tiny_shards, tmp_path):
     out = tmp_path / "emb"
     shutil.copytree(embedded, out)
@@ -102,7 +124,7 @@ def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedd
     single = evaluate_method("simclr", str(embedded), EvalConfig(embeddings={"simclr": str(embedded)}, ray=False,
                                                                    null_size=500), None)["metrics"]
     for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "nsp_top1", "map_activity"):
-        assert single[key] == pytest.approx(m[key])
+        assert single[key] == pytest.approx(m[key]), key
 
 
 def test_evaluate_names_a_corrupt_embedding_file(embedded, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -194,3 +195,27 @@ def test_end_to_end_on_a_jump_structured_screen(tmp_path):
     assert counts["controls_plate"] == 2 * counts["examples"] and counts["controls_batch"] == 0
     rs = json.loads((shards / "replicate_sets" / "manifest.json").read_text())
     assert rs["n_samples"] > 0 and set(rs["controls_by_level"]) == {"plate"}
+
+
+def test_a_method_without_controls_reads_whichever_path_is_cheaper():
+    """CLIP pairs replicates but uses no controls: on a TARGET2-like screen (every compound on every
+    plate, few loader streams) the plate shards waste less than replicate sets' controls; at cpg0016's
+    structure (5 wells on 5 plates, 80 streams) a stream rarely holds two wells of a compound."""
+    from micon.data.replicate_sets import stream_estimates
+    from micon.data.shards import Manifest
+
+    def manifest(n_sites, n_compounds, wells, sites_per_well):
+        treated = n_compounds * wells * sites_per_well
+        m = Manifest(Path("."), {"n_sites": n_sites})
+        m.__dict__["replicate_sets"] = {"n_images": 2 * treated, "controls_by_level": {"plate": treated},
+                                        "compounds": {f"c{i}": {"n_wells": wells} for i in range(n_compounds)}}
+        return m
+
+    target2 = manifest(n_sites=1620, n_compounds=120, wells=6, sites_per_well=2)
+    est = stream_estimates(target2, n_slots=2, pair_buffer=4096)
+    assert est["replicate_sets"] == pytest.approx(0.5)
+    assert est["plates"] == pytest.approx(1440 / 1620 * (1 - 0.5 ** 5))
+    assert est["plates"] > est["replicate_sets"]
+    jump = manifest(n_sites=5_900_000, n_compounds=112_000, wells=5, sites_per_well=9)
+    est = stream_estimates(jump, n_slots=80, pair_buffer=50_000)
+    assert est["plates"] < 0.05 < est["replicate_sets"]

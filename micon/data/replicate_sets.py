@@ -294,3 +294,25 @@ def pair_wells(metas: list[dict], rng: np.random.Generator) -> list[tuple[int, i
         j = others[int(np.argmax(scores))]
         pairs.append((int(i), int(j), PAIR_LEVELS[len(PAIR_LEVELS) - max(scores)] if max(scores) else "site"))
     return pairs
+
+
+# ----------------------------------------------------------------------------------------- which stream
+
+def stream_estimates(manifest, n_slots: int, pair_buffer: int) -> dict[str, float]:
+    """Images used per image read, for a method that pairs replicates but uses no controls (CLIP), on
+    each path, from the manifests alone (no pixel read):
+
+    * replicate sets: every treated image of a sample is used, its controls are read and dropped;
+    * plate shards + pairing buffer: every site of the slot's shards is read (DMSO, held-out splits too);
+      a treated site is used when another well of its compound reaches the same loader stream within
+      `pair_buffer` sites. With a compound's w wells on w plates (shards) spread over `n_slots` streams,
+      that is 1 - (1 - 1/n_slots)^(w - 1), times the share of a stream's epoch the buffer holds."""
+    rs = manifest.replicate_sets
+    controls = sum(rs["controls_by_level"].values())
+    treated = rs["n_images"] - controls
+    wells = [c["n_wells"] for c in rs["compounds"].values() if c["n_wells"] >= 2]
+    w = float(np.mean(wells)) if wells else 2.0
+    n_sites = max(manifest.data["n_sites"], 1)
+    together = 1.0 - (1.0 - 1.0 / max(n_slots, 1)) ** (w - 1.0)
+    held = min(1.0, pair_buffer / max(n_sites / max(n_slots, 1), 1.0))
+    return {"replicate_sets": treated / max(rs["n_images"], 1), "plates": treated / n_sites * together * held}

@@ -104,8 +104,8 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)
 
 
-def read_tar_samples(path: str | Path, channels: int = 5):
-    """Yield (key, image, meta) from one shard, without WebDataset (for checks and tools)."""
+def read_tar_encoded(path: str | Path):
+    """Yield (key, encoded image bytes, codec, meta) from one shard, without WebDataset or decoding."""
     with tarfile.open(path) as tar:
         pending: dict[str, dict] = {}
         for member in tar:
@@ -115,10 +115,16 @@ def read_tar_samples(path: str | Path, channels: int = 5):
             if ext == "json":
                 entry["json"] = json.loads(data)
             elif ext.startswith("image."):
-                entry["image"] = decode(data, ext.split(".", 1)[1], channels)
+                entry["image"], entry["codec"] = data, ext.split(".", 1)[1]
             if "json" in entry and "image" in entry:
-                yield key, entry["image"], entry["json"]
+                yield key, entry["image"], entry["codec"], entry["json"]
                 del pending[key]
+
+
+def read_tar_samples(path: str | Path, channels: int = 5):
+    """Yield (key, image, meta) from one shard, without WebDataset (for checks and tools)."""
+    for key, blob, codec, meta in read_tar_encoded(path):
+        yield key, decode(blob, codec, channels), meta
 
 
 # ----------------------------------------------------------------------------- manifest

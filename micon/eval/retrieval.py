@@ -96,8 +96,10 @@ def _gallery_topk(q_feats: np.ndarray, q_keys: np.ndarray, gallery: dict, k: int
     from the smallest excluded set to the largest (nsp, nsb, nss: same plate implies same batch
     implies same source), so the exclusions are applied in place, one after another. Returns values
     and global gallery indices of shape (modes, B, k); missing candidates have value -inf.
-    Similarities come from NumPy's matmul on fixed chunk boundaries, so any split of [0, G) into runs
-    of whole chunks reproduces them bit for bit.
+    Similarities are computed in float64 and rounded to the features' dtype before ranking: a float32
+    product's last bits depend on the BLAS thread count and the block's shape (a Ray worker and the
+    driver disagreed on near-ties), the rounded float64 one does not, so any blocking, split of
+    [0, G) into runs of whole chunks, or process gives the same neighbours.
     """
     import torch
 
@@ -105,9 +107,10 @@ def _gallery_topk(q_feats: np.ndarray, q_keys: np.ndarray, gallery: dict, k: int
     n_modes, B = q_keys.shape
     best = [None] * n_modes
     q_keys_t = torch.from_numpy(np.ascontiguousarray(q_keys))
+    q64 = q_feats.astype(np.float64)
     for c0 in range(lo, hi, chunk):
         c1 = min(c0 + chunk, hi)
-        sims = torch.from_numpy(q_feats @ g_feats[c0:c1].T)
+        sims = torch.from_numpy((q64 @ g_feats[c0:c1].astype(np.float64).T).astype(q_feats.dtype))
         g_keys_t = torch.from_numpy(np.ascontiguousarray(g_keys[:, c0:c1]))
         for m in range(n_modes):
             sims.masked_fill_(q_keys_t[m][:, None] == g_keys_t[m][None, :], float("-inf"))
