@@ -62,13 +62,26 @@ class SiteEncoder:
     def preprocess(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
         return self.prep.batch(images, plates)
 
-    def inputs(self, blobs: list[tuple[bytes, str, str]]) -> np.ndarray:
-        """Encoded sites (bytes, codec, plate) -> the model's [N, C, H, W] input (the hand-crafted
-        featuriser's: uint8 images). Pure NumPy/zstd work that releases the GIL: run in threads."""
+    def inputs(self, blobs: list[tuple[bytes, str, str]], out: np.ndarray | None = None) -> np.ndarray:
+        """Encoded sites (bytes, codec, plate) -> the model's [N, C, H, W] float32 input, written into `out`
+        when given (the hand-crafted featuriser's input: uint8 images). NumPy/zstd work: runs in threads."""
         n_channels = len(self.manifest.channels)
         if self.handcrafted:
             return np.stack([decode(b, c, n_channels) for b, c, _ in blobs])
-        return np.stack([self.prep.decode(b, c, p) for b, c, p in blobs])
+        if out is None:
+            return np.stack([self.prep.decode(b, c, p) for b, c, p in blobs])
+        for row, (b, c, p) in zip(out, blobs):
+            self.prep.into(decode(b, c, n_channels), p, row)
+        return out
+
+    def buffer(self, i: int, shape: tuple) -> np.ndarray | None:
+        """Batch buffer number `i` (a small ring, reused for every shard): None for the hand-crafted path."""
+        if self.handcrafted:
+            return None
+        ring = self.__dict__.setdefault("_ring", {})
+        if i not in ring or ring[i].shape != shape:
+            ring[i] = np.empty(shape, np.float32)
+        return ring[i]
 
     def embed_inputs(self, x: np.ndarray) -> np.ndarray:
         if self.handcrafted:
@@ -103,19 +116,27 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
         if not batches or len(batches[-1]) == batch_size:
             batches.append([])
         batches[-1].append((blob, codec, meta[schema.PLATE]))
-    with ThreadPoolExecutor(max(threads, 1)) as pool:
-        # split each batch over the threads, and keep the next batches in flight
-        def submit(batch):
-            step = -(-len(batch) // max(threads, 1))
-            return [pool.submit(encoder.inputs, batch[i:i + step]) for i in range(0, len(batch), step)]
+    shape = None
+    if batches:
+        first = decode(batches[0][0][0], batches[0][0][1], channels)
+        shape = (batch_size, *first.shape)
+    ahead = max(threads, 1)     # batches being decoded while the model embeds one
+    with ThreadPoolExecutor(ahead) as pool:
+        # each batch is split over the threads, which write into that batch's ring buffer
+        def submit(i):
+            batch, buf = batches[i], encoder.buffer(i % (ahead + 1), shape)
+            step = -(-len(batch) // ahead)
+            return buf, [pool.submit(encoder.inputs, batch[j:j + step], None if buf is None else buf[j:j + step])
+                         for j in range(0, len(batch), step)]
 
-        ahead = max(threads, 1)
-        futures = [submit(b) for b in batches[:ahead]]
+        pending = [submit(i) for i in range(min(ahead, len(batches)))]
         embs = []
         for i in range(len(batches)):
-            x = np.concatenate([f.result() for f in futures[i]])
+            buf, futures = pending[i]
+            parts = [f.result() for f in futures]
+            x = buf[:len(batches[i])] if buf is not None else np.concatenate(parts)
             if i + ahead < len(batches):
-                futures.append(submit(batches[i + ahead]))
+                pending.append(submit(i + ahead))
             embs.append(encoder.embed_inputs(x))
     emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
     if os.environ.get("MICON_EMBED_TEST_DELAY_S"):   # tests: slow a shard down so that a kill lands mid-run
