@@ -150,14 +150,20 @@ def test_killed_ingest_resumes_to_identical_shards(tiny_screen, prepped, tmp_pat
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert list((out / "plates").glob("*.json")), "the kill should land mid-run"
+    # a Ray worker already inside a plate may still finish it (that work is kept too): wait until the
+    # output stops changing, then check that no half shard looks whole
+    files, quiet_since = None, time.time()
+    while time.time() - quiet_since < 3 and time.time() < deadline + 60:
+        now = sorted((p.name, p.stat().st_size) for p in out.rglob("*") if p.is_file())
+        if now != files:
+            files, quiet_since = now, time.time()
+        time.sleep(0.2)
     done = list((out / "plates").glob("*.json"))
     assert 1 <= len(done) < 4, "the kill should land mid-run"
     assert not (out / "manifest.json").exists()
-    # no half shard that looks whole: every .tar present belongs to a finished plate record
     finished = {json.loads(p.read_text())["plate"] for p in done}
     assert {p.name.rsplit("-", 1)[0] for p in (out / "shards").glob("*.tar")} <= finished
-    time.sleep(3)  # a Ray worker already inside a plate may still finish it: that work is kept too
-    done = list((out / "plates").glob("*.json"))
     before = digest(out)
     rerun = run_job("data_prep.ingest", tiny_screen, out, "workers=1", "shard_mb=0.2", "heldout_batches=1")
     assert f"{len(done)} already done" in rerun.stdout
