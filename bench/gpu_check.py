@@ -118,7 +118,6 @@ def embed_rows(data: Path, work: Path, ckpt: Path, preset: str, tiles: int) -> l
     them the Ray actor's own code in-process (no Ray). Without Ray (a wheel over the device tool's carry
     limit) only the in-process row."""
     from evaluate.embed import SiteEncoder, embed_shard
-    from micon.data.shards import Manifest
 
     rows = []
     n_sites = json.loads((data / "shards" / "manifest.json").read_text())["n_sites"]
@@ -142,7 +141,7 @@ def embed_rows(data: Path, work: Path, ckpt: Path, preset: str, tiles: int) -> l
             rows.append({"part": f"Ray embed job, steady, threads={t} (difference from the {n_sites}-site run)",
                          "method": "image encoder", "preset": preset, "images/s": f"{rate:.0f} sites/s"})
     enc = SiteEncoder(str(ckpt), str(data / "shards"))
-    manifest = Manifest.load(data / "shards")
+    manifest = enc.manifest
     out = work / "embed-inprocess"
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for t in dict.fromkeys((1, threads)):

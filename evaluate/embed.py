@@ -49,6 +49,7 @@ class SiteEncoder:
 
         self.manifest = Manifest.load(manifest_dir)
         self.handcrafted = ckpt == "handcrafted"
+        self._ring: dict[int, np.ndarray] = {}   # batch buffers, see buffer()
         if self.handcrafted:
             return
         torch.set_num_threads(max(threads, 1))
@@ -62,14 +63,13 @@ class SiteEncoder:
     def preprocess(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
         return self.prep.batch(images, plates)
 
-    def inputs(self, blobs: list[tuple[bytes, str, str]], out: np.ndarray | None = None) -> np.ndarray:
+    def inputs(self, blobs: list[tuple[bytes, str, str]], out: np.ndarray | None) -> np.ndarray:
         """Encoded sites (bytes, codec, plate) -> the model's [N, C, H, W] float32 input, written into `out`
-        when given (the hand-crafted featuriser's input: uint8 images). NumPy/zstd work: runs in threads."""
+        (a slice of a batch buffer); the hand-crafted featuriser's input instead: uint8 images, `out` None.
+        NumPy/zstd work: runs in threads."""
         n_channels = len(self.manifest.channels)
         if self.handcrafted:
             return np.stack([decode(b, c, n_channels) for b, c, _ in blobs])
-        if out is None:
-            return np.stack([self.prep.decode(b, c, p) for b, c, p in blobs])
         for row, (b, c, p) in zip(out, blobs):
             self.prep.into(decode(b, c, n_channels), p, row)
         return out
@@ -78,10 +78,9 @@ class SiteEncoder:
         """Batch buffer number `i` (a small ring, reused for every shard): None for the hand-crafted path."""
         if self.handcrafted:
             return None
-        ring = self.__dict__.setdefault("_ring", {})
-        if i not in ring or ring[i].shape != shape:
-            ring[i] = np.empty(shape, np.float32)
-        return ring[i]
+        if i not in self._ring or self._ring[i].shape != shape:
+            self._ring[i] = np.empty(shape, np.float32)
+        return self._ring[i]
 
     def embed_inputs(self, x: np.ndarray) -> np.ndarray:
         if self.handcrafted:

@@ -276,13 +276,13 @@ class Trainer:
                                   f"./launch.sh rsets {self.manifest.root}")
         use = self.method.needs.pairs and has if mode == "auto" else mode == "replicate_sets"
         if use and mode == "auto" and not self.method.needs.controls:
-            est = stream_estimates(self.manifest, self.world * max(self.cfg.data.num_workers, 1),
-                                   self.cfg.data.pair_buffer)
+            streams = self.world * max(self.cfg.data.num_workers, 1)
+            est = stream_estimates(self.manifest, streams, self.cfg.data.pair_buffer)
             use = est["replicate_sets"] >= est["plates"]
             if self.rank == 0:
                 log.info("data: expected images used per image read %.2f from replicate sets, %.2f from plate "
                          "shards + pairing buffer (%d streams, pair_buffer %d): reading %s", est["replicate_sets"],
-                         est["plates"], self.world * max(self.cfg.data.num_workers, 1), self.cfg.data.pair_buffer,
+                         est["plates"], streams, self.cfg.data.pair_buffer,
                          "replicate sets" if use else "plate shards")
         if use and self.cfg.data.include_poscon and not self.manifest.replicate_sets["config"].get("include_poscon"):
             log.warning("data.include_poscon=true but the replicate sets were built without positive controls: "
