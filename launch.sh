@@ -89,28 +89,29 @@ demo() {
   log "  ground truth of the screen: $out/screen/ground_truth/; wandb offline runs: $out/train/*/wandb"
 }
 
+# The jobs come from the one table in micon/cli.py (standard library only: any python3 reads it).
+cli() {
+  local py="$PY"; [[ -x $py ]] || py=python3
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$py" -m micon.cli "$@"
+}
+
 usage() {
   cat <<'USAGE'
 usage: ./launch.sh COMMAND [ARGS...]
 
+  setup                      create .venv (or bring it up to date with pyproject.toml)
   demo [OUT]                 end-to-end demo on a synthetic screen (everything under OUT, default runs/demo)
   test [PYTEST ARGS]         the test suite
-  synth OUT [key=value ...]  write a synthetic Cell Painting screen in the JUMP (cpg0016) layout
-  prep SRC OUT [key=value]   JUMP layout -> WebDataset shards, DMSO control bank, replicate sets
-  rsets SHARDS [key=value]   (re)build the replicate-set shards of a prep output (prep does it too)
-  featurize COMPOUNDS OUT    Ray job: RDKit molecular graphs + fingerprints -> zarr
-  train CONFIG [--nproc N] [key=value]
-                             DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -
-  embed CKPT SHARDS OUT      Ray Data embedding of shards with a trained image encoder
-  evaluate [key=value ...]   profiles, normalisation, NSB/NSS top-k, mAP, report
   compare [options]          the science: every method x 3 seeds on the calibrated screen, ablations,
                              activity-aware MICON, three splits, intervals (bench/science.py --help)
   calibrate [key=value ...]  hand-crafted levels of a synthetic screen beside the field's anchors
-  slurm JOB [options]        render and submit a job to Slurm
   help                       this list
-
-Each command creates .venv when it is missing and installs the project into it.
 USAGE
+  echo
+  echo "jobs (./launch.sh JOB --help: its arguments, keys and defaults; the installed \`micon\` command runs the same):"
+  cli --job-lines
+  echo
+  echo "Each command creates .venv when it is missing and installs the project into it."
 }
 
 cmd="${1:-help}"; shift || true
@@ -119,24 +120,11 @@ case "$cmd" in
   setup) setup; log "environment ready: $VENV" ;;
   test) setup; cd "$ROOT"; exec "$PY" -m pytest tests "$@" ;;
   demo) setup; cd "$ROOT"; demo "${1:-runs/demo}" "${@:2}" ;;
-  synth) setup; exec "$PY" -m data_prep.synth "$@" ;;
-  prep) setup; exec "$PY" -m data_prep.ingest "$@" ;;
-  rsets) setup; exec "$PY" -m data_prep.replicate_sets "$@" ;;
-  featurize) setup; exec "$PY" -m data_prep.featurize "$@" ;;
   compare) setup; cd "$ROOT"; exec "$PY" bench/science.py "$@" ;;
   calibrate) setup; cd "$ROOT"; exec "$PY" bench/calibrate.py "$@" ;;
-  train)
-    # --nproc N anywhere in the arguments: N processes on this machine through torchrun
-    setup; nproc=1; args=()
-    while [[ $# -gt 0 ]]; do
-      if [[ $1 == --nproc ]]; then nproc=$2; shift 2; else args+=("$1"); shift; fi
-    done
-    if [[ $nproc -gt 1 ]]; then
-      exec "$VENV/bin/torchrun" --standalone --nproc-per-node "$nproc" -m train.run "${args[@]}"
-    fi
-    exec "$PY" -m train.run "${args[@]}" ;;
-  embed) setup; exec "$PY" -m evaluate.embed "$@" ;;
-  evaluate) setup; exec "$PY" -m evaluate.run "$@" ;;
-  slurm) setup; exec "$PY" -m cluster.submit "$@" ;;
-  *) log "unknown command '$cmd'"; usage >&2; exit 2 ;;
+  *)
+    # a job of micon/cli.py (train --nproc N: N processes through torchrun), run from the caller's directory
+    jobs=$'\n'"$(cli --jobs)"$'\n'
+    if [[ $jobs != *$'\n'"$cmd"$'\n'* ]]; then log "unknown command '$cmd'"; usage >&2; exit 2; fi
+    setup; exec "$PY" -m micon.cli "$cmd" "$@" ;;
 esac

@@ -4,7 +4,8 @@
                       [--cpus-per-task C] [--time T] [--mem M] [--partition P] [--account A]
                       [--job-name NAME] [--site SITE.yaml] [--dry-run] [-- key=value ...]
 
-JOB is train (DeepSpeed, one srun task per GPU) or featurize, prep, rsets, embed, evaluate (Ray on Slurm).
+JOB is train (DeepSpeed, one srun task per GPU) or a Ray job on Slurm: every job of the table in
+micon/cli.py that names a batch script (prep, rsets, featurize, embed, evaluate).
 JOB ARGS are the job's own positional arguments (train: CONFIG; featurize: COMPOUNDS OUT; prep:
 SRC OUT; ...); everything after `--` is passed to the job as well. Site settings (partition,
 account, modules, container, python) come from cluster/site.yaml merged with --site/MICON_SITE.
@@ -21,12 +22,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from micon.cli import JOBS as CLI_JOBS
 from micon.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +44,9 @@ class JobSpec:
     positional: str  # what the job's positional arguments are, for help and errors
 
 
-JOBS = {
-    "train": JobSpec("train.sbatch", "train.run", "CONFIG (a YAML file, or - for the defaults)"),
-    "featurize": JobSpec("ray.sbatch", "data_prep.featurize", "COMPOUNDS OUT"),
-    "prep": JobSpec("ray.sbatch", "data_prep.ingest", "SRC OUT"),
-    "rsets": JobSpec("ray.sbatch", "data_prep.replicate_sets", "SHARDS"),
-    "embed": JobSpec("ray.sbatch", "evaluate.embed", "CKPT SHARDS OUT"),
-    "evaluate": JobSpec("ray.sbatch", "evaluate.run", "(key=value only)"),
-}
+# The jobs that run on Slurm: those of the one job table (micon/cli.py) that name a batch script.
+JOBS = {name: JobSpec(job.slurm, job.module, job.positional or "(key=value only)")
+        for name, job in CLI_JOBS.items() if job.slurm}
 
 
 # --------------------------------------------------------------------------- site settings
@@ -75,13 +72,8 @@ class JobResources:
             raise ConfigError(f"time={self.time!r}: use a Slurm time such as 30:00, 04:00:00 or 2-00:00:00")
 
 
-@dataclass
-class JobsTable:
-    train: JobResources = field(default_factory=JobResources)
-    featurize: JobResources = field(default_factory=JobResources)
-    prep: JobResources = field(default_factory=JobResources)
-    embed: JobResources = field(default_factory=JobResources)
-    evaluate: JobResources = field(default_factory=JobResources)
+# site.yaml `jobs:`: the resources of each Slurm job, one entry per job of the table
+JobsTable = make_dataclass("JobsTable", [(name, JobResources, field(default_factory=JobResources)) for name in JOBS])
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The `micon` command: the same jobs as ./launch.sh, for an installed project.
+"""The `micon` command and the one table of jobs that ./launch.sh and cluster/submit.py read.
 
-    micon JOB [ARGS...]      micon --help      micon JOB --help
+    micon JOB [ARGS...]      micon --help      micon JOB --help      micon --jobs (names, one a line)
 
 Each job is a module of the project (data_prep, train, evaluate, cluster) run in this process, so
 `micon train ...` is `python -m train.run ...`; `micon train --nproc N ...` starts N processes through
-torchrun. Environment set-up (the venv, the demo) stays with ./launch.sh.
+torchrun. Environment set-up, the demo and the test suite stay with ./launch.sh. Standard library only:
+./launch.sh reads the table before any environment exists.
 """
 from __future__ import annotations
 
@@ -12,31 +13,61 @@ import importlib
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
-# job -> (module with main(argv), one-line description): the jobs of launch.sh
-JOBS = {
-    "synth": ("data_prep.synth", "write a synthetic Cell Painting screen in the JUMP (cpg0016) layout"),
-    "prep": ("data_prep.ingest", "JUMP layout -> WebDataset shards, DMSO control bank, replicate sets"),
-    "rsets": ("data_prep.replicate_sets", "(re)build the replicate-set shards of a prep output"),
-    "featurize": ("data_prep.featurize", "Ray job: RDKit molecular graphs + fingerprints -> zarr"),
-    "train": ("train.run", "DeepSpeed training (method=micon|paclr|clip|simclr) [--nproc N]"),
-    "embed": ("evaluate.embed", "Ray Data embedding of shards with a trained image encoder"),
-    "evaluate": ("evaluate.run", "profiles, normalisation, NSB/NSS top-k, mAP, report"),
-    "slurm": ("cluster.submit", "render and submit a job to Slurm"),
+
+@dataclass(frozen=True)
+class Job:
+    module: str            # module with main(argv) -> exit code
+    positional: str        # the job's positional arguments, before any key=value ("" = none)
+    description: str       # one line
+    nproc: bool = False    # `--nproc N` starts N processes on this machine through torchrun
+    slurm: str = ""        # cluster/templates/ batch script when the job runs on Slurm ("" = not on Slurm)
+    args: str = "[key=value ...]"  # what follows the positional arguments, for usage lines
+
+    def usage(self, name: str) -> str:
+        return " ".join(w for w in (name, self.positional, "[--nproc N]" if self.nproc else "", self.args) if w)
+
+
+# The jobs, in the order a run uses them.
+JOBS: dict[str, Job] = {
+    "synth": Job("data_prep.synth", "OUT",
+                 "write a synthetic Cell Painting screen in the JUMP (cpg0016) layout"),
+    "prep": Job("data_prep.ingest", "SRC OUT",
+                "JUMP layout -> WebDataset shards, DMSO control bank, replicate sets", slurm="ray.sbatch"),
+    "rsets": Job("data_prep.replicate_sets", "SHARDS",
+                 "(re)build the replicate-set shards of a prep output (prep does it too)", slurm="ray.sbatch"),
+    "featurize": Job("data_prep.featurize", "COMPOUNDS OUT",
+                     "Ray job: RDKit molecular graphs + fingerprints -> zarr", slurm="ray.sbatch"),
+    "train": Job("train.run", "CONFIG",
+                 "DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -", nproc=True,
+                 slurm="train.sbatch"),
+    "embed": Job("evaluate.embed", "CKPT SHARDS OUT",
+                 "Ray Data embedding of shards with a trained image encoder", slurm="ray.sbatch"),
+    "evaluate": Job("evaluate.run", "",
+                    "profiles, normalisation, NSB/NSS top-k, mAP, report", slurm="ray.sbatch"),
+    "slurm": Job("cluster.submit", "JOB", "render and submit a job to Slurm",
+                 args="[JOB ARGS] [options] [-- key=value ...]"),
 }
 
 
+def job_lines(indent: str = "  ") -> list[str]:
+    """`name args` and its description, aligned: the job part of both usages."""
+    heads = {name: job.usage(name) for name, job in JOBS.items()}
+    width = max(map(len, heads.values()))
+    return [f"{indent}{heads[name]:<{width}}  {job.description}" for name, job in JOBS.items()]
+
+
 def usage() -> str:
-    width = max(map(len, JOBS))
-    lines = ["usage: micon JOB [ARGS...]   (micon JOB --help for a job's arguments)", "", "jobs:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in JOBS.items()]
+    lines = ["usage: micon JOB [ARGS...]   (micon JOB --help: its arguments, keys and defaults)", "", "jobs:"]
+    lines += job_lines()
     lines += ["", "The demo and the test suite: ./launch.sh demo, ./launch.sh test (in a checkout)."]
     return "\n".join(lines)
 
 
-def _torchrun(nproc: int, args: list[str]) -> int:
+def _torchrun(module: str, nproc: int, args: list[str]) -> int:
     exe = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    argv = [exe, "--standalone", "--nproc-per-node", str(nproc), "-m", "train.run", *args]
+    argv = [exe, "--standalone", "--nproc-per-node", str(nproc), "-m", module, *args]
     os.execv(exe, argv)
     return 127  # not reached
 
@@ -46,11 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
-    job, args = argv[0], argv[1:]
-    if job not in JOBS:
-        print(f"micon: unknown job {job!r}\n\n{usage()}", file=sys.stderr)
+    if argv[0] == "--jobs":       # for ./launch.sh: the job names, one a line
+        print("\n".join(JOBS))
+        return 0
+    if argv[0] == "--job-lines":  # for ./launch.sh help: the aligned job lines
+        print("\n".join(job_lines()))
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in JOBS:
+        print(f"micon: unknown job {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    if job == "train" and "--nproc" in args:
+    job = JOBS[name]
+    if job.nproc and "--nproc" in args:
         i = args.index("--nproc")
         try:
             nproc = int(args[i + 1])
@@ -59,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rest = args[:i] + args[i + 2:]
         if nproc > 1:
-            return _torchrun(nproc, rest)
+            return _torchrun(job.module, nproc, rest)
         args = rest
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    module = importlib.import_module(JOBS[job][0])
+    module = importlib.import_module(job.module)
     return int(module.main(args) or 0)
 
 
