@@ -1,6 +1,6 @@
 """JUMP layout -> WebDataset shards, DMSO control bank (zarr), per-plate channel stats, manifest.
 
-    ./launch.sh prep SRC OUT [image_size=N] [codec=zstd] [on_error=stop|skip] [workers=N] [key=value ...]
+    ./launch.sh prep SRC OUT [key=value ...]          (keys and their defaults: --help)
 
 One Ray task per plate (local Ray, or the cluster at RAY_ADDRESS). A plate is finished when its
 record `OUT/plates/{plate}.json` exists; it is written last, after the plate's shards and control
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from micon import schema
-from micon.config import ConfigError, load_config, save_config
+from micon.config import ConfigError, job_help, load_config, save_config, wants_help
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
@@ -42,14 +42,16 @@ class IngestConfig:
     illum: bool = True              # divide by the illumination functions named in load_data
     shard_mb: float = 256.0         # target shard size
     on_error: str = "stop"          # stop: a bad site fails its plate; skip: drop it and report it
-    plates: list[str] = field(default_factory=list)  # only these plates (default: every COMPOUND plate)
-    plate_types: list[str] = field(default_factory=lambda: ["COMPOUND", "TARGET2", "DMSO", "POSCON8"])
+    plates: list[str] = field(default_factory=list)  # only these plates (default: every plate of plate_types)
+    plate_types: list[str] = field(  # Metadata_PlateType kept (ORF and CRISPR plates are left out)
+        default_factory=lambda: ["COMPOUND", "TARGET2", "DMSO", "POSCON8"])
     workers: int = 0                # Ray CPUs for the local cluster (0 = all cores)
     rebuild: bool = False           # redo plates made with other output options (else refuse)
-    seed: int = 0
-    heldout_compound_fraction: float = 0.2
-    heldout_sources: int = 0
-    heldout_batches: int = 0
+    allow_outside_root: bool = False  # let load_data name images outside SRC (else such a row is refused)
+    seed: int = 0                   # seed of the held-out splits
+    heldout_compound_fraction: float = 0.2  # share of treated compounds held out of training
+    heldout_sources: int = 0        # whole sources held out of training
+    heldout_batches: int = 0        # whole batches (of the other sources) held out of training
     replicate_sets: bool = True     # end with the replicate-set shards training reads (see rsets)
     rsets: ReplicateSetConfig = field(default_factory=ReplicateSetConfig)
 
@@ -113,7 +115,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     import zarr
 
     out_p = Path(out)
-    screen = src if isinstance(src, Screen) else read_screen(src)
+    screen = src if isinstance(src, Screen) else read_screen(src, cfg.allow_outside_root)
     if os.environ.get(DELAY_ENV):   # tests: slow a plate down so that a kill lands mid-run
         time.sleep(float(os.environ[DELAY_ENV]))
     sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
@@ -196,7 +198,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
 
 def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict:
     """Manifest, control table, report and splits from the per-plate records."""
-    screen = read_screen(src)
+    screen = read_screen(src, cfg.allow_outside_root)
     records = [json.loads((out / "plates" / f"{p}.json").read_text()) for p in plates]
     controls = pd.DataFrame([dict(c, row=i) for r in records for i, c in enumerate(r["controls"])],
                             columns=[schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, "row"])
@@ -239,7 +241,7 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
 def run(src: Path, out: Path, cfg: IngestConfig) -> int:
     from tqdm import tqdm
 
-    screen = read_screen(src)
+    screen = read_screen(src, cfg.allow_outside_root)
     plates = cfg.plates or screen.plates[screen.plates[schema.PLATE_TYPE].isin(cfg.plate_types)][schema.PLATE].tolist()
     unknown = sorted(set(plates) - set(screen.plates[schema.PLATE]))
     if unknown:
@@ -328,9 +330,12 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+    if wants_help(argv):
+        print(job_help(__doc__, IngestConfig))
+        return 0
+    if len(argv) < 2:
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
     src, out = Path(argv[0]), Path(argv[1])
     try:
         cfg = load_config(IngestConfig, overrides=argv[2:])

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+
 import pandas as pd
 
 from micon import schema
@@ -40,6 +42,7 @@ class Screen:
     plates: pd.DataFrame     # Metadata_Source, Metadata_Batch, Metadata_Plate, Metadata_PlateType
     wells: pd.DataFrame      # Metadata_Source, Metadata_Plate, Metadata_Well, Metadata_JCP2022
     compounds: pd.DataFrame  # Metadata_JCP2022, Metadata_InChIKey, Metadata_InChI, Metadata_SMILES
+    allow_outside_root: bool = False   # load_data may name images outside `root` (else refused)
 
     def subsets(self, plates: list[str]) -> dict[str, "Screen"]:
         """One small Screen per plate (its plate row, wells and their compounds), split in one pass, so
@@ -52,7 +55,8 @@ class Screen:
             w = by_plate.get(plate, self.wells.iloc[:0])
             out[plate] = Screen(self.root, self.plates[self.plates[schema.PLATE] == plate].reset_index(drop=True),
                                 w.reset_index(drop=True),
-                                cpd[cpd.index.isin(w[schema.JCP].unique())].reset_index(drop=True))
+                                cpd[cpd.index.isin(w[schema.JCP].unique())].reset_index(drop=True),
+                                self.allow_outside_root)
         return out
 
 
@@ -67,15 +71,44 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     return df
 
 
-def read_screen(root: str | Path) -> Screen:
+def _missing_values(values: pd.Series) -> pd.Series:
+    """Empty or NaN-like cells of a table read with every column as a string (`keep_default_na=False`)."""
+    return values.isna() | values.astype(str).str.strip().str.lower().isin(("", "nan", "none", "null", "na", "<na>"))
+
+
+def check_keys(df: pd.DataFrame, keys: list[str], required: list[str], file: str, plate: str = "",
+               first_row: int = 2) -> None:
+    """Refuse a table whose key or required columns have missing values, or whose keys repeat, naming the
+    rows (`first_row`: the line number of the first data row, 2 for a CSV with a header)."""
+    for col in required:
+        bad = _missing_values(df[col]).to_numpy()
+        if bad.any():
+            rows = (bad.nonzero()[0] + first_row).tolist()
+            raise IngestError(f"{col} is missing (empty or NaN) in {int(bad.sum())} row(s): line(s) "
+                              f"{', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''}; every row needs "
+                              f"a {col}", plate=plate, file=file, kind="missing_key")
+    dup = df.duplicated(keys, keep=False).to_numpy()
+    if dup.any():
+        rows = (dup.nonzero()[0] + first_row).tolist()
+        first = df.loc[dup, keys].iloc[0].tolist()
+        raise IngestError(f"{int(dup.sum())} rows share a key ({', '.join(keys)}), e.g. {first} at line(s) "
+                          f"{', '.join(map(str, rows[:6]))}{' ...' if len(rows) > 6 else ''}: each key must appear "
+                          f"once (a duplicated well would be ingested once per row)", plate=plate, file=file,
+                          kind="duplicate_key")
+
+
+def read_screen(root: str | Path, allow_outside_root: bool = False) -> Screen:
+    """The three metadata tables, checked before any work: required columns present and filled, keys unique."""
     root = Path(root)
     meta = root / "metadata"
-    return Screen(
-        root=root,
-        plates=_read_table(meta / "plate.csv.gz", [schema.SOURCE, schema.BATCH, schema.PLATE, schema.PLATE_TYPE]),
-        wells=_read_table(meta / "well.csv.gz", [schema.SOURCE, schema.PLATE, schema.WELL, schema.JCP]),
-        compounds=_read_table(meta / "compound.csv.gz", [schema.JCP, schema.INCHIKEY, schema.INCHI, schema.SMILES]),
-    )
+    plates = _read_table(meta / "plate.csv.gz", [schema.SOURCE, schema.BATCH, schema.PLATE, schema.PLATE_TYPE])
+    check_keys(plates, [schema.PLATE], [schema.SOURCE, schema.BATCH, schema.PLATE], str(meta / "plate.csv.gz"))
+    wells = _read_table(meta / "well.csv.gz", [schema.SOURCE, schema.PLATE, schema.WELL, schema.JCP])
+    check_keys(wells, [schema.SOURCE, schema.PLATE, schema.WELL], [schema.SOURCE, schema.PLATE, schema.WELL],
+               str(meta / "well.csv.gz"))
+    compounds = _read_table(meta / "compound.csv.gz", [schema.JCP, schema.INCHIKEY, schema.INCHI, schema.SMILES])
+    check_keys(compounds, [schema.JCP], [schema.JCP], str(meta / "compound.csv.gz"))
+    return Screen(root=root, plates=plates, wells=wells, compounds=compounds, allow_outside_root=allow_outside_root)
 
 
 def load_data_path(root: Path, source: str, batch: str, plate: str) -> Path | None:
@@ -103,6 +136,12 @@ def read_load_data(path: Path, plate: str, channels=schema.CHANNELS) -> pd.DataF
         what = f"channel(s) {', '.join(chans)}" if chans else "columns"
         raise IngestError(f"load_data is missing {what}: expected columns {', '.join(missing)}",
                           plate=plate, file=str(path), kind="missing_channel")
+    if schema.PLATE in df.columns:
+        other = sorted(set(df[schema.PLATE]) - {plate})
+        if other:
+            raise IngestError(f"load_data names other plate(s) {', '.join(other[:3])}: a plate's load_data must "
+                              f"describe that plate only", plate=plate, file=str(path), kind="wrong_plate")
+    check_keys(df, [schema.WELL, schema.SITE], [schema.WELL, schema.SITE], str(path), plate=plate)
     return df
 
 
@@ -155,6 +194,8 @@ def plate_sites(screen: Screen, plate: str, channels=schema.CHANNELS,
         fn, pn = f"FileName_Illum{ch}", f"PathName_Illum{ch}"
         sites[f"illum_{ch}"] = ([local_path(screen.root, p, f) for p, f in zip(sites[pn], sites[fn])]
                                 if fn in sites and pn in sites else "")
+    if not screen.allow_outside_root:
+        check_inside_root(sites, screen.root, plate, [f"{k}_{ch}" for ch in channels for k in ("path", "illum")])
     sites = sites.sort_values([schema.WELL, schema.SITE], key=lambda s: s.map(_natural_key)).reset_index(drop=True)
     return sites, problems
 
@@ -171,6 +212,22 @@ def local_path(root: Path, path_name: str, file_name: str) -> str:
                               f"{MIRROR_MARKER!r} or one relative to {root}", file=path_name + file_name)
         path_name = path_name.split(MIRROR_MARKER, 1)[1]
     return str(root / path_name / file_name)
+
+
+def check_inside_root(sites: pd.DataFrame, root: Path, plate: str, columns: list[str]) -> None:
+    """Refuse load_data rows whose files resolve outside the screen root (`../`, absolute paths): a load_data
+    file must not make prep read, and copy into shards, files the user did not point it at."""
+    top = os.path.abspath(root)
+    for col in columns:
+        if col not in sites.columns:
+            continue
+        for i, p in enumerate(sites[col]):
+            if p and os.path.commonpath([top, os.path.abspath(p)]) != top:
+                r = sites.iloc[i]
+                raise IngestError(f"load_data names {p}, outside the screen root {top} ({col.split('_', 1)[1]} "
+                                  f"channel); refusing to read it. If the mirror really spans several roots, pass "
+                                  f"allow_outside_root=true", plate=plate, well=str(r[schema.WELL]),
+                                  site=str(r[schema.SITE]), file=p, kind="outside_root")
 
 
 def _natural_key(v):
