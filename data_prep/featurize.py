@@ -1,7 +1,6 @@
 """Ray job: JUMP compound table -> RDKit graphs + Morgan fingerprints in a graph store.
 
-    ./launch.sh featurize COMPOUNDS OUT [radius=2] [n_bits=2048] [tautomers=false] [max_atoms=200]
-                                        [chunk_size=1000] [num_workers=0 (all cores)] [seed=0]
+    ./launch.sh featurize COMPOUNDS OUT [key=value ...]   (keys and their defaults: --help)
 
 COMPOUNDS is metadata/compound.csv.gz (Metadata_JCP2022, Metadata_InChIKey, Metadata_InChI,
 Metadata_SMILES; .csv, .csv.gz or .parquet) or a shard manifest.json with a "compounds" list.
@@ -31,7 +30,7 @@ from micon.chem.compound import FeaturizeOptions, Structure, featurize_chunk
 from micon.chem.standardize import DEFAULT_MAX_ATOMS
 from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_NAME, RaggedGraphs,
                               write_store)
-from micon.config import ConfigError, describe, load_config, to_dict
+from micon.config import ConfigError, describe, job_help, load_config, to_dict, wants_help
 from micon.raycluster import init_ray
 
 MARKER = "featurize.json"
@@ -42,11 +41,11 @@ DELAY_ENV = "MICON_FEATURIZE_TEST_DELAY_S"
 
 @dataclasses.dataclass
 class FeaturizeConfig:
-    radius: int = 2
-    n_bits: int = 2048
-    tautomers: bool = False
-    max_atoms: int = DEFAULT_MAX_ATOMS
-    chunk_size: int = 1000
+    radius: int = 2       # Morgan fingerprint radius
+    n_bits: int = 2048    # Morgan fingerprint length in bits (a multiple of 8)
+    tautomers: bool = False  # canonicalise tautomers before featurising
+    max_atoms: int = DEFAULT_MAX_ATOMS  # heavier molecules get status error
+    chunk_size: int = 1000  # compounds per Ray task and per part file
     num_workers: int = 0  # Ray CPUs for a local cluster; 0 = every core of this machine
     seed: int = 0  # order in which compounds are dealt into chunks; the store itself is sorted by id
 
@@ -305,15 +304,23 @@ def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] in ("-h", "--help") or "=" in argv[0] or "=" in argv[1]:
+    if wants_help(argv):
+        print(job_help(__doc__, FeaturizeConfig))
+        return 0
+    if len(argv) < 2 or "=" in argv[0] or "=" in argv[1]:
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
     try:
         cfg = load_config(FeaturizeConfig, overrides=argv[2:])
-        run(Path(argv[0]), Path(argv[1]), cfg)
+        counts = run(Path(argv[0]), Path(argv[1]), cfg)
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return 2
+    if not counts.get("ok"):
+        # a store with no graph cannot train anything: say so with a non-zero exit, not a quiet 0
+        print(f"featurize: no compound of {argv[0]} could be featurised ({counts.get('failed', 0)} failed; reasons in "
+              f"{Path(argv[1]) / INDEX_NAME}); check the SMILES column", file=sys.stderr)
+        return 1
     return 0
 
 

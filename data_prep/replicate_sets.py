@@ -1,6 +1,6 @@
 """Replicate-set shards from plate shards: the last stage of prep, or a job of its own.
 
-    ./launch.sh rsets SHARDS [sites_per_well=N] [weights=FILE] [shard_mb=M] [include_poscon=true] [seed=S]
+    ./launch.sh rsets SHARDS [key=value ...]          (keys and their defaults: --help)
 
 Ray tasks index the plate shards (tar headers and JSON members only) into SHARDS/site_index.parquet,
 the planner groups each training compound's wells with a same-plate DMSO site per well
@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from micon import schema
-from micon.config import ConfigError, load_config, save_config
+from micon.config import ConfigError, job_help, load_config, save_config, wants_help
 from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig,
                                        assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
@@ -131,9 +131,12 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
+    if wants_help(argv):
+        print(job_help(__doc__, ReplicateSetConfig))
+        return 0
+    if not argv:
         print(__doc__)
-        return 0 if argv else 2
+        return 2
     root = Path(argv[0])
     try:
         cfg = load_config(ReplicateSetConfig, overrides=argv[1:])

@@ -1,6 +1,6 @@
 """Write a synthetic Cell Painting screen to disk in the JUMP cpg0016 layout.
 
-    ./launch.sh synth OUT [preset=tiny|demo|small|jump] [seed=N] [key=value ...]
+    ./launch.sh synth OUT [preset=NAME] [seed=N] [key=value ...]     (presets and keys: below)
 
 Layout (paths relative to OUT, as in a cpg0016 mirror):
     metadata/{plate,well,compound}.csv.gz
@@ -19,6 +19,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -29,8 +30,9 @@ import tifffile
 from tqdm import tqdm
 
 from micon import schema
-from micon.config import ConfigError, save_config
-from micon.synth import FACTORS, Screen, design_screen, illumination_field, render_well_sites, resolve_config
+from micon.config import ConfigError, job_help, save_config, wants_help
+from micon.synth import (FACTORS, PRESETS, Screen, SynthConfig, design_screen, illumination_field, render_well_sites,
+                         resolve_config)
 
 # Order of the Orig columns in a JUMP load_data file (alphabetical, as cpg0016 writes them).
 LOAD_DATA_CHANNELS = ("AGP", "DNA", "ER", "Mito", "RNA")
@@ -145,10 +147,23 @@ def write_screen(cfg, out: Path, progress: bool = True) -> dict:
                 workers=workers)
 
 
+def presets_help(width: int = 100) -> str:
+    """Every preset of micon.synth.PRESETS with the keys it sets (those that differ from preset=tiny's)."""
+    base = resolve_config([])
+    lines = ["presets (preset=NAME sets these keys; key=value given after it win):"]
+    for name, values in PRESETS.items():
+        diff = " ".join(f"{k}={v}" for k, v in values.items() if getattr(base, k) != v) or "(the defaults above)"
+        lines += textwrap.wrap(diff, width, initial_indent=f"  {name:<17} ", subsequent_indent=" " * 20)
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+    if wants_help(argv):
+        print(job_help(__doc__, SynthConfig, resolve_config([]), extra=presets_help()))
+        return 0
+    if not argv or "=" in argv[0]:
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
     out = Path(argv[0])
     try:
         cfg = resolve_config(argv[1:])

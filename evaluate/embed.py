@@ -256,9 +256,14 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[0] in ("-h", "--help"):
+    from micon.config import job_help, wants_help
+
+    if wants_help(argv):
+        print(job_help(__doc__, EmbedConfig))
+        return 0
+    if len(argv) < 3:
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
     ckpt, shards, out = argv[0], Path(argv[1]), Path(argv[2])
     try:
         cfg = load_config(EmbedConfig, overrides=argv[3:])

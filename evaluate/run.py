@@ -47,20 +47,20 @@ def check_finite(meta: pd.DataFrame, x: np.ndarray, what: str, stage: str) -> No
 
 @dataclass
 class EvalConfig:
-    out: str = "runs/eval"
+    out: str = "runs/eval"           # metrics.json, report.md, plots and profiles
     embeddings: dict[str, str] = field(default_factory=dict)   # method name -> embed output directory
     aggregate: str = "mean"          # site -> well: mean | median
     normalize: bool = True           # per-plate robust MAD against DMSO
     spherize: bool = True            # ZCA-cor fitted on DMSO wells
-    epsilon: float = 1e-6
-    max_k: int = 10
+    epsilon: float = 1e-6            # ZCA regulariser
+    max_k: int = 10                  # top-k retrieval for k = 1..max_k
     compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
     shards: str = ""                 # manifest dir (for compounds=heldout)
-    null_size: int = 10000
+    null_size: int = 10000           # random rankings in mAP's null distribution
     ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
     plates_without_dmso: str = "stop"   # stop | drop (their wells) | batch (against the batch's, else source's DMSO)
-    wandb: bool = True
-    wandb_project: str = "micon"
+    wandb: bool = True               # log metrics and plots to wandb (offline by default)
+    wandb_project: str = "micon"     # wandb project
 
     def validate(self) -> None:
         if not self.embeddings:
@@ -246,8 +246,10 @@ def log_wandb(out: Path, cfg: EvalConfig, results: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    from micon.config import job_help, wants_help
+
+    if wants_help(argv):
+        print(job_help(__doc__, EvalConfig))
         return 0
     try:
         cfg = load_config(EvalConfig, overrides=argv)

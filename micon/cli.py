@@ -24,6 +24,7 @@ class Job:
     nproc: bool = False    # `--nproc N` starts N processes on this machine through torchrun
     slurm: str = ""        # cluster/templates/ batch script when the job runs on Slurm ("" = not on Slurm)
     args: str = "[key=value ...]"  # what follows the positional arguments, for usage lines
+    config: str = ""       # "module:Class" of its typed configuration (what --help lists; "" = options only)
 
     def usage(self, name: str) -> str:
         return " ".join(w for w in (name, self.positional, "[--nproc N]" if self.nproc else "", self.args) if w)
@@ -32,20 +33,26 @@ class Job:
 # The jobs, in the order a run uses them.
 JOBS: dict[str, Job] = {
     "synth": Job("data_prep.synth", "OUT",
-                 "write a synthetic Cell Painting screen in the JUMP (cpg0016) layout"),
+                 "write a synthetic Cell Painting screen in the JUMP (cpg0016) layout",
+                 config="micon.synth:SynthConfig"),
     "prep": Job("data_prep.ingest", "SRC OUT",
-                "JUMP layout -> WebDataset shards, DMSO control bank, replicate sets", slurm="ray.sbatch"),
+                "JUMP layout -> WebDataset shards, DMSO control bank, replicate sets", slurm="ray.sbatch",
+                config="data_prep.ingest:IngestConfig"),
     "rsets": Job("data_prep.replicate_sets", "SHARDS",
-                 "(re)build the replicate-set shards of a prep output (prep does it too)", slurm="ray.sbatch"),
+                 "(re)build the replicate-set shards of a prep output (prep does it too)", slurm="ray.sbatch",
+                 config="micon.data.replicate_sets:ReplicateSetConfig"),
     "featurize": Job("data_prep.featurize", "COMPOUNDS OUT",
-                     "Ray job: RDKit molecular graphs + fingerprints -> zarr", slurm="ray.sbatch"),
+                     "Ray job: RDKit molecular graphs + fingerprints -> zarr", slurm="ray.sbatch",
+                     config="data_prep.featurize:FeaturizeConfig"),
     "train": Job("train.run", "CONFIG",
                  "DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -", nproc=True,
-                 slurm="train.sbatch"),
+                 slurm="train.sbatch", config="train.config:TrainConfig"),
     "embed": Job("evaluate.embed", "CKPT SHARDS OUT",
-                 "Ray Data embedding of shards with a trained image encoder", slurm="ray.sbatch"),
+                 "Ray Data embedding of shards with a trained image encoder", slurm="ray.sbatch",
+                 config="evaluate.embed:EmbedConfig"),
     "evaluate": Job("evaluate.run", "",
-                    "profiles, normalisation, NSB/NSS top-k, mAP, report", slurm="ray.sbatch"),
+                    "profiles, normalisation, NSB/NSS top-k, mAP, report", slurm="ray.sbatch",
+                    config="evaluate.run:EvalConfig"),
     "slurm": Job("cluster.submit", "JOB", "render and submit a job to Slurm",
                  args="[JOB ARGS] [options] [-- key=value ...]"),
 }

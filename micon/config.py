@@ -5,9 +5,15 @@ and say what to change; nothing here reads anything but the YAML file it is give
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -192,3 +198,105 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def describe(cfg: Any) -> str:
     """One-line JSON rendering for start-up logs."""
     return json.dumps(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- help from the tree
+
+@functools.lru_cache(maxsize=None)
+def field_meanings(cls: type) -> dict[str, str]:
+    """Each field's one-line meaning: the comment on its line in the class source (`x: int = 0  # what
+    x is`), continued by comment-only lines right below it that are indented past the field."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    out = {}
+    body = ast.parse(source).body[0].body
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        words = [comments[n][1] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        if not words:
+            continue
+        column = comments[max(n for n in range(node.lineno, node.end_lineno + 1) if n in comments)][0]
+        n = node.end_lineno + 1
+        while n in comments and lines[n - 1].strip().startswith("#") and comments[n][0] >= column > node.col_offset:
+            words.append(comments[n][1])
+            n += 1
+        out[node.target.id] = " ".join(words)
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def format_value(value: Any) -> str:
+    """A value as one would type it after `key=` (lists comma-separated, None as none)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(to_dict(value)) if value else ""
+    return str(value)
+
+
+def config_keys(cls: type, instance: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default as typed on the command line, meaning) for every leaf of a config tree.
+    Nested sections are flattened (`model.preset`); a dict field is one key whose entries are
+    `key.NAME`. Defaults come from `instance` when given (e.g. a preset), else from the classes."""
+    types_ = _field_types(cls)
+    meanings = field_meanings(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name) if instance is not None else _default(f)
+        tp, _ = _unwrap_optional(types_[f.name])
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            rows += config_keys(tp, value if dataclasses.is_dataclass(value) else None, key + ".")
+            continue
+        shown = "(required)" if value is dataclasses.MISSING else format_value(value)
+        if typing.get_origin(tp) is dict:
+            key += ".NAME"
+        rows.append((key, shown, meanings.get(f.name, "")))
+    return rows
+
+
+def config_help(cls: type, instance: Any = None, width: int = 100) -> str:
+    """The keys of a job's configuration for its --help: `key=default  meaning`, one a line."""
+    rows = config_keys(cls, instance)
+    heads = [f"{key}={default}" for key, default, _ in rows]
+    col = max((len(h) for h in heads if len(h) <= 32), default=32)   # longer ones get a line of their own
+    lines = ["keys (key=value on the command line; shown with their defaults, `key=` is empty):"]
+    for head, (_, _, meaning) in zip(heads, rows):
+        if len(head) > col:
+            lines.append(f"  {head}")
+            if meaning:
+                lines.append(f"  {'':<{col}}  {meaning}")
+        else:
+            lines.append(f"  {head:<{col}}  {meaning}".rstrip())
+    return "\n".join(lines)
+
+
+def wants_help(argv: list[str]) -> bool:
+    """-h or --help anywhere among a job's arguments."""
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def job_help(doc: str | None, cls: type, instance: Any = None, extra: str = "") -> str:
+    """A job's --help: its module docstring, then every key of its configuration, then `extra`."""
+    parts = [(doc or "").strip("\n"), config_help(cls, instance)]
+    if extra:
+        parts.append(extra.strip("\n"))
+    return "\n\n".join(parts)
+

@@ -23,7 +23,7 @@ from micon.models.factory import ModelConfig, build_image_encoder, build_molecul
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.1
+    temperature: float = 0.1             # softmax temperature of the contrastive losses
     counterfactual_weight: float = 1.0   # lambda in PaCLR + lambda * counterfactual
     counterfactual_mode: str = "union"   # union (official) | cross
     dmso_positives: bool = False         # False: the paper (DMSO only negatives); True: the official code

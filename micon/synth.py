@@ -67,19 +67,19 @@ PRESETS: dict[str, dict] = {
 class SynthConfig:
     """What `./launch.sh synth OUT key=value ...` accepts."""
 
-    preset: str = "tiny"
-    seed: int = 0
-    n_sources: int = 2
-    batches_per_source: int = 2
-    plates_per_batch: int = 1
-    n_compounds: int = 12
+    preset: str = "tiny"           # one of PRESETS (synth --help lists them): sets the keys below; key=value win
+    seed: int = 0                  # the same seed gives the same bytes
+    n_sources: int = 2             # imaging sites (Metadata_Source)
+    batches_per_source: int = 2    # batches per source
+    plates_per_batch: int = 1      # plates per batch
+    n_compounds: int = 12          # treated compounds (real molecules from RDKit's sets)
     replicates: int = 4            # wells per compound across the screen
     dmso_wells: int = 4            # negative-control wells per plate
     poscon_wells: int = 2          # positive-control wells per plate
-    sites_per_well: int = 2
-    image_size: int = 64
+    sites_per_well: int = 2        # fields of view per well
+    image_size: int = 64           # site size in pixels (square)
     wells_per_plate: int = 384     # plate format: 384 (16 x 24) or 96 (8 x 12)
-    cells_per_site: float = 14.0
+    cells_per_site: float = 14.0   # mean cells per site (before density effects)
     active_fraction: float = 0.3   # share of compounds with any phenotype
     strong_fraction: float = 0.1   # share of compounds at full strength
     source_effect: float = 1.0     # multiplies every technical effect (0 = none)
@@ -94,8 +94,8 @@ class SynthConfig:
     density_source: float = 0.0    # sd of log cell density per source
     density_plate: float = 0.0     # sd of log cell density per plate
     workers: int = 0               # processes; 0 = all cores
-    write_parquet: bool = True
-    write_illum: bool = True
+    write_parquet: bool = True     # also write load_data_with_illum.parquet
+    write_illum: bool = True       # write illumination functions (.npy per channel per plate)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:

@@ -15,55 +15,55 @@ class DataConfig:
     graphs: str = ""                 # featurize output directory (micon, clip)
     num_workers: int = 0             # DataLoader workers per rank
     stream: str = "auto"             # auto (replicate sets when the method pairs replicates) | replicate_sets | plates
-    shuffle_buffer: int = 128
-    pair_buffer: int = 4096
+    shuffle_buffer: int = 128        # raw samples shuffled before decoding
+    pair_buffer: int = 4096          # treated sites waiting for a replicate partner (plate stream)
     pair_prefer: str = "source"      # source | batch | plate | well
-    resample: bool = False
+    resample: bool = False           # draw shards with replacement instead of epoch by epoch
     normalize: str = "plate"         # plate | none
-    include_poscon: bool = False
+    include_poscon: bool = False     # positive controls as compounds too
     augment: Augment = field(default_factory=lambda: Augment(crop=0, flip=True, rot90=True, intensity_jitter=0.1))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = 1e-3             # AdamW peak learning rate
+    weight_decay: float = 0.05   # AdamW weight decay
+    warmup_steps: int = 10       # linear warm-up steps, then cosine decay
+    min_lr_ratio: float = 0.1    # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0       # gradient norm clip (0 = none)
 
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 1
+    zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2
     precision: str = "auto"          # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
-    grad_accum: int = 1
+    grad_accum: int = 1              # micro-steps per optimizer step
     dist_timeout_s: float = 120.0    # a dead rank fails the others after this long
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
-    project: str = "micon"
-    entity: str = ""
+    enabled: bool = True             # log to wandb (offline unless mode/WANDB_MODE says online)
+    project: str = "micon"           # wandb project
+    entity: str = ""                 # wandb team or user ("" = your default)
     mode: str = ""                   # "" = $WANDB_MODE or offline; online needs WANDB_API_KEY
-    name: str = ""
-    log_every: int = 1
+    name: str = ""                   # run name ("" = wandb picks one)
+    log_every: int = 1               # log metrics every this many steps
 
 
 @dataclass
 class TrainConfig:
     method: str = "micon"
-    out: str = "runs/train"
-    steps: int = 100
+    out: str = "runs/train"          # run directory: checkpoints, config, wandb, final.json
+    steps: int = 100                 # optimizer steps
     micro_batch: int = 8             # examples per rank per micro-step
-    seed: int = 0
-    ckpt_every: int = 50
-    keep_ckpts: int = 2
+    seed: int = 0                    # model initialisation and data shuffle seed
+    ckpt_every: int = 50             # save a checkpoint every this many steps (and at the end)
+    keep_ckpts: int = 2              # newest checkpoints kept on disk
     resume: str = "latest"           # latest | none | a step directory name
     on_nonfinite: str = "stop"       # stop | skip (drop the batch on every rank; not counted as a step)
     max_skips_in_a_row: int = 10     # on_nonfinite=skip: stop after this many non-finite batches in a row
-    progress: bool = True
+    progress: bool = True            # progress bar on rank 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -1,6 +1,6 @@
 """Train MICON or a baseline with DeepSpeed, one process per device.
 
-    ./launch.sh train CONFIG.yaml [key=value ...]          (CONFIG may be "-" for defaults)
+    ./launch.sh train CONFIG.yaml [key=value ...]          (CONFIG may be "-" for the defaults below)
     torchrun --nproc-per-node 2 -m train.run CONFIG ...    (what launch.sh does with --nproc N)
     srun python -m train.run CONFIG ...                    (cluster/templates/train.sbatch)
 
@@ -15,11 +15,15 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    from micon.config import ConfigError, load_config
+    from micon.config import ConfigError, job_help, load_config, wants_help
     from train.config import TrainConfig
+
+    if wants_help(argv):
+        print(job_help(__doc__, TrainConfig))
+        return 0
+    if not argv:
+        print(__doc__)
+        return 2
 
     try:
         cfg = load_config(TrainConfig, None if argv[0] == "-" else argv[0], argv[1:])

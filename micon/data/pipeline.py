@@ -35,8 +35,8 @@ class Augment:
     """Microscopy augmentations: random crop, flips and 90-degree rotations, per-channel intensity jitter."""
 
     crop: int = 0                 # random crop size in pixels (0 = whole field)
-    flip: bool = True
-    rot90: bool = True
+    flip: bool = True             # random horizontal and vertical flips
+    rot90: bool = True            # random 90-degree rotations
     intensity_jitter: float = 0.0  # per-channel multiplicative jitter, x * exp(N(0, s)) + N(0, s / 2)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -57,7 +57,7 @@ class ReplicateSetConfig:
     include_poscon: bool = False     # positive controls get replicate sets too (then train with data.include_poscon)
     shard_mb: float = 0.0            # target replicate-set shard size (0 = the plate shards' shard_mb)
     weights: str = ""                # optional CSV/parquet: Metadata_JCP2022, weight (0 = leave the compound out)
-    seed: int = 0
+    seed: int = 0                    # seed of the site, control and shard assignment
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,9 +20,9 @@ class ModelConfig:
     pretrained: bool = False         # timm weights (needs internet; never in tests)
     img_size: int = 0                # ViT presets: the training crop size (0 = the preset's default)
     molecule: str = "dmpnn"          # dmpnn | fingerprint
-    molecule_dim: int = 256
+    molecule_dim: int = 256          # molecule encoder width
     molecule_depth: int = 3
-    projection_dim: int = 128
+    projection_dim: int = 128        # size of the contrastive embedding
     detach_control: bool = True      # official: True
     detach_target: bool = True       # official: True; both False = gradients reach the image encoder
 
