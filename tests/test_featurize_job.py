@@ -227,3 +227,15 @@ def test_manifest_compounds_are_read(tmp_path):
     assert [(c, k, [s.smiles for s in ss]) for c, k, ss in items] == [
         ("JCP2022_000001", "K", ["c1ccccc1"]), ("JCP2022_000002", "", ["CCO"])]
     assert problems == ["row 3: empty Metadata_JCP2022; skipped"]
+
+
+def test_a_store_with_no_graph_exits_non_zero(tmp_path):
+    """Every compound unparseable: the job says so and exits 1 (it used to exit 0); the index keeps the reasons."""
+    table = tmp_path / "compound.csv"
+    pd.DataFrame(dict(Metadata_JCP2022=["JCP2022_000001", "JCP2022_000002"], Metadata_InChIKey=["", ""],
+                      Metadata_InChI=["", ""], Metadata_SMILES=["not a smiles", "C1CC"])).to_csv(table, index=False)
+    proc = run_featurize(table, tmp_path / "out", "num_workers=1", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "featurize: no compound of" in proc.stderr and "could be featurised (2 failed" in proc.stderr
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert (index.status != "ok").all() and index.reason.str.len().gt(0).all()
