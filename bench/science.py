@@ -141,11 +141,11 @@ def embed_handcrafted(out: Path) -> Path:
 # --------------------------------------------------------------------------- scoring
 
 def profiles(emb: Path):
-    from evaluate.run import EvalConfig, well_profiles
     from micon.embeddings import load_embeddings
+    from micon.eval.profiles import well_profiles
 
     meta, x = load_embeddings(emb)
-    return well_profiles(meta, x, EvalConfig(embeddings={"x": str(emb)}))
+    return well_profiles(meta, x)    # evaluate's defaults: mean of sites, MAD + ZCA-cor against DMSO
 
 
 def query_sets(wells: pd.DataFrame, splits: dict) -> dict[str, np.ndarray]:

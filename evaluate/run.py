@@ -1,7 +1,8 @@
-"""Evaluate site embeddings the way the field does: well profiles, per-plate robust normalisation
-against DMSO, ZCA-cor whitening fitted on DMSO, NSB/NSS/NSP top-k replicate retrieval (Ray tasks
-over query blocks) and copairs-style mAP; writes metrics.json, a markdown report with PNG plots,
-and logs them to wandb.
+"""Evaluate site embeddings the way the field does (a thin shell over micon.eval): well profiles,
+per-plate robust normalisation against DMSO, ZCA-cor whitening fitted on DMSO, NSB/NSS/NSP top-k
+replicate retrieval (Ray tasks over query blocks) and copairs-style mAP; writes per method the raw and
+normalised profiles as pycytominer reads them, metrics.json (strict JSON), a markdown report with PNG
+plots (intervals, chance levels), and logs them to wandb.
 
     ./launch.sh evaluate out=DIR embeddings.micon=DIR embeddings.simclr=DIR ... [key=value ...]
 """
@@ -19,30 +20,13 @@ import pandas as pd
 
 from micon import schema
 from micon.config import ConfigError, load_config, save_config, to_dict
+from micon.eval.profiles import ProfileError
 from micon.tables import markdown_table
-
 
 
 def headline(max_k: int) -> tuple[str, ...]:
     """The report's columns; top-k columns are named by their k."""
     return ("nsb_top1", f"nsb_top{max_k}", "nss_top1", f"nss_top{max_k}", "map_activity", "fraction_retrieved")
-
-
-class ProfileError(RuntimeError):
-    pass
-
-
-def check_finite(meta: pd.DataFrame, x: np.ndarray, what: str, stage: str) -> None:
-    """Fail, naming plates and wells, instead of turning NaN or inf into numbers."""
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        where = meta.loc[bad, [schema.PLATE, schema.WELL]]
-        plates = where[schema.PLATE].value_counts()
-        raise ProfileError(f"{int(bad.sum())} of {len(x)} {what} are not finite {stage} (plates: "
-                           + ", ".join(f"{p} ({n} wells)" for p, n in plates.head(5).items())
-                           + f"{' ...' if len(plates) > 5 else ''}; first well {where.iloc[0].tolist()}). Check those "
-                           f"plates' embeddings (a diverged checkpoint gives NaN), or evaluate with normalize=false "
-                           f"spherize=false to see the raw profiles")
 
 
 @dataclass
@@ -57,6 +41,7 @@ class EvalConfig:
     compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
     shards: str = ""                 # manifest dir (for compounds=heldout)
     null_size: int = 10000           # random rankings in mAP's null distribution
+    bootstrap: int = 1000            # resamples of compounds for the report's intervals
     ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
     plates_without_dmso: str = "stop"   # stop | drop (their wells) | batch (against the batch's, else source's DMSO)
     wandb: bool = True               # log metrics and plots to wandb (offline by default)
@@ -71,80 +56,10 @@ class EvalConfig:
             raise ConfigError("compounds: all or heldout")
         if self.plates_without_dmso not in ("stop", "drop", "batch"):
             raise ConfigError("plates_without_dmso: stop, drop or batch")
+        if self.bootstrap < 2:
+            raise ConfigError("bootstrap: at least 2 resamples (1000 for the report)")
         if self.compounds == "heldout" and not self.shards:
             raise ConfigError("compounds=heldout needs shards=DIR (the manifest that names them)")
-
-
-def well_profiles(meta: pd.DataFrame, emb: np.ndarray, cfg: EvalConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """(well metadata, raw well profiles, normalised and whitened profiles)."""
-    from micon.eval.profiles import aggregate_wells, negcon_mask, spherize
-
-    check_finite(meta, emb, "site embeddings", "as embedded")
-    wells, raw = aggregate_wells(meta, emb.astype(np.float32), method=cfg.aggregate)
-    wells, raw, fallback = handle_plates_without_dmso(wells, raw, cfg)
-    # feature selection: a feature constant across DMSO wells (a dead ReLU unit, a saturated statistic)
-    # has no robust scale and cannot be whitened; drop it, as pycytominer's variance filter would
-    neg = negcon_mask(wells)
-    ref = raw[neg] if neg.sum() > 1 else raw
-    mad = np.median(np.abs(ref - np.median(ref, axis=0)), axis=0)
-    x = raw[:, (mad > 1e-8) & (ref.std(axis=0) > 1e-8)].astype(np.float64)
-    if cfg.normalize:
-        x = mad_robustize_with_fallback(wells, x, fallback)
-    if cfg.spherize:
-        x = spherize(x, negcon_mask(wells), epsilon=cfg.epsilon)
-    check_finite(wells, x, "well profiles", "after " + ("MAD normalisation and " if cfg.normalize else "")
-                 + ("ZCA whitening" if cfg.spherize else "feature selection"))
-    return wells, raw, x.astype(np.float32)
-
-
-def handle_plates_without_dmso(wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConfig):
-    """Plates with no DMSO well cannot be normalised per plate: stop naming them (default), drop their
-    wells, or normalise them against their batch's DMSO wells (`plates_without_dmso=stop|drop|batch`)."""
-    from micon.eval.profiles import negcon_mask
-
-    has = wells.loc[negcon_mask(wells), schema.PLATE].unique()
-    missing = sorted(set(wells[schema.PLATE]) - set(has))
-    if not missing or not cfg.normalize:
-        return wells, raw, []
-    names = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-    if cfg.plates_without_dmso == "stop":
-        raise ProfileError(f"{len(missing)} plate(s) have no DMSO well to normalise against: {names}. Pass "
-                           f"plates_without_dmso=drop to leave their wells out, or plates_without_dmso=batch to "
-                           f"normalise them against their batch's (else their source's) DMSO wells")
-    if cfg.plates_without_dmso == "drop":
-        keep = ~wells[schema.PLATE].isin(missing).to_numpy()
-        print(f"evaluate: dropping {int((~keep).sum())} wells of {len(missing)} plate(s) without DMSO: {names}",
-              file=sys.stderr)
-        return wells[keep].reset_index(drop=True), raw[keep], []
-    print(f"evaluate: {len(missing)} plate(s) without DMSO normalised against their batch's (else source's) DMSO: "
-          f"{names}", file=sys.stderr)
-    return wells, raw, missing
-
-
-def mad_robustize_with_fallback(wells: pd.DataFrame, x: np.ndarray, fallback: list[str]) -> np.ndarray:
-    from micon.eval.profiles import mad_robustize, negcon_mask
-
-    if not fallback:
-        return mad_robustize(wells, x)
-    out = np.empty_like(x)
-    own = ~wells[schema.PLATE].isin(fallback).to_numpy()
-    out[own] = mad_robustize(wells[own].reset_index(drop=True), x[own])
-    neg = negcon_mask(wells)
-    for plate, rows in wells[~own].groupby(schema.PLATE).groups.items():
-        first = wells.loc[rows[0]]
-        ref = np.array([], int)
-        for col in (schema.BATCH, schema.SOURCE):       # the batch's DMSO wells, else the source's
-            ref = np.flatnonzero(neg & (wells[col] == first[col]).to_numpy())
-            if len(ref):
-                break
-        if len(ref) == 0:
-            raise ProfileError(f"plate {plate}: neither its batch nor its source has a DMSO well; use "
-                               f"plates_without_dmso=drop")
-        idx = np.r_[ref, np.asarray(list(rows))]
-        sub = wells.iloc[idx].reset_index(drop=True).assign(**{schema.PLATE: "batch"})
-        out[np.asarray(list(rows))] = mad_robustize(sub, x[idx], negcon=np.r_[np.ones(len(ref), bool),
-                                                                                np.zeros(len(rows), bool)])[len(ref):]
-    return out
 
 
 def check_label(name: str, path: str) -> None:
@@ -158,75 +73,139 @@ def check_label(name: str, path: str) -> None:
                            f"embeddings.{made_by}={path} (a suffix such as {made_by}_seed1 is fine). Methods: {known}")
 
 
-def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None) -> dict:
-    from micon.embeddings import load_embeddings
+def _say(msg: str) -> None:
+    print(f"evaluate: {msg}", flush=True)
+
+
+def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None, say=_say) -> dict:
+    """One method: well profiles, top-k (with per-query hits, curves with intervals and chance) and mAP;
+    `say` gets one line per stage with its counts and seconds."""
+    from micon.embeddings import load_embeddings, read_feature_names
     from micon.eval import map as mapm
+    from micon.eval.plots import map_intervals, topk_curves
+    from micon.eval.profiles import informative_features, well_profiles
     from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
 
     check_label(name, path)
+    t0 = time.perf_counter()
     meta, emb = load_embeddings(path)
-    wells, raw, prof = well_profiles(meta, emb, cfg)
+    names = read_feature_names(path) or [f"{name}_{i:04d}" for i in range(emb.shape[1])]
+    wells, raw, prof = well_profiles(meta, emb, aggregate=cfg.aggregate, normalize=cfg.normalize,
+                                     whiten=cfg.spherize, epsilon=cfg.epsilon,
+                                     plates_without_dmso=cfg.plates_without_dmso)
+    kept = informative_features(wells, raw)
     if keep_compounds is not None:
         keep = (wells[schema.ROLE] == schema.NEGCON).to_numpy() | wells[schema.JCP].isin(keep_compounds).to_numpy()
         wells, raw, prof = wells[keep].reset_index(drop=True), raw[keep], prof[keep]
+    say(f"{name}: profiles: {len(meta):,} sites -> {len(wells):,} wells x {raw.shape[1]} features "
+        f"({int(kept.sum())} vary across DMSO, kept) in {time.perf_counter() - t0:.1f} s")
+
+    t0 = time.perf_counter()
     fn = topk_hit_rate_ray if cfg.ray else topk_hit_rate
-    topk = fn(wells, prof, ks=range(1, cfg.max_k + 1), modes=("nsb", "nss", "nsp"))
-    treated = wells[schema.ROLE].isin([schema.TREATED, schema.POSCON]).to_numpy()
-    act_wells = wells[treated | (wells[schema.ROLE] == schema.NEGCON).to_numpy()].reset_index(drop=True)
-    act_prof = prof[treated | (wells[schema.ROLE] == schema.NEGCON).to_numpy()]
-    _, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size)
+    ks = range(1, cfg.max_k + 1)
+    topk, per_query = fn(wells, prof, ks=ks, modes=("nsb", "nss", "nsp"), per_query=True)
+    curves = topk_curves(per_query, ("nsb", "nss", "nsp"), ks, n_boot=cfg.bootstrap)
+    say(f"{name}: top-k: {len(per_query):,} query wells against {len(wells):,} wells, k <= {cfg.max_k}, "
+        f"{cfg.bootstrap} bootstrap resamples, in {time.perf_counter() - t0:.1f} s")
+
+    t0 = time.perf_counter()
+    roles = wells[schema.ROLE].to_numpy()
+    used = np.isin(roles, [schema.TREATED, schema.POSCON, schema.NEGCON])
+    act_wells, act_prof = wells[used].reset_index(drop=True), prof[used]
+    act_ap, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size)
     _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size)
-    row = lambda k: topk.set_index("k").loc[k]  # noqa: E731
-    k = cfg.max_k
-    metrics = {
-        **{f"{mode}_top1": float(row(1)[mode]) for mode in ("nsb", "nss", "nsp")},
-        **{f"{mode}_top{k}": float(row(k)[mode]) for mode in ("nsb", "nss", "nsp")},
-    }
+    say(f"{name}: mAP: {len(act_map):,} compounds (activity) and {len(con_map):,} (consistency), null size "
+        f"{cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
+
+    point = curves.set_index(["mode", "k"])
+    metrics = {}
+    for mode in ("nsb", "nss", "nsp"):
+        for k in (1, cfg.max_k):
+            r = point.loc[(mode, k)]
+            metrics |= {f"{mode}_top{k}": float(r["value"]), f"{mode}_top{k}_lo": float(r["lo"]),
+                        f"{mode}_top{k}_hi": float(r["hi"]), f"{mode}_top{k}_chance": float(r["chance"])}
+    metrics |= map_intervals(act_ap, act_map, n_boot=cfg.bootstrap)
     metrics |= dict(
-        map_activity=float(act_map["mean_average_precision"].mean()),
-        fraction_retrieved=float(mapm.fraction_retrieved(act_map)),
         map_consistency=float(con_map["mean_average_precision"].mean()),
-        n_wells=int(len(wells)), n_queries_nss=int(row(1).get("n_queries_nss", 0)),
-        n_queries_nsb=int(row(1).get("n_queries_nsb", 0)), dim=int(emb.shape[1]),
+        n_wells=int(len(wells)), n_queries_nss=int(topk["n_queries_nss"].iloc[0]),
+        n_queries_nsb=int(topk["n_queries_nsb"].iloc[0]), dim=int(emb.shape[1]), n_features_kept=int(kept.sum()),
     )
-    return dict(metrics=metrics, topk=topk.assign(method=name), map=act_map.assign(method=name),
-                wells=wells, raw=raw, prof=prof)
+    return dict(metrics=metrics, topk=topk.assign(method=name), curves=curves.assign(method=name),
+                map=act_map.assign(method=name), wells=wells, raw=raw, prof=prof,
+                raw_names=list(names), kept_names=[n for n, k in zip(names, kept) if k])
 
 
-def write_profiles(out: Path, name: str, wells: pd.DataFrame, prof: np.ndarray) -> Path:
-    """The normalised, whitened well-level profiles the metrics were computed on, as the field reads
-    them: Metadata_* columns then feature columns, one row per well (copairs and pycytominer read it
-    without a mapping step)."""
-    features = pd.DataFrame(prof.astype(np.float32), columns=[f"{name}_{i:04d}" for i in range(prof.shape[1])])
-    meta = wells.reset_index(drop=True)
-    meta = meta.rename(columns={c: f"Metadata_{c}" for c in meta.columns if not c.startswith("Metadata_")})
-    table = pd.concat([meta, features], axis=1)
-    path = out / f"profiles_{name}.parquet"
-    table.to_parquet(path.with_name(path.name + ".tmp"), index=False)
-    os.replace(path.with_name(path.name + ".tmp"), path)
-    return path
+def write_profiles(out: Path, name: str, result: dict) -> tuple[Path, Path]:
+    """Two tables per method, as the field reads them (pycytominer, copairs: no mapping step):
+    `profiles_{name}_raw.parquet`, the well averages before normalisation (every feature), and
+    `profiles_{name}.parquet`, the normalised profiles the metrics were computed on (the features that
+    vary across DMSO, after per-plate MAD and ZCA-cor). Metadata as JUMP spells it, the role as
+    `Metadata_pert_type` (trt / negcon / poscon). Feature columns keep the featuriser's names (embed.json
+    `feature_names`, e.g. CellProfiler's) or are `{name}_{i:04d}`; in the normalised file each column keeps
+    its input feature's name although ZCA mixes features (pycytominer's Spherize does the same): column j
+    is the whitened coordinate closest to input feature j (ZCA is the whitening nearest the input)."""
+    from micon.eval.profiles import profile_table
+
+    paths = []
+    for suffix, feats, names in (("_raw", result["raw"], result["raw_names"]), ("", result["prof"], result["kept_names"])):
+        path = out / f"profiles_{name}{suffix}.parquet"
+        profile_table(result["wells"], feats, names).to_parquet(path.with_name(path.name + ".tmp"), index=False)
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def strict_json(value):
+    """NaN and inf (an undefined metric: NSS with one source) become null, so that the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _cell(m: dict, key: str) -> str:
+    v, lo, hi = m.get(key), m.get(f"{key}_lo"), m.get(f"{key}_hi")
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) and np.isfinite(hi) else f"{v:.3f}"
 
 
 def write_report(out: Path, results: dict, cfg: EvalConfig) -> Path:
     from micon.eval import plots
 
-    topk = pd.concat([r["topk"] for r in results.values()], ignore_index=True)
-    topk.to_csv(out / "topk.csv", index=False)
+    pd.concat([r["topk"] for r in results.values()], ignore_index=True).to_csv(out / "topk.csv", index=False)
+    curves = pd.concat([r["curves"] for r in results.values()], ignore_index=True)
+    curves.to_csv(out / "topk_curves.csv", index=False)
     summary = pd.DataFrame([dict(method=n, **r["metrics"]) for n, r in results.items()])
     summary.to_csv(out / "summary.csv", index=False)
-    pngs = [plots.plot_topk_curves(topk, out / "topk_nsb_nss.png"),
-            plots.plot_map_summary(summary, out / "map_fraction_retrieved.png")]
+    pngs = [plots.plot_topk_curves(curves, out / "topk_nsb_nss.png", modes=("nsb", "nss")),
+            plots.plot_map_summary(summary, out / "map_fraction_retrieved.png",
+                                   columns=("map_activity", "fraction_retrieved"))]
     for name, r in results.items():
         pngs.append(plots.plot_profiles_pca(r["wells"], r["raw"], r["prof"], out / f"profiles_pca_{name}.png",
-                                            titles=(f"{name}: raw well profiles", f"{name}: normalised + whitened")))
-    table = markdown_table(summary[["method", *headline(cfg.max_k)]].round(3).to_dict("records"))
+                                            titles=(f"{name}: raw well profiles (features z-scored)",
+                                                    f"{name}: normalised + whitened")))
+    k = cfg.max_k
+    rows = [{"method": n, **{c: _cell(r["metrics"], c) for c in headline(k)}} for n, r in results.items()]
+    chance = [{"method": n, **{c: _cell(r["metrics"], f"{c}_chance") for c in headline(k)}}
+              for n, r in results.items()]
     lines = ["# Replicate retrieval report", "",
              f"Well profiles ({cfg.aggregate} of sites), {'per-plate robust MAD vs DMSO, ' if cfg.normalize else ''}"
              f"{'ZCA-cor whitening fitted on DMSO (epsilon ' + str(cfg.epsilon) + '), ' if cfg.spherize else ''}"
              f"cosine similarity. NSB/NSS/NSP: share of treated query wells with a well of the same compound among "
              f"the k nearest wells, candidates from the query's own batch / source / plate removed. mAP: copairs "
              f"semantics, activity = replicate wells vs same-plate DMSO; fraction retrieved = share of compounds "
-             f"with BH-corrected p < 0.05.", "", table, ""]
+             f"with BH-corrected p < 0.05. In brackets: 95% bootstrap interval over compounds ({cfg.bootstrap} "
+             f"resamples); n/a: undefined (e.g. NSS with a single source).", "", markdown_table(rows), "",
+             "Chance (a random ranking of each query's candidates; fraction retrieved: the test's level):", "",
+             markdown_table(chance), "",
+             "Profiles: `profiles_{method}_raw.parquet` (well averages) and `profiles_{method}.parquet` (normalised), "
+             "Metadata_* as JUMP spells them, role in `Metadata_pert_type`.", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in pngs]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -256,8 +235,11 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
+    import logging
+
     from micon.embeddings import EmbeddingError
 
+    logging.basicConfig(format="evaluate: %(message)s", level=logging.WARNING, stream=sys.stderr)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "eval_config.yaml")
@@ -269,23 +251,28 @@ def main(argv: list[str]) -> int:
         from micon.raycluster import init_ray
         init_ray()
     results = {}
-    for name, path in cfg.embeddings.items():
+    t_all = time.perf_counter()
+    for i, (name, path) in enumerate(cfg.embeddings.items()):
         t0 = time.perf_counter()
+        _say(f"method {i + 1}/{len(cfg.embeddings)}: {name} ({path})")
         try:
             results[name] = evaluate_method(name, path, cfg, keep)
         except (EmbeddingError, ProfileError) as e:
             print(f"evaluate: {name}: {e}", file=sys.stderr)
             return 1
-        write_profiles(out, name, results[name]["wells"], results[name]["prof"])
+        write_profiles(out, name, results[name])
         m = results[name]["metrics"]
         k = cfg.max_k
-        print(f"evaluate: {name}: NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "
-              f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
-              f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s)", flush=True)
-    doc = {"methods": {n: r["metrics"] for n, r in results.items()}, "config": to_dict(cfg)}
-    (out / "metrics.json.tmp").write_text(json.dumps(doc, indent=1))
+        _say(f"{name}: NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "
+             f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
+             f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s; "
+             f"{time.perf_counter() - t_all:.0f} s so far)")
+    doc = strict_json({"methods": {n: r["metrics"] for n, r in results.items()}, "config": to_dict(cfg)})
+    (out / "metrics.json.tmp").write_text(json.dumps(doc, indent=1, allow_nan=False))
     os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    t0 = time.perf_counter()
     report = write_report(out, results, cfg)
+    _say(f"report: {len(list(out.glob('*.png')))} plots in {time.perf_counter() - t0:.1f} s")
     if cfg.wandb:
         log_wandb(out, cfg, results)
     table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})

@@ -146,3 +146,27 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise EmbeddingError(f"{p / 'embeddings.zarr'} does not match the checksum recorded in embed.json when it was "
                              f"written (a chunk lost or changed); {hint}")
     return meta, emb
+
+
+def read_feature_names(path: str | Path) -> list[str] | None:
+    """The feature names a featuriser recorded in `path`/embed.json (`"feature_names"`, one per column,
+    e.g. CellProfiler's `Nuclei_AreaShape_Area`), or None when it recorded none (learned embeddings)."""
+    info_path = Path(path) / "embed.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        raise EmbeddingError(f"{Path(path)} holds no finished embedding run (no embed.json)") from None
+    except ValueError as e:
+        raise EmbeddingError(f"{info_path} is not valid JSON ({e}); rerun the embed job to repair it") from None
+    names = info.get("feature_names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise EmbeddingError(f"{info_path}: feature_names must be a list of non-empty strings")
+    if "dim" in info and len(names) != info["dim"]:
+        raise EmbeddingError(f"{info_path}: {len(names)} feature_names for {info['dim']} embedding columns; "
+                             f"rerun the embed job")
+    dup = sorted(pd.Series(names)[pd.Series(names).duplicated()].unique())
+    if dup:
+        raise EmbeddingError(f"{info_path}: feature_names repeat {dup[:5]}; each column needs its own name")
+    return names

@@ -296,7 +296,8 @@ def test_profiles_parquet_gives_copairs_the_same_map(embedded, tmp_path):
     meta_cols = [c for c in table.columns if c.startswith("Metadata_")]
     feats = table[[c for c in table.columns if not c.startswith("Metadata_")]].to_numpy()
     assert meta_cols[:3] == [schema.SOURCE, schema.BATCH, schema.PLATE] and feats.dtype == np.float32
-    keep = table[schema.ROLE].isin([schema.TREATED, schema.POSCON, schema.NEGCON]).to_numpy()
+    assert schema.ROLE not in table.columns and set(table["Metadata_pert_type"]) <= {"trt", "negcon", "poscon"}
+    keep = table["Metadata_pert_type"].isin(["trt", "poscon", "negcon"]).to_numpy()
     meta = table.loc[keep, meta_cols].reset_index(drop=True)
     ref = assign_reference_index(meta, f"{schema.JCP} == '{schema.DMSO}'", reference_col="Metadata_Reference_Index")
     ap = copairs_map.average_precision(ref, feats[keep], pos_sameby=[schema.JCP, "Metadata_Reference_Index"],

@@ -93,7 +93,7 @@ def _plate_features(args) -> tuple[list[dict], np.ndarray]:
 def simulate_handcrafted(cfg, workers: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """(well metadata, raw well profiles, normalised profiles) of the hand-crafted baseline on the screen
     `cfg` (a micon.synth.SynthConfig), without writing anything."""
-    from evaluate.run import EvalConfig, well_profiles
+    from micon.eval.profiles import well_profiles
     from micon.synth import design_screen
 
     screen = design_screen(cfg)
@@ -106,5 +106,5 @@ def simulate_handcrafted(cfg, workers: int = 0) -> tuple[pd.DataFrame, np.ndarra
         parts = [_plate_features((screen, p)) for p in plates]
     meta = pd.DataFrame([r for rows, _ in parts for r in rows])
     feats = np.concatenate([f for _, f in parts])
-    return well_profiles(meta, feats, EvalConfig(embeddings={"handcrafted": ""}))
+    return well_profiles(meta, feats)
 

@@ -1,11 +1,14 @@
 """Well profiles for evaluation: site -> well aggregation, per-plate robust MAD normalisation against
-DMSO, and ZCA-cor whitening fitted on DMSO, with pycytominer's exact formulas.
+DMSO, ZCA-cor whitening fitted on DMSO (pycytominer's exact formulas), the whole recipe
+(`well_profiles`), and the table the field's tools read (`profile_table`: JUMP's Metadata_* names,
+`Metadata_pert_type` trt/negcon/poscon).
 
 Pure, vectorised NumPy (group codes + sorting, never a Python loop per well or per plate). Nothing
 here reads or writes files; NaN/inf features are rejected rather than silently propagated.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -24,7 +27,18 @@ __all__ = [
     "spherize",
     "l2_normalize",
     "WELL_KEYS",
+    "ProfileError",
+    "check_finite",
+    "informative_features",
+    "handle_plates_without_dmso",
+    "mad_robustize_with_fallback",
+    "well_profiles",
+    "PERT_TYPE",
+    "PERT_TYPES",
+    "profile_table",
 ]
+
+log = logging.getLogger(__name__)
 
 # A well is identified by (source, plate, well): plate names alone are unique in cpg0016, but the
 # source makes the key safe for any other screen.
@@ -245,3 +259,149 @@ def l2_normalize(feats: np.ndarray, dtype=np.float32, chunk_rows: int = 16384) -
             raise ValueError(f"feature row {bad} holds NaN or inf; drop or impute it before evaluation")
         out[lo:lo + chunk_rows] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation recipe: sites -> normalised well profiles
+# ---------------------------------------------------------------------------------------------
+
+class ProfileError(RuntimeError):
+    """Well profiles cannot be built as asked (non-finite values, plates without DMSO)."""
+
+
+def check_finite(meta: pd.DataFrame, x: np.ndarray, what: str, stage: str) -> None:
+    """Fail, naming plates and wells, instead of turning NaN or inf into numbers."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        where = meta.loc[bad, [schema.PLATE, schema.WELL]]
+        plates = where[schema.PLATE].value_counts()
+        raise ProfileError(f"{int(bad.sum())} of {len(x)} {what} are not finite {stage} (plates: "
+                           + ", ".join(f"{p} ({n} wells)" for p, n in plates.head(5).items())
+                           + f"{' ...' if len(plates) > 5 else ''}; first well {where.iloc[0].tolist()}). Check those "
+                           f"plates' embeddings (a diverged checkpoint gives NaN), or evaluate with normalize=false "
+                           f"spherize=false to see the raw profiles")
+
+
+def informative_features(wells: pd.DataFrame, raw: np.ndarray, tol: float = 1e-8) -> np.ndarray:
+    """Bool mask of the features that vary across the DMSO wells (all wells when there is at most one).
+
+    A feature constant across DMSO (a dead ReLU unit, a saturated statistic) has no robust scale and
+    cannot be whitened; `well_profiles` drops it, as pycytominer's variance filter would.
+    """
+    neg = negcon_mask(wells)
+    ref = np.asarray(raw)[neg] if neg.sum() > 1 else np.asarray(raw)
+    mad = np.median(np.abs(ref - np.median(ref, axis=0)), axis=0)
+    return (mad > tol) & (ref.std(axis=0) > tol)
+
+
+def handle_plates_without_dmso(wells: pd.DataFrame, raw: np.ndarray, policy: str = "stop",
+                               normalize: bool = True) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """Plates with no DMSO well cannot be normalised per plate: stop naming them (`policy="stop"`), drop
+    their wells ("drop"), or normalise them against their batch's, else their source's, DMSO wells
+    ("batch"). Returns (wells, raw, plates to normalise against their batch)."""
+    if policy not in ("stop", "drop", "batch"):
+        raise ValueError(f"plates_without_dmso: stop, drop or batch, got {policy!r}")
+    has = wells.loc[negcon_mask(wells), schema.PLATE].unique()
+    missing = sorted(set(wells[schema.PLATE]) - set(has))
+    if not missing or not normalize:
+        return wells, raw, []
+    names = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    if policy == "stop":
+        raise ProfileError(f"{len(missing)} plate(s) have no DMSO well to normalise against: {names}. Pass "
+                           f"plates_without_dmso=drop to leave their wells out, or plates_without_dmso=batch to "
+                           f"normalise them against their batch's (else their source's) DMSO wells")
+    if policy == "drop":
+        keep = ~wells[schema.PLATE].isin(missing).to_numpy()
+        log.warning("dropping %d wells of %d plate(s) without DMSO: %s", int((~keep).sum()), len(missing), names)
+        return wells[keep].reset_index(drop=True), raw[keep], []
+    log.warning("%d plate(s) without DMSO normalised against their batch's (else source's) DMSO: %s",
+                len(missing), names)
+    return wells, raw, missing
+
+
+def mad_robustize_with_fallback(wells: pd.DataFrame, x: np.ndarray, fallback: Sequence[str]) -> np.ndarray:
+    """`mad_robustize` per plate; the plates in `fallback` (no DMSO of their own) against the DMSO wells
+    of their batch, else of their source."""
+    if not len(fallback):
+        return mad_robustize(wells, x)
+    out = np.empty_like(x)
+    own = ~wells[schema.PLATE].isin(fallback).to_numpy()
+    out[own] = mad_robustize(wells[own].reset_index(drop=True), x[own])
+    neg = negcon_mask(wells)
+    for plate, rows in wells[~own].groupby(schema.PLATE).groups.items():
+        first = wells.loc[rows[0]]
+        ref = np.array([], int)
+        for col in (schema.BATCH, schema.SOURCE):       # the batch's DMSO wells, else the source's
+            ref = np.flatnonzero(neg & (wells[col] == first[col]).to_numpy())
+            if len(ref):
+                break
+        if len(ref) == 0:
+            raise ProfileError(f"plate {plate}: neither its batch nor its source has a DMSO well; use "
+                               f"plates_without_dmso=drop")
+        idx = np.r_[ref, np.asarray(list(rows))]
+        sub = wells.iloc[idx].reset_index(drop=True).assign(**{schema.PLATE: "batch"})
+        out[np.asarray(list(rows))] = mad_robustize(sub, x[idx], negcon=np.r_[np.ones(len(ref), bool),
+                                                                                np.zeros(len(rows), bool)])[len(ref):]
+    return out
+
+
+def well_profiles(meta: pd.DataFrame, emb: np.ndarray, *, aggregate: Literal["mean", "median"] = "mean",
+                  normalize: bool = True, whiten: bool = True, epsilon: float = 1e-6,
+                  plates_without_dmso: str = "stop") -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Site rows -> (well metadata, raw well profiles, normalised profiles), the evaluation's recipe.
+
+    Raw: the `aggregate` of each well's sites, every feature. Normalised: the features that vary across
+    DMSO (`informative_features(wells, raw)`, same order), per-plate robust MAD against DMSO
+    (`normalize`) and ZCA-cor fitted on the DMSO wells (`whiten`), float32. Plates without DMSO follow
+    `plates_without_dmso` (stop | drop | batch, see `handle_plates_without_dmso`).
+    """
+    check_finite(meta, emb, "site embeddings", "as embedded")
+    wells, raw = aggregate_wells(meta, np.asarray(emb).astype(np.float32), method=aggregate)
+    wells, raw, fallback = handle_plates_without_dmso(wells, raw, plates_without_dmso, normalize)
+    x = raw[:, informative_features(wells, raw)].astype(np.float64)
+    if normalize:
+        x = mad_robustize_with_fallback(wells, x, fallback)
+    if whiten:
+        x = spherize(x, negcon_mask(wells), epsilon=epsilon)
+    check_finite(wells, x, "well profiles", "after " + ("MAD normalisation and " if normalize else "")
+                 + ("ZCA whitening" if whiten else "feature selection"))
+    return wells, raw, x.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table the field's tools read
+# ---------------------------------------------------------------------------------------------
+
+# JUMP's profiling recipe names the role column Metadata_pert_type (trt / negcon / poscon); the library
+# keeps its own role column (schema.ROLE) and maps here, at the boundary, once.
+PERT_TYPE = "Metadata_pert_type"
+PERT_TYPES = {schema.TREATED: "trt", schema.NEGCON: "negcon", schema.POSCON: "poscon", schema.EMPTY: "empty"}
+# leading metadata columns, in JUMP's order; any other metadata follows
+_JUMP_ORDER = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.JCP, schema.INCHIKEY, schema.SMILES,
+               PERT_TYPE)
+
+
+def profile_table(wells: pd.DataFrame, feats: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
+    """Well metadata + features as pycytominer and copairs read them: `Metadata_*` columns first (JUMP's
+    names, the role as `Metadata_pert_type` = trt/negcon/poscon, other columns prefixed `Metadata_`),
+    then one float32 column per feature named by `names`."""
+    feats = np.asarray(feats)
+    names = list(names)
+    if feats.ndim != 2 or feats.shape != (len(wells), len(names)):
+        raise ValueError(f"profile_table: {len(wells)} wells and {len(names)} feature names, but features of shape "
+                         f"{feats.shape}")
+    bad = [n for n in names if not isinstance(n, str) or n.startswith("Metadata_")]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"profile_table: feature names must be distinct strings not starting with Metadata_; "
+                         f"got {bad[:3] or pd.Series(names)[pd.Series(names).duplicated()].tolist()[:3]}")
+    meta = wells.reset_index(drop=True)
+    meta = meta.rename(columns={c: f"Metadata_{c}" for c in meta.columns if not c.startswith("Metadata_")})
+    if schema.ROLE in meta.columns:
+        unknown = sorted(set(meta[schema.ROLE].astype(str)) - set(PERT_TYPES))
+        if unknown:
+            raise ValueError(f"profile_table: role(s) {unknown} in {schema.ROLE} have no Metadata_pert_type; "
+                             f"known: {list(PERT_TYPES)}")
+        meta = meta.drop(columns=[schema.ROLE]).assign(**{PERT_TYPE: meta[schema.ROLE].map(PERT_TYPES).to_numpy()})
+    first = [c for c in _JUMP_ORDER if c in meta.columns]
+    meta = meta[first + [c for c in meta.columns if c not in first]]
+    return pd.concat([meta, pd.DataFrame(feats.astype(np.float32), columns=names)], axis=1)

@@ -30,7 +30,8 @@ import pandas as pd
 from micon import schema
 from micon.eval.profiles import l2_normalize
 
-__all__ = ["MODES", "topk_hit_rate", "topk_hit_rate_ray", "topk_neighbours", "summarise_first_hits"]
+__all__ = ["MODES", "topk_hit_rate", "topk_hit_rate_ray", "topk_neighbours", "summarise_first_hits",
+           "expected_hit_rate"]
 
 # Exclusion key of each mode: the candidate is dropped when it shares the key with the query.
 # Batch and plate keys include the source so that names reused by two sources cannot collide.
@@ -173,11 +174,14 @@ def _joint_codes(q: pd.DataFrame, g: pd.DataFrame, columns: Sequence[str]) -> tu
     return codes[:len(q)], codes[len(q):]
 
 
-def _eligible(q_compound: np.ndarray, q_key: np.ndarray, g_compound: np.ndarray, g_key: np.ndarray) -> np.ndarray:
-    """Per query: does any gallery row share its compound but not its exclusion key? (no Q x G matrix)."""
+def _candidate_counts(q_compound: np.ndarray, q_key: np.ndarray, g_compound: np.ndarray,
+                      g_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: gallery rows left after its exclusion (N) and how many of them share its compound (P),
+    by group counts (no Q x G matrix)."""
     n_keys = int(max(q_key.max(initial=0), g_key.max(initial=0))) + 1
     cpd_ids, cpd_counts = np.unique(g_compound, return_counts=True)
     pair_ids, pair_counts = np.unique(g_compound * n_keys + g_key, return_counts=True)
+    key_ids, key_counts = np.unique(g_key, return_counts=True)
 
     def lookup(ids, counts, values):
         if not len(ids):
@@ -187,7 +191,24 @@ def _eligible(q_compound: np.ndarray, q_key: np.ndarray, g_compound: np.ndarray,
 
     same_compound = lookup(cpd_ids, cpd_counts, q_compound)
     same_compound_same_key = lookup(pair_ids, pair_counts, q_compound * n_keys + q_key)
-    return same_compound - same_compound_same_key > 0
+    return len(g_key) - lookup(key_ids, key_counts, q_key), same_compound - same_compound_same_key
+
+
+def _eligible(q_compound: np.ndarray, q_key: np.ndarray, g_compound: np.ndarray, g_key: np.ndarray) -> np.ndarray:
+    """Per query: does any gallery row share its compound but not its exclusion key?"""
+    return _candidate_counts(q_compound, q_key, g_compound, g_key)[1] > 0
+
+
+def expected_hit_rate(n_candidates: np.ndarray, n_positives: np.ndarray, k: int) -> np.ndarray:
+    """Chance of a top-k hit under a uniformly random ranking, per query: 1 - C(N-P, k) / C(N, k) with N
+    candidates of which P are positives (the product form, exact and free of overflow)."""
+    N = np.asarray(n_candidates, dtype=np.float64)
+    P = np.asarray(n_positives, dtype=np.float64)
+    miss = np.ones(np.broadcast(N, P).shape)
+    for i in range(int(k)):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            miss = miss * np.clip((N - P - i) / (N - i), 0.0, 1.0)
+    return np.where(P > 0, 1.0 - np.where(N - P >= k, miss, 0.0), 0.0)
 
 
 def _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
@@ -260,6 +281,9 @@ def _per_query(query_meta: pd.DataFrame, prep: _Prepared, first_hit: np.ndarray)
     for m, mode in enumerate(prep.modes):
         out[f"{mode}_eligible"] = prep.eligible[m]
         out[f"{mode}_first_hit"] = first_hit[m]
+        n, p = _candidate_counts(prep.q_compound, prep.q_keys[m], prep.gallery["compound"], prep.gallery["keys"][m])
+        out[f"{mode}_n_candidates"] = n
+        out[f"{mode}_n_positives"] = p
     return out
 
 
@@ -330,7 +354,8 @@ def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_met
     eligible queries with a same-compound well among their k nearest eligible gallery wells), and
     `n_queries_<mode>` / `n_ineligible_<mode>`. With `per_query=True` also returns a per-query frame
     (query metadata, `<mode>_eligible`, `<mode>_first_hit`: 1-based rank of the first same-compound
-    neighbour within max(ks), 0 when none). Memory: block_size x gallery_chunk similarities at a time.
+    neighbour within max(ks), 0 when none; `<mode>_n_candidates` / `<mode>_n_positives`: gallery wells
+    left after the exclusion and how many share the compound, for `expected_hit_rate`). Memory: block_size x gallery_chunk similarities at a time.
     """
     ks = _check_ks(ks)
     prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,

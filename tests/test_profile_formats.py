@@ -1,0 +1,151 @@
+"""The profiles `evaluate` writes are read by the field's own tools with no renaming: pycytominer infers
+the CellProfiler-named features and the JUMP metadata, normalises against `Metadata_pert_type == 'negcon'`
+and selects features; copairs scores the normalised file to metrics.json's mAP; and our raw -> normalised
+step equals pycytominer's (per-plate mad_robustize, then ZCA-cor fitted on DMSO) on random data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from micon import schema
+from micon.embeddings import EmbeddingError, read_feature_names, write_consolidated
+
+pycytominer = pytest.importorskip("pycytominer")
+copairs_map = pytest.importorskip("copairs.map")
+from pycytominer.cyto_utils import infer_cp_features  # noqa: E402
+
+PERT = "Metadata_pert_type"
+NAMES = [f"{compartment}_{measure}" for compartment in ("Nuclei", "Cells", "Cytoplasm")
+         for measure in ("AreaShape_Area", "AreaShape_Eccentricity", "Intensity_MeanIntensity_DNA",
+                         "Intensity_MeanIntensity_AGP", "Texture_Contrast_ER_3_00_256", "Granularity_1_Mito",
+                         "RadialDistribution_FracAtD_RNA_1of4", "Correlation_Correlation_DNA_ER")]
+CONSTANT = {"Cells_AreaShape_Eccentricity", "Cytoplasm_Granularity_1_Mito"}    # dropped by feature selection
+
+
+def cp_embedding(path, seed=0, n_cpd=16, dmso=8, sites=2):
+    """A CellProfiler-style site table: 2 sources x 2 batches x 1 plate, every compound once per plate,
+    half the compounds shifted, per-plate offsets and scales (what MAD removes), `feature_names` in embed.json."""
+    rng = np.random.default_rng(seed)
+    d = len(NAMES)
+    dirs = rng.normal(size=(n_cpd, d))
+    rows, feats = [], []
+    for p in range(4):
+        src, batch, plate = f"source_{p // 2 + 1}", f"batch_{p}", f"PLATE{p}"
+        offset, scale = rng.normal(size=d) * 3, rng.uniform(0.5, 2.0, d)
+        wells = [schema.DMSO] * dmso + [schema.POSITIVE_CONTROLS["quinidine"]] * 2 + [f"JCP2022_{c:06d}" for c in range(n_cpd)]
+        for w, jcp in enumerate(wells):
+            c = int(jcp[-6:]) if jcp.startswith("JCP2022_0000") else -1
+            shift = 2.0 * dirs[c] / np.linalg.norm(dirs[c]) if 0 <= c < n_cpd // 2 else 0.0
+            for s in range(sites):
+                rows.append({schema.SOURCE: src, schema.BATCH: batch, schema.PLATE: plate,
+                             schema.WELL: schema.well_name(w // 24, w % 24), schema.SITE: str(s + 1), schema.JCP: jcp,
+                             schema.INCHIKEY: f"KEY{jcp[-6:]}", schema.SMILES: "C" * (1 + abs(c)),
+                             schema.ROLE: schema.role_of(jcp)})
+                feats.append((rng.normal(size=d) + shift) * scale + offset)
+    x = np.array(feats, np.float32)
+    for name in CONSTANT:
+        x[:, NAMES.index(name)] = 7.0
+    path.mkdir(parents=True)
+    write_consolidated(path, x, pd.DataFrame(rows), {"featuriser": "cellprofiler_test", "feature_names": NAMES})
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    from evaluate.run import main
+
+    root = tmp_path_factory.mktemp("formats")
+    emb = cp_embedding(root / "emb")
+    common = [f"embeddings.cellprofiler={emb}", "ray=false", "wandb=false", "null_size=200", "bootstrap=100"]
+    assert main([f"out={root / 'eval'}", *common]) == 0
+    assert main([f"out={root / 'mad'}", *common, "spherize=false"]) == 0
+    return root
+
+
+def test_read_feature_names(tmp_path):
+    emb = cp_embedding(tmp_path / "emb")
+    assert read_feature_names(emb) == NAMES
+    info = json.loads((emb / "embed.json").read_text())
+    (emb / "embed.json").write_text(json.dumps(dict(info, feature_names=NAMES[:-1])))
+    with pytest.raises(EmbeddingError, match="23 feature_names for 24"):
+        read_feature_names(emb)
+    (emb / "embed.json").write_text(json.dumps({k: v for k, v in info.items() if k != "feature_names"}))
+    assert read_feature_names(emb) is None
+
+
+def test_pycytominer_reads_the_profiles_without_renaming(evaluated):
+    raw = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler_raw.parquet")
+    prof = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler.parquet")
+    assert infer_cp_features(raw) == NAMES
+    assert infer_cp_features(prof) == [n for n in NAMES if n not in CONSTANT]
+    meta = infer_cp_features(raw, metadata=True)
+    assert meta[:8] == [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.JCP, schema.INCHIKEY,
+                        schema.SMILES, PERT]
+    assert schema.ROLE not in raw.columns and set(raw[PERT]) == {"trt", "negcon", "poscon"}
+    assert len(raw) == len(prof) == 4 * 26 and (raw[meta].to_numpy() == prof[meta].to_numpy()).all()
+
+    normalised = pycytominer.normalize(raw, features="infer", samples=f"{PERT} == 'negcon'", method="mad_robustize")
+    assert list(normalised.columns) == list(raw.columns)
+    selected = pycytominer.feature_select(raw, features="infer", operation=["variance_threshold", "drop_na_columns"])
+    kept = infer_cp_features(selected)
+    assert not CONSTANT & set(kept) and set(kept) <= set(NAMES) and len(kept) >= len(NAMES) - len(CONSTANT) - 2
+
+
+def test_our_normalisation_equals_pycytominer_per_plate(evaluated):
+    """Raw file -> pycytominer mad_robustize per plate (-> ZCA-cor fitted on DMSO) equals our normalised file."""
+    raw = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler_raw.parquet")
+    mad_only = pd.read_parquet(evaluated / "mad" / "profiles_cellprofiler.parquet")
+    ours = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler.parquet")
+    kept = infer_cp_features(ours)
+    meta = infer_cp_features(raw, metadata=True)
+    per_plate = pd.concat([pycytominer.normalize(group, features=kept, meta_features=meta,
+                                                 samples=f"{PERT} == 'negcon'", method="mad_robustize")
+                           for _, group in raw.groupby(schema.PLATE, sort=False)]).loc[raw.index]
+    np.testing.assert_allclose(mad_only[kept].to_numpy(), per_plate[kept].to_numpy(), rtol=1e-4, atol=1e-4)
+    whitened = pycytominer.normalize(per_plate, features=kept, meta_features=meta, samples=f"{PERT} == 'negcon'",
+                                     method="spherize", spherize_method="ZCA-cor", spherize_epsilon=1e-6)
+    np.testing.assert_allclose(ours[kept].to_numpy(), whitened[kept].to_numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_copairs_scores_the_normalised_file_to_our_map(evaluated, tmp_path):
+    from copairs.matching import assign_reference_index
+
+    table = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler.parquet")
+    meta = table[infer_cp_features(table, metadata=True)]
+    feats = table[infer_cp_features(table)].to_numpy()
+    ref = assign_reference_index(meta, f"{PERT} == 'negcon'", reference_col="Metadata_Reference_Index")
+    ap = copairs_map.average_precision(ref, feats, pos_sameby=[schema.JCP, "Metadata_Reference_Index"], pos_diffby=[],
+                                       neg_sameby=[schema.PLATE], neg_diffby=[schema.JCP, "Metadata_Reference_Index"],
+                                       progress_bar=False)
+    maps = copairs_map.mean_average_precision(ap, [schema.JCP], null_size=200, threshold=0.05, seed=0,
+                                              progress_bar=False, cache_dir=tmp_path / "cache")
+    doc = json.loads((evaluated / "eval" / "metrics.json").read_text())
+    mine = doc["methods"]["cellprofiler"]
+    assert maps["mean_average_precision"].mean() == pytest.approx(mine["map_activity"], abs=1e-4)
+    assert 0 <= mine["map_activity_lo"] <= mine["map_activity"] <= mine["map_activity_hi"] <= 1
+    assert mine["map_activity"] > mine["map_activity_chance"]          # half the compounds are shifted
+
+
+def test_metrics_are_strict_json_and_learned_embeddings_keep_indexed_names(tmp_path):
+    """One source: NSS is undefined and written as null; a featuriser without names gets {label}_{i:04d}."""
+    from evaluate.run import main
+
+    emb = cp_embedding(tmp_path / "emb", seed=1)
+    sites = pd.read_parquet(emb / "sites.parquet").assign(**{schema.SOURCE: "source_1"})
+    info = json.loads((emb / "embed.json").read_text())
+    import zarr
+    x = np.asarray(zarr.open_array(str(emb / "embeddings.zarr"), mode="r")[:])
+    learned = tmp_path / "learned"
+    learned.mkdir()
+    write_consolidated(learned, x, sites, {k: v for k, v in info.items() if k not in ("feature_names", "sha256")})
+    assert main([f"out={tmp_path / 'eval'}", f"embeddings.simclr={learned}", "ray=false", "wandb=false",
+                 "null_size=100", "bootstrap=50"]) == 0
+    text = (tmp_path / "eval" / "metrics.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
+    assert doc["methods"]["simclr"]["nss_top1"] is None and doc["methods"]["simclr"]["nsb_top1"] is not None
+    raw = pd.read_parquet(tmp_path / "eval" / "profiles_simclr_raw.parquet")
+    assert [c for c in raw.columns if not c.startswith("Metadata_")] == [f"simclr_{i:04d}" for i in range(len(NAMES))]
+    assert "n/a" in (tmp_path / "eval" / "report.md").read_text()
