@@ -5,7 +5,8 @@ file of tensors and plain data, loaded with `weights_only=True` (it can never ru
 
     {"model": state dict (float32, CPU),
      "record": {"format": "micon-checkpoint", "version": 1, "method", "model" (ModelConfig fields),
-                "channels" (names, in order), "atom_dim", "bond_dim", "preprocessing", "step"},
+                "channels" (names, in order), "atom_dim", "bond_dim", "fingerprint_bits",
+                "preprocessing", "step"},
      "config": the full training configuration, "state": the trainer state at that step}
 
 Training writes it (train/), embedding reads it (evaluate/): neither imports the other.
@@ -53,8 +54,9 @@ class InferenceRecord:
     method: str
     model: dict                          # micon.models.factory.ModelConfig fields
     channels: list[str]                  # channel names in the order of the input tensor
-    atom_dim: int = 0
+    atom_dim: int = 0                    # molecule encoder inputs: graph feature sizes (D-MPNN) ...
     bond_dim: int = 0
+    fingerprint_bits: int = 0            # ... or the graph store's fingerprint size (fingerprint MLP)
     preprocessing: dict = field(default_factory=dict)   # micon.data.preprocess.Preprocessing fields
     step: int = 0
     format: str = FORMAT
@@ -73,12 +75,14 @@ class Checkpoint:
     state: dict
 
     def build_model(self) -> torch.nn.Module:
-        """The method's model with these weights (CPU, eval mode)."""
+        """The method's whole model with these weights (CPU, eval mode): the image encoder and, for a method
+        that reads molecules, the molecule encoder with the input sizes recorded in training."""
         from micon.methods import get_method
         from micon.models.factory import ModelConfig
 
-        model = get_method(self.record.method).build_model(
-            ModelConfig(**self.record.model), len(self.record.channels), self.record.atom_dim, self.record.bond_dim)
+        r = self.record
+        model = get_method(r.method).build_model(ModelConfig(**r.model), len(r.channels), r.atom_dim, r.bond_dim,
+                                                 r.fingerprint_bits)
         model.load_state_dict(self.weights)
         return model.eval()
 

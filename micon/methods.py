@@ -3,52 +3,79 @@ model and compute their own loss. The trainer, the data stream and the benchmark
 never compare its name (dinov2's SSLMetaArch, open_clip's TrainingTask).
 
     method = get_method("micon")
-    model = method.build_model(model_cfg, in_chans=5, **method.feature_dims())
+    needs = method.data_needs(model_cfg)             # what the stream must deliver for this model
+    model = method.build_model(model_cfg, in_chans=5, **method.feature_dims(model_cfg, fingerprint_bits))
     parts = method.loss(model, method.to_device(batch, device, dtype), loss_cfg)   # {"loss": ..., ...}
 
 Pure: no process group set-up, no I/O.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from micon import losses
 from micon.data.needs import DataNeeds
-from micon.models.factory import ModelConfig, build_image_encoder, build_molecule_encoder
+from micon.models.factory import MOLECULE_INPUTS, ModelConfig, build_image_encoder, build_molecule_encoder
+
+CounterfactualMode = Literal["union", "cross"]
 
 
 @dataclass
 class LossConfig:
     temperature: float = 0.1             # softmax temperature of the contrastive losses
     counterfactual_weight: float = 1.0   # lambda in PaCLR + lambda * counterfactual
-    counterfactual_mode: str = "union"   # union (official) | cross
+    counterfactual_mode: CounterfactualMode = "union"   # union (official) | cross
     dmso_positives: bool = False         # False: the paper (DMSO only negatives); True: the official code
 
 
+# the keys a method that reads molecules reads (data.graphs: the store they come from)
+MOLECULE_OPTIONS = ("model.molecule", "model.molecule_dim", "model.molecule_depth", "data.graphs")
+
+
 class Method:
-    """One training method. Subclasses set `name`, `needs`, `description` and implement the two hooks."""
+    """One training method. Subclasses set `name`, `needs`, `description`, `options` and implement the hooks."""
 
     name: str = ""
     description: str = ""
     needs: DataNeeds = DataNeeds()
+    # the method-specific configuration keys it reads; another method's keys are unused with this one
+    options: frozenset[str] = frozenset()
 
     @property
     def images_per_example(self) -> int:
         """Images read per example: two views (replicates or augmentations) plus one control per view."""
         return 2 * (2 if self.needs.controls else 1)
 
-    def feature_dims(self) -> dict:
-        """Atom and bond feature sizes of the molecular graphs this method reads (0 without graphs)."""
-        if not self.needs.graphs:
-            return {"atom_dim": 0, "bond_dim": 0}
-        from micon.chem.featurizer import ATOM_DIM, BOND_DIM
-        return {"atom_dim": ATOM_DIM, "bond_dim": BOND_DIM}
+    def data_needs(self, cfg: ModelConfig | None = None) -> DataNeeds:
+        """What the stream delivers for this method with model `cfg`: its declared needs, with the compound
+        in the form the configured molecule encoder reads (graph or fingerprint)."""
+        if not self.needs.molecules:
+            return self.needs
+        return dataclasses.replace(self.needs, molecule_input=MOLECULE_INPUTS[(cfg or ModelConfig()).molecule])
 
-    def build_model(self, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0) -> nn.Module:
+    def feature_dims(self, cfg: ModelConfig | None = None, fingerprint_bits: int = 0) -> dict:
+        """Input sizes of the molecule encoder for model `cfg` (all 0 for a method that reads no molecules):
+        the featuriser's atom and bond feature sizes for graphs, `fingerprint_bits` (the graph store's
+        n_bits) for fingerprints. These go into the checkpoint's record."""
+        needs = self.data_needs(cfg)
+        dims = {"atom_dim": 0, "bond_dim": 0, "fingerprint_bits": 0}
+        if needs.graphs:
+            from micon.chem.featurizer import ATOM_DIM, BOND_DIM
+            dims.update(atom_dim=ATOM_DIM, bond_dim=BOND_DIM)
+        if needs.fingerprints:
+            if fingerprint_bits <= 0:
+                raise ValueError("model.molecule=fingerprint: pass the graph store's fingerprint size (its n_bits)")
+            dims.update(fingerprint_bits=fingerprint_bits)
+        return dims
+
+    def build_model(self, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0,
+                    fingerprint_bits: int = 0) -> nn.Module:
         raise NotImplementedError
 
     def chance_loss(self, examples: int, cfg: LossConfig) -> float:
@@ -61,7 +88,8 @@ class Method:
         raise NotImplementedError
 
     def to_device(self, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-        """The stream's CPU batch -> tensors on `device`; images and graph features in `dtype`."""
+        """The stream's CPU batch -> tensors on `device`; images and molecule features in `dtype`. The
+        compounds (a graph batch or fingerprint bits, whichever the stream delivered) become "molecules"."""
         out = {"views": batch["views"].to(device, dtype, non_blocking=True), "labels": batch["labels"].to(device)}
         if "controls" in batch:
             out["controls"] = batch["controls"].to(device, dtype, non_blocking=True)
@@ -70,7 +98,9 @@ class Method:
             graphs = graphs_to_torch(batch["graphs"], device)
             graphs.atom_features = graphs.atom_features.to(dtype)
             graphs.bond_features = graphs.bond_features.to(dtype)
-            out["graphs"] = graphs
+            out["molecules"] = graphs
+        if "fingerprints" in batch:
+            out["molecules"] = batch["fingerprints"].to(device, dtype, non_blocking=True)
         return out
 
     def __repr__(self) -> str:
@@ -80,11 +110,14 @@ class Method:
 class MiconMethod(Method):
     name = "micon"
     description = "PaCLR + counterfactual PaCLR (control embedding + compound -> treated embedding)"
-    needs = DataNeeds(pairs=True, controls=True, graphs=True, negcon_sites=False)
+    needs = DataNeeds(pairs=True, controls=True, molecules=True, negcon_sites=False)
+    options = frozenset({"loss.temperature", "loss.counterfactual_weight", "loss.counterfactual_mode",
+                         "loss.dmso_positives", "model.detach_control", "model.detach_target", *MOLECULE_OPTIONS})
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
         from micon.models.micon import MICON
-        return MICON(build_image_encoder(cfg, in_chans), build_molecule_encoder(cfg, atom_dim, bond_dim),
+        return MICON(build_image_encoder(cfg, in_chans),
+                     build_molecule_encoder(cfg, atom_dim, bond_dim, fingerprint_bits),
                      projection_dim=cfg.projection_dim, detach_control=cfg.detach_control,
                      detach_target=cfg.detach_target)
 
@@ -94,7 +127,7 @@ class MiconMethod(Method):
         return math.log(rows - 1) + cfg.counterfactual_weight * cf
 
     def loss(self, model, batch, cfg):
-        out = model(batch["views"], batch["controls"], batch["graphs"], batch["labels"])
+        out = model(batch["views"], batch["controls"], batch["molecules"], batch["labels"])
         parts = losses.micon_loss(out, temperature=cfg.temperature, counterfactual_weight=cfg.counterfactual_weight,
                                   dmso_positives=cfg.dmso_positives, counterfactual_mode=cfg.counterfactual_mode,
                                   labels_are_global=True)
@@ -104,9 +137,10 @@ class MiconMethod(Method):
 class PaCLRMethod(Method):
     name = "paclr"
     description = "perturbation-aware contrastive on images only (replicates positive, same-plate DMSO negative)"
-    needs = DataNeeds(pairs=True, controls=True, graphs=False, negcon_sites=False)
+    needs = DataNeeds(pairs=True, controls=True, molecules=False, negcon_sites=False)
+    options = frozenset({"loss.temperature", "loss.dmso_positives"})
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
         from micon.models.micon import PaCLR
         return PaCLR(build_image_encoder(cfg, in_chans), projection_dim=cfg.projection_dim)
 
@@ -122,27 +156,30 @@ class PaCLRMethod(Method):
 class CLIPMethod(Method):
     name = "clip"
     description = "direct image-compound alignment (CLOOME-like), replicate views averaged"
-    needs = DataNeeds(pairs=True, controls=False, graphs=True, negcon_sites=False)
+    needs = DataNeeds(pairs=True, controls=False, molecules=True, negcon_sites=False)
+    options = frozenset(MOLECULE_OPTIONS)   # its temperature is learned (logit scale), not loss.temperature
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
         from micon.models.micon import CLIP
-        return CLIP(build_image_encoder(cfg, in_chans), build_molecule_encoder(cfg, atom_dim, bond_dim),
+        return CLIP(build_image_encoder(cfg, in_chans),
+                    build_molecule_encoder(cfg, atom_dim, bond_dim, fingerprint_bits),
                     projection_dim=cfg.projection_dim)
 
     def chance_loss(self, examples, cfg):
         return math.log(examples)
 
     def loss(self, model, batch, cfg):
-        out = model(batch["views"], batch["graphs"])
+        out = model(batch["views"], batch["molecules"])
         return {"loss": losses.clip_loss(out["image"], out["molecule"], out["logit_scale"])}
 
 
 class SimCLRMethod(Method):
     name = "simclr"
     description = "image-only contrastive (two augmentations of one site, every role)"
-    needs = DataNeeds(pairs=False, controls=False, graphs=False, negcon_sites=True)
+    needs = DataNeeds(pairs=False, controls=False, molecules=False, negcon_sites=True)
+    options = frozenset({"loss.temperature"})
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
         from micon.models.micon import SimCLR
         return SimCLR(build_image_encoder(cfg, in_chans), projection_dim=cfg.projection_dim)
 

@@ -35,6 +35,23 @@ def test_record_rebuilds_the_same_image_encoder(tmp_path, name):
         torch.testing.assert_close(ck.build_model().image_encoder(x), model.image_encoder(x))
 
 
+@pytest.mark.parametrize("name", sorted(m for m, meth in METHODS.items() if meth.needs.molecules))
+def test_a_fingerprint_checkpoint_rebuilds_the_whole_model_with_the_stores_size(tmp_path, name):
+    method = get_method(name)
+    cfg = ModelConfig(preset="tiny", molecule="fingerprint", molecule_dim=16, projection_dim=8)
+    torch.manual_seed(0)
+    model = method.build_model(cfg, 3, **method.feature_dims(cfg, fingerprint_bits=96)).eval()
+    record = InferenceRecord(method=name, model=vars(cfg), channels=["DNA", "RNA", "Mito"],
+                             **method.feature_dims(cfg, fingerprint_bits=96))
+    save_model_file(tmp_path / "model.pt", model.state_dict(), record, {}, {})
+    ck = load_checkpoint(tmp_path / "model.pt")
+    assert (ck.record.fingerprint_bits, ck.record.atom_dim) == (96, 0)
+    rebuilt = ck.build_model()            # strict load: every weight of the molecule encoder has its place
+    bits = torch.randint(0, 2, (4, 96)).float()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.molecule_encoder(bits), model.molecule_encoder(bits))
+
+
 def test_old_checkpoint_without_record_gets_a_clear_message(tmp_path):
     torch.save({"model": {}, "config": {"method": "simclr"}, "state": {}}, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="written before checkpoints described themselves"):

@@ -219,3 +219,33 @@ def test_simclr_and_clip_baselines():
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(1000.0))
     assert clip(treated[:, 0], graph)["logit_scale"].item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("encoder", ["dmpnn", "fingerprint"])
+def test_each_method_asks_for_the_molecule_form_its_encoder_reads(encoder):
+    from micon.methods import METHODS, LossConfig
+    from micon.models.factory import MOLECULE_ENCODERS, ModelConfig
+
+    assert encoder in MOLECULE_ENCODERS
+    cfg = ModelConfig(preset="tiny", molecule=encoder, molecule_dim=16, projection_dim=8)
+    for method in METHODS.values():
+        needs = method.data_needs(cfg)
+        reads = method.needs.molecules
+        assert (needs.graphs, needs.fingerprints) == (reads and encoder == "dmpnn", reads and encoder == "fingerprint")
+        assert needs.molecules == reads and needs.pairs == method.needs.pairs and needs.controls == method.needs.controls
+        if not needs.fingerprints:
+            continue
+        with pytest.raises(ValueError, match="n_bits"):
+            method.feature_dims(cfg)                # the size comes from the store, never a constant
+        dims = method.feature_dims(cfg, fingerprint_bits=96)
+        assert dims == {"atom_dim": 0, "bond_dim": 0, "fingerprint_bits": 96}
+        torch.manual_seed(0)
+        model = method.build_model(cfg, 5, **dims)
+        assert model.molecule_encoder.n_bits == 96
+        treated, controls, _ = _batch(b=3)
+        bits = torch.from_numpy(np.random.default_rng(0).integers(0, 2, (3, 96), dtype=np.uint8))
+        batch = {"views": treated, "controls": controls, "labels": torch.arange(3), "fingerprints": bits}
+        parts = method.loss(model, method.to_device(batch, torch.device("cpu"), torch.float32), LossConfig())
+        assert torch.isfinite(parts["loss"])
+        parts["loss"].backward()
+        assert model.molecule_encoder.net[0].weight.grad.abs().sum() > 0

@@ -1,25 +1,40 @@
 """The training job's configuration tree (YAML + key=value overrides), printed and saved with the run."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from micon.config import ConfigError
 from micon.data.pipeline import Augment
 from micon.data.preprocess import NORMALIZATIONS
+from micon.data.replicate_sets import PAIR_LEVELS
 from micon.methods import METHODS, LossConfig, get_method
 from micon.models.factory import ModelConfig
+from micon.models.image import IMAGE_PRESETS
+
+# enumerated choices are Literal types: parsing rejects anything else, and option_choices() lists them
+MethodName = Literal[tuple(METHODS)]
+StreamMode = Literal["auto", "replicate_sets", "plates"]
+PairLevel = Literal[PAIR_LEVELS]
+Normalization = Literal[NORMALIZATIONS]
+Precision = Literal["auto", "bf16", "fp32"]
+OnNonfinite = Literal["stop", "skip"]
+
 
 @dataclass
 class DataConfig:
     shards: str = ""                 # prep output directory (manifest.json)
     graphs: str = ""                 # featurize output directory (micon, clip)
     num_workers: int = 0             # DataLoader workers per rank
-    stream: str = "auto"             # auto (replicate sets when the method pairs replicates) | replicate_sets | plates
+    stream: StreamMode = "auto"           # auto (replicate sets when the method pairs replicates) | replicate_sets | plates
     shuffle_buffer: int = 128        # raw samples shuffled before decoding
     pair_buffer: int = 4096          # treated sites waiting for a replicate partner (plate stream)
-    pair_prefer: str = "source"      # source | batch | plate | well
+    pair_prefer: PairLevel = "source"     # source | batch | plate | well
     resample: bool = False           # draw shards with replacement instead of epoch by epoch
-    normalize: str = "plate"         # plate | none
+    normalize: Normalization = "plate"       # plate | none
     include_poscon: bool = False     # positive controls as compounds too
     augment: Augment = field(default_factory=lambda: Augment(crop=0, flip=True, rot90=True, intensity_jitter=0.1))
 
@@ -36,7 +51,7 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2
-    precision: str = "auto"          # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
+    precision: Precision = "auto"        # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
     grad_accum: int = 1              # micro-steps per optimizer step
     dist_timeout_s: float = 120.0    # a dead rank fails the others after this long
 
@@ -53,7 +68,7 @@ class WandbConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "micon"
+    method: MethodName = "micon"          # micon | paclr | clip | simclr (micon.methods)
     out: str = "runs/train"          # run directory: checkpoints, config, wandb, final.json
     steps: int = 100                 # optimizer steps
     micro_batch: int = 8             # examples per rank per micro-step
@@ -61,7 +76,7 @@ class TrainConfig:
     ckpt_every: int = 50             # save a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2              # newest checkpoints kept on disk
     resume: str = "latest"           # latest | none | a step directory name
-    on_nonfinite: str = "stop"       # stop | skip (drop the batch on every rank; not counted as a step)
+    on_nonfinite: OnNonfinite = "stop"     # stop | skip (drop the batch on every rank; not counted as a step)
     max_skips_in_a_row: int = 10     # on_nonfinite=skip: stop after this many non-finite batches in a row
     progress: bool = True            # progress bar on rank 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -71,24 +86,71 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    def get(self, key: str) -> Any:
+        """The value of a dotted key (`model.molecule`)."""
+        return functools.reduce(getattr, key.split("."), self)
+
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        for key, choices in option_choices().items():   # also for a tree built in code rather than parsed
+            if self.get(key) not in choices:
+                raise ConfigError(f"{key}={self.get(key)!r}: choose one of {', '.join(map(str, choices))}")
         if not self.data.shards:
             raise ConfigError("data.shards is required: the directory written by ./launch.sh prep")
-        if get_method(self.method).needs.graphs and not self.data.graphs:
+        if get_method(self.method).needs.molecules and not self.data.graphs:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
         if self.micro_batch < 2:
             raise ConfigError("micro_batch must be at least 2 (contrastive losses need negatives)")
-        if self.data.stream not in ("auto", "replicate_sets", "plates"):
-            raise ConfigError("data.stream: auto, replicate_sets or plates")
-        if self.data.stream == "replicate_sets" and not get_method(self.method).needs.pairs:
-            raise ConfigError(f"method={self.method} reads single sites: use data.stream=plates or auto")
-        if self.data.normalize not in NORMALIZATIONS:
-            raise ConfigError(f"data.normalize: one of {', '.join(NORMALIZATIONS)}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError("on_nonfinite must be stop or skip")
         if self.engine.zero_stage not in (0, 1, 2):
             raise ConfigError("engine.zero_stage: 0, 1 or 2")
-        if self.engine.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("engine.precision: auto, bf16 or fp32")
+        if self.model.preset not in IMAGE_PRESETS:
+            raise ConfigError(f"model.preset={self.model.preset!r}: choose one of {', '.join(IMAGE_PRESETS)}")
+        problems = self.impossible()
+        if problems:
+            raise ConfigError(problems[0])
+
+    def impossible(self) -> list[str]:
+        """Combinations that cannot run, one line each naming both keys (start-up refuses them)."""
+        method, model, out = get_method(self.method), self.model, []
+        if self.data.stream == "replicate_sets" and not method.needs.pairs:
+            out.append(f"method={self.method} with data.stream=replicate_sets: the method reads single sites and "
+                       f"replicate sets hold paired wells; use data.stream=plates or auto")
+        if model.per_channel_dim and model.mode != "per_channel":
+            out.append(f"model.per_channel_dim={model.per_channel_dim} with model.mode={model.mode}: the size of "
+                       f"each channel's features applies to per_channel mode only; set model.mode=per_channel "
+                       f"or model.per_channel_dim=0")
+        if model.img_size and not IMAGE_PRESETS.get(model.preset, {}).get("img_size"):
+            out.append(f"model.img_size={model.img_size} with model.preset={model.preset}: a convolutional preset "
+                       f"takes any image size (img_size is for ViT presets); drop model.img_size")
+        return out
+
+    def unused(self) -> list[str]:
+        """Settings that differ from their default but that this run never reads, one line each naming the key
+        that makes them unused (logged once at start-up, not refused)."""
+        method, default, out = get_method(self.method), TrainConfig(), []
+        others = set().union(*(m.options for m in METHODS.values())) - method.options
+        for key in sorted(others):
+            if self.get(key) != default.get(key):
+                out.append(f"{key}={self.get(key)} is unused: method={self.method} does not read it")
+        if self.data.stream == "replicate_sets" or not method.needs.pairs:
+            why = "data.stream=replicate_sets" if method.needs.pairs else f"method={self.method} (no pairs)"
+            for key in ("data.pair_buffer", "data.pair_prefer"):
+                if self.get(key) != default.get(key):
+                    out.append(f"{key}={self.get(key)} is unused with {why}: it sizes the pairing buffer of "
+                               f"the plate-shard stream")
+        return out
+
+
+def option_choices(cls: type = None, prefix: str = "") -> dict[str, tuple]:
+    """Every key of the training configuration whose choices are enumerated (a Literal type or a bool), with
+    those choices: what validation accepts and what the option-matrix test trains."""
+    cls = cls or TrainConfig
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out |= option_choices(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal:
+            out[prefix + f.name] = typing.get_args(tp)
+        elif tp is bool:
+            out[prefix + f.name] = (False, True)
+    return out

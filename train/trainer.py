@@ -99,11 +99,15 @@ def compound_labels(manifest) -> dict[str, int]:
     return {c: i for i, c in enumerate(ids)}
 
 
-def check_graphs(manifest, store_dir: str) -> None:
-    """Refuse to start when a training compound has no graph, naming them and the reason."""
-    from micon.chem.store import GraphStore
+def check_graphs(manifest, store_dir: str) -> int:
+    """Refuse to start when a training compound has no graph, naming them and the reason; returns the store's
+    fingerprint size (what a fingerprint encoder reads)."""
+    from micon.chem.store import GraphStore, StoreError
 
-    store = GraphStore(store_dir)
+    try:
+        store = GraphStore(store_dir)
+    except StoreError as e:
+        raise TrainingStopped(str(e)) from None
     missing = []
     for c in manifest.data["compounds"]:
         if c["Metadata_Role"] in (schema.TREATED, schema.POSCON) and c[schema.JCP] not in manifest.data["splits"][
@@ -116,6 +120,7 @@ def check_graphs(manifest, store_dir: str) -> None:
         raise TrainingStopped(f"{len(missing)} training compound(s) have no graph in {store_dir}: "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Fix their structures "
                               f"and rerun ./launch.sh featurize, or drop them from the screen.")
+    return store.n_bits
 
 
 def memory_mb(device) -> float:
@@ -128,6 +133,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.method = get_method(cfg.method)
+        self.needs = self.method.data_needs(cfg.model)   # what the stream delivers for this method and model
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.state = TrainState(seed=cfg.seed, data_seed=cfg.seed, data_workers=cfg.data.num_workers)
@@ -136,6 +142,17 @@ class Trainer:
         self.counts_at_start: dict[str, int] = {}
         self.reported_lost = 0
         self.last_losses: dict[str, float] = {}
+        # set by setup(): the process group, the device, the shard set, the model's record and the engine
+        self.flag: SignalFlag | None = None
+        self.dist = None
+        self.rank, self.world = 0, 1
+        self.chance = float("nan")
+        self.device = torch.device("cpu")
+        self.bf16 = False
+        self.dtype = torch.float32
+        self.manifest = None
+        self.record: InferenceRecord | None = None
+        self.engine = self.optimizer = self.scheduler = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
@@ -156,13 +173,14 @@ class Trainer:
                                                        and torch.cuda.is_bf16_supported())
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.manifest = Manifest.load(cfg.data.shards)
-        problem = None
-        if self.method.needs.graphs and self.rank == 0:
+        problem, fingerprint_bits = None, 0
+        if self.needs.molecules and self.rank == 0:
             try:
-                check_graphs(self.manifest, cfg.data.graphs)
+                fingerprint_bits = check_graphs(self.manifest, cfg.data.graphs)
             except TrainingStopped as e:
                 problem = str(e)
-        problem = distributed.broadcast_object(problem)   # every rank stops, none waits in a collective
+        # every rank stops, none waits in a collective; every rank builds the encoder for the store's fingerprints
+        problem, fingerprint_bits = distributed.broadcast_object((problem, fingerprint_bits))
         if problem:
             raise TrainingStopped(problem)
         if self.rank == 0:
@@ -171,8 +189,11 @@ class Trainer:
             log.info("training %s on %d process(es) via %s, %s, %s, ZeRO %d; config %s", self.method.name, self.world,
                      self.dist.launcher, self.device, "bf16" if self.bf16 else "fp32", cfg.engine.zero_stage,
                      describe(cfg))
+            for line in cfg.unused():
+                log.warning("config: %s", line)
         self.record = InferenceRecord(method=self.method.name, model=to_dict(cfg.model),
-                                      channels=list(self.manifest.channels), **self.method.feature_dims(),
+                                      channels=list(self.manifest.channels),
+                                      **self.method.feature_dims(cfg.model, fingerprint_bits),
                                       preprocessing=Preprocessing(normalize=cfg.data.normalize).to_dict())
         self._build_engine()
         return self
@@ -183,7 +204,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
-                                        self.record.bond_dim)
+                                        self.record.bond_dim, self.record.fingerprint_bits)
         if self.bf16:
             # DeepSpeed casts parameters to bf16 but not buffers: batch norm then meets bf16 weights with
             # float32 running statistics and fails ("expected scalar type BFloat16 but found Float")
@@ -234,7 +255,7 @@ class Trainer:
                         self.ckpt_root / tag)
             return
         diff = [f"{k}: {getattr(saved, k)!r} there, {getattr(self.record, k)!r} now"
-                for k in ("method", "model", "channels", "atom_dim", "bond_dim", "preprocessing")
+                for k in ("method", "model", "channels", "atom_dim", "bond_dim", "fingerprint_bits", "preprocessing")
                 if getattr(saved, k) != getattr(self.record, k)]
         if diff:
             raise TrainingStopped(f"{self.ckpt_root / tag} was trained with other model settings ({'; '.join(diff)}). "
@@ -248,9 +269,9 @@ class Trainer:
         rsets = self.use_replicate_sets()
         if self.rank == 0:
             log.info("data: %s", "replicate-set shards (pairs and same-plate controls co-located)" if rsets else
-                     "plate shards" + (" + replicate pairing buffer" if self.method.needs.pairs else "")
-                     + (" + control bank" if self.method.needs.controls else ""))
-        stream_cfg = StreamConfig(needs=self.method.needs, batch_size=cfg.micro_batch, replicate_sets=rsets,
+                     "plate shards" + (" + replicate pairing buffer" if self.needs.pairs else "")
+                     + (" + control bank" if self.needs.controls else ""))
+        stream_cfg = StreamConfig(needs=self.needs, batch_size=cfg.micro_batch, replicate_sets=rsets,
                                   shuffle_buffer=cfg.data.shuffle_buffer, pair_buffer=cfg.data.pair_buffer,
                                   pair_prefer=cfg.data.pair_prefer, resample=cfg.data.resample,
                                   preprocessing=Preprocessing(normalize=cfg.data.normalize),
@@ -274,8 +295,8 @@ class Trainer:
         if mode == "replicate_sets" and not has:
             raise TrainingStopped(f"data.stream=replicate_sets but {self.manifest.root} has none: run "
                                   f"./launch.sh rsets {self.manifest.root}")
-        use = self.method.needs.pairs and has if mode == "auto" else mode == "replicate_sets"
-        if use and mode == "auto" and not self.method.needs.controls:
+        use = self.needs.pairs and has if mode == "auto" else mode == "replicate_sets"
+        if use and mode == "auto" and not self.needs.controls:
             streams = self.world * max(self.cfg.data.num_workers, 1)
             est = stream_estimates(self.manifest, streams, self.cfg.data.pair_buffer)
             use = est["replicate_sets"] >= est["plates"]
@@ -465,13 +486,13 @@ def train(cfg) -> int:
         trainer.setup()
         code = trainer.fit()
     except (TrainingStopped, ManifestError, CheckpointError, FileNotFoundError) as e:
-        if getattr(trainer, "rank", 0) == 0:
+        if trainer.rank == 0:
             print(f"train: {e}", file=sys.stderr)
         code = EXIT_STOPPED
-    if hasattr(trainer, "engine"):
+    if trainer.engine is not None:
         trainer.finish(code)
     else:
-        if hasattr(trainer, "flag"):
+        if trainer.flag is not None:
             trainer.flag.restore()
         distributed.shutdown()
     return code

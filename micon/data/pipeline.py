@@ -370,7 +370,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             counts.add("bytes_used", sum(len(sample["blobs"][m]) for m in used))
 
     # ---- materialising: decode, controls, augment, collate
-    def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, graphs,
+    def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, store,
                      counts: Counts) -> dict:
         aug, needs = self.cfg.augment, self.cfg.needs
         views, controls, cids = [], [], []
@@ -404,8 +404,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
                    compounds=cids, keys=[example["key"] for example, _ in plans])
         if controls:
             out["controls"] = torch.from_numpy(np.stack([np.stack(c) for c in controls]))
-        if graphs is not None:
-            out["graphs"] = collate_graphs([graphs.get(c) for c in cids])
+        if store is not None and needs.graphs:          # the compound in the form its encoder reads
+            out["graphs"] = collate_graphs([store.get(c) for c in cids])
+        if store is not None and needs.fingerprints:
+            out["fingerprints"] = torch.from_numpy(store.fingerprints(cids))   # [B, n_bits] uint8
         return out
 
     def __iter__(self):
@@ -421,10 +423,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
         bank = None
         if self.cfg.needs.controls and not self.cfg.replicate_sets:
             bank = ControlBank(manifest.root, counts=counts)
-        graphs = None
-        if self.graph_store and self.cfg.needs.graphs:
+        store = None
+        if self.graph_store and self.cfg.needs.molecules:
             from micon.chem.store import GraphStore
-            graphs = GraphStore(self.graph_store)
+            store = GraphStore(self.graph_store)
         plans_of = self._rset_plans if self.cfg.replicate_sets else self._plans
         base: dict = {}   # a resumed run's checkpoint holds the counts up to here: count only what follows
         for i, plans in enumerate(plans_of(manifest, slot, counts)):
@@ -432,7 +434,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 if i == skip - 1:
                     base = dict(counts)
                 continue
-            batch = self._materialise(plans, prep, bank, graphs, counts)
+            batch = self._materialise(plans, prep, bank, store, counts)
             batch["counts"] = counts.since(base)
             batch["worker"] = logical
             yield batch

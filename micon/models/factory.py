@@ -1,27 +1,35 @@
 """Model configuration and the encoders every method builds from (shared by training and embedding).
 
 Which encoders a method combines, and how, is the method's business (micon.methods); this module
-only turns a `ModelConfig` into an image encoder and a molecule encoder.
+only turns a `ModelConfig` into an image encoder and a molecule encoder. It imports no method.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
-MOLECULE_ENCODERS = ("dmpnn", "fingerprint")
+from micon.data.needs import MoleculeInput
+from micon.models.image import ImageMode
+
+MoleculeEncoder = Literal["dmpnn", "fingerprint"]
+MOLECULE_ENCODERS: tuple[str, ...] = typing.get_args(MoleculeEncoder)
+# what each molecule encoder reads: the stream delivers the compound in this form
+MOLECULE_INPUTS: dict[str, MoleculeInput] = {"dmpnn": "graph", "fingerprint": "fingerprint"}
 
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny"             # image encoder preset: tiny, resnet18, resnet50, vit_small_patch16_224...
-    mode: str = "multichannel"       # multichannel | per_channel (official MICON)
+    mode: ImageMode = "multichannel"  # multichannel | per_channel (official MICON)
     per_channel_dim: int = 0         # per_channel only: project each channel's features to this size (0 = no)
     pretrained: bool = False         # timm weights (needs internet; never in tests)
     img_size: int = 0                # ViT presets: the training crop size (0 = the preset's default)
-    molecule: str = "dmpnn"          # dmpnn | fingerprint
+    molecule: MoleculeEncoder = "dmpnn"   # dmpnn (molecular graph) | fingerprint (Morgan bits, MLP)
     molecule_dim: int = 256          # molecule encoder width
-    molecule_depth: int = 3
+    molecule_depth: int = 3          # dmpnn only: message-passing steps
     projection_dim: int = 128        # size of the contrastive embedding
     detach_control: bool = True      # official: True
     detach_target: bool = True       # official: True; both False = gradients reach the image encoder
@@ -38,18 +46,16 @@ def build_image_encoder(cfg: ModelConfig, in_chans: int) -> nn.Module:
     return ImageEncoder(cfg.preset, in_chans=in_chans, mode=cfg.mode, pretrained=cfg.pretrained, **kwargs)
 
 
-def build_molecule_encoder(cfg: ModelConfig, atom_dim: int, bond_dim: int, n_bits: int = 2048) -> nn.Module:
+def build_molecule_encoder(cfg: ModelConfig, atom_dim: int, bond_dim: int, fingerprint_bits: int = 0) -> nn.Module:
+    """The molecule encoder `cfg.molecule` names; its input sizes come from the graph store (the featuriser's
+    atom and bond layout, the store's fingerprint size), never from a constant here."""
     from micon.models.molecule import DMPNNEncoder, FingerprintMLP
 
     if cfg.molecule == "dmpnn":
         return DMPNNEncoder(atom_dim, bond_dim, hidden_dim=cfg.molecule_dim, depth=cfg.molecule_depth)
     if cfg.molecule == "fingerprint":
-        return FingerprintMLP(n_bits=n_bits, hidden_dim=cfg.molecule_dim * 2, out_dim=cfg.molecule_dim)
+        if fingerprint_bits <= 0:
+            raise ValueError("model.molecule=fingerprint needs the fingerprint size of the graph store it reads "
+                             "(its n_bits); got none")
+        return FingerprintMLP(n_bits=fingerprint_bits, hidden_dim=cfg.molecule_dim * 2, out_dim=cfg.molecule_dim)
     raise ValueError(f"unknown molecule encoder {cfg.molecule!r}; choose one of {', '.join(MOLECULE_ENCODERS)}")
-
-
-def build_model(method: str, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0) -> nn.Module:
-    """The model of a registered method (see micon.methods)."""
-    from micon.methods import get_method
-
-    return get_method(method).build_model(cfg, in_chans, atom_dim, bond_dim)
