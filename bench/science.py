@@ -1,6 +1,7 @@
 """Does MICON help? The comparison on the calibrated screen, with seeds, intervals and three splits.
 
     python bench/science.py [--out runs/science] [--seeds 0 1 2] [--steps 400] [--parts comparison ablations activity]
+    python bench/science.py --replot [--docs]      # redraw comparison.png from the stored numbers only
     ./launch.sh compare [same options]
 
 One synthetic screen (preset `calibrated`, fixed before any method ran: micon.synth.CALIBRATION), ingested
@@ -163,7 +164,7 @@ def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, 
     """{split: {metric: value, metric + "_boot": (lo, hi)}} (see the module docstring)."""
     from micon.eval import map as mapm
     from micon.eval.calibration import knn_accuracy
-    from micon.eval.retrieval import topk_hit_rate
+    from micon.eval.retrieval import expected_hit_rate, topk_hit_rate
 
     out = {}
     act_ap, _ = mapm.phenotypic_activity(wells, prof, null_size=2000)
@@ -181,25 +182,35 @@ def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, 
             for k in (1, 10):
                 h = ((fh > 0) & (fh <= k)).astype(float)
                 r[f"{mode}_top{k}"] = float(h[elig].mean()) if elig.any() else float("nan")
+                r[f"{mode}_top{k}_chance"] = float(expected_hit_rate(
+                    per_q.loc[elig, f"{mode}_n_candidates"], per_q.loc[elig, f"{mode}_n_positives"], k).mean()) \
+                    if elig.any() else float("nan")
                 hits[f"{mode}_top{k}"] = pd.Series(h[elig]).groupby(per_q.loc[elig, schema.JCP].to_numpy()).mean()
         qkeys = set(zip(wells.loc[q, schema.PLATE], wells.loc[q, schema.WELL]))
         for name, ap in (("activity", act_ap), ("consistency", con_ap)):
-            keep = [k in qkeys for k in zip(ap[schema.PLATE], ap[schema.WELL])]
+            keep = np.array([k in qkeys for k in zip(ap[schema.PLATE], ap[schema.WELL])], dtype=bool)
             m = mapm.mean_average_precision(ap[keep], [schema.JCP], null_size=2000)
             r[f"map_{name}"] = float(m["mean_average_precision"].mean())
+            scored = ap[keep & (ap["n_pos_pairs"] > 0).to_numpy()]     # a random ranking's AP, per compound
+            r[f"map_{name}_chance"] = float(pd.Series(mapm.expected_average_precision(
+                scored["n_pos_pairs"].to_numpy(), scored["n_total_pairs"].to_numpy())).groupby(
+                scored[schema.JCP].to_numpy()).mean().mean())
             hits[f"map_{name}"] = m.set_index(schema.JCP)["mean_average_precision"]
             if name == "activity":
                 r["fraction_retrieved"] = mapm.fraction_retrieved(m)
+                r["fraction_retrieved_chance"] = 0.05      # the test's level: a bound for inactive compounds
                 hits["fraction_retrieved"] = (m.set_index(schema.JCP)["corrected_p_value"] < 0.05).astype(float)
         compounds = set(wells.loc[q, schema.JCP])
         on = wells[schema.JCP].isin(compounds).to_numpy() | (wells[schema.ROLE] == schema.NEGCON).to_numpy()
         r["source_knn"] = knn_accuracy(prof[on], wells.loc[on, schema.SOURCE].to_numpy())
+        r["source_knn_chance"] = float(wells.loc[on, schema.SOURCE].value_counts(normalize=True).max())
         rng = np.random.default_rng(seed)
         for metric, per_c in hits.items():       # bootstrap over compounds
             v = per_c.dropna().to_numpy()
             if len(v) > 1:
                 boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
-                r[metric + "_boot"] = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)))
+                r[metric + "_boot"] = (float(np.clip(np.quantile(boots, 0.025), 0, 1)),
+                                       float(np.clip(np.quantile(boots, 0.975), 0, 1)))
         r["n_queries"] = int(q.sum())
         r["n_compounds"] = len(compounds)
         out[split] = r
@@ -208,7 +219,8 @@ def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, 
 
 def summarise(runs: dict[str, dict]) -> pd.DataFrame:
     """runs: label -> score(); labels 'method' or 'method@seed'. Rows: method x split x metric with the mean
-    over seeds, its 95% t-interval, and the first seed's bootstrap interval."""
+    over seeds, its 95% t-interval (unclipped: the table's numbers), the first seed's bootstrap interval
+    and the chance level (NaN where the scores hold none)."""
     from scipy import stats
 
     rows = []
@@ -224,41 +236,155 @@ def summarise(runs: dict[str, dict]) -> pd.DataFrame:
                 mean = float(np.mean(vals))
                 half = float(stats.t.ppf(0.975, len(vals) - 1) * stats.sem(vals)) if len(vals) > 1 else float("nan")
                 boot = runs[labels[0]][split].get(metric + "_boot", (np.nan, np.nan))
+                chance = [runs[lb][split].get(metric + "_chance", np.nan) for lb in labels if split in runs[lb]]
                 rows.append(dict(method=method, split=split, metric=metric, mean=mean, seeds=len(vals),
                                  ci_lo=mean - half, ci_hi=mean + half, boot_lo=boot[0], boot_hi=boot[1],
-                                 values=" ".join(f"{v:.3f}" for v in vals)))
+                                 chance=float(np.mean(chance)), values=" ".join(f"{v:.3f}" for v in vals)))
     return pd.DataFrame(rows)
+
+
+YLABELS = {"nsb_top1": "NSB top-1 hit rate", "nsb_top10": "NSB top-10 hit rate", "nss_top1": "NSS top-1 hit rate",
+           "nss_top10": "NSS top-10 hit rate", "map_activity": "mAP, activity vs DMSO",
+           "map_consistency": "mAP, vs other compounds", "fraction_retrieved": "fraction retrieved",
+           "source_knn": "source kNN accuracy\n(lower = less batch effect)"}
 
 
 def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
          metrics=("nsb_top10", "nss_top10", "map_activity", "source_knn")) -> None:
+    """One bar per method, per metric (rows) and split (columns): the mean over seeds with its 95%
+    t-interval (one seed: the bootstrap over compounds, when stored), clipped to the metric's range
+    [0, 1], and the chance level (dashed) where the summary has one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     methods = list(dict.fromkeys(summary.method))
-    fig, axes = plt.subplots(len(metrics), len(SPLITS), figsize=(4.2 * len(SPLITS), 2.6 * len(metrics)),
+    fig, axes = plt.subplots(len(metrics), len(SPLITS), figsize=(4.4 * len(SPLITS), 2.9 * len(metrics)),
                              squeeze=False)
+    colour = lambda m: "#c0392b" if of_subject(m, subject) else "#7f8c8d" if m == "handcrafted" else "#2980b9"  # noqa: E731
+    no_interval = False
     for i, metric in enumerate(metrics):
         for j, split in enumerate(SPLITS):
             ax = axes[i, j]
             sub = summary[(summary.metric == metric) & (summary.split == split)].set_index("method")
             sub = sub.reindex([m for m in methods if m in sub.index])
+            mean = sub["mean"].to_numpy(float)
             one = sub.seeds.to_numpy() == 1     # one seed: its bootstrap-over-compounds interval instead
-            lo, hi = np.where(one, sub.boot_lo, sub.ci_lo), np.where(one, sub.boot_hi, sub.ci_hi)
-            err = np.vstack([sub["mean"] - lo, hi - sub["mean"]])
-            err = np.where(np.isfinite(err), err, 0)
-            ax.bar(range(len(sub)), sub["mean"], yerr=err, capsize=3,
-                   color=["#c0392b" if of_subject(m, subject) else "#7f8c8d" if m == "handcrafted" else "#2980b9"
-                          for m in sub.index])
-            ax.set_xticks(range(len(sub)), sub.index, rotation=30, ha="right", fontsize=8)
+            lo = np.clip(np.where(one, sub.boot_lo, sub.ci_lo).astype(float), 0, 1)
+            hi = np.clip(np.where(one, sub.boot_hi, sub.ci_hi).astype(float), 0, 1)
+            missing = ~(np.isfinite(lo) & np.isfinite(hi))
+            no_interval |= bool(missing.any())
+            x = np.arange(len(sub))
+            ax.bar(x, mean, color=[colour(m) for m in sub.index], hatch=[".." if gone else None for gone in missing],
+                   edgecolor="white", linewidth=0, alpha=0.85)
+            has = ~missing
+            ax.errorbar(x[has], mean[has], yerr=np.vstack([np.maximum(mean - lo, 0), np.maximum(hi - mean, 0)])[:, has],
+                        fmt="none", ecolor="black", capsize=3, lw=1)
+            top = float(np.nanmax(np.r_[mean, hi[has], 0]))
+            if "chance" in sub.columns and np.isfinite(sub["chance"].to_numpy(float)).any():
+                c = float(np.nanmean(sub["chance"].to_numpy(float)))
+                ax.axhline(c, color="0.15", ls="--", lw=1)
+                top = max(top, c)
+            ax.set_ylim(0, min(1.04, 1.15 * top + 0.005) if top > 0 else 1.0)   # room for a cap at 1
+            ax.set_xticks(x, sub.index, rotation=30, ha="right", fontsize=7)
             ax.set_title(f"{metric} - {split}", fontsize=9)
-    fig.suptitle("Calibrated screen: mean over seeds with 95% t-interval (one seed: bootstrap over compounds); "
-                 "lower source_knn = less batch effect", fontsize=10)
-    fig.tight_layout()
+            ax.set_ylabel(YLABELS.get(metric, metric), fontsize=8)
+            ax.set_xlabel("method", fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color="#c0392b", label=f"{subject} and its variants"), Patch(color="#2980b9", label="other learned"),
+               Patch(color="#7f8c8d", label="hand-crafted"),
+               plt.Line2D([], [], color="0.15", ls="--", lw=1, label="chance (random ranking; source kNN: largest source)")]
+    if no_interval:
+        handles.append(Patch(facecolor="#7f8c8d", hatch="..", edgecolor="white", label="one seed, no interval stored"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.975),
+               frameon=False)
+    fig.suptitle("Calibrated screen: mean over seeds with 95% t-interval (one seed: bootstrap over compounds"
+                 + ("; hatched: none stored" if no_interval else "") + "), clipped to [0, 1]", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.955))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- replot from stored numbers
+
+def summary_from_results_md(text: str) -> pd.DataFrame:
+    """The comparison's numbers as docs/RESULTS.md stores them (per split a table of `mean [lo, hi]`, or
+    `mean` for one seed) -> summarise()'s frame (bootstrap intervals and chance are not in the tables: NaN)."""
+    import re
+
+    seeds = re.search(r"seeds \[([0-9, ]+)\]", text)
+    n_seeds = len(seeds.group(1).split(",")) if seeds else 2
+    cell = re.compile(r"^\s*(-?[0-9.]+)(?:\s*\[(-?[0-9.]+),\s*(-?[0-9.]+)\])?\s*$")
+    rows = []
+    for split in SPLITS:
+        block = re.search(rf"^### {split}\n\n(\|.*\|\n)+", text, flags=re.M)
+        if not block:
+            raise ValueError(f"docs/RESULTS.md has no table for {split}")
+        lines = [ln for ln in block.group(0).splitlines() if ln.startswith("|")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        for line in lines[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            for metric, value in zip(header[1:], cells[1:]):
+                m = cell.match(value)
+                if not m:
+                    continue
+                mean = float(m.group(1))
+                lo, hi = (float(m.group(2)), float(m.group(3))) if m.group(2) else (np.nan, np.nan)
+                rows.append(dict(method=cells[0], split=split, metric=metric, mean=mean,
+                                 seeds=n_seeds if m.group(2) else 1, ci_lo=lo, ci_hi=hi, boot_lo=np.nan,
+                                 boot_hi=np.nan, chance=np.nan, values=""))
+    return pd.DataFrame(rows)
+
+
+def design_chance(text: str) -> dict:
+    """{(split, metric): chance} for the screen docs/RESULTS.md describes, computed from its design alone
+    (no images): the preset's wells with the held-out source and batches it names, scored by `score` on
+    random profiles (chance levels depend on the wells' layout, not on the profiles). Every compound is
+    once on every plate in the calibrated presets, so which compounds were held out does not matter."""
+    import re
+
+    from micon.synth import design_screen, resolve_config
+
+    preset = re.search(r"Preset `([A-Za-z_0-9]+)`", text).group(1)
+    held = re.search(r"held out from training: source ([^,]+(?:, source_[0-9]+)*), batches (.+?), ([0-9]+) compounds",
+                     text)
+    screen = design_screen(resolve_config([f"preset={preset}", "seed=0"]))
+    wells = screen.wells.merge(screen.plates[[schema.SOURCE, schema.BATCH, schema.PLATE]], on=[schema.SOURCE, schema.PLATE])
+    roles = dict(zip(screen.compounds[schema.JCP], screen.compounds.role))
+    wells = wells.assign(**{schema.ROLE: wells[schema.JCP].map(roles)})
+    wells = wells[wells[schema.ROLE] != schema.EMPTY].reset_index(drop=True)
+    treated = sorted(set(wells.loc[wells[schema.ROLE] == schema.TREATED, schema.JCP]))
+    splits = {"heldout_sources": [x.strip() for x in held.group(1).split(",")],
+              "heldout_batches": [x.strip() for x in held.group(2).split(",")],
+              "heldout_compounds": treated[:int(held.group(3))]}
+    noise = np.random.default_rng(0).normal(size=(len(wells), 16)).astype(np.float32)
+    scores = score(wells, noise, noise, splits, n_boot=10)
+    return {(split, key[:-len("_chance")]): v for split, r in scores.items() for key, v in r.items()
+            if key.endswith("_chance")}
+
+
+def replot(out: Path, docs: bool, subject: str) -> Path:
+    """Redraw comparison.png from stored numbers, running nothing: OUT/summary.csv when the run is at hand
+    (exact: bootstrap intervals and chance levels included), else docs/results/summary.csv, else the tables
+    of docs/RESULTS.md (chance levels recomputed from the screen's design; one-seed rows have no interval)."""
+    results_md = ROOT / "docs" / "RESULTS.md"
+    for source in (out / "summary.csv", ROOT / "docs" / "results" / "summary.csv"):
+        if source.is_file():
+            summary = pd.read_csv(source)
+            break
+    else:
+        source = results_md
+        text = results_md.read_text()
+        summary = summary_from_results_md(text)
+        chance = design_chance(text)
+        summary["chance"] = [chance.get((sp, m), np.nan) for sp, m in zip(summary.split, summary.metric)]
+    log(f"replot from {source} ({len(summary)} rows)")
+    path = (ROOT / "docs" / "results" if docs else out) / "comparison.png"
+    plot(summary, path, subject)
+    return path
 
 
 # --------------------------------------------------------------------------- activity-aware training
@@ -390,6 +516,7 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
     path.write_text("\n".join(lines) + "\n")
     (ROOT / "docs" / "results").mkdir(exist_ok=True)
     shutil.copy(out / "comparison.png", ROOT / "docs" / "results" / "comparison.png")
+    summary.to_csv(ROOT / "docs" / "results" / "summary.csv", index=False)   # what --replot redraws from
     return path
 
 
@@ -419,7 +546,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="key=value for every training run, e.g. on a GPU: model.preset=resnet50 micro_batch=256 "
                          "data.augment.crop=224 data.num_workers=8 (with --preset small --steps 20000)")
     ap.add_argument("--docs", action="store_true", help="write docs/RESULTS.md and docs/results/*.png")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw comparison.png from stored numbers (OUT/summary.csv, else docs/results/summary.csv, "
+                         "else docs/RESULTS.md's tables); with --docs into docs/results/")
     a = ap.parse_args(argv)
+    if a.replot:
+        log(f"wrote {replot(Path(a.out).resolve(), a.docs, a.subject)}")
+        return 0
     TRAIN_ARGS[:] = a.train_args
     t0 = time.perf_counter()
     out = Path(a.out).resolve()
