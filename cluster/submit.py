@@ -51,6 +51,34 @@ JOBS = {name: JobSpec(job.slurm, job.module, job.positional or "(key=value only)
 
 # --------------------------------------------------------------------------- site settings
 
+# What each value written into a batch script may look like. A value reaches `#SBATCH` lines or shell
+# words, so a newline or a `;` would become a command of its own: every value is checked against its
+# pattern (or shell-quoted), never pasted as given.
+SLURM_PATTERNS = {
+    "job_name": (r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", "letters, digits and . _ + - (at most 128)"),
+    "partition": (r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "a name (or names separated by commas) of letters, digits, . _ -"),
+    "account": (r"[A-Za-z0-9._-]+", "letters, digits and . _ -"),
+    "qos": (r"[A-Za-z0-9._-]+", "letters, digits and . _ -"),
+    "mem": (r"\d+[KMGT]?", "a number with an optional unit K, M, G or T, e.g. 0 (all), 480G"),
+    "time": (r"(\d+-)?\d+(:\d+){0,2}", "a Slurm time such as 30:00, 04:00:00 or 2-00:00:00"),
+    "sbatch_args": (r"--?[A-Za-z][A-Za-z0-9-]*(=[^\s'\"`$;&|<>\\]+)?", "one option such as --exclusive or "
+                    "--constraint=a100, with no spaces, quotes or shell characters"),
+}
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_slurm_value(name: str, value) -> None:
+    """Refuse a value that does not match its pattern (or holds a control character), naming the option."""
+    if value is None:
+        return
+    text = str(value)
+    if CONTROL.search(text):
+        raise ConfigError(f"{name}={text!r}: holds a control character (newline, tab, ...); a batch script value "
+                          f"must be one plain line")
+    if name in SLURM_PATTERNS and not re.fullmatch(SLURM_PATTERNS[name][0], text):
+        raise ConfigError(f"{name}={text!r}: use {SLURM_PATTERNS[name][1]}")
+
+
 @dataclass
 class JobResources:
     nodes: int = 1
@@ -68,8 +96,8 @@ class JobResources:
             raise ConfigError(f"gpus_per_node={self.gpus_per_node}: must be 0 (CPU only) or more")
         if self.ntasks_per_node is not None and self.ntasks_per_node < 1:
             raise ConfigError(f"ntasks_per_node={self.ntasks_per_node}: must be at least 1")
-        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
-            raise ConfigError(f"time={self.time!r}: use a Slurm time such as 30:00, 04:00:00 or 2-00:00:00")
+        check_slurm_value("time", self.time)
+        check_slurm_value("mem", self.mem)
 
 
 # site.yaml `jobs:`: the resources of each Slurm job, one entry per job of the table
@@ -118,6 +146,16 @@ class Site:
         for arg in self.sbatch_args + self.srun_args:
             if not arg.startswith("-"):
                 raise ConfigError(f"sbatch_args/srun_args entry {arg!r}: write options such as --exclusive")
+        for arg in self.sbatch_args:
+            check_slurm_value("sbatch_args", arg)
+        for name in ("partition", "account", "qos"):
+            check_slurm_value(name, getattr(self, name))
+        # shell words or lines by design (quoted where they are words), but always one line each
+        for name, value in [("log_dir", self.log_dir), ("python", self.python), ("python_prefix", self.python_prefix),
+                            ("ray.node_ip_command", self.ray.node_ip_command), ("ray.start_args", self.ray.start_args),
+                            ("ray.tmp_dir", self.ray.tmp_dir), *[("modules", m) for m in self.modules],
+                            *[("setup", line) for line in self.setup], *[("srun_args", a) for a in self.srun_args]]:
+            check_slurm_value(name, value)
 
 
 def load_site(path: str | Path | None = None) -> Site:
@@ -202,6 +240,10 @@ def build_request(job: str, job_args: list[str], opts: argparse.Namespace, site:
                   time=pick("time"), mem=pick("mem"), partition=pick_site(opts, site, "partition"),
                   account=pick_site(opts, site, "account"), job_name=opts.job_name or f"micon-{job}")
     JobResources(nodes, gpus, ntasks, cpus, req.time, req.mem).validate()
+    for name in ("job_name", "partition", "account"):
+        check_slurm_value(name, getattr(req, name))
+    for arg in req.args:   # shell-quoted in the script, but a newline would still split a log line
+        check_slurm_value("job argument", arg)
     return req
 
 
@@ -269,7 +311,7 @@ def render(req: Request, site: Site) -> str:
         node_ip_command=site.ray.node_ip_command, node_ip_command_quoted=shlex.quote(site.ray.node_ip_command),
         port_first=site.ray.port_first,
         port_blocks=site.ray.port_blocks, ray_tmp_dir=shlex.quote(site.ray.tmp_dir),
-        ray_start_args=site.ray.start_args, ray_auth=site.ray.auth,
+        ray_start_args=" ".join(shlex.quote(a) for a in shlex.split(site.ray.start_args)), ray_auth=site.ray.auth,
         ray_dashboard=('--include-dashboard=true --dashboard-host="$head_ip" --dashboard-port=$((base + 3))'
                        if site.ray.dashboard else "--include-dashboard=false"),
         ray_dashboard_note=('echo "[micon] Ray dashboard: http://$head_ip:$((base + 3)) (this node\'s address only;'
