@@ -141,9 +141,11 @@ def write_profiles(out: Path, name: str, result: dict) -> tuple[Path, Path]:
     `profiles_{name}.parquet`, the normalised profiles the metrics were computed on (the features that
     vary across DMSO, after per-plate MAD and ZCA-cor). Metadata as JUMP spells it, the role as
     `Metadata_pert_type` (trt / negcon / poscon). Feature columns keep the featuriser's names (embed.json
-    `feature_names`, e.g. CellProfiler's) or are `{name}_{i:04d}`; in the normalised file each column keeps
-    its input feature's name although ZCA mixes features (pycytominer's Spherize does the same): column j
-    is the whitened coordinate closest to input feature j (ZCA is the whitening nearest the input)."""
+    `feature_names`, e.g. CellProfiler's) or are `{name}_{i:04d}`. In the normalised file each column keeps
+    its input feature's name although whitening mixes features, as pycytominer's Spherize does: column j
+    is the whitened variable paired with input feature j, and ZCA-cor is the whitening that keeps those
+    pairs most alike (it maximises the sum over j of corr(whitened j, input j), Kessy et al. 2018); it is
+    not feature j itself."""
     from micon.eval.profiles import profile_table
 
     paths = []
@@ -225,11 +227,10 @@ def log_wandb(out: Path, cfg: EvalConfig, results: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from micon.config import job_help, wants_help
+    from micon.config import help_or_usage
 
-    if wants_help(argv):
-        print(job_help(__doc__, EvalConfig))
-        return 0
+    if (rc := help_or_usage(argv, __doc__, EvalConfig)) is not None:
+        return rc
     try:
         cfg = load_config(EvalConfig, overrides=argv)
     except ConfigError as e:

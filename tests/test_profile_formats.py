@@ -108,6 +108,10 @@ def test_our_normalisation_equals_pycytominer_per_plate(evaluated):
     whitened = pycytominer.normalize(per_plate, features=kept, meta_features=meta, samples=f"{PERT} == 'negcon'",
                                      method="spherize", spherize_method="ZCA-cor", spherize_epsilon=1e-6)
     np.testing.assert_allclose(ours[kept].to_numpy(), whitened[kept].to_numpy(), rtol=1e-3, atol=1e-3)
+    # a whitened column stays correlated with the input feature whose name it keeps, far more than with others
+    n = len(kept)
+    corr = np.abs(np.corrcoef(ours[kept].to_numpy().T, mad_only[kept].to_numpy().T)[:n, n:])
+    assert (np.diag(corr) > 0.3).all() and np.diag(corr).mean() > 4 * corr[~np.eye(n, dtype=bool)].mean()
 
 
 def test_copairs_scores_the_normalised_file_to_our_map(evaluated, tmp_path):
