@@ -190,7 +190,7 @@ class Trainer:
                      self.dist.launcher, self.device, "bf16" if self.bf16 else "fp32", cfg.engine.zero_stage,
                      describe(cfg))
             for line in cfg.unused():
-                log.warning("config: %s", line)
+                log.info("config: %s", line)
         self.record = InferenceRecord(method=self.method.name, model=to_dict(cfg.model),
                                       channels=list(self.manifest.channels),
                                       **self.method.feature_dims(cfg.model, fingerprint_bits),
