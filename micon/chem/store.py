@@ -160,12 +160,22 @@ class GraphStore:
         self._row = {cid: i for i, cid in enumerate(self.index["Metadata_JCP2022"])}
         self._ok = (self.index["status"] == OK).to_numpy()
         self._graphs: RaggedGraphs | None = None
+        self._fingerprints: np.ndarray | None = None
 
     @property
     def graphs(self) -> RaggedGraphs:
         if self._graphs is None:
             self._graphs = RaggedGraphs(**{k: self._group[k][:] for k in _ARRAYS})
         return self._graphs
+
+    @property
+    def packed_fingerprints(self) -> np.ndarray:
+        """[n, n_bits / 8] uint8; a reader of fingerprints alone never loads the graph arrays."""
+        if self._graphs is not None:
+            return self._graphs.fingerprints
+        if self._fingerprints is None:
+            self._fingerprints = self._group["fingerprints"][:]
+        return self._fingerprints
 
     @property
     def ids(self) -> list[str]:
@@ -203,12 +213,13 @@ class GraphStore:
 
     def fingerprint(self, compound_id: str) -> np.ndarray:
         """Morgan bits uint8 [n_bits]."""
-        packed = self.graphs.fingerprints[self._ok_row(compound_id)]
+        packed = self.packed_fingerprints[self._ok_row(compound_id)]
         return np.unpackbits(packed, count=self.n_bits)
 
     def fingerprints(self, compound_ids: list[str]) -> np.ndarray:
+        """Morgan bits uint8 [len(compound_ids), n_bits], what the fingerprint encoder reads."""
         rows = [self._ok_row(c) for c in compound_ids]
-        return np.unpackbits(self.graphs.fingerprints[rows], axis=1, count=self.n_bits)
+        return np.unpackbits(self.packed_fingerprints[rows], axis=1, count=self.n_bits)
 
     def __repr__(self) -> str:
         return f"GraphStore({str(self.root)!r}: {len(self)} graphs, {len(self.index) - len(self)} failed)"
