@@ -226,7 +226,7 @@ def plot_map_summary(frame: pd.DataFrame, path, method_col: str = "method",
         ax.set_xlabel("method")
         ax.set_title(col.replace("_", " "), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.text(0.01, -0.02, f"error bars: {LEVEL:.0%} bootstrap interval over compounds; dashed: chance (mAP: expected "
+    fig.text(0.01, -0.02, f"error bars: {LEVEL:.0%} bootstrap interval over compounds; dashed: chance\n(mAP: expected "
                           f"AP of a random ranking; fraction retrieved: the test's level, a bound on what "
                           f"inactive compounds reach)", fontsize=7, ha="left", va="top")
     fig.tight_layout()
@@ -251,9 +251,10 @@ def pca_2d(feats: np.ndarray) -> np.ndarray:
     return pca(feats, 2)[0]
 
 
-def robust_limits(values: np.ndarray, q: tuple[float, float] = (1, 99), margin: float = 0.15) -> tuple[float, float]:
-    """Axis limits from the `q` percentiles widened by `margin` of their span, so that a few outlying wells
-    do not squash every other point (those few fall outside and are counted by the caller)."""
+def robust_limits(values: np.ndarray, q: tuple[float, float] = (5, 95), margin: float = 0.5) -> tuple[float, float]:
+    """Axis limits from the `q` percentiles widened by `margin` of their span on each side (for normal data
+    about +-3.3 sd, 0.1% of points outside), so that outlying wells, even a few percent of them (whitened
+    profiles are heavy-tailed), do not squash every other point; the caller counts those left outside."""
     lo, hi = np.percentile(np.asarray(values, dtype=np.float64), q)
     span = hi - lo if hi > lo else max(abs(hi), 1.0)
     return float(lo - margin * span), float(hi + margin * span)
@@ -265,8 +266,8 @@ def plot_profiles_pca(meta: pd.DataFrame, before: np.ndarray, after: np.ndarray,
                       standardize_before: bool = True) -> Path:
     """Two PCA scatter panels of the same wells (before / after), coloured by `color_by` (the source).
 
-    Axis labels give each PC's share of the variance; limits are the 1st-99th percentiles with a margin
-    and the title counts the wells outside them. With `standardize_before`, the raw features are
+    Axis labels give each PC's share of the variance; limits are robust (`robust_limits`: the 5th-95th
+    percentiles with a margin) and the title counts the wells outside them. With `standardize_before`, the raw features are
     z-scored over the wells first (raw features have different units; otherwise the largest-scaled
     feature alone would make PC1)."""
     if len(meta) != len(before) or len(meta) != len(after):
@@ -288,7 +289,7 @@ def plot_profiles_pca(meta: pd.DataFrame, before: np.ndarray, after: np.ndarray,
                        linewidths=0)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
-        ax.set_title(f"{title}\n{len(xy)} wells" + (f", {outside} outside the 1-99th percentile view" if outside else ""),
+        ax.set_title(f"{title}\n{len(xy)} wells" + (f", {outside} outside the view (robust limits)" if outside else ""),
                      fontsize=9)
         ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
