@@ -161,8 +161,10 @@ def read_feature_names(path: str | Path) -> list[str] | None:
     names = info.get("feature_names")
     if names is None:
         return None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise EmbeddingError(f"{info_path}: feature_names must be a list of non-empty strings")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and not n.startswith("Metadata_")
+                                                for n in names):
+        raise EmbeddingError(f"{info_path}: feature_names must be a list of non-empty strings, none starting with "
+                             f"Metadata_ (the prefix of metadata columns)")
     if "dim" in info and len(names) != info["dim"]:
         raise EmbeddingError(f"{info_path}: {len(names)} feature_names for {info['dim']} embedding columns; "
                              f"rerun the embed job")

@@ -72,6 +72,9 @@ def test_read_feature_names(tmp_path):
     (emb / "embed.json").write_text(json.dumps(dict(info, feature_names=NAMES[:-1])))
     with pytest.raises(EmbeddingError, match="23 feature_names for 24"):
         read_feature_names(emb)
+    (emb / "embed.json").write_text(json.dumps(dict(info, feature_names=["Metadata_Plate", *NAMES[1:]])))
+    with pytest.raises(EmbeddingError, match="none starting with Metadata_"):
+        read_feature_names(emb)
     (emb / "embed.json").write_text(json.dumps({k: v for k, v in info.items() if k != "feature_names"}))
     assert read_feature_names(emb) is None
 
