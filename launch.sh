@@ -57,7 +57,7 @@ demo() {
   local out="$1"; shift || true
   local t0=$SECONDS steps="${MICON_DEMO_STEPS:-150}"
   mkdir -p "$out"
-  log "demo 1/6: synthetic JUMP-layout screen (calibrated: hand-crafted features at the field's levels) -> $out/screen"
+  log "demo 1/6: synthetic JUMP-layout screen (calibrated: CellProfiler-grade features at the field's levels) -> $out/screen"
   "$PY" -m data_prep.synth "$out/screen" preset=calibrated_small "$@"
   log "demo 2/6: ingest -> WebDataset shards, DMSO control bank, splits -> $out/shards"
   "$PY" -m data_prep.ingest "$out/screen" "$out/shards" shard_mb=2
@@ -73,16 +73,17 @@ demo() {
       data.num_workers=1 ckpt_every=50
     [[ -f "$out/train/$m/final.json" ]] || { log "demo: training $m failed"; exit 1; }
   done
-  for m in micon simclr clip handcrafted; do
+  # learned methods embed with their checkpoint; `cellprofiler` is a registered featuriser (the field's baseline)
+  for m in micon simclr clip cellprofiler; do
     log "demo 5/6: embed sites with $m (Ray Data) -> $out/embeddings/$m"
-    local ck="$out/train/$m"; [[ $m == handcrafted ]] && ck=handcrafted
+    local ck="$out/train/$m"; [[ -d $ck ]] || ck=$m
     "$PY" -m evaluate.embed "$ck" "$out/shards" "$out/embeddings/$m" 2>&1 | grep "^embed:" || true
     [[ -f "$out/embeddings/$m/embed.json" ]] || { log "demo: embedding $m failed"; exit 1; }
   done
   log "demo 6/6: evaluate (well profiles, MAD + ZCA-cor vs DMSO, NSB/NSS top-k, mAP) -> $out/eval"
   "$PY" -m evaluate.run "out=$out/eval" "shards=$out/shards" "embeddings.micon=$out/embeddings/micon" \
     "embeddings.simclr=$out/embeddings/simclr" "embeddings.clip=$out/embeddings/clip" \
-    "embeddings.handcrafted=$out/embeddings/handcrafted" 2>&1 | grep -v -E "^wandb:|INFO|Warning" || true
+    "embeddings.cellprofiler=$out/embeddings/cellprofiler" 2>&1 | grep -v -E "^wandb:|INFO|Warning" || true
   [[ -f "$out/eval/metrics.json" ]] || { log "demo: evaluation failed"; exit 1; }
   log "demo finished in $((SECONDS - t0)) s; everything it made is under $out"
   log "  report: $out/eval/report.md (plots beside it), metrics: $out/eval/metrics.json"

@@ -130,12 +130,13 @@ def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, ex
     return emb
 
 
-def embed_handcrafted(out: Path) -> Path:
-    emb = out / "embeddings" / "handcrafted"
+def embed_baseline(out: Path) -> Path:
+    """The field's baseline, CellProfiler-grade features (the registered featuriser `cellprofiler`)."""
+    emb = out / "embeddings" / "cellprofiler"
     if not (emb / "embed.json").is_file():
-        log("hand-crafted features")
-        sh([sys.executable, "-m", "evaluate.embed", "handcrafted", str(out / "shards"), str(emb)],
-           out / "logs" / "embed-handcrafted.log")
+        log("CellProfiler-grade features")
+        sh([sys.executable, "-m", "evaluate.embed", "cellprofiler", str(out / "shards"), str(emb)],
+           out / "logs" / "embed-cellprofiler.log")
     return emb
 
 
@@ -262,7 +263,7 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
     methods = list(dict.fromkeys(summary.method))
     fig, axes = plt.subplots(len(metrics), len(SPLITS), figsize=(4.4 * len(SPLITS), 2.9 * len(metrics)),
                              squeeze=False)
-    colour = lambda m: "#c0392b" if of_subject(m, subject) else "#7f8c8d" if m == "handcrafted" else "#2980b9"  # noqa: E731
+    colour = lambda m: "#c0392b" if of_subject(m, subject) else "#7f8c8d" if m == "cellprofiler" else "#2980b9"  # noqa: E731
     no_interval = False
     for i, metric in enumerate(metrics):
         for j, split in enumerate(SPLITS):
@@ -294,7 +295,7 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
             ax.tick_params(axis="y", labelsize=7)
             ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color="#c0392b", label=f"{subject} and its variants"), Patch(color="#2980b9", label="other learned"),
-               Patch(color="#7f8c8d", label="hand-crafted"),
+               Patch(color="#7f8c8d", label="CellProfiler-grade"),
                plt.Line2D([], [], color="0.15", ls="--", lw=1, label="chance (random ranking; source kNN: largest source)")]
     if no_interval:
         handles.append(Patch(facecolor="#7f8c8d", hatch="..", edgecolor="white", label="one seed, no interval stored"))
@@ -570,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{label}: held-out batches NSB top-10 {s['nsb_top10']:.3f}, NSS top-10 {s['nss_top10']:.3f}")
 
     from micon.eval.calibration import levels
-    hc = profiles(embed_handcrafted(out))
-    scored("handcrafted", out / "embeddings" / "handcrafted", hc)
+    hc = profiles(embed_baseline(out))
+    scored("cellprofiler", out / "embeddings" / "cellprofiler", hc)
     calibration = levels(*hc)
     jobs = []
     if "comparison" in a.parts:
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                    comparison=part([f"-{m}_seed" for m in a.methods]),
                    ablations=part([variant(a.subject, n) for n in ABLATIONS]),
                    activity=part([variant(a.subject, "activity"), "rsets-activity"]),
-                   prepare=part(["synth", "ingest", "featurize", "embed-handcrafted"]))
+                   prepare=part(["synth", "ingest", "featurize", "embed-cellprofiler"]))
     results = dict(subject=a.subject, compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
                    scores=scores, date=time.strftime("%Y-%m-%d"), wall_min=(time.perf_counter() - t0) / 60,
                    machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "

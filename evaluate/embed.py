@@ -1,7 +1,8 @@
-"""Embed every site of a shard set with a trained image encoder (or hand-crafted features), with Ray Data.
+"""Embed every site of a shard set with a trained image encoder or a named featuriser, with Ray Data.
 
     ./launch.sh embed CKPT SHARDS OUT [workers=N] [batch_size=N]
-        CKPT: a training output dir, its checkpoints/ dir, one step dir or a model.pt; or "handcrafted"
+        CKPT: a training output dir, its checkpoints/ dir, one step dir or a model.pt; or a featuriser's
+        name (micon.eval.featurisers: cellprofiler, cellprofiler_full, image_stats)
 
 One actor per GPU (CPU actors when there are none) maps over shards; each shard's embeddings are
 written once, atomically, to OUT/parts/. A rerun recomputes only missing or corrupt parts, then
@@ -28,6 +29,7 @@ from micon.data.codecs import decode
 from micon.data.shards import Manifest, ManifestError, read_tar_encoded
 from micon.embeddings import (META_COLUMNS, EmbeddingError, describe_identity, identity_difference, identity_key,
                               part_path, read_part, sha256_file, write_consolidated, write_part)
+from micon.eval.featurisers import FEATURISERS, get_featuriser
 from micon.raycluster import init_ray
 
 
@@ -40,67 +42,138 @@ class EmbedConfig:
     overwrite: bool = False   # replace embeddings of another model or shard set found in OUT (else refuse)
 
 
-class SiteEncoder:
-    """Loads the image encoder once (or the hand-crafted featuriser) and embeds [N, C, H, W] uint8 sites,
-    preprocessed exactly as in training (micon.data.preprocess, settings from the checkpoint's record)."""
+class CheckpointEncoder:
+    """A trained checkpoint's image encoder: sites preprocessed exactly as in training (micon.data.preprocess,
+    settings from the checkpoint's record), the embedding before any projection head. The checkpoint's record
+    is read (and its channels checked) on construction; the network is built by `load`, in the actor."""
 
-    def __init__(self, ckpt: str, manifest_dir: str, threads: int = 1):
+    input_dtype = np.float32
+    uses_gpu = True
+
+    def __init__(self, ckpt: str, manifest: Manifest):
+        self.checkpoint = load_checkpoint(ckpt)
+        check_channels(self.checkpoint.record.channels, manifest)
+        self.manifest, self.name = manifest, self.checkpoint.record.method
+
+    def describe(self) -> str:
+        rec = self.checkpoint.record
+        return f"{rec.method} image encoder ({rec.model['preset']}, step {rec.step}) from {self.checkpoint.path}"
+
+    def notes(self) -> list[str]:
+        return [f"plate {plate} has no DMSO sites; its sites are normalised with the screen-wide DMSO average, "
+                f"as in training" for plate in self.manifest.plates_without_dmso()]
+
+    def identity(self) -> dict:
+        rec = self.checkpoint.record
+        return {"method": rec.method, "path": str(self.checkpoint.path), "step": rec.step,
+                "sha256": sha256_file(self.checkpoint.path), "preprocessing": rec.preprocessing}
+
+    def embed_info(self) -> dict:
+        return {}
+
+    def load(self, threads: int = 1) -> None:
         import torch
 
-        self.manifest = Manifest.load(manifest_dir)
-        self.handcrafted = ckpt == "handcrafted"
-        self._ring: dict[int, np.ndarray] = {}   # batch buffers, see buffer()
-        if self.handcrafted:
-            return
         torch.set_num_threads(max(threads, 1))
-        checkpoint = load_checkpoint(ckpt)
-        check_channels(checkpoint.record.channels, self.manifest)
-        self.method = checkpoint.record.method
-        self.prep = SitePreprocessor(self.manifest, checkpoint.preprocessing())
+        self.prep = SitePreprocessor(self.manifest, self.checkpoint.preprocessing())
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.model = checkpoint.build_model().to(self.device)
+        self.model = self.checkpoint.build_model().to(self.device)
 
-    def preprocess(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+    def prepare(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
         return self.prep.batch(images, plates)
 
-    def inputs(self, blobs: list[tuple[bytes, str, str]], out: np.ndarray | None) -> np.ndarray:
-        """Encoded sites (bytes, codec, plate) -> the model's [N, C, H, W] float32 input, written into `out`
-        (a slice of a batch buffer); the hand-crafted featuriser's input instead: uint8 images, `out` None.
-        NumPy/zstd work: runs in threads."""
-        n_channels = len(self.manifest.channels)
-        if self.handcrafted:
-            return np.stack([decode(b, c, n_channels) for b, c, _ in blobs])
-        for row, (b, c, p) in zip(out, blobs):
-            self.prep.into(decode(b, c, n_channels), p, row)
-        return out
+    def prepare_into(self, site: np.ndarray, plate: str, out: np.ndarray) -> None:
+        self.prep.into(site, plate, out)
 
-    def buffer(self, i: int, shape: tuple) -> np.ndarray | None:
-        """Batch buffer number `i` (a small ring, reused for every shard): None for the hand-crafted path."""
-        if self.handcrafted:
-            return None
-        if i not in self._ring or self._ring[i].shape != shape:
-            self._ring[i] = np.empty(shape, np.float32)
-        return self._ring[i]
-
-    def embed_inputs(self, x: np.ndarray) -> np.ndarray:
-        if self.handcrafted:
-            from micon.eval.handcrafted import site_features
-            return np.stack([site_features(im, self.manifest.channels.index("DNA")) for im in x])
+    def embed(self, x: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.no_grad():
             # the image encoder's embedding, before any projection head: what profiles are built from
             return self.model.image_encoder(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
-    def __call__(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
-        """[N, C, H, W] uint8 sites of the given plates -> [N, D] embeddings."""
-        return self.embed_inputs(images if self.handcrafted else self.preprocess(images, plates))
+
+class FeaturiserEncoder:
+    """A named featuriser (micon.eval.featurisers: CellProfiler-grade features, image statistics) on the
+    uint8 sites as stored; embed.json lists its feature names."""
+
+    input_dtype = np.uint8
+    uses_gpu = False
+
+    def __init__(self, name: str, manifest: Manifest):
+        self.featuriser = get_featuriser(name)
+        self.manifest, self.name = manifest, self.featuriser.name
+        self.names = self.featuriser.feature_names(manifest.channels)   # fails here on a missing channel
+
+    def describe(self) -> str:
+        return f"{self.name} features ({len(self.names)}: {self.featuriser.description})"
+
+    def notes(self) -> list[str]:
+        return []
+
+    def identity(self) -> dict:
+        return {"featuriser": self.name, "method": self.name,
+                "features": identity_key({"names": self.names, "settings": self.featuriser.settings()})}
+
+    def embed_info(self) -> dict:
+        return {"feature_names": self.names}
+
+    def load(self, threads: int = 1) -> None:
+        pass
+
+    def prepare(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+        return images
+
+    def prepare_into(self, site: np.ndarray, plate: str, out: np.ndarray) -> None:
+        out[...] = site
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        return self.featuriser.embed(x, self.manifest.channels)
 
 
 def check_channels(trained: list[str], manifest: Manifest) -> None:
     if list(trained) != list(manifest.channels):
         raise CheckpointError(f"the checkpoint was trained on channels {trained} but the shards in {manifest.root} "
                               f"hold {manifest.channels}: re-ingest them in the training order")
+
+
+def open_encoder(ckpt: str, manifest: Manifest) -> CheckpointEncoder | FeaturiserEncoder:
+    """CKPT is a featuriser's registered name or a checkpoint path; fails here, naming it, not in an actor."""
+    return FeaturiserEncoder(ckpt, manifest) if ckpt in FEATURISERS else CheckpointEncoder(ckpt, manifest)
+
+
+class SiteEncoder:
+    """Opens an encoder once (`open_encoder`) and embeds [N, C, H, W] uint8 sites with it."""
+
+    def __init__(self, ckpt: str, manifest_dir: str, threads: int = 1):
+        self.manifest = Manifest.load(manifest_dir)
+        self.encoder = open_encoder(ckpt, self.manifest)
+        self.encoder.load(threads)
+        self._ring: dict[int, np.ndarray] = {}   # batch buffers, see buffer()
+
+    def preprocess(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+        return self.encoder.prepare(images, plates)
+
+    def inputs(self, blobs: list[tuple[bytes, str, str]], out: np.ndarray) -> np.ndarray:
+        """Encoded sites (bytes, codec, plate) -> the encoder's input, written into `out` (a slice of a batch
+        buffer). NumPy/zstd work: runs in threads."""
+        n_channels = len(self.manifest.channels)
+        for row, (b, c, p) in zip(out, blobs):
+            self.encoder.prepare_into(decode(b, c, n_channels), p, row)
+        return out
+
+    def buffer(self, i: int, shape: tuple) -> np.ndarray:
+        """Batch buffer number `i` (a small ring, reused for every shard)."""
+        if i not in self._ring or self._ring[i].shape != shape:
+            self._ring[i] = np.empty(shape, self.encoder.input_dtype)
+        return self._ring[i]
+
+    def embed_inputs(self, x: np.ndarray) -> np.ndarray:
+        return self.encoder.embed(x)
+
+    def __call__(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
+        """[N, C, H, W] uint8 sites of the given plates -> [N, D] embeddings."""
+        return self.embed_inputs(self.preprocess(images, plates))
 
 
 def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, channels: int,
@@ -125,15 +198,16 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
         def submit(i):
             batch, buf = batches[i], encoder.buffer(i % (ahead + 1), shape)
             step = -(-len(batch) // ahead)
-            return buf, [pool.submit(encoder.inputs, batch[j:j + step], None if buf is None else buf[j:j + step])
+            return buf, [pool.submit(encoder.inputs, batch[j:j + step], buf[j:j + step])
                          for j in range(0, len(batch), step)]
 
         pending = [submit(i) for i in range(min(ahead, len(batches)))]
         embs = []
         for i in range(len(batches)):
             buf, futures = pending[i]
-            parts = [f.result() for f in futures]
-            x = buf[:len(batches[i])] if buf is not None else np.concatenate(parts)
+            for f in futures:
+                f.result()
+            x = buf[:len(batches[i])]
             if i + ahead < len(batches):
                 pending.append(submit(i + ahead))
             embs.append(encoder.embed_inputs(x))
@@ -159,7 +233,7 @@ class ShardEmbedder:
         return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done])}
 
 
-def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict) -> dict:
+def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict, embed_info: dict) -> dict:
     embs, metas = [], []
     key = identity_key(identity)
     for s in manifest.data["shards"]:
@@ -168,21 +242,14 @@ def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict) -> dic
         metas.append(m)
     return write_consolidated(out, np.concatenate(embs), pd.concat(metas, ignore_index=True),
                               dict(checkpoint=str(ckpt), shards=str(manifest.root), identity=identity,
-                                   identity_key=key, method=identity["model"].get("method", "handcrafted")))
+                                   identity_key=key, method=identity["model"]["method"], **embed_info))
 
 
-def embedding_identity(ckpt: str, manifest: Manifest, checkpoint=None) -> dict:
-    """What makes these embeddings: the model (checkpoint file hash, or the hand-crafted featuriser), the
-    shard set (its manifest's hash) and the preprocessing. Parts and embed.json carry it."""
+def embedding_identity(encoder: CheckpointEncoder | FeaturiserEncoder, manifest: Manifest) -> dict:
+    """What makes these embeddings: the model (checkpoint file hash and preprocessing, or the featuriser's
+    name, feature names and settings) and the shard set (its manifest's hash). Parts and embed.json carry it."""
     shards = {"path": str(manifest.root), "sha256": sha256_file(manifest.root / "manifest.json")}
-    if checkpoint is None:
-        from micon.eval.handcrafted import feature_names
-        model = {"featuriser": "handcrafted", "method": "handcrafted",
-                 "features": identity_key({"names": feature_names(manifest.channels)})}
-    else:
-        model = {"method": checkpoint.record.method, "path": str(checkpoint.path), "step": checkpoint.record.step,
-                 "sha256": sha256_file(checkpoint.path), "preprocessing": checkpoint.record.preprocessing}
-    return {"model": model, "shards": shards}
+    return {"model": encoder.identity(), "shards": shards}
 
 
 def check_output(out: Path, identity: dict, overwrite: bool) -> None:
@@ -209,16 +276,11 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> None:
 
 def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
     manifest = Manifest.load(shards)
-    checkpoint = None
-    if ckpt != "handcrafted":   # fail here, with the path, rather than inside a Ray actor
-        checkpoint = load_checkpoint(ckpt)
-        check_channels(checkpoint.record.channels, manifest)
-        print(f"embed: {checkpoint.record.method} image encoder ({checkpoint.record.model['preset']}, step "
-              f"{checkpoint.record.step}) from {checkpoint.path}", flush=True)
-        for plate in manifest.plates_without_dmso():
-            print(f"embed: plate {plate} has no DMSO sites; its sites are normalised with the screen-wide DMSO "
-                  f"average, as in training", file=sys.stderr)
-    identity = embedding_identity(ckpt, manifest, checkpoint)
+    encoder = open_encoder(ckpt, manifest)      # fails here, naming CKPT, rather than inside a Ray actor
+    print(f"embed: {encoder.describe()}", flush=True)
+    for note in encoder.notes():
+        print(f"embed: {note}", file=sys.stderr)
+    identity = embedding_identity(encoder, manifest)
     key = identity_key(identity)
     check_output(out, identity, cfg.overwrite)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -239,7 +301,7 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
         import ray
         import torch
 
-        gpus = torch.cuda.device_count()
+        gpus = torch.cuda.device_count() if encoder.uses_gpu else 0
         init_ray()
         size = cfg.workers or (gpus if gpus else min(2, os.cpu_count() or 1))
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
@@ -250,20 +312,16 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
                                        threads=1 if gpus else cfg.threads, identity=key,
                                        decode_threads=cfg.threads if gpus else 1)).take_all()
         print(f"embed: embedded {sum(int(r['rows']) for r in results)} sites from {len(results)} shards", flush=True)
-    info = consolidate(out, manifest, ckpt, identity)
+    info = consolidate(out, manifest, ckpt, identity, encoder.embed_info())
     save_config(cfg, out / "embed_config.yaml")
     return info
 
 
 def main(argv: list[str]) -> int:
-    from micon.config import job_help, wants_help
+    from micon.config import help_or_usage
 
-    if wants_help(argv):
-        print(job_help(__doc__, EmbedConfig))
-        return 0
-    if len(argv) < 3:
-        print(__doc__)
-        return 2
+    if (rc := help_or_usage(argv, __doc__, EmbedConfig, positional=3)) is not None:
+        return rc
     ckpt, shards, out = argv[0], Path(argv[1]), Path(argv[2])
     try:
         cfg = load_config(EmbedConfig, overrides=argv[3:])
@@ -273,7 +331,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     try:
         info = run(ckpt, shards, out, cfg)
-    except (ManifestError, EmbeddingError, CheckpointError, FileNotFoundError) as e:
+    except (ManifestError, EmbeddingError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"embed: {e}", file=sys.stderr)
         return 1
     print(f"embed: {info['n_sites']} sites x {info['dim']} dims -> {out / 'embeddings.zarr'} + "

@@ -67,8 +67,9 @@ def check_label(name: str, path: str) -> None:
     info_path = Path(path) / "embed.json"
     made_by = json.loads(info_path.read_text()).get("method") if info_path.is_file() else None
     if made_by and not name.startswith(made_by):
+        from micon.eval.featurisers import FEATURISERS
         from micon.methods import METHODS
-        known = ", ".join([*METHODS, "handcrafted"])
+        known = ", ".join([*METHODS, *FEATURISERS])
         raise ProfileError(f"label {name!r} does not name the method that made {path} ({made_by}); write "
                            f"embeddings.{made_by}={path} (a suffix such as {made_by}_seed1 is fine). Methods: {known}")
 

@@ -13,7 +13,7 @@ from micon.embeddings import load_embeddings, part_path
 from evaluate.run import EvalConfig, evaluate_method
 from micon import schema
 from micon.data.shards import Manifest, read_tar_samples
-from micon.eval.handcrafted import feature_names, site_features
+from micon.eval.handcrafted import blob_eccentricity, feature_names, site_features
 from tests.conftest import run_job
 
 pytestmark = pytest.mark.slow
@@ -52,14 +52,14 @@ def test_embeddings_match_the_encoder_and_carry_jump_metadata(embedded, checkpoi
     np.testing.assert_allclose(emb[rows], direct, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("ckpt", ["model", "handcrafted"])
+@pytest.mark.parametrize("ckpt", ["model", "image_stats"])
 def test_decoding_in_threads_gives_the_same_embeddings(embedded, checkpoint, tiny_shards, tmp_path, ckpt):
     """Decoding the next batches in threads while the model embeds (threads= on a GPU) changes nothing:
     the same part, byte for byte, as one thread; and for the model, the encoder's own output."""
     from evaluate.embed import SiteEncoder, embed_shard
     from micon.embeddings import part_path, read_part
 
-    enc = SiteEncoder(str(checkpoint) if ckpt == "model" else "handcrafted", str(tiny_shards))
+    enc = SiteEncoder(str(checkpoint) if ckpt == "model" else ckpt, str(tiny_shards))
     shard = Manifest.load(tiny_shards).shard_paths()[0]
     n = len(list(read_tar_samples(shard)))
     for threads in (1, 3):
@@ -92,7 +92,7 @@ def test_rerun_repairs_missing_and_corrupt_parts(embedded, checkpoint, tiny_shar
     np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-6)
 
 
-def test_handcrafted_features():
+def test_image_statistics():
     rng = np.random.default_rng(0)
     site = rng.integers(0, 30, (5, 64, 64)).astype(np.uint8)
     site[0, 10:20, 10:20] = 200   # one bright nucleus
@@ -101,10 +101,24 @@ def test_handcrafted_features():
     names = feature_names(["DNA", "RNA", "ER", "AGP", "Mito"])
     assert f.shape == (len(names),) and np.isfinite(f).all()
     named = dict(zip(names, f))
-    assert named["DNA_nuclei_count"] == 2
-    assert named["DNA_nuclei_area_mean"] == pytest.approx((100 + 140) / 2)
+    assert named["DNA_blob_count"] == 2
+    assert named["DNA_blob_area_mean"] == pytest.approx((100 + 140) / 2)
     assert named["RNA_mean"] == pytest.approx(site[1].mean(), rel=1e-6)
     assert named["ER_p50"] == pytest.approx(np.percentile(site[2], 50))
+    x = site[3].astype(np.float64)
+    assert named["AGP_sqdiff_1px"] == pytest.approx(((np.diff(x, axis=1) ** 2).mean() + (np.diff(x, axis=0) ** 2).mean()) / 2,
+                                                   rel=1e-5)
+
+
+def test_blob_eccentricity_matches_scikit_image_on_random_blobs():
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        labels, n = ndimage.label(ndimage.binary_opening(rng.random((48, 48)) < 0.45))
+        expected = [p.eccentricity for p in regionprops(labels)]
+        np.testing.assert_allclose(blob_eccentricity(labels, n), expected, atol=1e-5)
 
 
 def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedded, tmp_path):

@@ -1,14 +1,14 @@
-"""Is a synthetic screen as hard as real data? The hand-crafted baseline's levels, measured in memory.
+"""Is a synthetic screen as hard as real data? The field's baseline's levels, measured in memory.
 
 The field's anchors (FIELD-NOTES; the MICON authors' notebook on JUMP, processed CellProfiler features):
 replicate retrieval top-10 within a source (NSB) ~0.17 and across sources (NSS) ~0.09, and raw well
 profiles classified by source with kNN accuracy 0.95-1.0. `ANCHORS` holds the bands a calibrated screen
-must land in. `simulate_handcrafted` renders a screen site by site (micon.synth), preprocesses each site as
+must land in. `simulate_baseline` renders a screen site by site (micon.synth), preprocesses each site as
 ingest does (illumination correction, per-image percentile scaling to 8 bits: micon.data.imaging), computes
-the hand-crafted features the embed job computes, and builds well profiles as `evaluate` does (mean over
-sites, per-plate MAD against DMSO, ZCA-cor fitted on DMSO). No files: the 300-compound `calibrated` screen takes
-about 15 s on 2 cores. `levels` is shared with the comparison (bench/science.py), which measures the same
-numbers through the real jobs.
+a named featuriser's features as the embed job does (default: the CellProfiler-grade `cellprofiler`), and
+builds well profiles as `evaluate` does (mean over sites, per-plate MAD against DMSO, ZCA-cor fitted on DMSO).
+No files; the 300-compound `calibrated` screen takes a few minutes on 2 cores (`image_stats`: about 15 s).
+`levels` is shared with the comparison (bench/science.py), which measures the same numbers through the real jobs.
 """
 from __future__ import annotations
 
@@ -67,10 +67,12 @@ def within(name: str, value: float) -> bool:
 
 
 def _plate_features(args) -> tuple[list[dict], np.ndarray]:
-    screen, plate = args
+    screen, plate, featuriser = args
     from micon.data.imaging import scale_to_uint8
-    from micon.eval.handcrafted import site_features
+    from micon.eval.featurisers import get_featuriser
     from micon.synth import illumination_field, render_well_sites
+
+    feat = get_featuriser(featuriser)
 
     cfg = screen.config
     pfx = screen.tech["plates"][plate]
@@ -83,27 +85,32 @@ def _plate_features(args) -> tuple[list[dict], np.ndarray]:
         sites = range(1, cfg.sites_per_well + 1)
         for site, img in zip(sites, render_well_sites(screen, plate, well, jcp, sites)):
             u8 = np.stack([scale_to_uint8(c.astype(np.float32) / np.maximum(illum, 1e-6)) for c in img])
-            feats.append(site_features(u8, schema.CHANNELS.index("DNA")))
+            feats.append(feat.embed(u8[None], schema.CHANNELS)[0])
             rows.append({schema.SOURCE: prow.Metadata_Source, schema.BATCH: prow.Metadata_Batch,
                          schema.PLATE: plate, schema.WELL: well, schema.SITE: str(site), schema.JCP: jcp,
                          schema.ROLE: roles[jcp]})
     return rows, np.stack(feats)
 
 
-def simulate_handcrafted(cfg, workers: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """(well metadata, raw well profiles, normalised profiles) of the hand-crafted baseline on the screen
-    `cfg` (a micon.synth.SynthConfig), without writing anything."""
+def simulate_baseline(cfg, workers: int = 0, featuriser: str = "cellprofiler",
+                      progress: bool = False) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """(well metadata, raw well profiles, normalised profiles) of a featuriser (micon.eval.featurisers; default
+    the CellProfiler-grade baseline) on the screen `cfg` (a micon.synth.SynthConfig), without writing anything."""
     from micon.eval.profiles import well_profiles
     from micon.synth import design_screen
 
     screen = design_screen(cfg)
     plates = screen.plates.Metadata_Plate.tolist()
     workers = workers or min(len(plates), os.cpu_count() or 1)
+    from tqdm import tqdm
+
+    jobs = [(screen, p, featuriser) for p in plates]
+    bar = dict(total=len(plates), desc=f"{featuriser} features", unit="plate", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_plate_features, [(screen, p) for p in plates]))
+            parts = list(tqdm(pool.map(_plate_features, jobs), **bar))
     else:
-        parts = [_plate_features((screen, p)) for p in plates]
+        parts = [_plate_features(j) for j in tqdm(jobs, **bar)]
     meta = pd.DataFrame([r for rows, _ in parts for r in rows])
     feats = np.concatenate([f for _, f in parts])
     return well_profiles(meta, feats)
