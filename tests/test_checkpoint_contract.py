@@ -1,8 +1,10 @@
 """The inference checkpoint contract (micon.checkpoint): a model.pt describes itself, loads without
 running code, and old or foreign files get a message a person can act on. Plus the house rule that keeps
-it so: nothing branches on a method's name (the import rules are contracts: tests/test_house.py)."""
+it so: nothing branches on a method's name, and the Trainer's state exists from __init__ on (the import rules
+are contracts: tests/test_house.py)."""
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -91,3 +93,20 @@ def test_nothing_in_the_loop_the_stream_or_the_benchmarks_branches_on_a_method_n
                     offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert offenders == []
 
+
+def test_the_trainer_creates_all_its_state_in_init():
+    """Every attribute a Trainer method assigns exists from __init__ on, so no code probes it with hasattr."""
+    tree = ast.parse((REPO / "train" / "trainer.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assigned: dict[str, set[str]] = {}
+    for fn in (n for n in trainer.body if isinstance(n, ast.FunctionDef)):
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AnnAssign, ast.AugAssign)) else []
+            for target in targets:
+                for t in ast.walk(target):
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        assigned.setdefault(fn.name, set()).add(t.attr)
+    outside = set().union(*(v for k, v in assigned.items() if k != "__init__")) - assigned["__init__"]
+    assert outside == set()
+    assert not re.search(r"hasattr\(trainer|hasattr\(self", (REPO / "train" / "trainer.py").read_text())
