@@ -1,9 +1,82 @@
 """One way for every job to get Ray: join the cluster at RAY_ADDRESS (started by
-cluster/templates/ray.sbatch on Slurm) or start a private local one. Jobs call it; the library never does."""
+cluster/templates/ray.sbatch on Slurm) or start a private local one; and one way to tell a person why a
+Ray task failed (one line naming the job, the unit and the cause; the traceback in a log file).
+Jobs call it; the library never does."""
 from __future__ import annotations
 
+import datetime
 import os
+import traceback
 from pathlib import Path
+
+
+class JobError(RuntimeError):
+    """A job's unit of work (a plate, a shard, a chunk) failed, or Ray could not be reached: one line for
+    the person, the details in `log` when there is one."""
+
+    def __init__(self, message: str, log: Path | None = None):
+        super().__init__(message)
+        self.log = log
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's own exception inside Ray's wrappers (RayTaskError, its `cause`, UserCodeException and
+    chained `__cause__`s): what actually went wrong, e.g. `OSError: [Errno 28] No space left on device`."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        if type(exc).__name__ in ("RayTaskError", "UserCodeException", "RayActorError") or \
+                type(exc).__name__.startswith("RayTaskError("):
+            if exc.__cause__ is not None:
+                exc = exc.__cause__
+                continue
+        break
+    return exc
+
+
+def describe_failure(job: str, unit: str, exc: BaseException, log_dir: str | Path | None = None) -> JobError:
+    """One line naming the job, the unit and the cause, with the whole traceback (Ray's remote one
+    included) appended to `log_dir/{job}-errors.log` when a directory is given and writable."""
+    cause = root_cause(exc)
+    text = str(cause).strip().splitlines()
+    what = f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
+    if isinstance(cause, OSError) and getattr(cause, "errno", None) == 28:
+        what += " (the disk is full: free space there, then rerun the same command; finished work is kept)"
+    log = None
+    if log_dir is not None:
+        try:
+            log = Path(log_dir) / f"{job}-errors.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as fh:
+                fh.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {job}: {unit}\n")
+                fh.write("".join(traceback.format_exception(exc)))
+                fh.write(f"{exc}\n")
+        except OSError:          # the log's own disk may be the full one
+            log = None
+    where = f" (traceback in {log})" if log else ""
+    return JobError(f"{job}: {unit} failed: {what}{where}", log)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when RAY_ADDRESS names a host:port nobody listens on (ray.init
+    itself retries for minutes, then raises a bare ConnectionError)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if hostport in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e}); start it "
+                       f"(cluster/templates/ray.sbatch does on Slurm) or unset RAY_ADDRESS to run on a private "
+                       f"local Ray") from None
 
 
 def init_ray(num_cpus: int = 0, object_store_mb: int = 256):
@@ -17,8 +90,15 @@ def init_ray(num_cpus: int = 0, object_store_mb: int = 256):
     pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False,
-                 logging_level="WARNING")
+        check_reachable(os.environ["RAY_ADDRESS"])
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False,
+                     logging_level="WARNING")
+        except (ConnectionError, TimeoutError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise JobError(f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']} ({first}); "
+                           f"start it (cluster/templates/ray.sbatch does on Slurm) or unset RAY_ADDRESS to run on a "
+                           f"private local Ray") from None
     else:
         # address="local": never attach to somebody else's cluster on a shared machine
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
