@@ -19,18 +19,17 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from micon import schema
+from micon import atomic, schema
 from micon.chem.compound import FeaturizeOptions, Structure, featurize_chunk
 from micon.chem.standardize import DEFAULT_MAX_ATOMS
 from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_NAME, RaggedGraphs,
                               write_store)
-from micon.config import ConfigError, describe, job_help, load_config, to_dict, wants_help
+from micon.config import ConfigError, describe, help_or_usage, load_config, to_dict
 from micon.raycluster import init_ray
 
 MARKER = "featurize.json"
@@ -134,12 +133,8 @@ def plan_chunks(items, cfg: FeaturizeConfig) -> list[tuple[str, list]]:
 
 def write_part(path: Path, columns: dict, graphs: RaggedGraphs) -> None:
     """npz written under a temporary name, then renamed: a part on disk is always complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{f"col_{k}": v for k, v in columns.items()}, **graphs.arrays())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_part(path: Path) -> tuple[dict, RaggedGraphs]:
@@ -230,9 +225,7 @@ def consolidate(out: Path, part_paths: list[Path], cfg: FeaturizeConfig, input_d
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_marker(out: Path) -> dict | None:
@@ -266,8 +259,7 @@ def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
 
     parts_dir = out / PARTS
     parts_dir.mkdir(exist_ok=True)
-    for leftover in parts_dir.glob(".*.tmp-*"):  # half-written by a killed run
-        leftover.unlink(missing_ok=True)
+    atomic.remove_leftovers(parts_dir)  # half-written by a killed run
     paths = [parts_dir / name for name, _ in chunks]
     pending = [(p, items_) for p, (_, items_) in zip(paths, chunks) if not p.exists()]
     print(f"featurize: {len(items)} compounds from {compounds} in {len(chunks)} chunks "
@@ -304,12 +296,8 @@ def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if wants_help(argv):
-        print(job_help(__doc__, FeaturizeConfig))
-        return 0
-    if len(argv) < 2 or "=" in argv[0] or "=" in argv[1]:
-        print(__doc__)
-        return 2
+    if (rc := help_or_usage(argv, __doc__, FeaturizeConfig, positional=2)) is not None:
+        return rc
     try:
         cfg = load_config(FeaturizeConfig, overrides=argv[2:])
         counts = run(Path(argv[0]), Path(argv[1]), cfg)

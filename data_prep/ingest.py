@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -19,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import schema
-from micon.config import ConfigError, job_help, load_config, save_config, wants_help
+from micon import atomic, schema
+from micon.config import ConfigError, help_or_usage, load_config, save_config
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
 from micon.raycluster import init_ray
-from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits, atomic_write_json
+from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits
 
 REPORT = "ingest_report.csv"
 PLATE_LEVEL_PROBLEMS = ("missing_channel", "missing_load_data", "bad_illum")
@@ -121,6 +122,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
     for leftover in (out_p / "shards").glob(f"{plate}-*.tar*"):
         leftover.unlink()   # a half-finished earlier attempt: redo the plate from scratch
+    atomic.remove_leftovers(out_p / "shards", rf"{re.escape(plate)}-\d+\.tar")
     writer = ShardWriter(out_p / "shards", plate, cfg.codec, int(cfg.shard_mb * 1e6))
     illum_cache: dict[str, np.ndarray] = {}
     negcon_images, negcon_rows = [], []
@@ -172,15 +174,14 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     shards = writer.close()
     # DMSO control bank: one zarr array per plate, written aside and renamed into place
     bank = out_p / "control_bank.zarr"
-    final, tmp = bank / plate, bank / f".{plate}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    atomic.remove_leftovers(bank, re.escape(plate))   # an earlier attempt's half-written array
     if negcon_images:
         stack = np.stack(negcon_images)
-        arr = zarr.create_array(str(tmp), shape=stack.shape, chunks=(1,) + stack.shape[1:], dtype="uint8",
-                                zarr_format=3, overwrite=True)
-        arr[:] = stack
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic.atomic_path(bank / plate) as tmp:
+            arr = zarr.create_array(str(tmp), shape=stack.shape, chunks=(1,) + stack.shape[1:], dtype="uint8",
+                                    zarr_format=3, overwrite=True)
+            arr[:] = stack
+            shutil.rmtree(bank / plate, ignore_errors=True)
         x = stack.astype(np.float64)
         stats = dict(mean=x.mean(axis=(0, 2, 3)).round(6).tolist(), std=x.std(axis=(0, 2, 3)).round(6).tolist(),
                      n_sites=len(stack))
@@ -192,7 +193,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
                   n_by_role={k: int(v) for k, v in roles.items()}, shards=shards, stats=stats,
                   controls=negcon_rows, problems=problems, options=output_options(cfg),
                   image_shape=list(negcon_images[0].shape) if negcon_images else None)
-    atomic_write_json(out_p / "plates" / f"{plate}.json", record)
+    atomic.write_json(out_p / "plates" / f"{plate}.json", record)
     return record
 
 
@@ -202,15 +203,12 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
     records = [json.loads((out / "plates" / f"{p}.json").read_text()) for p in plates]
     controls = pd.DataFrame([dict(c, row=i) for r in records for i, c in enumerate(r["controls"])],
                             columns=[schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, "row"])
-    tmp = out / "controls.parquet.tmp"
-    controls.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "controls.parquet")
+    atomic.write_parquet(out / "controls.parquet", controls)
     import zarr
     zarr.open_group(str(out / "control_bank.zarr"), mode="a", zarr_format=3)
     problems = pd.DataFrame([p for r in records for p in r["problems"]],
                             columns=["plate", "well", "site", "file", "kind", "reason"])
-    problems.to_csv(out / (REPORT + ".tmp"), index=False)
-    os.replace(out / (REPORT + ".tmp"), out / REPORT)
+    atomic.write_csv(out / REPORT, problems)
     used = screen.wells[screen.wells[schema.PLATE].isin(plates)]
     cpds = screen.compounds[screen.compounds[schema.JCP].isin(used[schema.JCP])]
     treated = sorted(c for c in cpds[schema.JCP] if schema.role_of(c) == schema.TREATED)
@@ -233,7 +231,7 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
         compounds=[{k: row[k] for k in (schema.JCP, schema.INCHIKEY, schema.SMILES)} | dict(
             Metadata_Role=schema.role_of(row[schema.JCP])) for _, row in cpds.iterrows()],
     )
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic.write_json(out / "manifest.json", manifest)
     save_config(cfg, out / "prep_config.yaml")
     return manifest
 
@@ -330,12 +328,8 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if wants_help(argv):
-        print(job_help(__doc__, IngestConfig))
-        return 0
-    if len(argv) < 2:
-        print(__doc__)
-        return 2
+    if (rc := help_or_usage(argv, __doc__, IngestConfig, positional=2)) is not None:
+        return rc
     src, out = Path(argv[0]), Path(argv[1])
     try:
         cfg = load_config(IngestConfig, overrides=argv[2:])

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from micon import schema
-from micon.config import ConfigError, job_help, load_config, save_config, wants_help
+from micon import atomic, schema
+from micon.config import ConfigError, help_or_usage, load_config, save_config
 from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig,
                                        assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
-from micon.data.shards import Manifest, ManifestError, atomic_write_json
+from micon.data.shards import Manifest, ManifestError
 from micon.raycluster import init_ray
 
 
@@ -51,10 +51,8 @@ def site_index(root: Path, manifest: Manifest, ray) -> pd.DataFrame:
     task = ray.remote(num_cpus=1)(index_shard)
     refs = [task.remote(str(root / "shards" / s["name"])) for s in manifest.data["shards"]]
     index = pd.DataFrame([r for chunk in ray.get(refs) for r in chunk])
-    tmp = path.with_name(path.name + ".tmp")
-    index.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    atomic_write_json(stamp_path, stamp)
+    atomic.write_parquet(path, index)
+    atomic.write_json(stamp_path, stamp)
     return index
 
 
@@ -83,13 +81,12 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
             break
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob("*.tmp"):
-        leftover.unlink()            # a killed writer's partial shard
+        leftover.unlink()            # a killed writer's partial shard (micon.atomic's names end in .tmp too)
     samples, report = plan_replicate_sets(index, manifest.data["splits"], cfg, weights)
     shards = assign_shards(samples, index["size"].to_numpy(), cfg.seed, cfg.shard_mb * 1e6)
     names = [f"rset-{i:05d}.tar" for i in range(len(shards))]
-    atomic_write_json(plan_path, {"fingerprint": fingerprint, "shards": names})
-    report.to_csv(root / (REPORT_FILE + ".tmp"), index=False)
-    (root / (REPORT_FILE + ".tmp")).replace(root / REPORT_FILE)
+    atomic.write_json(plan_path, {"fingerprint": fingerprint, "shards": names})
+    atomic.write_csv(root / REPORT_FILE, report)
     todo = [i for i, n in enumerate(names) if not (out / n).is_file()]
     print(f"rsets: {len(samples)} replicate sets of {len({s['compound'] for s in samples})} compounds in "
           f"{len(shards)} shards, {len(shards) - len(todo)} already written, {len(todo)} to write; "
@@ -121,7 +118,7 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
            "shards": records, "n_samples": len(samples), "n_images": sum(r["n_images"] for r in records),
            "bytes": sum(r["bytes"] for r in records), "controls_by_level": levels,
            "compounds": per_compound, "left_out": dict(zip(report[schema.JCP], report["reason"]))}
-    atomic_write_json(done_path, doc)
+    atomic.write_json(done_path, doc)
     plan_path.unlink(missing_ok=True)
     mb = doc["bytes"] / 1e6
     print(f"rsets: wrote {len(samples)} replicate sets ({doc['n_images']} images, {mb:.1f} MB, "
@@ -131,12 +128,8 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
 
 
 def main(argv: list[str]) -> int:
-    if wants_help(argv):
-        print(job_help(__doc__, ReplicateSetConfig))
-        return 0
-    if not argv:
-        print(__doc__)
-        return 2
+    if (rc := help_or_usage(argv, __doc__, ReplicateSetConfig, positional=1)) is not None:
+        return rc
     root = Path(argv[0])
     try:
         cfg = load_config(ReplicateSetConfig, overrides=argv[1:])

@@ -30,7 +30,7 @@ import tifffile
 from tqdm import tqdm
 
 from micon import schema
-from micon.config import ConfigError, job_help, save_config, wants_help
+from micon.config import ConfigError, help_or_usage, save_config
 from micon.synth import (FACTORS, PRESETS, Screen, SynthConfig, design_screen, illumination_field, render_well_sites,
                          resolve_config)
 
@@ -158,12 +158,9 @@ def presets_help(width: int = 100) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if wants_help(argv):
-        print(job_help(__doc__, SynthConfig, resolve_config([]), extra=presets_help()))
-        return 0
-    if not argv or "=" in argv[0]:
-        print(__doc__)
-        return 2
+    if (rc := help_or_usage(argv, __doc__, SynthConfig, positional=1, instance=resolve_config([]),
+                            extra=presets_help())) is not None:
+        return rc
     out = Path(argv[0])
     try:
         cfg = resolve_config(argv[1:])

@@ -1,7 +1,8 @@
 """Configuration as data: typed dataclass trees, loadable from YAML, overridable with `a.b=c`.
 
-Every job defines its tree as nested dataclasses and calls `load_config`. Errors name the key
-and say what to change; nothing here reads anything but the YAML file it is given.
+Every job defines its tree as nested dataclasses and calls `load_config`; a field's trailing comment
+is its one-line meaning in the job's --help (`help_or_usage`). Errors name the key and say what to
+change; nothing here reads anything but the YAML file it is given (and, for help, the class source).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 import yaml
+
+from micon import atomic
 
 T = TypeVar("T")
 
@@ -190,9 +193,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (YAML) next to a run's outputs."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    atomic.write_text(p, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cfg: Any) -> str:
@@ -272,7 +273,7 @@ def config_keys(cls: type, instance: Any = None, prefix: str = "") -> list[tuple
     return rows
 
 
-def config_help(cls: type, instance: Any = None, width: int = 100) -> str:
+def config_help(cls: type, instance: Any = None) -> str:
     """The keys of a job's configuration for its --help: `key=default  meaning`, one a line."""
     rows = config_keys(cls, instance)
     heads = [f"{key}={default}" for key, default, _ in rows]
@@ -288,9 +289,18 @@ def config_help(cls: type, instance: Any = None, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def wants_help(argv: list[str]) -> bool:
-    """-h or --help anywhere among a job's arguments."""
-    return any(a in ("-h", "--help") for a in argv)
+def help_or_usage(argv: list[str], doc: str | None, cls: type, positional: int = 0, instance: Any = None,
+                  extra: str = "") -> int | None:
+    """The start of a job's main(): with -h/--help anywhere it prints `job_help` and returns 0; with fewer
+    than `positional` positional arguments (or a key=value among them) it prints the usage, `doc`, and
+    returns 2; otherwise None, and the job runs."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(job_help(doc, cls, instance, extra))
+        return 0
+    if len(argv) < positional or any("=" in a for a in argv[:positional]):
+        print(doc)
+        return 2
+    return None
 
 
 def job_help(doc: str | None, cls: type, instance: Any = None, extra: str = "") -> str:

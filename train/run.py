@@ -15,15 +15,11 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from micon.config import ConfigError, job_help, load_config, wants_help
+    from micon.config import ConfigError, help_or_usage, load_config
     from train.config import TrainConfig
 
-    if wants_help(argv):
-        print(job_help(__doc__, TrainConfig))
-        return 0
-    if not argv:
-        print(__doc__)
-        return 2
+    if (rc := help_or_usage(argv, __doc__, TrainConfig, positional=1)) is not None:
+        return rc
 
     try:
         cfg = load_config(TrainConfig, None if argv[0] == "-" else argv[0], argv[1:])

@@ -20,7 +20,6 @@ Pure planning and file writing here; Ray orchestration lives in data_prep/replic
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -33,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import schema
+from micon import atomic, schema
+from micon.data.tarwriter import SampleTar
 
 RSET_DIR = "replicate_sets"
 INDEX_FILE = "site_index.parquet"
@@ -199,6 +199,25 @@ def plan_fingerprint(index: pd.DataFrame, splits: dict, cfg: ReplicateSetConfig,
 
 # ----------------------------------------------------------------------------------------- writing
 
+def _sample_members(s: dict, images: dict[int, tuple[bytes, bytes | None]]) -> tuple[dict, bytes]:
+    """A replicate set's `.json` document and `.pack` bytes; `images[i]` = (treated, control) encoded bytes
+    of well i. Per well only what varies between wells; the compound's own fields once per sample."""
+    pack, wells = bytearray(), []
+    for i, e in enumerate(s["wells"]):
+        treated, control = images[i]
+        entry = {"meta": {c: e["t"][c] for c in WELL_COLUMNS}, "image": [len(pack), len(treated)], "control": None}
+        pack += treated
+        if e["c"] is not None:
+            entry["control"] = {"meta": {c: e["c"][c] for c in WELL_COLUMNS}, "image": [len(pack), len(control)],
+                                "level": e["level"]}
+            pack += control
+        wells.append(entry)
+    first = s["wells"][0]["t"]
+    doc = {"compound": s["compound"], "role": s["role"], "slot": s["slot"], "weight": s["weight"],
+           "codec": first["codec"], "shared": {c: first[c] for c in COMPOUND_COLUMNS}, "wells": wells}
+    return doc, bytes(pack)
+
+
 def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
     """Copy the encoded site bytes of `samples` from the plate shards into one tar at `dst` (temporary
     name, then rename; tar headers carry no time or owner, so a rerun writes identical bytes).
@@ -223,38 +242,16 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
                     raise OSError(f"{plate_shards / shard} is truncated: a site at byte {offset} needs {size} "
                                   f"bytes, got {len(blob)}; rerun prep for its plate")
                 data[ident] = blob
-    # per well only what varies between wells; the compound's own fields once per sample
-    meta = lambda r: {c: r[c] for c in WELL_COLUMNS}  # noqa: E731
-    tmp = dst.with_name(dst.name + ".tmp")
     n_images = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        def add(name: str, payload: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(payload), 0, 0o444
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(payload))
-
-        for si, s in enumerate(samples):
-            pack, wells = bytearray(), []
-            for i, e in enumerate(s["wells"]):
-                entry = {"meta": meta(e["t"]), "image": [len(pack), len(data[(si, i, "t")])], "control": None}
-                pack += data[(si, i, "t")]
-                if e["c"] is not None:
-                    entry["control"] = {"meta": meta(e["c"]), "image": [len(pack), len(data[(si, i, "c")])],
-                                        "level": e["level"]}
-                    pack += data[(si, i, "c")]
-                wells.append(entry)
-            n_images += len(s["wells"]) + sum(e["c"] is not None for e in s["wells"])
-            first = s["wells"][0]["t"]
-            doc = {"compound": s["compound"], "role": s["role"], "slot": s["slot"], "weight": s["weight"],
-                   "codec": first["codec"], "shared": {c: first[c] for c in COMPOUND_COLUMNS}, "wells": wells}
-            add(f"{s['key']}.json", json.dumps(doc, sort_keys=True).encode())
-            add(f"{s['key']}.pack", bytes(pack))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    if os.environ.get(DELAY_ENV):   # tests: slow each shard down so that a kill lands mid-build
-        time.sleep(float(os.environ[DELAY_ENV]))
-    os.replace(tmp, dst)
+    with atomic.atomic_path(dst) as tmp:
+        with SampleTar(tmp) as tar:
+            for si, s in enumerate(samples):
+                doc, pack = _sample_members(s, {i: (data[(si, i, "t")], data.get((si, i, "c")))
+                                                for i in range(len(s["wells"]))})
+                tar.write({"__key__": s["key"], "json": json.dumps(doc, sort_keys=True).encode(), "pack": pack})
+                n_images += len(s["wells"]) + sum(e["c"] is not None for e in s["wells"])
+        if os.environ.get(DELAY_ENV):   # tests: slow each shard down so that a kill lands mid-build
+            time.sleep(float(os.environ[DELAY_ENV]))
     return {"name": dst.name, "n_samples": len(samples), "n_images": n_images, "bytes": dst.stat().st_size,
             "compounds": sorted({s["compound"] for s in samples})}
 

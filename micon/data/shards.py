@@ -8,9 +8,7 @@ owner, so the same input gives the same bytes.
 from __future__ import annotations
 
 import functools
-import io
 import json
-import os
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import schema
+from micon import atomic, schema
 from micon.data.codecs import decode, encode
+from micon.data.tarwriter import SampleTar
 
 FORMAT_VERSION = 1
 SAMPLE_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP,
@@ -32,19 +31,6 @@ def sample_key(plate: str, well: str, site: str) -> str:
     return f"{plate}_{well}_{site}".replace(".", "-")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=False).encode())
-
-
 @dataclass
 class ShardWriter:
     """Rolls plate-grouped tar shards at about `target_bytes`; `close()` renames them into place."""
@@ -54,32 +40,24 @@ class ShardWriter:
     codec: str
     target_bytes: int
     shards: list[dict] = field(default_factory=list)
-    _tar: tarfile.TarFile | None = None
+    _tar: SampleTar | None = None
     _tmp_paths: list[Path] = field(default_factory=list)
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):04d}.tar"
-        tmp = self.directory / (name + ".tmp")
+        tmp = atomic.temp_path(self.directory / name)
         self._tmp_paths.append(tmp)
-        self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = SampleTar(tmp)
         self.shards.append(dict(name=name, n_samples=0, bytes=0))
-
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
 
     def write(self, key: str, image: np.ndarray, meta: dict) -> None:
         if self._tar is None or self.shards[-1]["bytes"] >= self.target_bytes:
             self._finish_current()
             self._open()
-        blob = encode(image, self.codec)
-        js = json.dumps(meta, sort_keys=True).encode()
-        self._add(f"{key}.image.{self.codec}", blob)
-        self._add(f"{key}.json", js)
+        size = self._tar.write({"__key__": key, f"image.{self.codec}": encode(image, self.codec),
+                                "json": json.dumps(meta, sort_keys=True).encode()})
         self.shards[-1]["n_samples"] += 1
-        self.shards[-1]["bytes"] += len(blob) + len(js) + 1024
+        self.shards[-1]["bytes"] += size + 1024
 
     def _finish_current(self) -> None:
         if self._tar is not None:
@@ -90,10 +68,8 @@ class ShardWriter:
         """Rename every finished shard into place; returns [{name, n_samples, bytes}]."""
         self._finish_current()
         for tmp, shard in zip(self._tmp_paths, self.shards):
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
             final = self.directory / shard["name"]
-            os.replace(tmp, final)
+            atomic.commit(tmp, final)
             shard["bytes"] = final.stat().st_size
         return self.shards
 
