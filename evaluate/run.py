@@ -147,13 +147,13 @@ def write_profiles(out: Path, name: str, result: dict) -> tuple[Path, Path]:
     is the whitened variable paired with input feature j, and ZCA-cor is the whitening that keeps those
     pairs most alike (it maximises the sum over j of corr(whitened j, input j), Kessy et al. 2018); it is
     not feature j itself."""
+    from micon import atomic
     from micon.eval.profiles import profile_table
 
     paths = []
     for suffix, feats, names in (("_raw", result["raw"], result["raw_names"]), ("", result["prof"], result["kept_names"])):
         path = out / f"profiles_{name}{suffix}.parquet"
-        profile_table(result["wells"], feats, names).to_parquet(path.with_name(path.name + ".tmp"), index=False)
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        atomic.write_parquet(path, profile_table(result["wells"], feats, names))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -269,9 +269,10 @@ def main(argv: list[str]) -> int:
              f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
              f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s; "
              f"{time.perf_counter() - t_all:.0f} s so far)")
+    from micon import atomic
+
     doc = strict_json({"methods": {n: r["metrics"] for n, r in results.items()}, "config": to_dict(cfg)})
-    (out / "metrics.json.tmp").write_text(json.dumps(doc, indent=1, allow_nan=False))
-    os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    atomic.write_json(out / "metrics.json", doc, indent=1, allow_nan=False)
     t0 = time.perf_counter()
     report = write_report(out, results, cfg)
     _say(f"report: {len(list(out.glob('*.png')))} plots in {time.perf_counter() - t0:.1f} s")
