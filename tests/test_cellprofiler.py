@@ -139,17 +139,22 @@ def test_values_match_scikit_image_and_numpy_on_random_sites():
         assert feats["Cells_Correlation_Correlation_DNA_RNA"] == pytest.approx(np.median(corr), abs=1e-9)
 
 
-def test_no_nan_for_an_empty_or_flat_site_and_the_batch_does_not_change_a_site():
+def test_no_nan_for_an_empty_flat_or_one_cell_site_and_the_batch_does_not_change_a_site():
     f = get_featuriser("cellprofiler")
     names = f.feature_names(CHANNELS)
     empty = np.zeros((5, 64, 64), np.uint8)
     flat = np.full((5, 64, 64), 37, np.uint8)
     rng = np.random.default_rng(2)
-    sites = np.stack([empty, flat, random_site(rng)[0], random_site(rng)[0]])
+    one, two = random_site(rng, n=1)[0], random_site(rng, n=2)[0]
+    sites = np.stack([empty, flat, one, two, random_site(rng)[0]])
     x = f.embed(sites, CHANNELS)
-    assert x.shape == (4, len(names)) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.shape == (5, len(names)) and x.dtype == np.float32 and np.isfinite(x).all()
     assert (x[0] == 0).all() and (x[1] == 0).all()       # no objects: 0 for every feature
-    np.testing.assert_array_equal(f.embed(sites[2:3], CHANNELS)[0], x[2])
+    named = dict(zip(names, x[2]))
+    assert named["Cells_Neighbors_NumberOfNeighbors_Adjacent"] == 0 and named["Nuclei_AreaShape_Area"] > 0
+    np.testing.assert_array_equal(f.embed(sites[4:5], CHANNELS)[0], x[4])
+    full = get_featuriser("cellprofiler_full")         # every measurement copes with 0 and 1 objects
+    assert np.isfinite(full.embed(np.stack([empty, one]), CHANNELS)).all()
 
 
 def test_every_registered_featuriser_embeds_sites():

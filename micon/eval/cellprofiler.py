@@ -202,7 +202,7 @@ def measure_objects(site: np.ndarray, channels, labels: dict[str, np.ndarray],
             if kind == "shape":
                 calls = [(None, None, lambda: fn(lab, None, **params))]
             elif kind == "neighbors":
-                calls = [(None, None, lambda: fn(lab, **params))]
+                calls = [(None, None, lambda: fn(lab, **params) if n > 1 else _lone_object(m))]
             elif kind == "channel":
                 calls = [(ch, None, lambda ch=ch: fn(lab, pixels[channels.index(ch)], **params)) for ch in chans]
             else:
@@ -219,6 +219,13 @@ def measure_objects(site: np.ndarray, channels, labels: dict[str, np.ndarray],
                     if _kept(key, m):
                         out[comp][cellprofiler_name(comp, category, key, ch, pair)] = np.asarray(values, np.float64)
     return out
+
+
+def _lone_object(m: Measure) -> dict[str, np.ndarray]:
+    """Neighbours of the only object of a site (cp-measure 0.3 fails on it): none, nothing touching, and
+    distances and angles undefined (NaN; the site's median then gives 0)."""
+    return {k: np.array([0.0 if ("NumberOfNeighbors" in k or "PercentTouching" in k) else np.nan])
+            for k in _probe(m.function, m.params)}
 
 
 @lru_cache(maxsize=None)
