@@ -105,7 +105,7 @@ usage: ./launch.sh COMMAND [ARGS...]
   test [PYTEST ARGS]         the test suite
   compare [options]          the science: every method x 3 seeds on the calibrated screen, ablations,
                              activity-aware MICON, three splits, intervals (bench/science.py --help)
-  calibrate [key=value ...]  hand-crafted levels of a synthetic screen beside the field's anchors
+  calibrate [key=value ...]  CellProfiler-grade baseline's levels on a synthetic screen beside the field's anchors
   help                       this list
 USAGE
   echo

@@ -475,7 +475,7 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
         f"{results['compute_min']['comparison']:.0f}, ablations {results['compute_min']['ablations']:.0f}, activity "
         f"{results['compute_min']['activity']:.0f}, data preparation {results['compute_min']['prepare']:.0f}), plus "
         f"scoring", "",
-        "## 1. Calibration (hand-crafted features only, fixed before any method ran)", "",
+        "## 1. Calibration (the CellProfiler-grade baseline only, fixed before any method ran)", "",
         f"Preset `{results['preset']}`: {results['screen']}. Effects (micon.synth.CALIBRATION): "
         + ", ".join(f"{k}={v}" for k, v in CALIBRATION.items()) + ".", "",
         f"Anchors: {ANCHOR_SOURCE}.", "",
@@ -484,6 +484,7 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
           for k, (lo, hi) in ANCHORS.items()],
         f"| nsb_top1 / nss_top1 | 0.085 / 0.012 | {cal['nsb_top1']:.3f} / {cal['nss_top1']:.3f} |",
         f"| source_knn_normalised (after MAD + ZCA) | - | {cal['source_knn_normalised']:.3f} |", "",
+        *calibration_record(),
         "## 2. Comparison", "",
         f"Each learned method: {results['steps']} steps, 32 examples per step, seeds {results['seeds']}; "
         "mean over seeds with its 95% t-interval in brackets (bootstrap-over-compounds intervals of the first seed "
@@ -519,6 +520,12 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
     shutil.copy(out / "comparison.png", ROOT / "docs" / "results" / "comparison.png")
     summary.to_csv(ROOT / "docs" / "results" / "summary.csv", index=False)   # what --replot redraws from
     return path
+
+
+def calibration_record() -> list[str]:
+    """The calibration runs of bench/calibrate.py (docs/results/CALIBRATION.md, hand-kept), as lines."""
+    path = ROOT / "docs" / "results" / "CALIBRATION.md"
+    return [path.read_text().rstrip(), ""] if path.is_file() else []
 
 
 def screen_description(out: Path) -> str:

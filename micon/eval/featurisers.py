@@ -3,8 +3,7 @@
     ./launch.sh embed cellprofiler SHARDS OUT      (a name from FEATURISERS instead of a checkpoint)
 
 Each has `name`, `description`, `feature_names(channels)`, `settings()` (what decides its numbers) and
-`embed(sites, channels)`: uint8 sites [N, C, H, W] -> [N, D] float32 in the order of its feature names.
-No job code here; building one imports nothing heavy.
+`embed(sites, channels)`: uint8 sites [N, C, H, W] -> [N, D] float32, columns in feature-name order.
 """
 from __future__ import annotations
 
