@@ -80,6 +80,7 @@ def segment(site: np.ndarray, channels, seg: Segmentation = Segmentation()) -> t
     """[C, H, W] site -> (nuclei, cells, cytoplasm) int32 label images. Nucleus i lies inside cell i and
     cytoplasm i is cell i without its nucleus (empty when the cell is its nucleus); 0 is background."""
     from skimage.feature import peak_local_max
+    from skimage.filters import sobel
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
@@ -100,15 +101,13 @@ def segment(site: np.ndarray, channels, seg: Segmentation = Segmentation()) -> t
         markers = np.zeros(fg.shape, np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
         nuclei = watershed(-dist, markers, mask=fg).astype(np.int32)
-        # every foreground component gets a nucleus, even one without a peak of that height
+        # every foreground component gets a nucleus, even one where no peak was found
         comp, n = ndimage.label(fg & (nuclei == 0))
         if n:
             nuclei[comp > 0] = comp[comp > 0] + nuclei.max()
         nuclei = _relabel(nuclei)
     stain = np.mean([site[channels.index(c)].astype(np.float32) for c in seg.cell_channels], axis=0)
     stain = ndimage.gaussian_filter(stain, seg.smoothing)
-    from skimage.filters import sobel
-
     cell_fg = (stain > seg.cell_threshold * _otsu(stain)) | (nuclei > 0)
     cells = watershed(sobel(stain), nuclei, mask=cell_fg).astype(np.int32) if nuclei.any() else nuclei.copy()
     cytoplasm = np.where(nuclei > 0, 0, cells).astype(np.int32)
