@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ from micon.chem.compound import FeaturizeOptions, Structure, featurize_chunk
 from micon.chem.standardize import DEFAULT_MAX_ATOMS
 from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_NAME, RaggedGraphs,
                               write_store)
-from micon.config import ConfigError, describe, help_or_usage, load_config, to_dict
+from micon.config import (ConfigError, NonNegativeInt, PositiveInt, Range, describe, help_or_usage, load_config,
+                          to_dict)
 from micon.raycluster import init_ray
 
 MARKER = "featurize.json"
@@ -40,22 +42,17 @@ DELAY_ENV = "MICON_FEATURIZE_TEST_DELAY_S"
 
 @dataclasses.dataclass
 class FeaturizeConfig:
-    radius: int = 2       # Morgan fingerprint radius
-    n_bits: int = 2048    # Morgan fingerprint length in bits (a multiple of 8)
+    radius: PositiveInt = 2  # Morgan fingerprint radius
+    n_bits: Annotated[int, Range(8)] = 2048  # Morgan fingerprint length in bits (a multiple of 8)
     tautomers: bool = False  # canonicalise tautomers before featurising
-    max_atoms: int = DEFAULT_MAX_ATOMS  # heavier molecules get status error
-    chunk_size: int = 1000  # compounds per Ray task and per part file
-    num_workers: int = 0  # Ray CPUs for a local cluster; 0 = every core of this machine
-    seed: int = 0  # order in which compounds are dealt into chunks; the store itself is sorted by id
+    max_atoms: PositiveInt = DEFAULT_MAX_ATOMS  # heavier molecules get status error
+    chunk_size: PositiveInt = 1000  # compounds per Ray task and per part file
+    num_workers: NonNegativeInt = 0  # Ray CPUs for a local cluster; 0 = every core of this machine
+    seed: NonNegativeInt = 0  # order in which compounds are dealt into chunks; the store itself is sorted by id
 
     def validate(self) -> None:
-        for key in ("radius", "max_atoms", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
-        if self.n_bits < 8 or self.n_bits % 8:
+        if self.n_bits % 8:
             raise ConfigError(f"n_bits={self.n_bits}: must be a positive multiple of 8 (fingerprints are bit-packed)")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers={self.num_workers}: use 0 for all cores or a positive count")
 
     def options(self) -> FeaturizeOptions:
         return FeaturizeOptions(self.radius, self.n_bits, self.tautomers, self.max_atoms)

@@ -16,12 +16,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
 from micon import atomic, schema
-from micon.config import ConfigError, help_or_usage, load_config, save_config
+from micon.config import (ConfigError, Fraction, NonNegativeInt, PositiveFloat, Range, help_or_usage, load_config,
+                          save_config)
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
@@ -33,26 +35,29 @@ PLATE_LEVEL_PROBLEMS = ("missing_channel", "missing_load_data", "bad_illum")
 DELAY_ENV = "MICON_INGEST_TEST_DELAY_S"
 
 
+Percent = Annotated[float, Range(0, 100)]
+
+
 @dataclass
 class IngestConfig:
-    image_size: int = 0             # stored size in pixels (0 = keep the source size)
+    image_size: NonNegativeInt = 0  # stored size in pixels (0 = keep the source size)
     resize: str = "area"            # area (downsample the whole field) or crop (centre crop)
     codec: str = DEFAULT_CODEC      # see docs/BENCHMARKS.md "Site storage formats"
-    p_low: float = 0.1              # percentile mapped to 0
-    p_high: float = 99.9            # percentile mapped to 255
+    p_low: Percent = 0.1            # percentile mapped to 0
+    p_high: Percent = 99.9          # percentile mapped to 255
     illum: bool = True              # divide by the illumination functions named in load_data
-    shard_mb: float = 256.0         # target shard size
+    shard_mb: PositiveFloat = 256.0  # target shard size
     on_error: str = "stop"          # stop: a bad site fails its plate; skip: drop it and report it
     plates: list[str] = field(default_factory=list)  # only these plates (default: every plate of plate_types)
     plate_types: list[str] = field(  # Metadata_PlateType kept (ORF and CRISPR plates are left out)
         default_factory=lambda: ["COMPOUND", "TARGET2", "DMSO", "POSCON8"])
-    workers: int = 0                # Ray CPUs for the local cluster (0 = all cores)
+    workers: NonNegativeInt = 0     # Ray CPUs for the local cluster (0 = all cores)
     rebuild: bool = False           # redo plates made with other output options (else refuse)
     allow_outside_root: bool = False  # let load_data name images outside SRC (else such a row is refused)
-    seed: int = 0                   # seed of the held-out splits
-    heldout_compound_fraction: float = 0.2  # share of treated compounds held out of training
-    heldout_sources: int = 0        # whole sources held out of training
-    heldout_batches: int = 0        # whole batches (of the other sources) held out of training
+    seed: NonNegativeInt = 0        # seed of the held-out splits
+    heldout_compound_fraction: Fraction = 0.2  # share of treated compounds held out of training
+    heldout_sources: NonNegativeInt = 0  # whole sources held out of training
+    heldout_batches: NonNegativeInt = 0  # whole batches (of the other sources) held out of training
     replicate_sets: bool = True     # end with the replicate-set shards training reads (see rsets)
     rsets: ReplicateSetConfig = field(default_factory=ReplicateSetConfig)
 

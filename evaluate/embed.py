@@ -23,7 +23,7 @@ import pandas as pd
 
 from micon import schema
 from micon.checkpoint import CheckpointError, load_checkpoint
-from micon.config import ConfigError, load_config, save_config
+from micon.config import ConfigError, NonNegativeInt, PositiveInt, load_config, save_config
 from micon.data.preprocess import SitePreprocessor
 from micon.data.codecs import decode
 from micon.data.shards import Manifest, ManifestError, read_tar_encoded
@@ -35,9 +35,9 @@ from micon.raycluster import init_ray
 
 @dataclass
 class EmbedConfig:
-    workers: int = 0          # actors (0 = one per GPU, else 2 CPU actors)
-    batch_size: int = 64      # sites per forward pass
-    threads: int = 1          # per actor: torch threads on a CPU; on a GPU, threads decoding the next batch
+    workers: NonNegativeInt = 0  # actors (0 = one per GPU, else 2 CPU actors)
+    batch_size: PositiveInt = 64  # sites per forward pass
+    threads: PositiveInt = 1  # per actor: torch threads on a CPU; on a GPU, threads decoding the next batch
                               # while the GPU embeds this one (decoding, not the GPU, bounds one thread)
     overwrite: bool = False   # replace embeddings of another model or shard set found in OUT (else refuse)
 

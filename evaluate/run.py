@@ -13,13 +13,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from micon import schema
-from micon.config import ConfigError, load_config, save_config, to_dict
+from micon.config import ConfigError, PositiveFloat, PositiveInt, Range, load_config, save_config, to_dict
 from micon.eval.profiles import ProfileError
 from micon.tables import markdown_table
 
@@ -36,12 +37,12 @@ class EvalConfig:
     aggregate: str = "mean"          # site -> well: mean | median
     normalize: bool = True           # per-plate robust MAD against DMSO
     spherize: bool = True            # ZCA-cor fitted on DMSO wells
-    epsilon: float = 1e-6            # ZCA regulariser
-    max_k: int = 10                  # top-k retrieval for k = 1..max_k
+    epsilon: PositiveFloat = 1e-6    # ZCA regulariser
+    max_k: PositiveInt = 10          # top-k retrieval for k = 1..max_k
     compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
     shards: str = ""                 # manifest dir (for compounds=heldout)
-    null_size: int = 10000           # random rankings in mAP's null distribution
-    bootstrap: int = 1000            # resamples of compounds for the report's intervals
+    null_size: PositiveInt = 10000   # random rankings in mAP's null distribution
+    bootstrap: Annotated[int, Range(2, why="1000 for the report")] = 1000  # resamples of compounds for the report's intervals
     ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
     plates_without_dmso: str = "stop"   # stop | drop (their wells) | batch (against the batch's, else source's DMSO)
     wandb: bool = True               # log metrics and plots to wandb (offline by default)
@@ -56,8 +57,6 @@ class EvalConfig:
             raise ConfigError("compounds: all or heldout")
         if self.plates_without_dmso not in ("stop", "drop", "batch"):
             raise ConfigError("plates_without_dmso: stop, drop or batch")
-        if self.bootstrap < 2:
-            raise ConfigError("bootstrap: at least 2 resamples (1000 for the report)")
         if self.compounds == "heldout" and not self.shards:
             raise ConfigError("compounds=heldout needs shards=DIR (the manifest that names them)")
 

@@ -1,8 +1,9 @@
 """Configuration as data: typed dataclass trees, loadable from YAML, overridable with `a.b=c`.
 
 Every job defines its tree as nested dataclasses and calls `load_config`; a field's trailing comment
-is its one-line meaning in the job's --help (`help_or_usage`). Errors name the key and say what to
-change; nothing here reads anything but the YAML file it is given (and, for help, the class source).
+is its one-line meaning in the job's --help (`help_or_usage`), a numeric field's allowed range is part
+of its type (`steps: Annotated[int, Range(1)]`, or the aliases below), checked for every field of every
+tree before its `validate()`. Errors name the key, the value and what to change.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import functools
 import inspect
 import io
 import json
+import math
 import textwrap
 import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Annotated, Any, Iterable, TypeVar
 
 import yaml
 
@@ -29,6 +31,84 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration a person must fix; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, declared in its type: `Annotated[int, Range(1)]` is 1 or more,
+    `Range(0, open_min=True)` more than 0, `Range(0, 1)` 0 to 1. Floats must also be finite (no nan, inf).
+    `why` is added to the message (what the bound protects)."""
+
+    min: float | None = None
+    max: float | None = None
+    open_min: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None and not self.open_min:
+            return f"{self.min:g} to {self.max:g}"
+        lo = None if self.min is None else f"{'>' if self.open_min else '>='} {self.min:g}"
+        hi = None if self.max is None else f"<= {self.max:g}"
+        return " and ".join(x for x in (lo, hi) if x) or "any finite number"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is outside the range, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"a finite number {self.describe()}" if self.min is not None or self.max is not None \
+                else "a finite number"
+        below = self.min is not None and (value <= self.min if self.open_min else value < self.min)
+        above = self.max is not None and value > self.max
+        return self.describe() if below or above else None
+
+
+# the common ranges, as types: `steps: PositiveInt = 100  # optimizer steps`
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, open_min=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]
+FiniteFloat = Annotated[float, Range()]
+
+
+def _ranges(cls: type) -> dict[str, Range]:
+    """Field name -> its declared Range (fields without one are absent; every float gets `Range()`)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        inner, _ = _unwrap_optional(tp)
+        if typing.get_origin(inner) is Annotated:
+            found = [m for m in inner.__metadata__ if isinstance(m, Range)]
+            if found:
+                out[name] = found[0]
+                continue
+            inner = typing.get_args(inner)[0]
+        if inner is float:
+            out[name] = Range()   # nan and inf are never a setting
+    return out
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Every numeric field of the tree `cfg` (nested sections included) within its declared Range, else a
+    ConfigError naming the key, the value and the range."""
+    ranges = _ranges(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, f"{prefix}{f.name}.")
+            continue
+        r = ranges.get(f.name)
+        if r is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        problem = r.problem(value)
+        if problem:
+            raise ConfigError(f"{prefix}{f.name}={value}: out of range, allowed {problem}"
+                              + (f" ({r.why})" if r.why else ""))
+
+
+def range_of(cls: type, name: str) -> Range | None:
+    """The declared Range of field `name` of `cls` (for --help and tests)."""
+    return _ranges(cls).get(name)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -126,6 +206,7 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
+    check_ranges(obj, prefix)   # defaults and presets included, before validate() relies on them
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
@@ -189,11 +270,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     return _build(cls, data)
 
 
+def dump(cfg: Any) -> str:
+    """The resolved config as the YAML text save_config writes."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (YAML) next to a run's outputs."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(p, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic.write_text(p, dump(cfg))
 
 
 def describe(cfg: Any) -> str:
@@ -273,9 +359,23 @@ def config_keys(cls: type, instance: Any = None, prefix: str = "") -> list[tuple
     return rows
 
 
+def declared_ranges(cls: type, prefix: str = "") -> dict[str, Range]:
+    """Dotted key -> the Range its type declares (not the implicit finiteness of every float)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(_field_types(cls)[f.name])
+        if dataclasses.is_dataclass(tp):
+            out |= declared_ranges(tp, f"{prefix}{f.name}.")
+        elif (r := _ranges(cls).get(f.name)) is not None and r != Range():
+            out[prefix + f.name] = r
+    return out
+
+
 def config_help(cls: type, instance: Any = None) -> str:
-    """The keys of a job's configuration for its --help: `key=default  meaning`, one a line."""
-    rows = config_keys(cls, instance)
+    """The keys of a job's configuration for its --help: `key=default  meaning [range]`, one a line."""
+    ranges = declared_ranges(cls)
+    rows = [(key, default, f"{meaning} [{ranges[key].describe()}]" if key in ranges else meaning)
+            for key, default, meaning in config_keys(cls, instance)]
     heads = [f"{key}={default}" for key, default, _ in rows]
     col = max((len(h) for h in heads if len(h) <= 32), default=32)   # longer ones get a line of their own
     lines = ["keys (key=value on the command line; shown with their defaults, `key=` is empty):"]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from micon import losses
+from micon.config import NonNegativeFloat, PositiveFloat
 from micon.data.needs import DataNeeds
 from micon.models.factory import MOLECULE_INPUTS, ModelConfig, build_image_encoder, build_molecule_encoder
 
@@ -28,8 +29,8 @@ CounterfactualMode = Literal["union", "cross"]
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.1             # softmax temperature of the contrastive losses
-    counterfactual_weight: float = 1.0   # lambda in PaCLR + lambda * counterfactual
+    temperature: PositiveFloat = 0.1     # softmax temperature of the contrastive losses
+    counterfactual_weight: NonNegativeFloat = 1.0  # lambda in PaCLR + lambda * counterfactual
     counterfactual_mode: CounterfactualMode = "union"   # union (official) | cross
     dmso_positives: bool = False         # False: the paper (DMSO only negatives); True: the official code
 

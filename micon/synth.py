@@ -12,13 +12,14 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
 from micon import schema
-from micon.config import ConfigError
+from micon.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 N_FACTORS = 10
 # Morphological factors a compound can move (index -> meaning); effect = base * exp(scale * m * d).
@@ -68,32 +69,32 @@ class SynthConfig:
     """What `./launch.sh synth OUT key=value ...` accepts."""
 
     preset: str = "tiny"           # one of PRESETS (synth --help lists them): sets the keys below; key=value win
-    seed: int = 0                  # the same seed gives the same bytes
-    n_sources: int = 2             # imaging sites (Metadata_Source)
-    batches_per_source: int = 2    # batches per source
-    plates_per_batch: int = 1      # plates per batch
-    n_compounds: int = 12          # treated compounds (real molecules from RDKit's sets)
-    replicates: int = 4            # wells per compound across the screen
-    dmso_wells: int = 4            # negative-control wells per plate
-    poscon_wells: int = 2          # positive-control wells per plate
-    sites_per_well: int = 2        # fields of view per well
-    image_size: int = 64           # site size in pixels (square)
+    seed: NonNegativeInt = 0       # the same seed gives the same bytes
+    n_sources: PositiveInt = 2     # imaging sites (Metadata_Source)
+    batches_per_source: PositiveInt = 2  # batches per source
+    plates_per_batch: PositiveInt = 1  # plates per batch
+    n_compounds: PositiveInt = 12  # treated compounds (real molecules from RDKit's sets)
+    replicates: PositiveInt = 4    # wells per compound across the screen
+    dmso_wells: Annotated[int, Range(1, why="every plate needs DMSO controls")] = 4  # negative-control wells per plate
+    poscon_wells: NonNegativeInt = 2  # positive-control wells per plate
+    sites_per_well: PositiveInt = 2  # fields of view per well
+    image_size: Annotated[int, Range(32)] = 64  # site size in pixels (square)
     wells_per_plate: int = 384     # plate format: 384 (16 x 24) or 96 (8 x 12)
-    cells_per_site: float = 14.0   # mean cells per site (before density effects)
-    active_fraction: float = 0.3   # share of compounds with any phenotype
-    strong_fraction: float = 0.1   # share of compounds at full strength
-    source_effect: float = 1.0     # multiplies every technical effect (0 = none)
+    cells_per_site: PositiveFloat = 14.0  # mean cells per site (before density effects)
+    active_fraction: Fraction = 0.3  # share of compounds with any phenotype
+    strong_fraction: Fraction = 0.1  # share of compounds at full strength
+    source_effect: NonNegativeFloat = 1.0  # multiplies every technical effect (0 = none)
     # Effects that survive per-image scaling and per-plate MAD + ZCA, as real ones do (0 = off; the
-    # `calibrated` presets set them, chosen so that hand-crafted features land at the field's levels):
-    well_noise: float = 0.04       # sd of log morphology per well (biological well-to-well variation)
-    source_interaction: float = 0.0  # share of a compound's phenotype direction that is source-specific
-    source_response: float = 0.0   # sd of log phenotype strength per (source, compound)
-    optics: float = 0.0            # per-source pixel size (sd of log scale) and defocus (blur up to 3x this)
-    stain_gamma: float = 0.0       # sd of log staining gamma per (source, channel): non-linear intensity
-    bleed: float = 0.0             # largest channel bleed-through fraction per source
-    density_source: float = 0.0    # sd of log cell density per source
-    density_plate: float = 0.0     # sd of log cell density per plate
-    workers: int = 0               # processes; 0 = all cores
+    # `calibrated` presets set them, chosen so that CellProfiler-grade features land at the field's levels):
+    well_noise: NonNegativeFloat = 0.04  # sd of log morphology per well (biological well-to-well variation)
+    source_interaction: Fraction = 0.0  # share of a compound's phenotype direction that is source-specific
+    source_response: NonNegativeFloat = 0.0  # sd of log phenotype strength per (source, compound)
+    optics: NonNegativeFloat = 0.0  # per-source pixel size (sd of log scale) and defocus (blur up to 3x this)
+    stain_gamma: NonNegativeFloat = 0.0  # sd of log staining gamma per (source, channel): non-linear intensity
+    bleed: NonNegativeFloat = 0.0  # largest channel bleed-through fraction per source
+    density_source: NonNegativeFloat = 0.0  # sd of log cell density per source
+    density_plate: NonNegativeFloat = 0.0  # sd of log cell density per plate
+    workers: NonNegativeInt = 0    # processes; 0 = all cores
     write_parquet: bool = True     # also write load_data_with_illum.parquet
     write_illum: bool = True       # write illumination functions (.npy per channel per plate)
 
@@ -102,22 +103,8 @@ class SynthConfig:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.wells_per_plate not in (96, 384):
             raise ConfigError(f"wells_per_plate={self.wells_per_plate}: JUMP plates have 96 or 384 wells")
-        for name in ("n_sources", "batches_per_source", "plates_per_batch", "n_compounds", "replicates",
-                     "sites_per_well"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.image_size < 32:
-            raise ConfigError(f"image_size={self.image_size}: use at least 32 pixels")
-        if self.dmso_wells < 1:
-            raise ConfigError("dmso_wells must be at least 1: every plate needs DMSO controls")
-        if not 0 <= self.strong_fraction <= self.active_fraction <= 1:
-            raise ConfigError("need 0 <= strong_fraction <= active_fraction <= 1")
-        if not 0 <= self.source_interaction <= 1:
-            raise ConfigError(f"source_interaction={self.source_interaction}: a share, 0 to 1")
-        for name in ("well_noise", "source_response", "optics", "stain_gamma", "bleed", "density_source",
-                     "density_plate"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.strong_fraction > self.active_fraction:
+            raise ConfigError("need strong_fraction <= active_fraction")
         n_plates = self.n_plates
         if self.replicates > n_plates:
             raise ConfigError(f"replicates={self.replicates} but only {n_plates} plates: each replicate "

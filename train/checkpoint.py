@@ -51,7 +51,7 @@ def resolve_resume(root: Path, resume: str, rank: int) -> str | None:
     left waiting in a collective for one that stopped)."""
     tag, problem = None, None
     if rank == 0 and resume != "none":
-        tag = find_latest(root) if resume == "latest" else resume
+        tag = find_latest(root) if resume in ("latest", "force") else resume
         if tag is not None and not (root / tag / "model.pt").is_file():
             problem = (f"checkpoint {root / tag} is missing or incomplete; complete ones: "
                        f"{sorted(p.name for p in root.glob('step*') if (p / 'model.pt').is_file())}")

@@ -5,9 +5,10 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from micon.config import ConfigError
+from micon.config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                          PositiveInt, Range)
 from micon.data.pipeline import Augment
 from micon.data.preprocess import NORMALIZATIONS
 from micon.data.replicate_sets import PAIR_LEVELS
@@ -28,10 +29,10 @@ OnNonfinite = Literal["stop", "skip"]
 class DataConfig:
     shards: str = ""                 # prep output directory (manifest.json)
     graphs: str = ""                 # featurize output directory (micon, clip)
-    num_workers: int = 0             # DataLoader workers per rank
+    num_workers: NonNegativeInt = 0  # DataLoader workers per rank
     stream: StreamMode = "auto"           # auto (replicate sets when the method pairs replicates) | replicate_sets | plates
-    shuffle_buffer: int = 128        # raw samples shuffled before decoding
-    pair_buffer: int = 4096          # treated sites waiting for a replicate partner (plate stream)
+    shuffle_buffer: PositiveInt = 128  # raw samples shuffled before decoding
+    pair_buffer: PositiveInt = 4096  # treated sites waiting for a replicate partner (plate stream)
     pair_prefer: PairLevel = "source"     # source | batch | plate | well
     resample: bool = False           # draw shards with replacement instead of epoch by epoch
     normalize: Normalization = "plate"       # plate | none
@@ -41,19 +42,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3             # AdamW peak learning rate
-    weight_decay: float = 0.05   # AdamW weight decay
-    warmup_steps: int = 10       # linear warm-up steps, then cosine decay
-    min_lr_ratio: float = 0.1    # the cosine ends at lr * min_lr_ratio
-    grad_clip: float = 1.0       # gradient norm clip (0 = none)
+    lr: NonNegativeFloat = 1e-3  # AdamW peak learning rate
+    weight_decay: NonNegativeFloat = 0.05  # AdamW weight decay
+    warmup_steps: NonNegativeInt = 10  # linear warm-up steps, then cosine decay
+    min_lr_ratio: Fraction = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: NonNegativeFloat = 1.0  # gradient norm clip (0 = none)
 
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2
+    zero_stage: Annotated[int, Range(0, 2)] = 1  # DeepSpeed ZeRO stage: 0, 1 or 2
     precision: Precision = "auto"        # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
-    grad_accum: int = 1              # micro-steps per optimizer step
-    dist_timeout_s: float = 120.0    # a dead rank fails the others after this long
+    grad_accum: PositiveInt = 1      # micro-steps per optimizer step
+    dist_timeout_s: PositiveFloat = 120.0  # a dead rank fails the others after this long
 
 
 @dataclass
@@ -63,21 +64,22 @@ class WandbConfig:
     entity: str = ""                 # wandb team or user ("" = your default)
     mode: str = ""                   # "" = $WANDB_MODE or offline; online needs WANDB_API_KEY
     name: str = ""                   # run name ("" = wandb picks one)
-    log_every: int = 1               # log metrics every this many steps
+    log_every: PositiveInt = 1       # log metrics every this many steps
 
 
 @dataclass
 class TrainConfig:
     method: MethodName = "micon"          # micon | paclr | clip | simclr (micon.methods)
     out: str = "runs/train"          # run directory: checkpoints, config, wandb, final.json
-    steps: int = 100                 # optimizer steps
-    micro_batch: int = 8             # examples per rank per micro-step
-    seed: int = 0                    # model initialisation and data shuffle seed
-    ckpt_every: int = 50             # save a checkpoint every this many steps (and at the end)
-    keep_ckpts: int = 2              # newest checkpoints kept on disk
-    resume: str = "latest"           # latest | none | a step directory name
+    steps: PositiveInt = 100         # optimizer steps
+    micro_batch: Annotated[int, Range(2, why="contrastive losses need negatives")] = 8  # examples per rank per micro-step
+    seed: NonNegativeInt = 0         # model initialisation and data shuffle seed
+    ckpt_every: PositiveInt = 50     # save a checkpoint every this many steps (and at the end)
+    keep_ckpts: NonNegativeInt = 2   # newest checkpoints kept on disk (0 = all)
+    resume: str = "latest"           # latest | none | force (latest, even with other data, method or model:
+                                     # the change is logged in OUT/run.json) | a step directory name
     on_nonfinite: OnNonfinite = "stop"     # stop | skip (drop the batch on every rank; not counted as a step)
-    max_skips_in_a_row: int = 10     # on_nonfinite=skip: stop after this many non-finite batches in a row
+    max_skips_in_a_row: PositiveInt = 10  # on_nonfinite=skip: stop after this many non-finite batches in a row
     progress: bool = True            # progress bar on rank 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,10 +100,6 @@ class TrainConfig:
             raise ConfigError("data.shards is required: the directory written by ./launch.sh prep")
         if get_method(self.method).needs.molecules and not self.data.graphs:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
-        if self.micro_batch < 2:
-            raise ConfigError("micro_batch must be at least 2 (contrastive losses need negatives)")
-        if self.engine.zero_stage not in (0, 1, 2):
-            raise ConfigError("engine.zero_stage: 0, 1 or 2")
         if self.model.preset not in IMAGE_PRESETS:
             raise ConfigError(f"model.preset={self.model.preset!r}: choose one of {', '.join(IMAGE_PRESETS)}")
         problems = self.impossible()

@@ -1,7 +1,8 @@
 """The training loop as an object: set-up, resume, step, checkpoint, finish (torchtitan's Trainer shape).
 
 Its state (step, samples seen, data position, seeds, skipped batches) is one `TrainState`, saved with
-every checkpoint and restored on resume. The method (micon.methods) builds the model and computes the
+every checkpoint and restored on resume; the run's identity (data, method, model: train.identity) is
+fixed at its first step, and a resume with another one is refused unless resume=force. The method (micon.methods) builds the model and computes the
 loss; the Trainer never looks at the method's name. Collectives go through micon.distributed.
 Works in-process with one rank (tests) as under torchrun or srun with many.
 """
@@ -22,11 +23,11 @@ import torch
 
 from micon import distributed, schema
 from micon.checkpoint import InferenceRecord, tag_of
-from micon.config import describe, save_config, to_dict
+from micon.config import ConfigError, describe, dump, save_config, to_dict
 from micon.data.preprocess import Preprocessing
 from micon.methods import get_method
 
-EXIT_OK, EXIT_STOPPED, EXIT_REQUEUE = 0, 1, 75
+EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
 log = logging.getLogger("micon.train")
 
 
@@ -173,6 +174,7 @@ class Trainer:
                                                        and torch.cuda.is_bf16_supported())
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.manifest = Manifest.load(cfg.data.shards)
+        self._check_crop()   # every rank reads the same manifest and stops alike
         problem, fingerprint_bits = None, 0
         if self.needs.molecules and self.rank == 0:
             try:
@@ -183,9 +185,8 @@ class Trainer:
         problem, fingerprint_bits = distributed.broadcast_object((problem, fingerprint_bits))
         if problem:
             raise TrainingStopped(problem)
-        if self.rank == 0:
+        if self.rank == 0:   # config.yaml is written once the run's identity is checked (resume)
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
             log.info("training %s on %d process(es) via %s, %s, %s, ZeRO %d; config %s", self.method.name, self.world,
                      self.dist.launcher, self.device, "bf16" if self.bf16 else "fp32", cfg.engine.zero_stage,
                      describe(cfg))
@@ -197,6 +198,14 @@ class Trainer:
                                       preprocessing=Preprocessing(normalize=cfg.data.normalize).to_dict())
         self._build_engine()
         return self
+
+    def _check_crop(self) -> None:
+        """data.augment.crop must fit the stored sites (the stream has no resize: a larger crop would be no crop)."""
+        crop, shape = self.cfg.data.augment.crop, self.manifest.data.get("image_shape")
+        if crop and shape and crop > min(shape[1:]):
+            raise ConfigError(f"data.augment.crop={crop}: out of range, allowed 0 to {min(shape[1:])} (the sites "
+                              f"stored in {self.manifest.root} are {shape[1]}x{shape[2]} px); choose a crop of at "
+                              f"most {min(shape[1:])} (0 = the whole field) or rerun prep with a larger image_size")
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -225,10 +234,22 @@ class Trainer:
 
         cfg = self.cfg
         tag = checkpoint.resolve_resume(self.ckpt_root, cfg.resume, self.rank)
+        # rank 0 compares the run's identity; every rank gets its verdict (none waits for one that stopped)
+        problem = self._check_identity(tag) if self.rank == 0 else None
+        problem = distributed.broadcast_object(problem, src=0)
+        if problem:
+            raise TrainingStopped(problem)
         if tag is None:
+            self._write_run_record(None, 0)
             return
-        self._check_same_model(tag)
-        _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        if cfg.resume != "force":
+            self._check_same_model(tag)
+        try:
+            _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        except RuntimeError as e:   # resume=force into a model the saved weights do not fit
+            raise TrainingStopped(f"{self.ckpt_root / tag} cannot be loaded into this model "
+                                  f"({str(e).strip().splitlines()[0][:300]}); resume=force continues a run with "
+                                  f"other data or settings only where the saved weights fit") from None
         saved = TrainState(**{k: v for k, v in client.items() if k in TrainState.__dataclass_fields__})
         if saved.data_workers != cfg.data.num_workers or saved.world_size != self.world:
             log.warning("resuming with %d workers x %d ranks (saved with %d x %d): the data stream continues "
@@ -238,8 +259,55 @@ class Trainer:
             saved.data_seed = cfg.seed + saved.step
         self.state = saved
         self.counts_at_start = dict(saved.data_counts)
+        self._write_run_record(tag, saved.step)
         log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
                  saved.samples_seen)
+
+    def identity(self) -> dict:
+        """This run's identity: its shard set's fingerprint, its method and its model settings."""
+        from train import identity
+
+        return identity.identity(self.method.name, to_dict(self.cfg.model),
+                                 identity.data_fingerprint(self.manifest.data, self.manifest.replicate_sets))
+
+    def _check_identity(self, tag: str | None) -> str | None:
+        """Rank 0, before anything is loaded or written: why this run may not continue the one in out= (its
+        identity differs and resume is not force), or None."""
+        from train import identity
+
+        record = identity.load(self.out)
+        if tag is None or record is None or self.cfg.resume == "force":
+            return None
+        diff = identity.differences(record["identity"], self.identity())
+        if not diff:
+            return None
+        return (f"{self.out} is a run of other data or settings: its identity is {record['short']} (shards "
+                f"{record.get('shards')}), this one's is {identity.short(self.identity())} (shards "
+                f"{self.cfg.data.shards}); {'; '.join(diff)}. Resume with the same data and settings, write to "
+                f"another out=, pass resume=force to continue this run with the change (logged in "
+                f"{self.out / identity.RECORD}), or resume=none to start over in it")
+
+    def _write_run_record(self, tag: str | None, step: int) -> None:
+        """Rank 0, once resuming succeeded (or a fresh run starts): the run record (OUT/run.json) holds the
+        identity and any forced change, earlier configs are kept under OUT/configs/, config.yaml is this one."""
+        from train import identity
+
+        if self.rank != 0:
+            return
+        ident, shards = self.identity(), self.cfg.data.shards
+        record = identity.load(self.out) if tag is not None else None
+        if tag is None:
+            record = identity.start(self.out, ident, shards)
+        elif record is None:
+            log.warning("%s has no run record (written before runs had one): its data cannot be compared with "
+                        "this run's; recording this run's identity from step %d on", self.out, step)
+            record = identity.start(self.out, ident, shards, step, note="recorded on a resume; earlier steps unknown")
+        elif diff := identity.differences(record["identity"], ident):   # only resume=force gets here with one
+            log.warning("resume=force: continuing %s at step %d with %s", self.out, step, "; ".join(diff))
+            record = identity.record_change(self.out, record, ident, shards, step, diff)
+        if tag is not None and (kept := identity.keep_config(self.out, record, dump(self.cfg), step)):
+            log.info("config changed on resume: the one used up to step %d is kept as %s", step, self.out / kept)
+        save_config(self.cfg, self.out / identity.CONFIG)
 
     def _check_same_model(self, tag: str) -> None:
         """Resuming continues a run; a checkpoint of another method, model or channel order is refused
@@ -485,6 +553,10 @@ def train(cfg) -> int:
     try:
         trainer.setup()
         code = trainer.fit()
+    except ConfigError as e:
+        if trainer.rank == 0:
+            print(f"train: {e}", file=sys.stderr)
+        code = EXIT_CONFIG
     except (TrainingStopped, ManifestError, CheckpointError, FileNotFoundError) as e:
         if trainer.rank == 0:
             print(f"train: {e}", file=sys.stderr)

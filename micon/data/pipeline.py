@@ -21,6 +21,7 @@ from webdataset.tariterators import tarfile_samples
 
 from micon import schema
 from micon.chem.graph import collate_graphs
+from micon.config import NonNegativeFloat, NonNegativeInt
 from micon.data.needs import DataNeeds
 from micon.data.preprocess import Preprocessing, SitePreprocessor
 from micon.data.replicate_sets import PAIR_LEVELS, pair_score, pair_wells
@@ -34,10 +35,10 @@ log = logging.getLogger("micon.data")
 class Augment:
     """Microscopy augmentations: random crop, flips and 90-degree rotations, per-channel intensity jitter."""
 
-    crop: int = 0                 # random crop size in pixels (0 = whole field)
+    crop: NonNegativeInt = 0      # random crop size in pixels (0 = whole field)
     flip: bool = True             # random horizontal and vertical flips
     rot90: bool = True            # random 90-degree rotations
-    intensity_jitter: float = 0.0  # per-channel multiplicative jitter, x * exp(N(0, s)) + N(0, s / 2)
+    intensity_jitter: NonNegativeFloat = 0.0  # per-channel multiplicative jitter, x * exp(N(0, s)) + N(0, s / 2)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """[C, H, W] float32 -> [C, h, w] float32."""

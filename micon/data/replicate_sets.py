@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from micon import atomic, schema
+from micon.config import NonNegativeFloat, NonNegativeInt, PositiveInt
 from micon.data.tarwriter import SampleTar
 
 RSET_DIR = "replicate_sets"
@@ -52,12 +53,12 @@ DELAY_ENV = "MICON_RSETS_TEST_DELAY_S"
 class ReplicateSetConfig:
     """How `prep` groups sites into replicate sets (recorded with the shards; a change rebuilds them)."""
 
-    sites_per_well: int = 0          # site slots per compound: 0 = as many as its best-imaged well has
-    max_wells_per_set: int = 16      # a compound with more wells (a positive control) is split into several sets
+    sites_per_well: NonNegativeInt = 0  # site slots per compound: 0 = as many as its best-imaged well has
+    max_wells_per_set: PositiveInt = 16  # a compound with more wells (a positive control) is split into several sets
     include_poscon: bool = False     # positive controls get replicate sets too (then train with data.include_poscon)
-    shard_mb: float = 0.0            # target replicate-set shard size (0 = the plate shards' shard_mb)
+    shard_mb: NonNegativeFloat = 0.0  # target replicate-set shard size (0 = the plate shards' shard_mb)
     weights: str = ""                # optional CSV/parquet: Metadata_JCP2022, weight (0 = leave the compound out)
-    seed: int = 0                    # seed of the site, control and shard assignment
+    seed: NonNegativeInt = 0         # seed of the site, control and shard assignment
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@ from typing import Literal
 
 from torch import nn
 
+from micon.config import NonNegativeInt, PositiveInt
 from micon.data.needs import MoleculeInput
 from micon.models.image import ImageMode
 
@@ -24,13 +25,13 @@ MOLECULE_INPUTS: dict[str, MoleculeInput] = {"dmpnn": "graph", "fingerprint": "f
 class ModelConfig:
     preset: str = "tiny"             # image encoder preset: tiny, resnet18, resnet50, vit_small_patch16_224...
     mode: ImageMode = "multichannel"  # multichannel | per_channel (official MICON)
-    per_channel_dim: int = 0         # per_channel only: project each channel's features to this size (0 = no)
+    per_channel_dim: NonNegativeInt = 0  # per_channel only: project each channel's features to this size (0 = no)
     pretrained: bool = False         # timm weights (needs internet; never in tests)
-    img_size: int = 0                # ViT presets: the training crop size (0 = the preset's default)
+    img_size: NonNegativeInt = 0     # ViT presets: the training crop size (0 = the preset's default)
     molecule: MoleculeEncoder = "dmpnn"   # dmpnn (molecular graph) | fingerprint (Morgan bits, MLP)
-    molecule_dim: int = 256          # molecule encoder width
-    molecule_depth: int = 3          # dmpnn only: message-passing steps
-    projection_dim: int = 128        # size of the contrastive embedding
+    molecule_dim: PositiveInt = 256  # molecule encoder width
+    molecule_depth: PositiveInt = 3  # dmpnn only: message-passing steps
+    projection_dim: PositiveInt = 128  # size of the contrastive embedding
     detach_control: bool = True      # official: True
     detach_target: bool = True       # official: True; both False = gradients reach the image encoder
 
