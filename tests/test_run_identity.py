@@ -120,3 +120,25 @@ def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tm
     err = capsys.readouterr().err
     assert "cannot be loaded into this model" in err and "Traceback" not in err
     assert identity.load(out)["changes"] == [] and json.loads((out / "final.json").read_text())["step"] == 1
+
+
+@pytest.mark.slow
+def test_every_rank_stops_on_a_resume_with_other_data(tiny_shards, tmp_path, one_rank, monkeypatch):
+    """Rank 0 compares the identities and every rank gets its verdict: none waits in a collective (the
+    distributed timeout is far longer than the test allows)."""
+    import time
+
+    from tests.test_train import run_torchrun
+
+    out = tmp_path / "run"
+    assert train(_cfg(tiny_shards, out, "steps=1")) == EXIT_OK
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k)
+    t0 = time.time()
+    proc = run_torchrun("-", f"data.shards={_other_data(tiny_shards, tmp_path)}", f"out={out}", "method=simclr",
+                        "steps=2", "micro_batch=4", "progress=false", "wandb.enabled=false",
+                        "engine.dist_timeout_s=600", check=False, timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 200
+    assert proc.stderr.count(f"train: {out} is a run of other data or settings") == 1, proc.stderr[-3000:]
+    assert "train/trainer.py" not in proc.stderr
+    assert json.loads((out / "final.json").read_text())["step"] == 1

@@ -5,8 +5,10 @@
     srun python -m train.run CONFIG ...                    (cluster/templates/train.sbatch)
 
 Methods: micon, paclr, clip, simclr (micon.methods). Exit codes: 0 finished; 75 checkpointed on
-SIGTERM/SIGUSR1 (requeue and rerun to resume); 1 stopped on a non-finite loss or bad input;
-2 bad configuration. Resuming loads DeepSpeed's files from out=: only resume runs you trust.
+SIGTERM/SIGUSR1 (requeue and rerun to resume); 1 stopped on a non-finite loss, bad input or a resume
+with other data, method or model settings than the run in out= (resume=force continues it, logged in
+OUT/run.json); 2 bad configuration (a value out of its range, a crop larger than the stored sites).
+Resuming loads DeepSpeed's files from out=: only resume runs you trust.
 """
 from __future__ import annotations
 
