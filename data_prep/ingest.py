@@ -21,7 +21,7 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 
-from micon import atomic, schema
+from micon import atomic, integrity, schema
 from micon.config import (ConfigError, Fraction, NonNegativeInt, PositiveFloat, Range, help_or_usage, load_config,
                           save_config)
 from micon.data.codecs import CODECS, DEFAULT_CODEC
@@ -167,8 +167,8 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
             n_written += 1
             if r[schema.ROLE] == schema.NEGCON:
                 negcon_images.append(img)
-                negcon_rows.append({k: meta[k] for k in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL,
-                                                         schema.SITE)})
+                negcon_rows.append({**{k: meta[k] for k in (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL,
+                                                            schema.SITE)}, "checksum": integrity.of_array(img)})
             if progress is not None and (i + 1) % 16 == 0:
                 progress.update.remote(16)
     except BaseException:
@@ -206,8 +206,10 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
     """Manifest, control table, report and splits from the per-plate records."""
     screen = read_screen(src, cfg.allow_outside_root)
     records = [json.loads((out / "plates" / f"{p}.json").read_text()) for p in plates]
+    # checksum: of the DMSO site's stored pixels (micon.integrity), checked by ControlBank as it reads them
     controls = pd.DataFrame([dict(c, row=i) for r in records for i, c in enumerate(r["controls"])],
-                            columns=[schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, "row"])
+                            columns=[schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, "row",
+                                     "checksum"])
     atomic.write_parquet(out / "controls.parquet", controls)
     import zarr
     zarr.open_group(str(out / "control_bank.zarr"), mode="a", zarr_format=3)
@@ -233,6 +235,7 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
                                  n_by_role=r["n_by_role"], stats=r["stats"],
                                  shards=[s["name"] for s in r["shards"]]) for r in records},
         splits=splits,
+        checksums={"controls.parquet": integrity.of_file(out / "controls.parquet")},
         compounds=[{k: row[k] for k in (schema.JCP, schema.INCHIKEY, schema.SMILES)} | dict(
             Metadata_Role=schema.role_of(row[schema.JCP])) for _, row in cpds.iterrows()],
     )

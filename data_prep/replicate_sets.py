@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from micon import atomic, schema
+from micon import atomic, integrity, schema
 from micon.config import ConfigError, help_or_usage, load_config, save_config
 from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig,
                                        assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
@@ -94,17 +94,21 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
     task = ray.remote(num_cpus=1, max_retries=0)(write_shard)
     pending = {task.remote(resolve(shards[i], index), root / "shards", out / names[i]): i for i in todo}
     bar = tqdm(total=len(todo), desc="rsets shards", unit="shard", disable=not progress)
+    checksums = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             pending.pop(ref)
-            ray.get(ref)
+            written = ray.get(ref)
+            checksums[written["name"]] = written["checksum"]
             bar.update()
     bar.close()
     records = []
     for name, group in zip(names, shards):
         p = out / name
         records.append({"name": name, "n_samples": len(group), "bytes": p.stat().st_size,
+                        # a shard an earlier, killed run finished is read once more for its checksum
+                        "checksum": checksums.get(name) or integrity.of_file(p),
                         "n_images": sum(len(s["t"]) + sum(c >= 0 for c in s["c"]) for s in group)})
     per_compound: dict[str, dict] = {}
     for s in samples:

@@ -183,7 +183,8 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
     from concurrent.futures import ThreadPoolExecutor
 
     rows, batches = [], []
-    for key, blob, codec, meta in read_tar_encoded(shard):
+    checksum = encoder.manifest.shard_checksums().get(Path(shard).name)   # a damaged shard stops the job, named
+    for key, blob, codec, meta in read_tar_encoded(shard, checksum):
         rows.append({c: str(meta.get(c, "")) for c in META_COLUMNS})
         if not batches or len(batches[-1]) == batch_size:
             batches.append([])

@@ -54,6 +54,9 @@ JOBS: dict[str, Job] = {
     "evaluate": Job("evaluate.run", "",
                     "profiles, normalisation, NSB/NSS top-k, mAP, report", slurm="ray.sbatch",
                     config="evaluate.run:EvalConfig"),
+    "verify": Job("data_prep.verify", "PATH",
+                  "check shards, control bank, replicate sets, graph store, embeddings against their checksums",
+                  args=""),
     "slurm": Job("cluster.submit", "JOB", "render and submit a job to Slurm",
                  args="[JOB ARGS] [options] [-- key=value ...]"),
 }

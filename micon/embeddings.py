@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import schema
+from micon import integrity, schema
 
 META_COLUMNS = [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
                 schema.SMILES, schema.ROLE]
@@ -66,7 +66,8 @@ def identity_difference(old: dict, new: dict) -> str:
 
 
 def write_part(path: Path, embeddings: np.ndarray, rows: list[dict], identity: str = "") -> None:
-    """One shard's embeddings and metadata rows, written under a temporary name and renamed."""
+    """One shard's embeddings and metadata rows, written under a temporary name and renamed. The npz (a zip)
+    records a CRC-32 of each member, which numpy's reader checks: a damaged part fails in read_part."""
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, embeddings=embeddings.astype(np.float32), meta=np.array(json.dumps(rows)),
              identity=np.array(identity))
@@ -94,8 +95,9 @@ def read_part(path: Path, expected_rows: int | None = None,
     return emb, meta
 
 
-def array_checksum(emb: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(emb, dtype=np.float32).tobytes()).hexdigest()
+def array_checksum(emb: np.ndarray, like: str | None = None) -> str:
+    """The consolidated embeddings' checksum (embed.json `checksum`; `sha256` in runs made before it)."""
+    return integrity.of_array(np.ascontiguousarray(emb, dtype=np.float32), like)
 
 
 def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dict) -> dict:
@@ -112,7 +114,7 @@ def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dic
     meta.to_parquet(out / "sites.parquet.tmp", index=False)
     os.replace(out / "sites.parquet.tmp", out / "sites.parquet")
     info = dict(info, n_sites=int(len(emb)), dim=int(emb.shape[1]) if emb.ndim == 2 else 0,
-                sha256=array_checksum(emb))
+                checksum=array_checksum(emb), checksums={"sites.parquet": integrity.of_file(out / "sites.parquet")})
     (out / "embed.json.tmp").write_text(json.dumps(info, indent=1))
     os.replace(out / "embed.json.tmp", out / "embed.json")
     return info
@@ -128,6 +130,11 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise EmbeddingError(f"{p} does not exist: embed first with ./launch.sh embed CKPT SHARDS {p}")
     if not (p / "embed.json").is_file():
         raise EmbeddingError(f"{p} holds no finished embedding run (no embed.json); {hint}")
+    info = json.loads((p / "embed.json").read_text())
+    if (p / "sites.parquet").is_file() and not integrity.matches(
+            lambda like: integrity.of_file(p / "sites.parquet", like), info.get("checksums", {}).get("sites.parquet")):
+        raise EmbeddingError(f"{p / 'sites.parquet'} does not match the checksum recorded in embed.json when it was "
+                             f"written (damaged); {hint}")
     try:
         meta = pd.read_parquet(p / "sites.parquet")
     except Exception as e:
@@ -140,8 +147,9 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     if len(emb) != len(meta):
         raise EmbeddingError(f"{p / 'embeddings.zarr'} has {len(emb)} rows but {p / 'sites.parquet'} has "
                              f"{len(meta)}; {hint}")
-    info = json.loads((p / "embed.json").read_text())
-    if info.get("n_sites", len(emb)) != len(emb) or ("sha256" in info and array_checksum(emb) != info["sha256"]):
+    recorded = info.get("checksum", info.get("sha256"))
+    if info.get("n_sites", len(emb)) != len(emb) or not integrity.matches(lambda like: array_checksum(emb, like),
+                                                                           recorded):
         # zarr reads a lost chunk as its fill value: the array is whole-looking and wrong
         raise EmbeddingError(f"{p / 'embeddings.zarr'} does not match the checksum recorded in embed.json when it was "
                              f"written (a chunk lost or changed); {hint}")

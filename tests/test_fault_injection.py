@@ -147,8 +147,8 @@ def test_embed_killed_midway_reruns_to_the_same_embeddings(trained, tiny_shards,
     (m1, e1), (m0, e0) = load_embeddings(out), load_embeddings(clean)
     pd.testing.assert_frame_equal(m1, m0)
     np.testing.assert_array_equal(e1, e0)       # the same bytes: parts of the killed run and the rerun
-    assert json.loads((out / "embed.json").read_text())["sha256"] == json.loads((clean / "embed.json").read_text())[
-        "sha256"]
+    assert json.loads((out / "embed.json").read_text())["checksum"] == json.loads((clean / "embed.json").read_text())[
+        "checksum"]
     # changed options into the same output: another checkpoint is refused, naming what differs
     other = tmp_path / "other-model"
     run_job("train.run", *train_args(tiny_shards, other, 2))
@@ -170,7 +170,7 @@ def test_train_killed_midway_resumes_to_the_same_parameters(trained, tiny_shards
         torch.testing.assert_close(a.weights[k], v, rtol=1e-5, atol=1e-6, msg=f"parameter {k}")
     # changed model settings into the same output: refused, naming what differs
     proc = run_job("train.run", *train_args(tiny_shards, out, 12, "model.projection_dim=32"), check=False)
-    assert proc.returncode == 1 and "was trained with other model settings (model:" in proc.stderr
+    assert proc.returncode == 1 and "model.projection_dim: 128 there, 32 now" in proc.stderr
     assert "pass resume=none to start over" in proc.stderr
     # steps may grow between resumes
     run_job("train.run", *train_args(tiny_shards, out, 12))

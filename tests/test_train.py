@@ -213,12 +213,14 @@ def test_truncated_shard_warns_and_counts(tiny_shards, tiny_graphs, tmp_path):
     proc = run_job("train.run", *train_args(shards, tiny_graphs, out, "simclr", 3, "wandb.enabled=false",
                                             "data.shuffle_buffer=4"))
     counts = json.loads((out / "final.json").read_text())["counts"]
-    # the loss is counted in samples (what a person cares about), not tar members
+    # the loss is counted in samples (what a person cares about), not tar members; the shard no longer
+    # matches its checksum, so none of it is used, not even the samples before the cut that are whole
     n_victim = next(s["n_samples"] for s in Manifest.load(shards).data["shards"] if s["name"] == victim.name)
     whole = complete_samples(victim)
     assert 0 < whole < n_victim - 1       # more than one sample lost: a count of tar members would say 1
-    assert counts["samples_lost"] == n_victim - whole
-    assert f"samples lost to unreadable or truncated shards so far" in proc.stderr
+    assert counts["samples_lost"] == n_victim and counts["shards_failed_checksum"] >= 1
+    assert f"samples lost to unreadable, truncated or damaged shards so far" in proc.stderr
+    assert f"shard {victim} does not match the checksum" in proc.stderr
 
 
 def test_nonfinite_loss_stops_with_the_step(tiny_shards, tiny_graphs, tmp_path):

@@ -481,7 +481,7 @@ class Trainer:
         if lost > self.reported_lost:
             self.reported_lost = lost
             logging.getLogger("micon.data").warning(
-                "rank %d: %d samples lost to unreadable or truncated shards so far (%d shard passes damaged)",
+                "rank %d: %d samples lost to unreadable, truncated or damaged shards so far (%d shard passes damaged)",
                 self.rank, lost, counts.get("shards_damaged", 0))
         if self.rank != 0:
             return

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from micon import integrity
 from micon.chem.featurizer import (N_ATOM_CODES, N_BOND_CODES, EncodedMol, decode, feature_layout)
 from micon.chem.graph import BatchedGraph, MolGraph, collate_graphs
 
@@ -123,12 +124,15 @@ def write_store(out_dir: str | Path, index: pd.DataFrame, graphs: RaggedGraphs, 
         raise ValueError(f"index needs columns {INDEX_COLUMNS} (missing {missing}) and one row per molecule "
                          f"({len(index)} rows, {len(graphs)} molecules)")
     group = zarr.open_group(out_dir / ZARR_NAME, mode="w")
+    checksums = {}     # of each array's values and of the index file, checked by GraphStore as it loads them
     for name, arr in graphs.arrays().items():
         chunk_rows = max(1, min(len(arr), 1 << 18))
         group.create_array(name, data=np.ascontiguousarray(arr), chunks=(chunk_rows, *arr.shape[1:]))
-    group.attrs.update({"format": STORE_FORMAT, "radius": int(radius), "n_bits": int(n_bits),
-                        "layout": feature_layout(), **(extra_attrs or {})})
+        checksums[name] = integrity.of_array(arr)
     index.reset_index(drop=True).to_parquet(out_dir / INDEX_NAME, index=False)
+    checksums[INDEX_NAME] = integrity.of_file(out_dir / INDEX_NAME)
+    group.attrs.update({"format": STORE_FORMAT, "radius": int(radius), "n_bits": int(n_bits),
+                        "layout": feature_layout(), "checksums": checksums, **(extra_attrs or {})})
 
 
 def _as_json_layout(layout: dict) -> dict:
@@ -156,16 +160,35 @@ class GraphStore:
                              f"{attrs.get('format')}, layout differs from micon.chem.featurizer); rebuild it "
                              f"with ./launch.sh featurize COMPOUNDS {self.root}")
         self.radius, self.n_bits = int(attrs["radius"]), int(attrs["n_bits"])
+        self.checksums = attrs.get("checksums")
+        if self.checksums is None:
+            integrity.warn_unrecorded(f"graph store {self.root}",
+                                      f"rebuild it with ./launch.sh featurize COMPOUNDS {self.root}")
+        self._check(INDEX_NAME, lambda like: integrity.of_file(index_path, like))
         self.index = pd.read_parquet(index_path)
         self._row = {cid: i for i, cid in enumerate(self.index["Metadata_JCP2022"])}
         self._ok = (self.index["status"] == OK).to_numpy()
         self._graphs: RaggedGraphs | None = None
         self._fingerprints: np.ndarray | None = None
 
+    def _check(self, name: str, actual_of) -> None:
+        if not integrity.matches(actual_of, (self.checksums or {}).get(name)):
+            raise StoreError(f"graph store {self.root}: {name} does not match the checksum recorded when it was "
+                             f"written (damaged); rebuild it with ./launch.sh featurize COMPOUNDS {self.root}")
+
+    def _load(self, name: str) -> np.ndarray:
+        try:
+            arr = self._group[name][:]
+        except Exception as e:       # a damaged compressed chunk fails in its decoder
+            raise StoreError(f"graph store {self.root}: {name} is unreadable ({type(e).__name__}: {str(e)[:100]}); "
+                             f"rebuild it with ./launch.sh featurize COMPOUNDS {self.root}") from None
+        self._check(name, lambda like: integrity.of_array(arr, like))
+        return arr
+
     @property
     def graphs(self) -> RaggedGraphs:
         if self._graphs is None:
-            self._graphs = RaggedGraphs(**{k: self._group[k][:] for k in _ARRAYS})
+            self._graphs = RaggedGraphs(**{k: self._load(k) for k in _ARRAYS})
         return self._graphs
 
     @property
@@ -174,7 +197,7 @@ class GraphStore:
         if self._graphs is not None:
             return self._graphs.fingerprints
         if self._fingerprints is None:
-            self._fingerprints = self._group["fingerprints"][:]
+            self._fingerprints = self._load("fingerprints")
         return self._fingerprints
 
     @property

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from webdataset.tariterators import tarfile_samples
 
 from micon import schema
 from micon.chem.graph import collate_graphs
@@ -25,7 +24,7 @@ from micon.config import NonNegativeFloat, NonNegativeInt
 from micon.data.needs import DataNeeds
 from micon.data.preprocess import Preprocessing, SitePreprocessor
 from micon.data.replicate_sets import PAIR_LEVELS, pair_score, pair_wells
-from micon.data.shards import ControlBank, Manifest
+from micon.data.shards import ControlBank, Manifest, verified_samples
 
 log = logging.getLogger("micon.data")
 
@@ -219,18 +218,27 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.compound_labels = compound_labels or {}
 
     # ---- planning: metadata only, no pixel decoded
-    def _epochs(self, shards: list[str], expected: dict, slot: int, counts: Counts, parse, keep, salt: str = ""):
-        """Endless epochs over this slot's `shards`: each tar sample goes through `parse` (None = unreadable)
-        and `keep` (False = not for this run: another split, role), then a reservoir of raw bytes shuffles
-        it before anything is decoded. Samples lost to damaged shards are counted against the manifest's
-        `expected` counts; an epoch with nothing readable, or nothing kept, stops the stream."""
+    def _epochs(self, shards: list[str], expected: dict, slot: int, counts: Counts, parse, keep, salt: str = "",
+                checksums: dict | None = None):
+        """Endless epochs over this slot's `shards`: each shard is checked whole against its manifest's
+        `checksums` before any of its samples is used (a mismatch skips it: verified_samples), each tar
+        sample goes through `parse` (None = unreadable) and `keep` (False = not for this run: another split,
+        role), then a reservoir of raw bytes shuffles it before anything is decoded. Samples lost to damaged
+        shards are counted against the manifest's `expected` counts; an epoch with nothing readable, or
+        nothing kept, stops the stream."""
         n_slots = self.world * self.num_workers
         for epoch in count():
             urls = shard_slot(shards, epoch, self.cfg.seed, slot, n_slots, self.cfg.resample)
             rng = random.Random(f"{self.cfg.seed}-{epoch}-{slot}{salt}")
             buf: list[dict] = []
-            tally, kept = ShardTally(expected, counts), 0
-            for s in tarfile_samples(({"url": u} for u in urls), handler=_Handler(counts)):
+            tally, kept, handler, damaged = ShardTally(expected, counts), 0, _Handler(counts), []
+
+            def lost(url: str) -> None:       # a shard that failed its checksum: all its samples are lost
+                damaged.append(Path(url).name)
+                counts.add("shards_failed_checksum")
+                tally.finish([url])
+
+            for s in verified_samples(urls, checksums or {}, handler, lost):
                 counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
                 sample = parse(s, counts)
                 if sample is None:
@@ -248,7 +256,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             rng.shuffle(buf)
             yield from buf
             tally.finish(urls)
-            self._check_epoch(tally.usable, kept, urls, slot, epoch)
+            self._check_epoch(tally.usable, kept, urls, slot, epoch, damaged)
 
     @staticmethod
     def _parse_site(s: dict, counts: Counts) -> dict | None:
@@ -266,15 +274,18 @@ class ExampleStream(torch.utils.data.IterableDataset):
     def _raw_samples(self, manifest: Manifest, slot: int, counts: Counts):
         expected = {sh["name"]: sh["n_samples"] for sh in manifest.data["shards"]}
         return self._epochs(manifest.shard_paths(), expected, slot, counts, self._parse_site,
-                            lambda sample: self._keep(manifest, sample["meta"]))
+                            lambda sample: self._keep(manifest, sample["meta"]), checksums=manifest.shard_checksums())
 
-    def _check_epoch(self, readable: int, kept: int, urls: list[str], slot: int, epoch: int) -> None:
+    def _check_epoch(self, readable: int, kept: int, urls: list[str], slot: int, epoch: int,
+                     damaged: list[str] = ()) -> None:
         names = ", ".join(Path(u).name for u in urls[:5]) + (" ..." if len(urls) > 5 else "")
         where = f"epoch {epoch} of data stream {slot} (rank {self.rank})"
         if readable == 0:
+            failed = (f"; {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} failed their checksum"
+                      if damaged else "")
             raise DataStreamError(f"{where} read no usable sample from its {len(urls)} shards ({names}): they are "
-                                  f"unreadable or truncated. Rerun prep to rewrite them, or remove them from the "
-                                  f"shard set")
+                                  f"unreadable, truncated or damaged{failed}. Rerun prep to rewrite them (list "
+                                  f"them with ./launch.sh verify), or remove them from the shard set")
         if kept == 0:
             raise DataStreamError(f"{where} read {readable} samples from its {len(urls)} shards ({names}) but none "
                                   f"is for this run (splits {list(self.cfg.splits)}, positive controls "
@@ -335,7 +346,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         expected = {sh["name"]: sh["n_samples"] for sh in rs["shards"]}
         roles = {schema.TREATED} | ({schema.POSCON} if self.cfg.include_poscon else set())
         return self._epochs(manifest.replicate_set_paths(), expected, slot, counts, self._parse_replicate_set,
-                            lambda sample: sample["doc"]["role"] in roles, salt="-rsets")
+                            lambda sample: sample["doc"]["role"] in roles, salt="-rsets",
+                            checksums=manifest.replicate_set_checksums())
 
     def _rset_plans(self, manifest: Manifest, slot: int, counts: Counts):
         """Batches of example plans from replicate sets: every well of a sample in a pair (another source

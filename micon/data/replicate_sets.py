@@ -254,7 +254,7 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
         if os.environ.get(DELAY_ENV):   # tests: slow each shard down so that a kill lands mid-build
             time.sleep(float(os.environ[DELAY_ENV]))
     return {"name": dst.name, "n_samples": len(samples), "n_images": n_images, "bytes": dst.stat().st_size,
-            "compounds": sorted({s["compound"] for s in samples})}
+            "checksum": tar.checksum, "compounds": sorted({s["compound"] for s in samples})}
 
 
 # ----------------------------------------------------------------------------------------- pairing

@@ -3,12 +3,14 @@
 One sample = one site: `{key}.image.{codec}` ([C, H, W] uint8) + `{key}.json` (Metadata_*).
 Shards are plate-grouped (a shard never mixes plates) and written under a temporary name, then
 renamed, so a killed writer never leaves a file that looks whole. Tar headers carry no time or
-owner, so the same input gives the same bytes.
+owner, so the same input gives the same bytes. Each shard's and each DMSO site's checksum
+(micon.integrity) is recorded when it is written; the readers here check them.
 """
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -17,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import atomic, schema
+from micon import atomic, integrity, schema
 from micon.data.codecs import decode, encode
 from micon.data.tarwriter import SampleTar
 
 FORMAT_VERSION = 1
+log = logging.getLogger("micon.data")
 SAMPLE_COLUMNS = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP,
                   schema.INCHIKEY, schema.SMILES, schema.ROLE)
 
@@ -62,10 +65,11 @@ class ShardWriter:
     def _finish_current(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            self.shards[-1]["checksum"] = self._tar.checksum
             self._tar = None
 
     def close(self) -> list[dict]:
-        """Rename every finished shard into place; returns [{name, n_samples, bytes}]."""
+        """Rename every finished shard into place; returns [{name, n_samples, bytes, checksum}]."""
         self._finish_current()
         for tmp, shard in zip(self._tmp_paths, self.shards):
             final = self.directory / shard["name"]
@@ -80,21 +84,80 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)
 
 
-def read_tar_encoded(path: str | Path):
-    """Yield (key, encoded image bytes, codec, meta) from one shard, without WebDataset or decoding."""
-    with tarfile.open(path) as tar:
-        pending: dict[str, dict] = {}
-        for member in tar:
-            key, ext = member.name.split(".", 1)
-            data = tar.extractfile(member).read()
-            entry = pending.setdefault(key, {})
-            if ext == "json":
-                entry["json"] = json.loads(data)
-            elif ext.startswith("image."):
-                entry["image"], entry["codec"] = data, ext.split(".", 1)[1]
-            if "json" in entry and "image" in entry:
-                yield key, entry["image"], entry["codec"], entry["json"]
-                del pending[key]
+class ShardDamagedError(OSError):
+    """A shard's bytes differ from the checksum its manifest recorded when it was written."""
+
+
+def damaged_message(path: str | Path) -> str:
+    return (f"shard {path} does not match the checksum recorded in its manifest when it was written (damaged on "
+            f"disk or in transfer): rerun prep for its plate (plate shards) or ./launch.sh rsets (replicate sets), "
+            f"or restore it from a copy")
+
+
+def verified_samples(urls: list[str], checksums: dict[str, str | None], handler, on_damaged):
+    """WebDataset samples of each shard in turn. A shard with a recorded checksum is hashed as its bytes
+    stream past and its samples are held back until the whole file matched, so nothing of a damaged
+    (altered or truncated) shard is ever used; such a shard is skipped, logged with its name and passed
+    to `on_damaged(url)`. Holding back costs one shard's samples in memory per loader worker (about
+    shard_mb). Unreadable data goes to `handler` (webdataset's error handler)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for url in urls:
+        expected = checksums.get(Path(url).name)
+        try:
+            fh, hashed = integrity.open_hashed(url, like=expected)
+        except OSError as e:
+            if handler(e):
+                continue
+            raise
+        with fh:
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": fh}], handler=handler),
+                                    handler=handler)
+            if expected is None:
+                yield from samples
+                continue
+            held = list(samples)
+            integrity.drain(fh)
+        if hashed.checksum.hexdigest() != expected:
+            log.warning("skipping its samples: %s", damaged_message(url))
+            on_damaged(url)
+            continue
+        yield from held
+
+
+def read_tar_encoded(path: str | Path, checksum: str | None = None):
+    """Yield (key, encoded image bytes, codec, meta) from one shard, without WebDataset or decoding. With
+    `checksum` (the manifest's), the shard is hashed as it is read and nothing is yielded unless the whole
+    file matches (ShardDamagedError names it)."""
+    if checksum is None:
+        with tarfile.open(path) as tar:
+            yield from _encoded_samples(tar)
+        return
+    fh, hashed = integrity.open_hashed(path, like=checksum)
+    with fh:
+        try:
+            held = list(_encoded_samples(tarfile.open(fileobj=fh, mode="r|")))
+            integrity.drain(fh)
+        except (tarfile.TarError, EOFError, ValueError):     # truncated, or damaged where the decoder notices
+            held = None
+    if held is None or hashed.checksum.hexdigest() != checksum:
+        raise ShardDamagedError(damaged_message(path))
+    yield from held
+
+
+def _encoded_samples(tar: tarfile.TarFile):
+    pending: dict[str, dict] = {}
+    for member in tar:
+        key, ext = member.name.split(".", 1)
+        data = tar.extractfile(member).read()
+        entry = pending.setdefault(key, {})
+        if ext == "json":
+            entry["json"] = json.loads(data)
+        elif ext.startswith("image."):
+            entry["image"], entry["codec"] = data, ext.split(".", 1)[1]
+        if "json" in entry and "image" in entry:
+            yield key, entry["image"], entry["codec"], entry["json"]
+            del pending[key]
 
 
 def read_tar_samples(path: str | Path, channels: int = 5):
@@ -137,6 +200,21 @@ class Manifest:
     @property
     def codec(self) -> str:
         return self.data["codec"]
+
+    def shard_checksums(self) -> dict[str, str | None]:
+        """Plate shard name -> checksum recorded when it was written (None for shards written before)."""
+        return self._checksums(self.data["shards"], f"shard set {self.root}", "rerun prep into a new OUT")
+
+    def replicate_set_checksums(self) -> dict[str, str | None]:
+        return self._checksums(self.replicate_sets["shards"], f"replicate sets of {self.root}",
+                               f"rebuild them with ./launch.sh rsets {self.root}")
+
+    @staticmethod
+    def _checksums(shards: list[dict], what: str, hint: str) -> dict[str, str | None]:
+        out = {s["name"]: s.get("checksum") for s in shards}
+        if any(v is None for v in out.values()):
+            integrity.warn_unrecorded(what, hint)
+        return out
 
     def shard_paths(self, plates: set[str] | None = None) -> list[str]:
         return [str(self.root / "shards" / s["name"]) for s in self.data["shards"]
@@ -242,6 +320,13 @@ class ControlBank:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_plates = cache_plates
         self.counts = counts      # images_read / bytes_read of every site loaded (micon.data.pipeline.Counts)
+        # each DMSO site's checksum (controls.parquet, written by prep); a damaged site is never drawn
+        self.checksums: dict[tuple[str, int], str] = {}
+        if "checksum" in self.table.columns and self.table["checksum"].notna().all():
+            self.checksums = dict(zip(zip(self.table[schema.PLATE], self.table["row"]), self.table["checksum"]))
+        else:
+            integrity.warn_unrecorded(f"control bank {self.root}", "rerun prep into a new OUT to record them")
+        self.damaged: set[tuple[str, int]] = set()
         counts = self.table.groupby(schema.PLATE).size()
         self.n_by_plate = counts.to_dict()
         first = self.table.drop_duplicates(schema.PLATE).set_index(schema.PLATE)
@@ -255,18 +340,33 @@ class ControlBank:
             return self._cache[plate]
         arr = np.asarray(self._zarr[plate][:])
         self._count(arr)
+        for row in range(len(arr)):
+            self._verify(plate, row, arr[row])
         if self.cache_plates > 0:
             self._cache[plate] = arr
             if len(self._cache) > self.cache_plates:
                 self._cache.popitem(last=False)
         return arr
 
-    def get(self, plate: str, row: int) -> np.ndarray:
+    def get(self, plate: str, row: int) -> np.ndarray | None:
+        """DMSO site `row` of `plate`, or None when it does not match its checksum (damaged)."""
         if self.cache_plates > 0:
-            return self.plate_images(plate)[row]
-        arr = np.asarray(self._zarr[plate][row])
-        self._count(arr[None])
-        return arr
+            arr = self.plate_images(plate)[row]
+        else:
+            arr = np.asarray(self._zarr[plate][row])
+            self._count(arr[None])
+            self._verify(plate, row, arr)
+        return None if (plate, row) in self.damaged else arr
+
+    def _verify(self, plate: str, row: int, site: np.ndarray) -> None:
+        expected = self.checksums.get((plate, row))
+        if (plate, row) in self.damaged or integrity.matches(lambda like: integrity.of_array(site, like), expected):
+            return
+        self.damaged.add((plate, row))
+        if self.counts is not None:
+            self.counts.add("controls_lost")
+        log.warning("control bank %s: DMSO site %d of plate %s does not match its checksum (damaged): never drawn; "
+                    "rerun prep for plate %s to repair it", self.root, row, plate, plate)
 
     def _count(self, arr: np.ndarray) -> None:
         if self.counts is not None:   # decoded bytes: the zarr chunks are stored uncompressed-equivalent
@@ -279,7 +379,9 @@ class ControlBank:
         for level, candidates in (("plate", [plate] if self.n_by_plate.get(plate) else []),
                                   ("batch", self.plates_by_batch.get(batch, [])),
                                   ("source", self.plates_by_source.get(source, []))):
-            if candidates:
+            for _ in range(8 if candidates else 0):   # a damaged site is skipped: draw again
                 p = candidates[int(rng.integers(len(candidates)))]
-                return self.get(p, int(rng.integers(self.n_by_plate[p]))), level
+                image = self.get(p, int(rng.integers(self.n_by_plate[p])))
+                if image is not None:
+                    return image, level
         raise KeyError(f"no DMSO control for plate {plate} (batch {batch}, source {source}) in {self.root}")

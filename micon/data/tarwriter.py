@@ -1,10 +1,13 @@
 """The one writer of shard tars (plate shards and replicate-set shards): WebDataset samples, byte-for-byte
-reproducible. Writing only; readers use tarfile or webdataset, and nothing here knows what a sample holds."""
+reproducible, checksummed as they are written (`checksum` after close, micon.integrity). Writing only;
+readers use tarfile or webdataset, and nothing here knows what a sample holds."""
 from __future__ import annotations
 
 import io
 import tarfile
 from pathlib import Path
+
+from micon.integrity import HashingWriter
 
 
 class SampleTar:
@@ -14,7 +17,9 @@ class SampleTar:
     encoder=False)`, without its per-member overhead (bench/bench_tar.py, docs/BENCHMARKS.md)."""
 
     def __init__(self, path: str | Path):
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self._file = HashingWriter(open(path, "wb"))
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.checksum: str | None = None     # of every byte of the file, set by close()
 
     def write(self, sample: dict) -> int:
         key, size = sample["__key__"], 0
@@ -28,7 +33,10 @@ class SampleTar:
         return size
 
     def close(self) -> None:
-        self._tar.close()
+        if self.checksum is None:
+            self._tar.close()
+            self._file.close()
+            self.checksum = self._file.checksum.hexdigest()
 
     def __enter__(self) -> "SampleTar":
         return self
