@@ -285,7 +285,7 @@ class Trainer:
                 f"{record.get('shards')}), this one's is {identity.short(self.identity())} (shards "
                 f"{self.cfg.data.shards}); {'; '.join(diff)}. Resume with the same data and settings, write to "
                 f"another out=, pass resume=force to continue this run with the change (logged in "
-                f"{self.out / identity.RECORD}), or resume=none to start over in it")
+                f"{self.out / identity.RECORD}), or pass resume=none to start over in it")
 
     def _write_run_record(self, tag: str | None, step: int) -> None:
         """Rank 0, once resuming succeeded (or a fresh run starts): the run record (OUT/run.json) holds the

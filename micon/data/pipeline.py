@@ -34,7 +34,7 @@ log = logging.getLogger("micon.data")
 class Augment:
     """Microscopy augmentations: random crop, flips and 90-degree rotations, per-channel intensity jitter."""
 
-    crop: NonNegativeInt = 0      # random crop size in pixels (0 = whole field)
+    crop: NonNegativeInt = 0      # random crop size in pixels (0 = whole field; at most the stored site size)
     flip: bool = True             # random horizontal and vertical flips
     rot90: bool = True            # random 90-degree rotations
     intensity_jitter: NonNegativeFloat = 0.0  # per-channel multiplicative jitter, x * exp(N(0, s)) + N(0, s / 2)
