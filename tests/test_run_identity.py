@@ -108,7 +108,7 @@ def test_resume_with_other_data_is_refused_and_resume_force_records_the_change(t
 
 
 @pytest.mark.slow
-def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tmp_path, one_rank, capsys):
+def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tmp_path, one_rank, capsys, caplog):
     out = tmp_path / "run"
     assert train(_cfg(tiny_shards, out, "steps=1")) == EXIT_OK
     capsys.readouterr()
@@ -120,6 +120,11 @@ def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tm
     err = capsys.readouterr().err
     assert "cannot be loaded into this model" in err and "Traceback" not in err
     assert identity.load(out)["changes"] == [] and json.loads((out / "final.json").read_text())["step"] == 1
+    # a run from before run records resumes, with a warning, and gets one from the resumed step on
+    (out / identity.RECORD).unlink()
+    assert train(_cfg(tiny_shards, out, "steps=2")) == EXIT_OK
+    assert "has no run record" in caplog.text
+    assert identity.load(out)["since_step"] == 1 and identity.load(out)["identity"]["model"]["projection_dim"] == 128
 
 
 @pytest.mark.slow
