@@ -117,7 +117,7 @@ def plates_todo(out: Path, plates: list[str], options: dict) -> tuple[list[str],
 def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, progress=None) -> dict:
     """Read, scale and shard one plate; write its DMSO sites to the control bank. Returns its record.
     `src` is the screen's root, or (from `run`) the plate's own slice of the metadata tables."""
-    from micon.data.imaging import process_site
+    from micon.data.imaging import illumination_gain, process_site
     import zarr
 
     out_p = Path(out)
@@ -146,7 +146,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
                 if ipath:
                     if ipath not in illum_cache:
                         try:
-                            illum_cache[ipath] = np.load(ipath, allow_pickle=False).astype(np.float32)
+                            illum_cache[ipath] = illumination_gain(np.load(ipath, allow_pickle=False))
                         except (OSError, ValueError) as e:
                             raise IngestError(f"illumination function unreadable ({e}); expected a .npy array",
                                               plate, r[schema.WELL], r[schema.SITE], ipath, kind="bad_illum") from None
