@@ -133,8 +133,8 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     info = json.loads((p / "embed.json").read_text())
     if (p / "sites.parquet").is_file() and not integrity.matches(
             lambda like: integrity.of_file(p / "sites.parquet", like), info.get("checksums", {}).get("sites.parquet")):
-        raise EmbeddingError(f"{p / 'sites.parquet'} does not match the checksum recorded in embed.json when it was "
-                             f"written (damaged); {hint}")
+        raise EmbeddingError(f"{p / 'sites.parquet'} is missing or corrupt (it does not match the checksum recorded "
+                             f"in embed.json when it was written); {hint}")
     try:
         meta = pd.read_parquet(p / "sites.parquet")
     except Exception as e:

@@ -273,3 +273,13 @@ def test_readers_refuse_damaged_graph_stores_and_embeddings(tiny_graphs, tmp_pat
     flip(emb / "sites.parquet", (emb / "sites.parquet").stat().st_size // 2)
     with pytest.raises(EmbeddingError, match="sites.parquet"):
         load_embeddings(emb)
+    flip(emb / "sites.parquet", (emb / "sites.parquet").stat().st_size // 2)
+    # embed.json written before: a bare sha256 of the embeddings, no sites checksum; still checked
+    info = json.loads((emb / "embed.json").read_text())
+    _, x = load_embeddings(emb)
+    old = {k: v for k, v in info.items() if k not in ("checksum", "checksums")}
+    (emb / "embed.json").write_text(json.dumps(dict(old, sha256=hashlib.sha256(x.tobytes()).hexdigest())))
+    load_embeddings(emb)
+    (emb / "embed.json").write_text(json.dumps(dict(old, sha256=hashlib.sha256(x[:-1].tobytes()).hexdigest())))
+    with pytest.raises(EmbeddingError, match="checksum"):
+        load_embeddings(emb)
