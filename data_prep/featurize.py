@@ -32,7 +32,7 @@ from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_
                               write_store)
 from micon.config import (ConfigError, NonNegativeInt, PositiveInt, Range, describe, help_or_usage, load_config,
                           to_dict)
-from micon.raycluster import init_ray
+from micon.raycluster import JobError, describe_failure, init_ray
 
 MARKER = "featurize.json"
 PARTS = "parts"
@@ -164,13 +164,18 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(run_chunk)
         opts = cfg.options()
-        refs = [task.remote(items, opts, str(path)) for path, items in pending]
+        chunk_of = {task.remote(items, opts, str(path)): path for path, items in pending}
+        refs = list(chunk_of)
         failed, cpu = 0, 0.0
         with tqdm(total=sum(len(items) for _, items in pending), unit="cpd", desc="featurize",
                   mininterval=1.0, file=sys.stderr) as bar:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)
-                counts = ray.get(done[0])
+                try:
+                    counts = ray.get(done[0])
+                except Exception as e:   # finished chunks stay; a rerun redoes only the missing ones
+                    path = chunk_of[done[0]]
+                    raise describe_failure("featurize", f"chunk {path.name}", e, path.parent.parent) from None
                 failed += counts["failed"]
                 cpu += counts["cpu_s"]
                 bar.update(counts["compounds"])
@@ -301,6 +306,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return 2
+    except JobError as e:
+        print(e, file=sys.stderr)
+        return 1
     if not counts.get("ok"):
         # a store with no graph cannot train anything: say so with a non-zero exit, not a quiet 0
         print(f"featurize: no compound of {argv[0]} could be featurised ({counts.get('failed', 0)} failed; reasons in "

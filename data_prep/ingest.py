@@ -27,7 +27,7 @@ from micon.config import (ConfigError, Fraction, NonNegativeInt, PositiveFloat, 
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
-from micon.raycluster import init_ray
+from micon.raycluster import JobError, describe_failure, init_ray, root_cause
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits
 
 REPORT = "ingest_report.csv"
@@ -297,10 +297,12 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
                 plate = pending.pop(ref)
                 try:
                     ray.get(ref)
-                except Exception as e:  # the task's IngestError, re-raised by Ray
-                    cause = getattr(e, "cause", None) or e
-                    failures.append((plate, str(cause).splitlines()[0] if str(cause) else repr(cause),
-                                     getattr(cause, "kind", "")))
+                except Exception as e:  # the task's IngestError, re-raised by Ray, or anything else
+                    cause = root_cause(e)
+                    if isinstance(cause, IngestError):
+                        failures.append((plate, str(cause).splitlines()[0], cause.kind))
+                    else:   # a full disk, a lost worker: the cause in one line, Ray's report in a log
+                        failures.append((plate, describe_failure("prep", f"plate {plate}", e, out).cause, ""))
                 plate_bar.update()
         site_bar.close()
         plate_bar.close()
@@ -350,8 +352,8 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     try:
         rc = run(src, out, cfg)
-    except IngestError as e:
-        print(f"prep: {e}", file=sys.stderr)
+    except (IngestError, JobError) as e:
+        print(e if isinstance(e, JobError) else f"prep: {e}", file=sys.stderr)
         return 1
     if rc == 0:
         print(f"prep: done in {time.perf_counter() - t0:.1f} s")

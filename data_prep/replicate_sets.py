@@ -27,7 +27,7 @@ from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, 
                                        assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
 from micon.data.shards import Manifest, ManifestError
-from micon.raycluster import init_ray
+from micon.raycluster import JobError, describe_failure, init_ray
 
 
 def read_weights(path: str) -> dict[str, float]:
@@ -98,8 +98,11 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            pending.pop(ref)
-            written = ray.get(ref)
+            i = pending.pop(ref)
+            try:
+                written = ray.get(ref)
+            except Exception as e:   # shards already renamed into place stay; a rerun writes the rest
+                raise describe_failure("rsets", f"shard {names[i]}", e, root) from None
             checksums[written["name"]] = written["checksum"]
             bar.update()
     bar.close()
@@ -138,8 +141,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(ReplicateSetConfig, overrides=argv[1:])
         build(root, cfg)
-    except (ConfigError, ManifestError) as e:
-        print(f"rsets: {e}", file=sys.stderr)
+    except (ConfigError, ManifestError, JobError) as e:
+        print(e if isinstance(e, JobError) else f"rsets: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     save_config(cfg, root / RSET_DIR / "rsets_config.yaml")
     return 0

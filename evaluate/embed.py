@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import schema
+from micon import atomic, schema
 from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import ConfigError, NonNegativeInt, PositiveInt, load_config, save_config
 from micon.data.preprocess import SitePreprocessor
@@ -30,7 +30,7 @@ from micon.data.shards import Manifest, ManifestError, read_tar_encoded
 from micon.embeddings import (META_COLUMNS, EmbeddingError, describe_identity, identity_difference, identity_key,
                               part_path, read_part, sha256_file, write_consolidated, write_part)
 from micon.eval.featurisers import FEATURISERS, get_featuriser
-from micon.raycluster import init_ray
+from micon.raycluster import JobError, UnitFailed, describe_failure, init_ray
 
 
 @dataclass
@@ -228,9 +228,13 @@ class ShardEmbedder:
         self.out, self.batch_size, self.identity, self.decode_threads = Path(out), batch_size, identity, decode_threads
 
     def __call__(self, batch: dict) -> dict:
-        done = [embed_shard(self.encoder, s, self.out, self.batch_size, len(self.encoder.manifest.channels),
-                            self.identity, self.decode_threads)
-                for s in batch["shard"]]
+        done = []
+        for s in batch["shard"]:
+            try:
+                done.append(embed_shard(self.encoder, s, self.out, self.batch_size,
+                                        len(self.encoder.manifest.channels), self.identity, self.decode_threads))
+            except Exception as e:   # named here: Ray Data's own report does not say which shard
+                raise UnitFailed.of(f"shard {Path(s).name}", e) from e
         return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done])}
 
 
@@ -270,9 +274,7 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> None:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(identity, indent=1))
-    os.replace(tmp, path)
+    atomic.write_json(path, identity)
 
 
 def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
@@ -306,12 +308,15 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
         init_ray()
         size = cfg.workers or (gpus if gpus else min(2, os.cpu_count() or 1))
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        results = ds.map_batches(
+        try:
+            results = ds.map_batches(
             ShardEmbedder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(size, len(todo))),
             num_gpus=1 if gpus else 0, num_cpus=cfg.threads,
             fn_constructor_kwargs=dict(ckpt=ckpt, manifest_dir=str(shards), out=str(out), batch_size=cfg.batch_size,
                                        threads=1 if gpus else cfg.threads, identity=key,
                                        decode_threads=cfg.threads if gpus else 1)).take_all()
+        except Exception as e:   # Ray's report is a page long: one line for the person, the page in a log
+            raise describe_failure("embed", f"one of {len(todo)} shards", e, out) from None
         print(f"embed: embedded {sum(int(r['rows']) for r in results)} sites from {len(results)} shards", flush=True)
     info = consolidate(out, manifest, ckpt, identity, encoder.embed_info())
     save_config(cfg, out / "embed_config.yaml")
@@ -332,8 +337,11 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     try:
         info = run(ckpt, shards, out, cfg)
-    except (ManifestError, EmbeddingError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"embed: {e}", file=sys.stderr)
+    except (ManifestError, EmbeddingError, CheckpointError, FileNotFoundError, ValueError, JobError) as e:
+        print(e if isinstance(e, JobError) else f"embed: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:     # writing the consolidated embeddings (a full disk, a read-only directory)
+        print(describe_failure("embed", f"embedding into {out}", e, out), file=sys.stderr)
         return 1
     print(f"embed: {info['n_sites']} sites x {info['dim']} dims -> {out / 'embeddings.zarr'} + "
           f"{out / 'sites.parquet'} in {time.perf_counter() - t0:.1f} s")

@@ -249,8 +249,12 @@ def main(argv: list[str]) -> int:
         from micon.data.shards import Manifest
         keep = set(Manifest.load(cfg.shards).data["splits"]["heldout_compounds"])
     if cfg.ray:
-        from micon.raycluster import init_ray
-        init_ray()
+        from micon.raycluster import JobError, init_ray
+        try:
+            init_ray()
+        except JobError as e:
+            print(f"evaluate: {e}", file=sys.stderr)
+            return 1
     results = {}
     t_all = time.perf_counter()
     for i, (name, path) in enumerate(cfg.embeddings.items()):

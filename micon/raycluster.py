@@ -14,9 +14,30 @@ class JobError(RuntimeError):
     """A job's unit of work (a plate, a shard, a chunk) failed, or Ray could not be reached: one line for
     the person, the details in `log` when there is one."""
 
-    def __init__(self, message: str, log: Path | None = None):
+    def __init__(self, message: str, log: Path | None = None, cause: str = ""):
         super().__init__(message)
-        self.log = log
+        self.log, self.cause = log, cause or message
+
+
+class UnitFailed(RuntimeError):
+    """Raised inside a Ray task or actor when one unit (a shard, a chunk) failed: the unit and the cause in
+    one picklable line, so the driver can name both whatever Ray wraps around it."""
+
+    def __init__(self, unit: str, cause: str, disk_full: bool = False):
+        super().__init__(f"{unit}: {cause}")
+        self.unit, self.cause, self.disk_full = unit, cause, disk_full
+
+    @classmethod
+    def of(cls, unit: str, exc: BaseException) -> "UnitFailed":
+        text = (str(exc).strip().splitlines() or [""])[0]
+        return cls(unit, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, _is_disk_full(exc))
+
+    def __reduce__(self):
+        return UnitFailed, (self.unit, self.cause, self.disk_full)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and getattr(exc, "errno", None) == 28) or "No space left on device" in str(exc)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -29,8 +50,7 @@ def root_cause(exc: BaseException) -> BaseException:
         if isinstance(inner, BaseException):
             exc = inner
             continue
-        if type(exc).__name__ in ("RayTaskError", "UserCodeException", "RayActorError") or \
-                type(exc).__name__.startswith("RayTaskError("):
+        if type(exc).__module__.startswith("ray") or type(exc).__name__.startswith("RayTaskError"):
             if exc.__cause__ is not None:
                 exc = exc.__cause__
                 continue
@@ -38,27 +58,59 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _cause_from_text(exc: BaseException) -> BaseException:
+    """Ray Data hands back a UserCodeException whose chain holds the user's exception only as text (the remote
+    traceback): find our UnitFailed line there, else the last plain `SomeError: message` line."""
+    import re
+
+    text = "".join(traceback.format_exception(exc)) + "\n" + str(exc) + "\n" + str(root_cause(exc))
+    found = re.findall(r"^(?:\S+\.)?UnitFailed: ((?:shard|chunk|plate) [^:]+): (.+)$", text, re.M)
+    if found:
+        unit, cause = found[-1]
+        return UnitFailed(unit, cause, "No space left on device" in cause)
+    plain = [m for m in re.findall(r"^(\w*(?:Error|Exception)): (.+)$", text, re.M)
+             if m[0] not in ("UserCodeException", "RayTaskError")]
+    if plain:
+        name, message = plain[-1]
+        return UnitFailed("", f"{name}: {message}", "No space left on device" in message)
+    return exc
+
+
 def describe_failure(job: str, unit: str, exc: BaseException, log_dir: str | Path | None = None) -> JobError:
     """One line naming the job, the unit and the cause, with the whole traceback (Ray's remote one
     included) appended to `log_dir/{job}-errors.log` when a directory is given and writable."""
     cause = root_cause(exc)
-    text = str(cause).strip().splitlines()
-    what = f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
-    if isinstance(cause, OSError) and getattr(cause, "errno", None) == 28:
+    if type(cause).__module__.startswith("ray"):
+        cause = _cause_from_text(exc)
+    if isinstance(cause, UnitFailed):
+        unit, what, disk_full = cause.unit or unit, cause.cause, cause.disk_full
+    else:
+        text = str(cause).strip().splitlines()
+        what, disk_full = (f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__), _is_disk_full(cause)
+    if disk_full:
         what += " (the disk is full: free space there, then rerun the same command; finished work is kept)"
-    log = None
-    if log_dir is not None:
+    log = write_log(job, unit, exc, log_dir)
+    where = f" (traceback in {log})" if log else ""
+    return JobError(f"{job}: {unit} failed: {what}{where}", log, f"{what}{where}")
+
+
+def write_log(job: str, unit: str, exc: BaseException, log_dir: str | Path | None) -> Path | None:
+    """Append the whole report (Ray's remote traceback included) to `log_dir/{job}-errors.log`, or, when
+    that cannot be written (its disk may be the full one), to the temp directory; None if neither works."""
+    import tempfile
+
+    for d in ([Path(log_dir)] if log_dir is not None else []) + [Path(tempfile.gettempdir()) / "micon-logs"]:
+        log = d / f"{job}-errors.log"
         try:
-            log = Path(log_dir) / f"{job}-errors.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as fh:
                 fh.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {job}: {unit}\n")
                 fh.write("".join(traceback.format_exception(exc)))
                 fh.write(f"{exc}\n")
-        except OSError:          # the log's own disk may be the full one
-            log = None
-    where = f" (traceback in {log})" if log else ""
-    return JobError(f"{job}: {unit} failed: {what}{where}", log)
+            return log
+        except OSError:
+            continue
+    return None
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

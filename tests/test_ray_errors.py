@@ -3,8 +3,10 @@ a log file), and an unreachable RAY_ADDRESS fails in seconds with one line, not 
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,8 +36,8 @@ def test_a_plain_exception_and_an_unwritable_log_dir(tmp_path):
     assert str(e).startswith("featurize: chunk part-00003 failed: ValueError: bad (traceback in")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    e = describe_failure("prep", "plate P1", KeyError("k"), blocker / "sub")    # the log cannot be written
-    assert str(e) == "prep: plate P1 failed: KeyError: 'k'" and e.log is None
+    e = describe_failure("prep", "plate P1", KeyError("k"), blocker / "sub")    # the log cannot be written there
+    assert str(e).startswith("prep: plate P1 failed: KeyError: 'k' (traceback in ") and e.log.parent.name == "micon-logs"
 
 
 def test_an_unreachable_ray_address_fails_fast():
@@ -48,3 +50,56 @@ def test_an_unreachable_ray_address_fails_fast():
         check_reachable(f"127.0.0.1:{port}")
     assert time.monotonic() - t0 < 30
     check_reachable("auto")               # nothing to check: Ray resolves it itself
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 48 kB tmpfs: room for a few embedding parts, not for all (root only; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip()}): needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_disk_full_during_embed_is_one_line_and_a_rerun_finishes(tiny_shards, small_disk, tmp_path):
+    import subprocess
+
+    from tests.conftest import run_job
+
+    out = small_disk / "emb"
+    proc = run_job("evaluate.embed", "image_stats", tiny_shards, out, "workers=1", check=False)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("embed:")]
+    assert any("failed: OSError: [Errno 28] No space left on device" in ln and "the disk is full" in ln
+               and "traceback in" in ln for ln in lines), proc.stderr[-3000:]
+    assert "UserCodeException" not in proc.stderr and "Traceback" not in proc.stderr
+    kept = sorted(p.name for p in (out / "parts").glob("*.npz"))
+    assert not any(".tmp" in name for name in kept)        # no half-written part left behind
+    assert kept, "parts finished before the disk filled up are kept"
+    log = Path(re.search(r"traceback in (\S+embed-errors\.log)", proc.stderr).group(1))
+    assert log.parent.name in ("emb", "micon-logs")   # OUT, or the temp directory when OUT has no room left
+    assert "No space left on device" in log.read_text()
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    rerun = run_job("evaluate.embed", "image_stats", tiny_shards, out, "workers=1")
+    assert f"{len(kept)} already embedded" in rerun.stdout
+    assert (out / "embed.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_unreachable_ray_address_stops_a_job_with_one_line(tiny_screen, tmp_path):
+    from tests.conftest import run_job
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_job("data_prep.featurize", tiny_screen / "metadata" / "compound.csv.gz", tmp_path / "g", check=False,
+                   RAY_ADDRESS=f"127.0.0.1:{port}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}")
+    assert "Traceback" not in proc.stderr
