@@ -184,6 +184,7 @@ def main() -> None:
     speed = speeds[chosen]
     raw_cost = 1 - raw_rows[1]["samples/s (best)"] / raw_rows[0]["samples/s (best)"]
     stream_cost = 1 - best["verified"][0] / best["unverified"][0]
+    load = os.getloadavg()[0]
     body = f"""What verifying every shard costs the training stream (micon.integrity; issue 20). A shard is hashed as
 its bytes stream past and its samples are held back until the whole file matched the checksum its manifest
 recorded when it was written: nothing of a damaged shard is ever used, at the cost of holding one shard's
@@ -195,8 +196,8 @@ Hash functions, one core, 64 MB of random bytes:
 
 {markdown_table(hash_rows)}
 
-The checksum is `{integrity.ALGORITHM}` ({chosen}, {speed:,.0f} MB/s; xxhash comes with wandb and is now a declared
-dependency). At the 13 GB/s per node that training reads at cpg0016 scale (ARCHITECTURE.md), it needs
+The checksum is `{integrity.ALGORITHM}` ({speed:,.0f} MB/s; the xxhash package comes with wandb and is now a
+declared dependency). At the 13 GB/s per node that training reads at cpg0016 scale (ARCHITECTURE.md), it needs
 {13e3 / speed:.1f} cores per node, against {13e3 / speeds['crc32 (zlib)']:.1f} for the standard library's fastest, zlib's CRC-32.
 A random corruption escapes a 64-bit checksum with probability 2^-64. It guards against damage, not against an
 attacker, who could rewrite the manifest as well. Checksums recorded under another name (crc32, sha256 in
@@ -205,8 +206,9 @@ older embed.json files) are still checked with their own algorithm.
 The demo screen's replicate-set shards ({rs['n_samples']} samples, {rs['bytes'] / 1e6:.1f} MB, {sample_kb:.0f} kB per
 sample), best of {args.repeats} alternating runs, one process. Raw samples (read and parse, nothing decoded, where a
 checksum costs most): verification costs {raw_cost:.1%} of the unverified reader's rate; MICON batches (decode,
-normalise, augment, collate: what a loader worker does): {stream_cost:+.1%} (run-to-run noise on a shared machine is a
-few percent).
+normalise, augment, collate: what a loader worker does): {-stream_cost:+.1%}. The machine was shared (load average
+{load:.1f} on {os.cpu_count()} cores during the run): differences of several percent either way are noise, and the
+per-sample cost below is the steadier number.
 
 {markdown_table(raw_rows)}
 
