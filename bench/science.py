@@ -41,7 +41,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from micon import schema  # noqa: E402
+from micon import atomic, schema  # noqa: E402
 
 METHODS = ("micon", "paclr", "clip", "simclr")
 SUBJECT = "micon"                        # the method the comparison asks about (--subject)
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                    machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "
                            f"Python {platform.python_version()}",
                    screen=screen_description(out))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    atomic.write_json(out / "results.json", results, default=float)   # strict: undefined values as null
     print(summary[summary.metric.isin(["nsb_top10", "nss_top10", "map_activity", "source_knn"])].to_string(index=False))
     if a.docs:
         path = write_docs(out, results, summary, "python bench/science.py " + " ".join(argv or sys.argv[1:]))

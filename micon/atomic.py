@@ -67,8 +67,32 @@ def write_text(path: str | Path, text: str, *, fsync: bool = True) -> None:
     write_bytes(path, text.encode(), fsync=fsync)
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 1, sort_keys: bool = False, **dumps) -> None:
-    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, **dumps))
+def strict(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, inf, NumPy's too) as None, so that json.dumps writes `null`:
+    strict JSON readers (jq, JavaScript, Java) reject the bare `NaN` Python writes by default."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, float) or type(obj).__name__.startswith("float"):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):      # NumPy ints and bools
+        return obj.item()
+    return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON text of `obj` (see `strict`)."""
+    return json.dumps(strict(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 1, sort_keys: bool = False, **kwargs) -> None:
+    """Strict JSON (undefined values as null), written atomically."""
+    kwargs.pop("allow_nan", None)
+    write_text(path, dumps(obj, indent=indent, sort_keys=sort_keys, **kwargs))
 
 
 def write_parquet(path: str | Path, table, **to_parquet) -> None:

@@ -156,3 +156,20 @@ def test_metrics_are_strict_json_and_learned_embeddings_keep_indexed_names(tmp_p
     raw = pd.read_parquet(tmp_path / "eval" / "profiles_simclr_raw.parquet")
     assert [c for c in raw.columns if not c.startswith("Metadata_")] == [f"simclr_{i:04d}" for i in range(len(NAMES))]
     assert "n/a" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_every_json_the_project_writes_is_strict(tmp_path):
+    """NaN and inf (Python's and NumPy's) become null: jq, JavaScript and Java reject a bare NaN."""
+    import json
+
+    import numpy as np
+
+    from micon import atomic
+
+    doc = {"nss_top1": float("nan"), "nested": [np.float32("inf"), np.float64(0.5), np.int64(3), {"x": -np.inf}],
+           "ok": 1.0, "flag": np.bool_(True)}
+    atomic.write_json(tmp_path / "m.json", doc)
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"nss_top1": None, "nested": [None, 0.5, 3, {"x": None}], "ok": 1.0, "flag": True}
+    json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))   # strict parse

@@ -8,7 +8,6 @@ Works in-process with one rank (tests) as under torchrun or srun with many.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from micon import distributed, schema
+from micon import atomic, distributed, schema
 from micon.checkpoint import InferenceRecord, tag_of
 from micon.config import ConfigError, describe, dump, save_config, to_dict
 from micon.data.preprocess import Preprocessing
@@ -489,7 +488,7 @@ class Trainer:
         if self.run is not None and self.state.step % self.cfg.wandb.log_every == 0:
             self.run.log(metrics, step=self.state.step)
         with open(self.out / "metrics.jsonl", "a") as fh:   # plain-text twin of the wandb history
-            fh.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
+            fh.write(atomic.dumps({"step": self.state.step, **metrics}) + "\n")   # NaN as null
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.last_losses.get('loss', float('nan')):.4f}",
                                  data=f"{metrics['data_wait_share']:.0%}")
@@ -531,7 +530,7 @@ class Trainer:
                          counts=self.data_counts(), skipped_nonfinite=self.state.skipped_nonfinite,
                          precision="bf16" if self.bf16 else "fp32", zero_stage=self.cfg.engine.zero_stage,
                          world_size=self.world)
-            final_path.write_text(json.dumps(final, indent=1))
+            atomic.write_json(final_path, final)
             log.info("finished %d steps; final loss %s; checkpoint %s", self.state.step,
                      "n/a" if final["loss"] is None else f"{final['loss']:.4f}", final["checkpoint"])
         elif self.rank == 0 and exit_code == EXIT_OK:
