@@ -283,3 +283,21 @@ def test_readers_refuse_damaged_graph_stores_and_embeddings(tiny_graphs, tmp_pat
     (emb / "embed.json").write_text(json.dumps(dict(old, sha256=hashlib.sha256(x[:-1].tobytes()).hexdigest())))
     with pytest.raises(EmbeddingError, match="checksum"):
         load_embeddings(emb)
+
+
+@pytest.mark.slow
+def test_training_skips_a_damaged_replicate_set_shard_counting_and_naming_it(shard_copy, tiny_graphs, tmp_path):
+    """The probe of issue 20: one flipped byte in a replicate-set shard (one that still decodes). Training
+    goes on with the other shards; the damaged one is counted and named, never decoded."""
+    from conftest import run_job
+
+    rs = json.loads((shard_copy / "replicate_sets" / "manifest.json").read_text())
+    bad = rs["shards"][0]
+    flip(shard_copy / "replicate_sets" / bad["name"], json_flip_offset(shard_copy / "replicate_sets" / bad["name"]))
+    out = tmp_path / "run"
+    proc = run_job("train.run", "-", f"data.shards={shard_copy}", f"data.graphs={tiny_graphs}", f"out={out}",
+                   "method=clip", "data.stream=replicate_sets", "steps=4", "micro_batch=4", "progress=false",
+                   "wandb.enabled=false")
+    counts = json.loads((out / "final.json").read_text())["counts"]
+    assert counts["shards_failed_checksum"] >= 1 and counts["samples_lost"] >= bad["n_samples"]
+    assert f"{bad['name']} does not match the checksum" in proc.stderr
