@@ -13,11 +13,12 @@ Training writes it (train/), embedding reads it (evaluate/): neither imports the
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from micon import atomic
 
 FORMAT, VERSION = "micon-checkpoint", 1
 
@@ -93,10 +94,9 @@ class Checkpoint:
 
 def save_model_file(path: Path, weights: dict, record: InferenceRecord, config: dict, state: dict) -> None:
     """Write model.pt atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": {k: v.detach().float().cpu() for k, v in weights.items()}, "record": record.to_dict(),
-                "config": config, "state": state}, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        torch.save({"model": {k: v.detach().float().cpu() for k, v in weights.items()}, "record": record.to_dict(),
+                    "config": config, "state": state}, tmp)
 
 
 def resolve_model_file(path: str | Path) -> Path:

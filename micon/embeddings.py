@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from micon import integrity, schema
+from micon import atomic, integrity, schema
 
 META_COLUMNS = [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
                 schema.SMILES, schema.ROLE]
@@ -68,10 +67,9 @@ def identity_difference(old: dict, new: dict) -> str:
 def write_part(path: Path, embeddings: np.ndarray, rows: list[dict], identity: str = "") -> None:
     """One shard's embeddings and metadata rows, written under a temporary name and renamed. The npz (a zip)
     records a CRC-32 of each member, which numpy's reader checks: a damaged part fails in read_part."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, embeddings=embeddings.astype(np.float32), meta=np.array(json.dumps(rows)),
-             identity=np.array(identity))
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a full disk leaves no half-written part
+        np.savez(fh, embeddings=embeddings.astype(np.float32), meta=np.array(json.dumps(rows)),
+                 identity=np.array(identity))
 
 
 def read_part(path: Path, expected_rows: int | None = None,
@@ -104,19 +102,16 @@ def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dic
     """embeddings.zarr + sites.parquet, then embed.json (last: its presence means the rest is whole)."""
     import zarr
 
-    tmp_z = out / ".embeddings.zarr.tmp"
-    shutil.rmtree(tmp_z, ignore_errors=True)
-    arr = zarr.create_array(str(tmp_z), shape=emb.shape, chunks=(max(1, min(len(emb), 8192)), max(1, emb.shape[1])),
-                            dtype="float32", zarr_format=3)
-    arr[:] = emb
-    shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
-    os.replace(tmp_z, out / "embeddings.zarr")
-    meta.to_parquet(out / "sites.parquet.tmp", index=False)
-    os.replace(out / "sites.parquet.tmp", out / "sites.parquet")
+    atomic.remove_leftovers(out, r"embeddings\.zarr")   # a killed run's half-built array
+    with atomic.atomic_path(out / "embeddings.zarr") as tmp_z:
+        arr = zarr.create_array(str(tmp_z), shape=emb.shape, chunks=(max(1, min(len(emb), 8192)), max(1, emb.shape[1])),
+                                dtype="float32", zarr_format=3)
+        arr[:] = emb
+        shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
+    atomic.write_parquet(out / "sites.parquet", meta)
     info = dict(info, n_sites=int(len(emb)), dim=int(emb.shape[1]) if emb.ndim == 2 else 0,
                 checksum=array_checksum(emb), checksums={"sites.parquet": integrity.of_file(out / "sites.parquet")})
-    (out / "embed.json.tmp").write_text(json.dumps(info, indent=1))
-    os.replace(out / "embed.json.tmp", out / "embed.json")
+    atomic.write_json(out / "embed.json", info)
     return info
 
 

@@ -9,11 +9,10 @@ directory you (or your team) wrote. `./launch.sh embed` reads `model.pt` alone, 
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from micon import distributed
+from micon import atomic, distributed
 from micon.checkpoint import InferenceRecord, find_latest, save_model_file, tag_of
 
 __all__ = ["find_latest", "resolve_resume", "save", "tag_of"]
@@ -36,10 +35,8 @@ def save(engine, root: Path, step: int, state: dict, config: dict, record: Infer
     if rank == 0:
         final = root / tag
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging / tag, final)
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
+        atomic.commit(staging / tag, final)
+        atomic.write_text(root / "latest", tag)
         for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
