@@ -59,7 +59,9 @@ def of_bytes(data, like: str | None = None) -> str:
 
 def of_array(arr: np.ndarray, like: str | None = None) -> str:
     """Checksum of an array's values in C order (its dtype and shape are the reader's to check)."""
-    return of_bytes(memoryview(np.ascontiguousarray(arr)).cast("B"), like)
+    arr = np.ascontiguousarray(arr)
+    # an empty array (a store with no graph) has no buffer to cast: its bytes are b""
+    return of_bytes(memoryview(arr).cast("B") if arr.size else b"", like)
 
 
 def of_file(path: str | Path, like: str | None = None, chunk: int = 1 << 22) -> str:
