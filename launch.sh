@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${MICON_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
-log() { printf '[launch] %s\n' "$*" >&2; }
+log() { printf '[launch %4ss] %s\n' "$SECONDS" "$*" >&2; }   # seconds since launch.sh started
 
 # torch: GPU clusters keep whatever torch they have (or get the newest from pip).
 # On a machine whose pip is capped to the torch/torchvision pair lying on its disk
