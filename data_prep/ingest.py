@@ -4,31 +4,32 @@
 
 One Ray task per plate (local Ray, or the cluster at RAY_ADDRESS). A plate is finished when its
 record `OUT/plates/{plate}.json` exists; it is written last, after the plate's shards and control
-array were renamed into place, so a rerun skips finished plates and redoes the rest.
+array were renamed into place (uploaded whole, in object storage), so a rerun skips finished plates and
+redoes the rest. SRC and OUT may be local paths or object-storage URLs (s3://bucket/prefix; micon.storage).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
-from micon import atomic, integrity, schema
-from micon.config import (ConfigError, Fraction, NonNegativeInt, PositiveFloat, Range, help_or_usage, load_config,
-                          save_config)
+from micon import atomic, integrity, schema, storage
+from micon.config import (ConfigError, Fraction, NonNegativeInt, PositiveFloat, Range, dump, help_or_usage,
+                          load_config)
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
 from micon.raycluster import JobError, describe_failure, init_ray, root_cause
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits
+from micon.storage import StorageConfig
 
 REPORT = "ingest_report.csv"
 PLATE_LEVEL_PROBLEMS = ("missing_channel", "missing_load_data", "bad_illum")
@@ -60,8 +61,13 @@ class IngestConfig:
     heldout_batches: NonNegativeInt = 0  # whole batches (of the other sources) held out of training
     replicate_sets: bool = True     # end with the replicate-set shards training reads (see rsets)
     rsets: ReplicateSetConfig = field(default_factory=ReplicateSetConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)   # object storage (s3://): endpoint, retries
 
     def validate(self) -> None:
+        try:
+            self.storage.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.codec not in CODECS:
             raise ConfigError(f"codec={self.codec!r}: choose one of {', '.join(CODECS)}")
         if self.on_error not in ("stop", "skip"):
@@ -82,7 +88,7 @@ class OptionsMismatch(RuntimeError):
     pass
 
 
-def plate_done(out: Path, plate: str, options: dict | None = None) -> dict | None:
+def plate_done(out, plate: str, options: dict | None = None) -> dict | None:
     """The plate's record if the plate is complete (record present and every shard whole). With
     `options`, a plate made with other output options raises OptionsMismatch naming them."""
     rec_path = out / "plates" / f"{plate}.json"
@@ -100,7 +106,7 @@ def plate_done(out: Path, plate: str, options: dict | None = None) -> dict | Non
     return rec
 
 
-def plates_todo(out: Path, plates: list[str], options: dict) -> tuple[list[str], list[str]]:
+def plates_todo(out, plates: list[str], options: dict) -> tuple[list[str], list[str]]:
     """(plates not finished with these options, why each plate made with other options differs); the
     latter are in the former too, so that rebuild=true redoes them."""
     todo, mismatched = [], []
@@ -120,7 +126,8 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     from micon.data.imaging import illumination_gain, process_site
     import zarr
 
-    out_p = Path(out)
+    storage.configure(cfg.storage)       # a task on a Ray cluster elsewhere gets the job's storage settings
+    out_p = storage.path(out)
     screen = src if isinstance(src, Screen) else read_screen(src, cfg.allow_outside_root)
     if os.environ.get(DELAY_ENV):   # tests: slow a plate down so that a kill lands mid-run
         time.sleep(float(os.environ[DELAY_ENV]))
@@ -131,22 +138,22 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     writer = ShardWriter(out_p / "shards", plate, cfg.codec, int(cfg.shard_mb * 1e6))
     illum_cache: dict[str, np.ndarray] = {}
     negcon_images, negcon_rows = [], []
+    images = SiteImages(sites, isinstance(screen.root, storage.ObjectPath))
     # the plate's image shape: what most of its first images share, not whatever image comes first
     from micon.data.imaging import majority_shape
-    expected_shape = majority_shape([p for r in sites.head(5).itertuples(index=False)
-                                     for p in (getattr(r, f"path_{ch}") for ch in schema.CHANNELS)])
+    expected_shape = majority_shape([p for i in range(min(5, len(sites))) for p in images.readable(i)])
     n_written = 0
     try:
         for i, r in enumerate(sites.itertuples(index=False)):
             r = r._asdict()
-            paths = [r[f"path_{ch}"] for ch in schema.CHANNELS]
             illum = []
             for ch in schema.CHANNELS:
                 ipath = r.get(f"illum_{ch}", "") if cfg.illum else ""
                 if ipath:
                     if ipath not in illum_cache:
                         try:
-                            illum_cache[ipath] = illumination_gain(np.load(ipath, allow_pickle=False))
+                            illum_cache[ipath] = illumination_gain(np.load(io.BytesIO(storage.read_bytes(ipath)),
+                                                                           allow_pickle=False))
                         except (OSError, ValueError) as e:
                             raise IngestError(f"illumination function unreadable ({e}); expected a .npy array",
                                               plate, r[schema.WELL], r[schema.SITE], ipath, kind="bad_illum") from None
@@ -154,6 +161,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
                 else:
                     illum.append(None)
             try:
+                paths = images.site(i, plate, r[schema.WELL], r[schema.SITE])
                 img, expected_shape = process_site(paths, illum, plate, r[schema.WELL], r[schema.SITE], cfg.image_size, cfg.resize,
                                    cfg.p_low, cfg.p_high, expected_shape)
             except IngestError as e:
@@ -177,7 +185,8 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     if progress is not None:
         progress.update.remote(len(sites) % 16)
     shards = writer.close()
-    # DMSO control bank: one zarr array per plate, written aside and renamed into place
+    # DMSO control bank: one zarr array per plate, written aside and renamed into place (in object storage:
+    # uploaded object by object; the plate's record, written after it, is what says it is whole)
     bank = out_p / "control_bank.zarr"
     atomic.remove_leftovers(bank, re.escape(plate))   # an earlier attempt's half-written array
     if negcon_images:
@@ -186,7 +195,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
             arr = zarr.create_array(str(tmp), shape=stack.shape, chunks=(1,) + stack.shape[1:], dtype="uint8",
                                     zarr_format=3, overwrite=True)
             arr[:] = stack
-            shutil.rmtree(bank / plate, ignore_errors=True)
+            storage.remove_tree(bank / plate)
         x = stack.astype(np.float64)
         stats = dict(mean=x.mean(axis=(0, 2, 3)).round(6).tolist(), std=x.std(axis=(0, 2, 3)).round(6).tolist(),
                      n_sites=len(stack))
@@ -202,7 +211,60 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     return record
 
 
-def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict:
+class SiteImages:
+    """The TIFFs of a plate's sites as `process_site` reads them: local paths as they are; objects fetched
+    ahead in batches (every channel of several sites at once, concurrent requests, transient errors
+    retried), so a Ray task waits on the store once per batch, not once per image. A missing object is
+    the IngestError of a missing TIFF (kind missing_tiff), naming its key."""
+
+    AHEAD = 8   # sites fetched together (40 TIFFs: ~90 MB at cpg0016's sizes)
+
+    def __init__(self, sites: pd.DataFrame, remote: bool):
+        self.paths = [[str(getattr(r, f"path_{ch}")) for ch in schema.CHANNELS] for r in sites.itertuples(index=False)]
+        self.remote, self.fetched, self.start = remote, {}, None
+
+    def _fetch(self, i: int) -> None:
+        if self.start is not None and self.start <= i < self.start + self.AHEAD:
+            return
+        self.start = i
+        self.fetched = storage.read_many([p for ps in self.paths[i:i + self.AHEAD] for p in ps])
+
+    def readable(self, i: int) -> list:
+        """Site i's images for a header read (majority_shape): unreadable ones left out."""
+        if not self.remote:
+            return self.paths[i]
+        self._fetch(i)
+        return [_Named(self.fetched[p], p) for p in self.paths[i] if isinstance(self.fetched.get(p), bytes)]
+
+    def site(self, i: int, plate: str, well: str, site: str) -> list:
+        if not self.remote:
+            return self.paths[i]
+        self._fetch(i)
+        out = []
+        for p in self.paths[i]:
+            got = self.fetched.get(p)
+            if isinstance(got, FileNotFoundError):
+                raise IngestError("image object is missing (expected a 16-bit TIFF)", plate, well, site, p,
+                                  kind="missing_tiff")
+            if not isinstance(got, bytes):
+                raise IngestError(f"image object is unreadable ({type(got).__name__}: {storage.redact(str(got))[:200]})",
+                                  plate, well, site, p, kind="unreadable_tiff")
+            out.append(_Named(got, p))
+        return out
+
+
+class _Named(io.BytesIO):
+    """An image's bytes that tifffile reads like a file and errors name by its URL."""
+
+    def __init__(self, data: bytes, url: str):
+        super().__init__(data)
+        self.url = url
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def finalize(src, out, cfg: IngestConfig, plates: list[str]) -> dict:
     """Manifest, control table, report and splits from the per-plate records."""
     screen = read_screen(src, cfg.allow_outside_root)
     records = [json.loads((out / "plates" / f"{p}.json").read_text()) for p in plates]
@@ -212,7 +274,7 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
                                      "checksum"])
     atomic.write_parquet(out / "controls.parquet", controls)
     import zarr
-    zarr.open_group(str(out / "control_bank.zarr"), mode="a", zarr_format=3)
+    zarr.open_group(storage.zarr_store(out / "control_bank.zarr"), mode="a", zarr_format=3)
     problems = pd.DataFrame([p for r in records for p in r["problems"]],
                             columns=["plate", "well", "site", "file", "kind", "reason"])
     atomic.write_csv(out / REPORT, problems)
@@ -235,16 +297,16 @@ def finalize(src: Path, out: Path, cfg: IngestConfig, plates: list[str]) -> dict
                                  n_by_role=r["n_by_role"], stats=r["stats"],
                                  shards=[s["name"] for s in r["shards"]]) for r in records},
         splits=splits,
-        checksums={"controls.parquet": integrity.of_file(out / "controls.parquet")},
+        checksums={"controls.parquet": storage.checksum(out / "controls.parquet")},
         compounds=[{k: row[k] for k in (schema.JCP, schema.INCHIKEY, schema.SMILES)} | dict(
             Metadata_Role=schema.role_of(row[schema.JCP])) for _, row in cpds.iterrows()],
     )
     atomic.write_json(out / "manifest.json", manifest)
-    save_config(cfg, out / "prep_config.yaml")
+    atomic.write_text(out / "prep_config.yaml", dump(cfg))
     return manifest
 
 
-def run(src: Path, out: Path, cfg: IngestConfig) -> int:
+def run(src, out, cfg: IngestConfig) -> int:
     from tqdm import tqdm
 
     screen = read_screen(src, cfg.allow_outside_root)
@@ -340,14 +402,15 @@ def run(src: Path, out: Path, cfg: IngestConfig) -> int:
 def main(argv: list[str]) -> int:
     if (rc := help_or_usage(argv, __doc__, IngestConfig, positional=2)) is not None:
         return rc
-    src, out = Path(argv[0]), Path(argv[1])
     try:
+        src, out = storage.path(argv[0]), storage.path(argv[1])
         cfg = load_config(IngestConfig, overrides=argv[2:])
+        storage.configure(cfg.storage)
         if not (src / "metadata").is_dir():
             raise ConfigError(f"{src} is not a JUMP-layout screen: expected {src / 'metadata'}/plate.csv.gz, "
                               f"well.csv.gz, compound.csv.gz")
-    except ConfigError as e:
-        print(f"prep: {e}", file=sys.stderr)
+    except (ConfigError, ValueError) as e:      # ValueError: credentials in a URL (micon.storage.check_url)
+        print(f"prep: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:

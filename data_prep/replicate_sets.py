@@ -8,21 +8,22 @@ the planner groups each training compound's wells with a same-plate DMSO site pe
 SHARDS/replicate_sets/rset-NNNNN.tar. Compounds left out (fewer than two usable wells, weight 0) are
 listed in SHARDS/replicate_sets_report.csv. Restartable: a shard is renamed into place only when
 whole, and a rerun with the same inputs and options keeps finished shards and writes identical bytes;
-other options rebuild from scratch, saying so.
+other options rebuild from scratch, saying so. SHARDS may be an object-storage URL (micon.storage): shards
+are then uploaded whole and the manifest, written last, is what says the set is complete.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from micon import atomic, integrity, schema
-from micon.config import ConfigError, help_or_usage, load_config, save_config
+from micon import atomic, schema, storage
+from micon.config import ConfigError, dump, help_or_usage, load_config
 from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, RSET_DIR, ReplicateSetConfig,
                                        assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
@@ -42,12 +43,19 @@ def read_weights(path: str) -> dict[str, float]:
     return dict(zip(table[schema.JCP].astype(str), table["weight"].astype(float)))
 
 
-def site_index(root: Path, manifest: Manifest, ray) -> pd.DataFrame:
+def _read_json(path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def site_index(root, manifest: Manifest, ray) -> pd.DataFrame:
     """The site index of every plate shard (reused when the shard set has not changed)."""
     path, stamp_path = root / INDEX_FILE, root / (INDEX_FILE + ".json")
     stamp = [[s["name"], s["bytes"]] for s in manifest.data["shards"]]
-    if path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
-        return pd.read_parquet(path)
+    if _read_json(stamp_path) == stamp and path.is_file():
+        return pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
     task = ray.remote(num_cpus=1)(index_shard)
     refs = [task.remote(str(root / "shards" / s["name"])) for s in manifest.data["shards"]]
     index = pd.DataFrame([r for chunk in ray.get(refs) for r in chunk])
@@ -56,7 +64,7 @@ def site_index(root: Path, manifest: Manifest, ray) -> pd.DataFrame:
     return index
 
 
-def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool = True) -> dict:
+def build(root, cfg: ReplicateSetConfig, workers: int = 0, progress: bool = True) -> dict:
     """Build (or finish) the replicate-set shards of the shard set at `root`; returns their manifest."""
     from tqdm import tqdm
 
@@ -70,14 +78,15 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
     fingerprint = plan_fingerprint(index, manifest.data["splits"], cfg, weights)
     out = root / RSET_DIR
     done_path = out / "manifest.json"
-    if done_path.is_file() and json.loads(done_path.read_text()).get("fingerprint") == fingerprint:
+    done = _read_json(done_path)
+    if done is not None and done.get("fingerprint") == fingerprint:
         print(f"rsets: replicate sets in {out} are up to date ({fingerprint})", flush=True)
-        return json.loads(done_path.read_text())
+        return done
     plan_path = out / "plan.json"
-    for p in (done_path, plan_path):     # built, or half-built, from other plate shards or options
-        if p.is_file() and json.loads(p.read_text()).get("fingerprint") != fingerprint:
+    for doc in (done, _read_json(plan_path)):     # built, or half-built, from other plate shards or options
+        if doc is not None and doc.get("fingerprint") != fingerprint:
             print(f"rsets: {out} was made from other plate shards or options; rebuilding it", file=sys.stderr)
-            shutil.rmtree(out)
+            storage.remove_tree(out)
             break
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob("*.tmp"):
@@ -87,7 +96,8 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
     names = [f"rset-{i:05d}.tar" for i in range(len(shards))]
     atomic.write_json(plan_path, {"fingerprint": fingerprint, "shards": names})
     atomic.write_csv(root / REPORT_FILE, report)
-    todo = [i for i, n in enumerate(names) if not (out / n).is_file()]
+    present = {p.name for p in out.glob("rset-*.tar")}       # one listing (one request in object storage)
+    todo = [i for i, n in enumerate(names) if n not in present]
     print(f"rsets: {len(samples)} replicate sets of {len({s['compound'] for s in samples})} compounds in "
           f"{len(shards)} shards, {len(shards) - len(todo)} already written, {len(todo)} to write; "
           f"{len(report)} compounds left out (see {root / REPORT_FILE})", flush=True)
@@ -111,7 +121,7 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
         p = out / name
         records.append({"name": name, "n_samples": len(group), "bytes": p.stat().st_size,
                         # a shard an earlier, killed run finished is read once more for its checksum
-                        "checksum": checksums.get(name) or integrity.of_file(p),
+                        "checksum": checksums.get(name) or storage.checksum(p),
                         "n_images": sum(len(s["t"]) + sum(c >= 0 for c in s["c"]) for s in group)})
     per_compound: dict[str, dict] = {}
     for s in samples:
@@ -137,14 +147,18 @@ def build(root: Path, cfg: ReplicateSetConfig, workers: int = 0, progress: bool 
 def main(argv: list[str]) -> int:
     if (rc := help_or_usage(argv, __doc__, ReplicateSetConfig, positional=1)) is not None:
         return rc
-    root = Path(argv[0])
+    try:
+        root = storage.path(argv[0])
+    except ValueError as e:          # credentials in the URL (micon.storage.check_url)
+        print(f"rsets: {e}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(ReplicateSetConfig, overrides=argv[1:])
         build(root, cfg)
     except (ConfigError, ManifestError, JobError) as e:
         print(e if isinstance(e, JobError) else f"rsets: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    save_config(cfg, root / RSET_DIR / "rsets_config.yaml")
+    atomic.write_text(root / RSET_DIR / "rsets_config.yaml", dump(cfg))
     return 0
 
 

@@ -1,10 +1,12 @@
 """Read a JUMP (cpg0016) layout: metadata tables, per-plate load_data, and their join into sites.
 
 Pure table work plus the reading of small metadata files; no image I/O. Every problem becomes an
-`IngestError` that names the plate, well, site and file and says what was expected.
+`IngestError` that names the plate, well, site and file and says what was expected. The screen's root
+may be local or in object storage (micon.storage): image paths are then object URLs under it.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import os
 
 import pandas as pd
 
-from micon import schema
+from micon import schema, storage
 
 
 class IngestError(ValueError):
@@ -38,7 +40,7 @@ class IngestError(ValueError):
 class Screen:
     """The metadata of a JUMP-layout screen on disk."""
 
-    root: Path
+    root: "Path | storage.ObjectPath"
     plates: pd.DataFrame     # Metadata_Source, Metadata_Batch, Metadata_Plate, Metadata_PlateType
     wells: pd.DataFrame      # Metadata_Source, Metadata_Plate, Metadata_Well, Metadata_JCP2022
     compounds: pd.DataFrame  # Metadata_JCP2022, Metadata_InChIKey, Metadata_InChI, Metadata_SMILES
@@ -61,10 +63,13 @@ class Screen:
 
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
-    if not path.is_file():
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
         raise IngestError(f"missing metadata table; expected {path} with columns {', '.join(columns)}",
-                          file=str(path))
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+                          file=str(path)) from None
+    df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
+                     compression="gzip" if str(path).endswith(".gz") else None)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise IngestError(f"missing columns {', '.join(missing)} (has {', '.join(df.columns)})", file=str(path))
@@ -98,8 +103,9 @@ def check_keys(df: pd.DataFrame, keys: list[str], required: list[str], file: str
 
 
 def read_screen(root: str | Path, allow_outside_root: bool = False) -> Screen:
-    """The three metadata tables, checked before any work: required columns present and filled, keys unique."""
-    root = Path(root)
+    """The three metadata tables, checked before any work: required columns present and filled, keys unique.
+    `root`: a local path or an object-storage URL (s3://bucket/prefix, any fsspec URL)."""
+    root = storage.path(root)
     meta = root / "metadata"
     plates = _read_table(meta / "plate.csv.gz", [schema.SOURCE, schema.BATCH, schema.PLATE, schema.PLATE_TYPE])
     check_keys(plates, [schema.PLATE], [schema.SOURCE, schema.BATCH, schema.PLATE], str(meta / "plate.csv.gz"))
@@ -114,6 +120,10 @@ def read_screen(root: str | Path, allow_outside_root: bool = False) -> Screen:
 def load_data_path(root: Path, source: str, batch: str, plate: str) -> Path | None:
     """cpg0016 keeps `load_data_with_illum.parquet` (preferred) and/or `load_data.csv(.gz)` per plate."""
     d = root / source / "workspace" / "load_data_csv" / batch / plate
+    if isinstance(d, storage.ObjectPath):     # one listing instead of a request per candidate name
+        present = {p.name for p in d.glob("load_data*")}
+        return next((d / n for n in ("load_data_with_illum.parquet", "load_data.parquet", "load_data_with_illum.csv",
+                                     "load_data.csv", "load_data.csv.gz") if n in present), None)
     for name in ("load_data_with_illum.parquet", "load_data.parquet", "load_data_with_illum.csv",
                  "load_data.csv", "load_data.csv.gz"):
         if (d / name).is_file():
@@ -123,10 +133,11 @@ def load_data_path(root: Path, source: str, batch: str, plate: str) -> Path | No
 
 def read_load_data(path: Path, plate: str, channels=schema.CHANNELS) -> pd.DataFrame:
     """One plate's load_data, all columns as strings, checked for every channel's columns."""
+    raw = io.BytesIO(storage.read_bytes(path))
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path).astype(str)
+        df = pd.read_parquet(raw).astype(str)
     else:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(raw, dtype=str, keep_default_na=False, compression="gzip" if path.suffix == ".gz" else None)
     need = [schema.WELL, schema.SITE] + [schema.channel_column(ch, k) for ch in channels
                                          for k in ("FileName", "PathName")]
     missing = [c for c in need if c not in df.columns]
@@ -203,12 +214,13 @@ def plate_sites(screen: Screen, plate: str, channels=schema.CHANNELS,
 MIRROR_MARKER = "cpg0016-jump/"
 
 
-def local_path(root: Path, path_name: str, file_name: str) -> str:
-    """A load_data PathName/FileName pair as a local path: relative names are under the screen root,
-    `s3://cellpainting-gallery/cpg0016-jump/...` URIs map to the same place in a local mirror."""
+def local_path(root, path_name: str, file_name: str) -> str:
+    """A load_data PathName/FileName pair as a path or URL under the screen root (SRC, local or in object
+    storage): relative names are under it, and `s3://cellpainting-gallery/cpg0016-jump/...` URIs (the files
+    as published) are rebased onto it, so a local mirror and a private bucket both read them as they are."""
     if "://" in path_name:
         if MIRROR_MARKER not in path_name:
-            raise IngestError(f"cannot map {path_name} to the local mirror: expected a path containing "
+            raise IngestError(f"cannot map {path_name} to the mirror at {root}: expected a path containing "
                               f"{MIRROR_MARKER!r} or one relative to {root}", file=path_name + file_name)
         path_name = path_name.split(MIRROR_MARKER, 1)[1]
     return str(root / path_name / file_name)
@@ -217,12 +229,17 @@ def local_path(root: Path, path_name: str, file_name: str) -> str:
 def check_inside_root(sites: pd.DataFrame, root: Path, plate: str, columns: list[str]) -> None:
     """Refuse load_data rows whose files resolve outside the screen root (`../`, absolute paths): a load_data
     file must not make prep read, and copy into shards, files the user did not point it at."""
-    top = os.path.abspath(root)
+    if isinstance(root, storage.ObjectPath):    # keys were normalised when joined: compare prefixes
+        top = str(root)
+        outside = lambda p: not (p == top or p.startswith(top.rstrip("/") + "/"))   # noqa: E731
+    else:
+        top = os.path.abspath(root)
+        outside = lambda p: os.path.commonpath([top, os.path.abspath(p)]) != top   # noqa: E731
     for col in columns:
         if col not in sites.columns:
             continue
         for i, p in enumerate(sites[col]):
-            if p and os.path.commonpath([top, os.path.abspath(p)]) != top:
+            if p and outside(p):
                 r = sites.iloc[i]
                 raise IngestError(f"load_data names {p}, outside the screen root {top} ({col.split('_', 1)[1]} "
                                   f"channel); refusing to read it. If the mirror really spans several roots, pass "

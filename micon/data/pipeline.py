@@ -4,6 +4,8 @@ The stream is a pure function of (seed, rank, world size, worker, number of work
 run can fast-forward to its saved position: skipped batches are planned (metadata only) but never
 decoded. Shards come in an order shuffled with a seed shared by all ranks before they are split by
 rank and worker; the stream is endless (epochs repeat, or shards are resampled), so no rank runs dry.
+Shards may live in object storage (`data.shards=s3://...`): each is streamed through micon.storage, and a
+transient read error is retried (counted as read_retries).
 """
 from __future__ import annotations
 
@@ -88,11 +90,12 @@ class Counts(dict):
     image read from storage, controls and plate-cache loads included), images_used (images placed into
     a batch), bytes_read (tar bytes, headers included), bytes_used (the payload of the images used), examples,
     pairs_across_{source,batch,plate}, controls_{plate,batch,source},
-    samples_lost (corrupt or incomplete samples skipped). The reported ones start at 0, so every step's
-    record holds all of them."""
+    samples_lost (corrupt or incomplete samples skipped), read_retries (transient storage errors retried).
+    The reported ones start at 0, so every step's record holds all of them."""
 
     REPORTED = ("images_read", "images_used", "bytes_read", "examples", "pairs_across_source", "pairs_across_batch",
-                "pairs_across_plate", "controls_plate", "controls_batch", "controls_source", "samples_lost")
+                "pairs_across_plate", "controls_plate", "controls_batch", "controls_source", "samples_lost",
+                "read_retries")
 
     def __init__(self):
         super().__init__(dict.fromkeys(self.REPORTED, 0))
@@ -238,7 +241,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 counts.add("shards_failed_checksum")
                 tally.finish([url])
 
-            for s in verified_samples(urls, checksums or {}, handler, lost):
+            for s in verified_samples(urls, checksums or {}, handler, lost,
+                                      on_retry=lambda e: counts.add("read_retries")):
                 counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
                 sample = parse(s, counts)
                 if sample is None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import atomic, schema
+from micon import atomic, schema, storage
 from micon.config import NonNegativeFloat, NonNegativeInt, PositiveInt
 from micon.data.tarwriter import SampleTar
 
@@ -70,7 +70,7 @@ def index_shard(path: str | Path) -> list[dict]:
     """Site index rows of one plate shard: tar headers and the small JSON members only (image bytes are
     skipped by seeking). Each row: key, shard, offset, size, codec and the site's Metadata_* values."""
     rows: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
+    with storage.open_read(path) as fh, tarfile.open(fileobj=fh) as tar:
         for m in tar:
             if not m.isfile() or "." not in m.name:
                 continue
@@ -219,7 +219,7 @@ def _sample_members(s: dict, images: dict[int, tuple[bytes, bytes | None]]) -> t
     return doc, bytes(pack)
 
 
-def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
+def write_shard(samples: list[dict], plate_shards, dst) -> dict:
     """Copy the encoded site bytes of `samples` from the plate shards into one tar at `dst` (temporary
     name, then rename; tar headers carry no time or owner, so a rerun writes identical bytes).
 
@@ -235,7 +235,7 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
                     reads[row["shard"]].append((int(row["offset"]), int(row["size"]), (si, i, tag)))
     data: dict[tuple, bytes] = {}
     for shard, wanted in reads.items():
-        with open(plate_shards / shard, "rb") as fh:
+        with storage.open_read(plate_shards / shard) as fh:
             for offset, size, ident in sorted(wanted):
                 fh.seek(offset)
                 blob = fh.read(size)
@@ -243,7 +243,7 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
                     raise OSError(f"{plate_shards / shard} is truncated: a site at byte {offset} needs {size} "
                                   f"bytes, got {len(blob)}; rerun prep for its plate")
                 data[ident] = blob
-    n_images = 0
+    n_images, size = 0, 0
     with atomic.atomic_path(dst) as tmp:
         with SampleTar(tmp) as tar:
             for si, s in enumerate(samples):
@@ -253,7 +253,8 @@ def write_shard(samples: list[dict], plate_shards: Path, dst: Path) -> dict:
                 n_images += len(s["wells"]) + sum(e["c"] is not None for e in s["wells"])
         if os.environ.get(DELAY_ENV):   # tests: slow each shard down so that a kill lands mid-build
             time.sleep(float(os.environ[DELAY_ENV]))
-    return {"name": dst.name, "n_samples": len(samples), "n_images": n_images, "bytes": dst.stat().st_size,
+        size = tmp.stat().st_size
+    return {"name": dst.name, "n_samples": len(samples), "n_images": n_images, "bytes": size,
             "checksum": tar.checksum, "compounds": sorted({s["compound"] for s in samples})}
 
 

@@ -4,11 +4,15 @@ One sample = one site: `{key}.image.{codec}` ([C, H, W] uint8) + `{key}.json` (M
 Shards are plate-grouped (a shard never mixes plates) and written under a temporary name, then
 renamed, so a killed writer never leaves a file that looks whole. Tar headers carry no time or
 owner, so the same input gives the same bytes. Each shard's and each DMSO site's checksum
-(micon.integrity) is recorded when it is written; the readers here check them.
+(micon.integrity) is recorded when it is written; the readers here check them. A shard set may live in
+object storage (micon.storage): shards are staged locally and uploaded whole, and read as streams that
+retry transient errors.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
 import logging
 import tarfile
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import atomic, integrity, schema
+from micon import atomic, integrity, schema, storage
 from micon.data.codecs import decode, encode
 from micon.data.tarwriter import SampleTar
 
@@ -72,9 +76,8 @@ class ShardWriter:
         """Rename every finished shard into place; returns [{name, n_samples, bytes, checksum}]."""
         self._finish_current()
         for tmp, shard in zip(self._tmp_paths, self.shards):
-            final = self.directory / shard["name"]
-            atomic.commit(tmp, final)
-            shard["bytes"] = final.stat().st_size
+            shard["bytes"] = tmp.stat().st_size
+            atomic.commit(tmp, self.directory / shard["name"])
         return self.shards
 
     def abort(self) -> None:
@@ -94,18 +97,28 @@ def damaged_message(path: str | Path) -> str:
             f"or restore it from a copy")
 
 
-def verified_samples(urls: list[str], checksums: dict[str, str | None], handler, on_damaged):
+def open_hashed(url: str, like: str | None = None, on_retry=None):
+    """(a buffered reader of a local shard or an object, its HashingReader): micon.integrity.open_hashed,
+    for object storage too (a stream that re-opens at its offset after a transient error, counted)."""
+    if not storage.is_url(url):
+        return integrity.open_hashed(url, like=like)
+    raw = integrity.HashingReader(storage.open_read(url, on_retry), like)
+    return io.BufferedReader(raw, 1 << 20), raw
+
+
+def verified_samples(urls: list[str], checksums: dict[str, str | None], handler, on_damaged, on_retry=None):
     """WebDataset samples of each shard in turn. A shard with a recorded checksum is hashed as its bytes
     stream past and its samples are held back until the whole file matched, so nothing of a damaged
     (altered or truncated) shard is ever used; such a shard is skipped, logged with its name and passed
     to `on_damaged(url)`. Holding back costs one shard's samples in memory per loader worker (about
-    shard_mb). Unreadable data goes to `handler` (webdataset's error handler)."""
+    shard_mb). Unreadable data goes to `handler` (webdataset's error handler); a shard that stays
+    unreadable after the retries (`on_retry` is told of each) is handled as a truncated one."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     for url in urls:
         expected = checksums.get(Path(url).name)
         try:
-            fh, hashed = integrity.open_hashed(url, like=expected)
+            fh, hashed = open_hashed(url, like=expected, on_retry=on_retry)
         except OSError as e:
             if handler(e):
                 continue
@@ -117,8 +130,12 @@ def verified_samples(urls: list[str], checksums: dict[str, str | None], handler,
                 yield from samples
                 continue
             held = list(samples)
-            integrity.drain(fh)
-        if hashed.checksum.hexdigest() != expected:
+            try:
+                integrity.drain(fh)
+            except OSError as e:      # unreadable to the end: as truncated (its checksum cannot match)
+                handler(e)
+                held = None
+        if held is None or hashed.checksum.hexdigest() != expected:
             log.warning("skipping its samples: %s", damaged_message(url))
             on_damaged(url)
             continue
@@ -130,10 +147,10 @@ def read_tar_encoded(path: str | Path, checksum: str | None = None):
     `checksum` (the manifest's), the shard is hashed as it is read and nothing is yielded unless the whole
     file matches (ShardDamagedError names it)."""
     if checksum is None:
-        with tarfile.open(path) as tar:
+        with open_hashed(str(path))[0] as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             yield from _encoded_samples(tar)
         return
-    fh, hashed = integrity.open_hashed(path, like=checksum)
+    fh, hashed = open_hashed(str(path), like=checksum)
     with fh:
         try:
             held = list(_encoded_samples(tarfile.open(fileobj=fh, mode="r|")))
@@ -178,20 +195,24 @@ class Manifest:
 
     root: Path
     data: dict
+    sha256: str = ""      # of manifest.json's bytes as read (what an embedding's identity records)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Manifest":
-        path = Path(path)
-        if path.is_dir():
+    def load(cls, path) -> "Manifest":
+        """From a prep output (its directory or manifest.json), local or an object-storage URL."""
+        path = storage.path(path)
+        if path.is_dir() if isinstance(path, Path) else path.name != "manifest.json":
             path = path / "manifest.json"
-        if not path.is_file():
+        try:
+            raw = path.read_bytes()
+            data = json.loads(raw)
+        except (FileNotFoundError, IsADirectoryError):
             raise ManifestError(f"no shard manifest at {path}: run ./launch.sh prep SRC OUT first "
-                                f"(a killed prep writes it only when every plate is done)")
-        data = json.loads(path.read_text())
+                                f"(a killed prep writes it only when every plate is done)") from None
         if data.get("format_version") != FORMAT_VERSION:
             raise ManifestError(f"{path}: format version {data.get('format_version')}, this code reads "
                                 f"{FORMAT_VERSION}; re-run prep")
-        return cls(path.parent, data)
+        return cls(path.parent, data, hashlib.sha256(raw).hexdigest())
 
     @property
     def channels(self) -> list[str]:
@@ -231,8 +252,10 @@ class Manifest:
     @functools.cached_property
     def replicate_sets(self) -> dict | None:
         """The replicate-set shards' manifest (replicate_sets/manifest.json, read once), or None when not built."""
-        p = self.root / "replicate_sets" / "manifest.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        try:
+            return json.loads((self.root / "replicate_sets" / "manifest.json").read_text())
+        except FileNotFoundError:
+            return None
 
     def replicate_set_paths(self) -> list[str]:
         rs = self.replicate_sets
@@ -314,9 +337,9 @@ class ControlBank:
         cache turns almost every draw into a memory lookup."""
         import zarr
 
-        self.root = Path(root)
-        self.table = pd.read_parquet(self.root / "controls.parquet")
-        self._zarr = zarr.open_group(str(self.root / "control_bank.zarr"), mode="r")
+        self.root = storage.path(root)
+        self.table = pd.read_parquet(io.BytesIO(storage.read_bytes(self.root / "controls.parquet")))
+        self._zarr = zarr.open_group(storage.zarr_store(self.root / "control_bank.zarr", read_only=True), mode="r")
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_plates = cache_plates
         self.counts = counts      # images_read / bytes_read of every site loaded (micon.data.pipeline.Counts)
