@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import atomic, schema
+from micon import atomic, schema, storage
 from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import ConfigError, NonNegativeInt, PositiveInt, load_config, save_config
 from micon.data.preprocess import SitePreprocessor
@@ -253,7 +253,7 @@ def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict, embed_
 def embedding_identity(encoder: CheckpointEncoder | FeaturiserEncoder, manifest: Manifest) -> dict:
     """What makes these embeddings: the model (checkpoint file hash and preprocessing, or the featuriser's
     name, feature names and settings) and the shard set (its manifest's hash). Parts and embed.json carry it."""
-    shards = {"path": str(manifest.root), "sha256": sha256_file(manifest.root / "manifest.json")}
+    shards = {"path": str(manifest.root), "sha256": manifest.sha256}
     return {"model": encoder.identity(), "shards": shards}
 
 
@@ -328,7 +328,7 @@ def main(argv: list[str]) -> int:
 
     if (rc := help_or_usage(argv, __doc__, EmbedConfig, positional=3)) is not None:
         return rc
-    ckpt, shards, out = argv[0], Path(argv[1]), Path(argv[2])
+    ckpt, shards, out = argv[0], storage.path(argv[1]), Path(argv[2])
     try:
         cfg = load_config(EmbedConfig, overrides=argv[3:])
     except ConfigError as e:
