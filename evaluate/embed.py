@@ -1,12 +1,16 @@
-"""Embed every site of a shard set with a trained image encoder or a named featuriser, with Ray Data.
+"""Embed every site of a shard set with a trained image encoder, a named featuriser or a reference source, with Ray.
 
-    ./launch.sh embed CKPT SHARDS OUT [workers=N] [batch_size=N]
-        CKPT: a training output dir, its checkpoints/ dir, one step dir or a model.pt; or a featuriser's
-        name (micon.eval.featurisers: cellprofiler, cellprofiler_full, image_stats)
+    ./launch.sh embed CKPT SHARDS OUT [workers=N] [batch_size=N] [ray=false]
+        CKPT: a training output dir, its checkpoints/ dir, one step dir or a model.pt; a featuriser's name
+        (micon.eval.featurisers: cellprofiler, cellprofiler_full, image_stats); or a reference (SOURCES):
+        untrained:CKPT (that run's network as initialised, never updated), truth:SCREEN (each well's
+        true phenotype from a synthetic screen's ground_truth/: the ceiling, no images read)
 
-One actor per GPU (CPU actors when there are none) maps over shards; each shard's embeddings are
-written once, atomically, to OUT/parts/. A rerun recomputes only missing or corrupt parts, then
-OUT/embeddings.zarr ([sites, dim] float32) and OUT/sites.parquet (Metadata_* columns) are rebuilt.
+Ray CPU tasks read and decode chunks of a shard (`decode_chunk`, one CPU each, anywhere in the cluster)
+and feed the embedding actors: one per GPU of the cluster (CPU actors when there are none), which
+normalise on the device from pinned memory and write each shard's embeddings once, atomically, to
+OUT/parts/. A rerun recomputes only missing or corrupt parts, then OUT/embeddings.zarr ([sites, dim]
+float32) and OUT/sites.parquet (Metadata_* columns) are rebuilt.
 """
 from __future__ import annotations
 
@@ -35,10 +39,11 @@ from micon.raycluster import JobError, UnitFailed, describe_failure, init_ray
 
 @dataclass
 class EmbedConfig:
-    workers: NonNegativeInt = 0  # actors (0 = one per GPU, else 2 CPU actors)
+    workers: NonNegativeInt = 0  # embedding actors (0 = one per GPU of the cluster, else 2 CPU actors)
     batch_size: PositiveInt = 64  # sites per forward pass
-    threads: PositiveInt = 1  # per actor: torch threads on a CPU; on a GPU, threads decoding the next batch
-                              # while the GPU embeds this one (decoding, not the GPU, bounds one thread)
+    threads: PositiveInt = 1  # torch threads per CPU actor (a GPU actor's decoding runs in the CPU tasks)
+    chunk: PositiveInt = 256  # sites per CPU decode task (rounded up to a multiple of batch_size)
+    ray: bool = True          # false: decode and embed in this process, one shard after another (small sets)
     overwrite: bool = False   # replace embeddings of another model or shard set found in OUT (else refuse)
 
 
@@ -49,11 +54,13 @@ class CheckpointEncoder:
 
     input_dtype = np.float32
     uses_gpu = True
+    reads_images = True
 
     def __init__(self, ckpt: str, manifest: Manifest):
         self.checkpoint = load_checkpoint(ckpt)
         check_channels(self.checkpoint.record.channels, manifest)
         self.manifest, self.name = manifest, self.checkpoint.record.method
+        self.prep = SitePreprocessor(self.manifest, self.checkpoint.preprocessing())
 
     def describe(self) -> str:
         rec = self.checkpoint.record
@@ -75,9 +82,11 @@ class CheckpointEncoder:
         import torch
 
         torch.set_num_threads(max(threads, 1))
-        self.prep = SitePreprocessor(self.manifest, self.checkpoint.preprocessing())
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = self.checkpoint.build_model().to(self.device)
+        self._pinned: list = []      # a ring of pinned host buffers, each with the event of its last copy
+        self._slot = -1
+        self._stats: dict = {}       # plate -> (mean, std) [C] tensors on the device
 
     def prepare(self, images: np.ndarray, plates: list[str]) -> np.ndarray:
         return self.prep.batch(images, plates)
@@ -92,6 +101,65 @@ class CheckpointEncoder:
             # the image encoder's embedding, before any projection head: what profiles are built from
             return self.model.image_encoder(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
+    def device_inputs(self, sites: np.ndarray, plates: list[str]):
+        """uint8 sites [n, C, H, W] -> the model input on the GPU: copied through pinned memory without
+        waiting (non_blocking), then (float32(x) - mean) / std per plate, as SitePreprocessor does on the CPU.
+        Tensor / tensor division (never by a scalar, which CUDA turns into a multiplication by its
+        reciprocal) is IEEE division on both, so the inputs are the same bits."""
+        import torch
+
+        self._slot = slot = (self._slot + 1) % 2
+        if slot == len(self._pinned) or self._pinned[slot][0].shape != sites.shape:
+            if slot < len(self._pinned):
+                self._pinned[slot][1].synchronize()
+            fresh = (torch.empty(sites.shape, dtype=torch.uint8).pin_memory(), torch.cuda.Event())
+            self._pinned[slot:slot + 1] = [fresh]
+        host, done = self._pinned[slot]
+        done.synchronize()            # the copy that last read this buffer has finished
+        host.numpy()[...] = sites
+        x = host.to(self.device, non_blocking=True)
+        done.record()
+        offset, scale = zip(*(self._plate_stats(p) for p in plates))
+        offset, scale = torch.stack(offset)[:, :, None, None], torch.stack(scale)[:, :, None, None]
+        return (x.to(torch.float32) - offset) / scale
+
+    def _plate_stats(self, plate: str):
+        import torch
+
+        if plate not in self._stats:
+            if self.prep.preprocessing.normalize == "plate":
+                mean, std = self.prep.stats(plate)
+            else:
+                mean, std = np.zeros(len(self.manifest.channels), np.float32), np.full(
+                    len(self.manifest.channels), 255.0, np.float32)
+            self._stats[plate] = (torch.from_numpy(mean).to(self.device), torch.from_numpy(std).to(self.device))
+        return self._stats[plate]
+
+    def embed_sites(self, sites: np.ndarray, plates: list[str]):
+        """uint8 sites as decoded -> embeddings, left on the device (a torch tensor) until the shard is done."""
+        import torch
+
+        with torch.no_grad():
+            if self.device.type == "cuda":
+                return self.model.image_encoder(self.device_inputs(sites, plates)).float()
+            return self.model.image_encoder(torch.from_numpy(self.prep.batch(sites, plates))).float()
+
+
+class UntrainedEncoder(CheckpointEncoder):
+    """`untrained:CKPT`: the network of run CKPT as it was initialised (same architecture, channels,
+    preprocessing and seed: micon.checkpoint.Checkpoint.untrained), never updated."""
+
+    def __init__(self, ckpt: str, manifest: Manifest):
+        super().__init__(ckpt, manifest)
+        self.checkpoint = self.checkpoint.untrained()
+        self.name = "untrained"
+
+    def describe(self) -> str:
+        return f"untrained {super().describe()} (initial weights, seed {self.checkpoint.config.get('seed', 0)})"
+
+    def identity(self) -> dict:
+        return {**super().identity(), "method": "untrained", "initialised_as": self.checkpoint.record.method}
+
 
 class FeaturiserEncoder:
     """A named featuriser (micon.eval.featurisers: CellProfiler-grade features, image statistics) on the
@@ -99,6 +167,7 @@ class FeaturiserEncoder:
 
     input_dtype = np.uint8
     uses_gpu = False
+    reads_images = True
 
     def __init__(self, name: str, manifest: Manifest):
         self.featuriser = get_featuriser(name)
@@ -130,6 +199,68 @@ class FeaturiserEncoder:
     def embed(self, x: np.ndarray) -> np.ndarray:
         return self.featuriser.embed(x, self.manifest.channels)
 
+    def embed_sites(self, sites: np.ndarray, plates: list[str]) -> np.ndarray:
+        return self.featuriser.embed(sites, self.manifest.channels)
+
+
+class TruthSource:
+    """`truth:SCREEN`: every site gets its well's oracle profile (micon.eval.oracle) from the synthetic
+    screen's ground_truth/ (compounds.csv, config.yaml). No image is read: the rows come from the shard
+    set's site index, so the profiles go through evaluation exactly as any method's embeddings do."""
+
+    uses_gpu = False
+    reads_images = False
+
+    def __init__(self, screen: str, manifest: Manifest):
+        from micon.eval.oracle import FEATURE_NAMES
+        from micon.synth import SynthConfig
+
+        truth = Path(screen) / "ground_truth"
+        if not (truth / "compounds.csv").is_file() or not (truth / "config.yaml").is_file():
+            raise FileNotFoundError(f"truth:{screen}: no ground_truth/compounds.csv and config.yaml there; pass "
+                                    f"the directory ./launch.sh synth wrote")
+        self.truth, self.manifest, self.name, self.names = truth, manifest, "oracle", list(FEATURE_NAMES)
+        self.config = load_config(SynthConfig, truth / "config.yaml")
+
+    def describe(self) -> str:
+        return f"oracle: each well's true phenotype (log morphology factors) from {self.truth}"
+
+    def notes(self) -> list[str]:
+        return []
+
+    def identity(self) -> dict:
+        return {"method": "oracle", "featuriser": "oracle", "truth": str(self.truth),
+                "sha256": sha256_file(self.truth / "compounds.csv"),
+                "config": sha256_file(self.truth / "config.yaml")}
+
+    def embed_info(self) -> dict:
+        return {"feature_names": self.names}
+
+    def site_table(self) -> tuple[pd.DataFrame, np.ndarray]:
+        from micon.eval.oracle import oracle_well_profiles
+
+        sites = site_rows(self.manifest)
+        return sites, oracle_well_profiles(sites, pd.read_csv(self.truth / "compounds.csv"),
+                                           self.config).astype(np.float32)
+
+
+# CKPT of the form KIND:ARG: reference sources beside the checkpoints and featurisers
+SOURCES = {"untrained": UntrainedEncoder, "truth": TruthSource}
+
+
+def site_rows(manifest: Manifest) -> pd.DataFrame:
+    """Every site's Metadata_* row in manifest order (the order of the embeddings): from the shard set's
+    site index when prep wrote one, else from the shards' JSON members."""
+    index = manifest.root / "site_index.parquet"
+    if index.is_file():
+        table = pd.read_parquet(index)
+        order = {s["name"]: i for i, s in enumerate(manifest.data["shards"])}
+        table = table.assign(_o=table["shard"].map(order)).sort_values(["_o", "offset"], kind="stable")
+        return table[META_COLUMNS].astype(str).reset_index(drop=True)
+    rows = [{c: str(meta.get(c, "")) for c in META_COLUMNS} for s in manifest.shard_paths()
+            for _, _, _, meta in read_tar_encoded(s, manifest.shard_checksums().get(Path(s).name))]
+    return pd.DataFrame(rows, columns=META_COLUMNS)
+
 
 def check_channels(trained: list[str], manifest: Manifest) -> None:
     if list(trained) != list(manifest.channels):
@@ -137,8 +268,12 @@ def check_channels(trained: list[str], manifest: Manifest) -> None:
                               f"hold {manifest.channels}: re-ingest them in the training order")
 
 
-def open_encoder(ckpt: str, manifest: Manifest) -> CheckpointEncoder | FeaturiserEncoder:
-    """CKPT is a featuriser's registered name or a checkpoint path; fails here, naming it, not in an actor."""
+def open_encoder(ckpt: str, manifest: Manifest):
+    """CKPT is a featuriser's registered name, KIND:ARG of SOURCES, or a checkpoint path; fails here,
+    naming it, not in an actor."""
+    kind, _, arg = ckpt.partition(":")
+    if arg and kind in SOURCES:
+        return SOURCES[kind](arg, manifest)
     return FeaturiserEncoder(ckpt, manifest) if ckpt in FEATURISERS else CheckpointEncoder(ckpt, manifest)
 
 
@@ -178,8 +313,9 @@ class SiteEncoder:
 
 def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, channels: int,
                 identity: str = "", threads: int = 1) -> dict:
-    """Embed one shard into its part. With `threads` > 1, the next batches are decoded and preprocessed
-    in a thread pool while the model embeds the current one."""
+    """Embed one shard into its part in this process (the reference path: the job's CPU tasks and actors
+    must give its bytes). With `threads` > 1, the next batches are decoded and preprocessed in a thread pool
+    while the model embeds the current one."""
     from concurrent.futures import ThreadPoolExecutor
 
     rows, batches = [], []
@@ -213,29 +349,137 @@ def embed_shard(encoder: SiteEncoder, shard: str, out: Path, batch_size: int, ch
                 pending.append(submit(i + ahead))
             embs.append(encoder.embed_inputs(x))
     emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
-    if os.environ.get("MICON_EMBED_TEST_DELAY_S"):   # tests: slow a shard down so that a kill lands mid-run
-        time.sleep(float(os.environ["MICON_EMBED_TEST_DELAY_S"]))
     write_part(part_path(out, shard), emb, rows, identity)
     return {"shard": shard, "rows": len(rows)}
 
 
+# ----------------------------------------------------------------------------- the job: CPU tasks feed actors
+
+def chunk_ranges(n_sites: int, chunk: int, batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) site ranges of one shard, one per CPU task; every boundary is a multiple of batch_size, so
+    the actor sees the same forward-pass batches as embed_shard."""
+    step = max(batch_size, -(-chunk // batch_size) * batch_size)
+    return [(lo, min(lo + step, n_sites)) for lo in range(0, n_sites, step)] or [(0, 0)]
+
+
+def decode_chunk(shard: str, lo: int, hi: int, channels: int, checksum: str | None) -> dict:
+    """CPU task: sites [lo, hi) of a shard (tar order) -> {"sites": uint8 [n, C, H, W], "plates", "rows"}.
+    The whole shard is read and checked against its checksum (a damaged shard stops the job, named);
+    only this chunk is decoded."""
+    try:
+        plates, rows, sites = [], [], []
+        for i, (_, blob, codec, meta) in enumerate(read_tar_encoded(shard, checksum)):
+            if lo <= i < hi:
+                sites.append(decode(blob, codec, channels))
+                plates.append(str(meta[schema.PLATE]))
+                rows.append({c: str(meta.get(c, "")) for c in META_COLUMNS})
+        return {"sites": np.stack(sites) if sites else np.zeros((0, channels, 1, 1), np.uint8),
+                "plates": plates, "rows": rows}
+    except Exception as e:   # named here: Ray's own report does not say which shard
+        raise UnitFailed.of(f"shard {Path(shard).name}", e) from e
+
+
 class ShardEmbedder:
-    """Ray Data actor: one model per actor, one shard per call."""
+    """The embedding actor (one per GPU): one model; takes a shard's decoded chunks (Ray object refs, or
+    the dicts themselves in-process) in order and writes the shard's part."""
 
-    def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int, identity: str,
-                 decode_threads: int = 1):
-        self.encoder = SiteEncoder(ckpt, manifest_dir, threads)
-        self.out, self.batch_size, self.identity, self.decode_threads = Path(out), batch_size, identity, decode_threads
+    def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int, identity: str):
+        self.encoder = SiteEncoder(ckpt, manifest_dir, threads).encoder
+        self.out, self.batch_size, self.identity = Path(out), batch_size, identity
 
-    def __call__(self, batch: dict) -> dict:
-        done = []
-        for s in batch["shard"]:
-            try:
-                done.append(embed_shard(self.encoder, s, self.out, self.batch_size,
-                                        len(self.encoder.manifest.channels), self.identity, self.decode_threads))
-            except Exception as e:   # named here: Ray Data's own report does not say which shard
-                raise UnitFailed.of(f"shard {Path(s).name}", e) from e
-        return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done])}
+    def embed_shard(self, shard: str, chunks: list) -> dict:
+        try:
+            rows, embs = [], []
+            for chunk in chunks:
+                if not isinstance(chunk, dict):
+                    import ray
+                    chunk = ray.get(chunk)
+                rows += chunk["rows"]
+                for j in range(0, len(chunk["rows"]), self.batch_size):
+                    embs.append(self.encoder.embed_sites(chunk["sites"][j:j + self.batch_size],
+                                                         chunk["plates"][j:j + self.batch_size]))
+            emb = gather(embs)
+            if os.environ.get("MICON_EMBED_TEST_DELAY_S"):   # tests: slow a shard down so that a kill lands mid-run
+                time.sleep(float(os.environ["MICON_EMBED_TEST_DELAY_S"]))
+            write_part(part_path(self.out, shard), emb, rows, self.identity)
+        except UnitFailed:
+            raise
+        except Exception as e:   # named here: Ray's own report does not say which shard
+            from micon.raycluster import root_cause
+            raise UnitFailed.of(f"shard {Path(shard).name}", root_cause(e)) from e
+        return {"shard": shard, "rows": len(rows)}
+
+
+def gather(embs: list) -> np.ndarray:
+    """A shard's batch embeddings (NumPy arrays, or torch tensors left on the device) -> one float32 array;
+    the one device-to-host copy of the shard."""
+    if not embs:
+        return np.zeros((0, 0), np.float32)
+    if isinstance(embs[0], np.ndarray):
+        return np.concatenate(embs).astype(np.float32)
+    import torch
+    return torch.cat(embs).cpu().numpy().astype(np.float32)
+
+
+def embed_with_ray(ckpt: str, manifest: Manifest, todo: list[str], out: Path, cfg: EmbedConfig, key: str,
+                   uses_gpu: bool) -> list[dict]:
+    """Decode tasks (one CPU each, scheduled anywhere) feed one actor per GPU of the cluster; at most about
+    two chunks per CPU are decoded ahead of the actors, so memory stays bounded."""
+    ray = init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if uses_gpu else 0
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_actors = min(cfg.workers or (gpus if gpus else min(2, cpus)), len(todo))
+    # actors reserve no CPU: they wait on the decode tasks, which must always find one (2 CPU actors holding
+    # a 2-core machine's CPUs would wait for ever)
+    actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0)(ShardEmbedder)
+    actors = [actor_cls.remote(ckpt, str(manifest.root), str(out), cfg.batch_size, 1 if gpus else cfg.threads, key)
+              for _ in range(n_actors)]
+    task = ray.remote(num_cpus=1)(decode_chunk)
+    sizes = {s["name"]: s["n_samples"] for s in manifest.data["shards"]}
+    checksums, channels = manifest.shard_checksums(), len(manifest.channels)
+    queue, pending, load, in_flight, results = list(todo), {}, [0] * n_actors, 0, []
+    budget = 2 * cpus + n_actors      # chunks submitted and not yet embedded
+    t0, done_sites = time.perf_counter(), 0
+    while queue or pending:
+        while queue and (in_flight < budget or not pending):
+            shard = queue.pop(0)
+            name = Path(shard).name
+            ranges = chunk_ranges(sizes[name], cfg.chunk, cfg.batch_size)
+            refs = [task.remote(shard, lo, hi, channels, checksums.get(name)) for lo, hi in ranges]
+            i = min(range(n_actors), key=load.__getitem__)
+            pending[actors[i].embed_shard.remote(shard, refs)] = (i, shard, len(refs))
+            load[i] += 1
+            in_flight += len(refs)
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i, shard, n = pending.pop(ready[0])
+        load[i] -= 1
+        in_flight -= n
+        try:
+            results.append(ray.get(ready[0]))
+        except Exception as e:   # Ray's report is a page long: one line for the person, the page in a log
+            raise describe_failure("embed", f"shard {Path(shard).name}", e, out) from None
+        done_sites += results[-1]["rows"]
+        print(f"embed: {len(results)}/{len(todo)} shards, {done_sites} sites, "
+              f"{done_sites / max(time.perf_counter() - t0, 1e-9):.0f} sites/s", flush=True)
+    return results
+
+
+def embed_in_process(ckpt: str, manifest: Manifest, todo: list[str], out: Path, cfg: EmbedConfig,
+                     key: str) -> list[dict]:
+    """The same decode and actor code, one shard after another in this process (no Ray start-up)."""
+    embedder = ShardEmbedder(ckpt, str(manifest.root), str(out), cfg.batch_size, cfg.threads, key)
+    sizes, checksums = {s["name"]: s["n_samples"] for s in manifest.data["shards"]}, manifest.shard_checksums()
+    results = []
+    for shard in todo:
+        name = Path(shard).name
+        try:
+            results.append(embedder.embed_shard(shard, [decode_chunk(shard, lo, hi, len(manifest.channels),
+                                                                     checksums.get(name))
+                                                        for lo, hi in chunk_ranges(sizes[name], cfg.chunk,
+                                                                                   cfg.batch_size)]))
+        except UnitFailed as e:
+            raise describe_failure("embed", f"shard {name}", e, out) from None
+    return results
 
 
 def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict, embed_info: dict) -> dict:
@@ -250,7 +494,7 @@ def consolidate(out: Path, manifest: Manifest, ckpt: str, identity: dict, embed_
                                    identity_key=key, method=identity["model"]["method"], **embed_info))
 
 
-def embedding_identity(encoder: CheckpointEncoder | FeaturiserEncoder, manifest: Manifest) -> dict:
+def embedding_identity(encoder, manifest: Manifest) -> dict:
     """What makes these embeddings: the model (checkpoint file hash and preprocessing, or the featuriser's
     name, feature names and settings) and the shard set (its manifest's hash). Parts and embed.json carry it."""
     shards = {"path": str(manifest.root), "sha256": manifest.sha256}
@@ -286,6 +530,13 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
     identity = embedding_identity(encoder, manifest)
     key = identity_key(identity)
     check_output(out, identity, cfg.overwrite)
+    if not encoder.reads_images:    # a reference computed from tables (truth:SCREEN): no parts, no Ray
+        meta, emb = encoder.site_table()
+        info = write_consolidated(out, emb, meta, dict(checkpoint=str(ckpt), shards=str(manifest.root),
+                                                       identity=identity, identity_key=key,
+                                                       method=identity["model"]["method"], **encoder.embed_info()))
+        save_config(cfg, out / "embed_config.yaml")
+        return info
     (out / "parts").mkdir(parents=True, exist_ok=True)
     todo = []
     for s in manifest.data["shards"]:
@@ -301,22 +552,8 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
     print(f"embed: {len(manifest.data['shards'])} shards, {len(manifest.data['shards']) - len(todo)} already "
           f"embedded, {len(todo)} to do [{ckpt}]", flush=True)
     if todo:
-        import ray
-        import torch
-
-        gpus = torch.cuda.device_count() if encoder.uses_gpu else 0
-        init_ray()
-        size = cfg.workers or (gpus if gpus else min(2, os.cpu_count() or 1))
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        try:
-            results = ds.map_batches(
-            ShardEmbedder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(size, len(todo))),
-            num_gpus=1 if gpus else 0, num_cpus=cfg.threads,
-            fn_constructor_kwargs=dict(ckpt=ckpt, manifest_dir=str(shards), out=str(out), batch_size=cfg.batch_size,
-                                       threads=1 if gpus else cfg.threads, identity=key,
-                                       decode_threads=cfg.threads if gpus else 1)).take_all()
-        except Exception as e:   # Ray's report is a page long: one line for the person, the page in a log
-            raise describe_failure("embed", f"one of {len(todo)} shards", e, out) from None
+        results = (embed_with_ray(ckpt, manifest, todo, out, cfg, key, encoder.uses_gpu) if cfg.ray
+                   else embed_in_process(ckpt, manifest, todo, out, cfg, key))
         print(f"embed: embedded {sum(int(r['rows']) for r in results)} sites from {len(results)} shards", flush=True)
     info = consolidate(out, manifest, ckpt, identity, encoder.embed_info())
     save_config(cfg, out / "embed_config.yaml")

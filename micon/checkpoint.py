@@ -87,6 +87,22 @@ class Checkpoint:
         model.load_state_dict(self.weights)
         return model.eval()
 
+    def untrained(self) -> "Checkpoint":
+        """The same network as training initialised it, never updated: the method's model built from this
+        record after torch.manual_seed(the run's seed), as the trainer does before its first step (a run that
+        started from another run's encoder, model.init, started elsewhere: this is the random start)."""
+        import dataclasses
+
+        from micon.methods import get_method
+        from micon.models.factory import ModelConfig
+
+        r = self.record
+        torch.manual_seed(int(self.config.get("seed", 0)))
+        model = get_method(r.method).build_model(ModelConfig(**r.model), len(r.channels), r.atom_dim, r.bond_dim,
+                                                 r.fingerprint_bits)
+        return dataclasses.replace(self, weights={k: v.detach().float() for k, v in model.state_dict().items()},
+                                   record=dataclasses.replace(r, step=0), state={})
+
     def preprocessing(self):
         from micon.data.preprocess import Preprocessing
         return Preprocessing.from_dict(self.record.preprocessing)
