@@ -104,6 +104,18 @@ class Method:
             out["molecules"] = batch["fingerprints"].to(device, dtype, non_blocking=True)
         return out
 
+    # zero-shot prediction (evaluate/predict.py): a method that maps a molecule to a profile says how
+    predicts: bool = False
+
+    def predict_profiles(self, model: nn.Module, molecules, controls: Tensor | None) -> Tensor:
+        """Compounds -> predicted profiles [B, D] in the space `match_images` maps image embeddings into;
+        `controls` [N, d]: image-encoder embeddings of DMSO sites (for a method whose needs.controls)."""
+        raise NotImplementedError(f"method {self.name} does not predict profiles from molecules")
+
+    def match_images(self, model: nn.Module, embeddings: Tensor) -> Tensor:
+        """Image-encoder embeddings [N, d] (what embed writes) -> the space of predict_profiles."""
+        raise NotImplementedError(f"method {self.name} does not predict profiles from molecules")
+
     def __repr__(self) -> str:
         return f"<method {self.name}: {self.description}>"
 
@@ -133,6 +145,19 @@ class MiconMethod(Method):
                                   dmso_positives=cfg.dmso_positives, counterfactual_mode=cfg.counterfactual_mode,
                                   labels_are_global=True)
         return {k: v for k, v in parts.items() if isinstance(v, Tensor)}
+
+    predicts = True
+
+    def predict_profiles(self, model, molecules, controls):
+        # the counterfactual generator from each DMSO control and the compound, averaged over the controls:
+        # a treated image embedding (R^d, the space of normalised image embeddings)
+        compound = model.embed_molecules(molecules)
+        ctrl = self.match_images(model, controls)
+        b, n, d = compound.shape[0], ctrl.shape[0], ctrl.shape[1]
+        return model.generate(ctrl[None].expand(b, n, d), compound[:, None].expand(b, n, d)).mean(dim=1)
+
+    def match_images(self, model, embeddings):
+        return torch.nn.functional.normalize(embeddings, dim=-1) if model.normalize_embeddings else embeddings
 
 
 class PaCLRMethod(Method):
@@ -172,6 +197,16 @@ class CLIPMethod(Method):
     def loss(self, model, batch, cfg):
         out = model(batch["views"], batch["molecules"])
         return {"loss": losses.clip_loss(out["image"], out["molecule"], out["logit_scale"])}
+
+    predicts = True
+
+    def predict_profiles(self, model, molecules, controls):
+        # the molecule tower: the shared image-molecule space of the projection heads
+        return model.molecule_projector(model.molecule_encoder(molecules))
+
+    def match_images(self, model, embeddings):
+        h = torch.nn.functional.normalize(embeddings, dim=-1) if model.normalize_embeddings else embeddings
+        return model.image_projector(h)
 
 
 class SimCLRMethod(Method):
