@@ -197,15 +197,16 @@ PATH_KEYS = {"out", "shards", "graphs", "dir", "path", "root", "ckpt", "checkpoi
 
 
 def absolute_args(args: list[str], cwd: Path) -> list[str]:
-    """Positional arguments (all paths for our jobs) and path-valued key=value made absolute."""
+    """Positional arguments (all paths for our jobs) and path-valued key=value made absolute; URLs
+    (s3://bucket/prefix: data in object storage) are left as they are."""
     out = []
     for a in args:
         if "=" in a:
             key, value = a.split("=", 1)
             last = key.rsplit(".", 1)[-1]
-            if value and (last in PATH_KEYS or last.endswith(("_dir", "_path"))) and value not in ("latest", "none"):
+            if value and "://" not in value and (last in PATH_KEYS or last.endswith(("_dir", "_path"))) and value not in ("latest", "none"):
                 a = f"{key}={(cwd / Path(value).expanduser()).resolve()}"
-        elif a != "-" and not a.startswith("-"):
+        elif a != "-" and not a.startswith("-") and "://" not in a:
             a = str((cwd / Path(a).expanduser()).resolve())
         out.append(a)
     return out

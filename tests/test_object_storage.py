@@ -228,6 +228,7 @@ def test_prep_from_a_bucket_into_a_bucket_killed_and_rerun_equals_prep_from_disk
     assert re.search(r"4 plates in s3://cpg-mirror/cpg0016-jump, [1-3] already done", rerun.stdout), rerun.stdout
     remote, disk = bucket_files(out), local_files(tiny_shards)
     assert without_source(remote.pop("manifest.json")) == without_source(disk.pop("manifest.json"))
+    assert b"workers: 1" in remote.pop("prep_config.yaml") and disk.pop("prep_config.yaml")   # the one option that differs
     assert digests(remote) == digests(disk)      # shards, replicate sets, site index, control bank, records
     check_no_secret(rerun.stdout + rerun.stderr, remote)
 
@@ -264,3 +265,10 @@ def check_no_secret(text: str, files: dict[str, bytes]) -> None:
         assert secret not in text
         leaked = [name for name, data in files.items() if secret.encode() in data]
         assert not leaked, f"{secret[:6]}... found in {leaked}"
+
+
+def test_slurm_keeps_object_storage_urls_as_they_are():
+    from cluster.submit import absolute_args
+
+    got = absolute_args(["s3://src/cpg0016-jump", "runs/x", "data.shards=s3://out/shards", "out=runs/y"], Path("/w"))
+    assert got == ["s3://src/cpg0016-jump", "/w/runs/x", "data.shards=s3://out/shards", "out=/w/runs/y"]
