@@ -80,10 +80,20 @@ demo() {
     "$PY" -m evaluate.embed "$ck" "$out/shards" "$out/embeddings/$m" 2>&1 | grep "^embed:" || true
     [[ -f "$out/embeddings/$m/embed.json" ]] || { log "demo: embedding $m failed"; exit 1; }
   done
+  # the floor and the ceiling beside the methods: the same network never updated (simclr's run as initialised,
+  # embedded in-process: no Ray start-up for a small set) and each well's true phenotype from the ground truth
+  log "demo 5/6: embed sites with the untrained network and the screen's ground truth (oracle)"
+  "$PY" -m evaluate.embed "untrained:$out/train/simclr" "$out/shards" "$out/embeddings/untrained" ray=false \
+    2>&1 | grep "^embed:" || true
+  "$PY" -m evaluate.embed "truth:$out/screen" "$out/shards" "$out/embeddings/oracle" 2>&1 | grep "^embed:" || true
+  for m in untrained oracle; do
+    [[ -f "$out/embeddings/$m/embed.json" ]] || { log "demo: embedding $m failed"; exit 1; }
+  done
   log "demo 6/6: evaluate (well profiles, MAD + ZCA-cor vs DMSO, NSB/NSS top-k, mAP) -> $out/eval"
   "$PY" -m evaluate.run "out=$out/eval" "shards=$out/shards" "embeddings.micon=$out/embeddings/micon" \
     "embeddings.simclr=$out/embeddings/simclr" "embeddings.clip=$out/embeddings/clip" \
-    "embeddings.cellprofiler=$out/embeddings/cellprofiler" 2>&1 | grep -v -E "^wandb:|INFO|Warning" || true
+    "embeddings.cellprofiler=$out/embeddings/cellprofiler" "embeddings.untrained=$out/embeddings/untrained" \
+    "embeddings.oracle=$out/embeddings/oracle" 2>&1 | grep -v -E "^wandb:|INFO|Warning" || true
   [[ -f "$out/eval/metrics.json" ]] || { log "demo: evaluation failed"; exit 1; }
   log "demo finished in $((SECONDS - t0)) s; everything it made is under $out"
   log "  report: $out/eval/report.md (plots beside it), metrics: $out/eval/metrics.json"

@@ -34,6 +34,7 @@ def headline(max_k: int) -> tuple[str, ...]:
 class EvalConfig:
     out: str = "runs/eval"           # metrics.json, report.md, plots and profiles
     embeddings: dict[str, str] = field(default_factory=dict)   # method name -> embed output directory
+    predictions: dict[str, str] = field(default_factory=dict)  # label -> predict output (zero-shot scores)
     aggregate: str = "mean"          # site -> well: mean | median
     normalize: bool = True           # per-plate robust MAD against DMSO
     spherize: bool = True            # ZCA-cor fitted on DMSO wells
@@ -49,7 +50,7 @@ class EvalConfig:
     wandb_project: str = "micon"     # wandb project
 
     def validate(self) -> None:
-        if not self.embeddings:
+        if not self.embeddings and not self.predictions:
             raise ConfigError("no embeddings to evaluate: pass embeddings.NAME=DIR (one per method)")
         if self.aggregate not in ("mean", "median"):
             raise ConfigError("aggregate: mean or median")
@@ -135,6 +136,27 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
                 raw_names=list(names), kept_names=[n for n, k in zip(names, kept) if k])
 
 
+def score_predictions(name: str, path: str, keep_compounds: set | None, max_k: int) -> dict:
+    """Zero-shot scores of a predict output (OUT/predicted_profiles.parquet against OUT/well_profiles.parquet,
+    the treated wells in the same space): molecule -> well retrieval among `keep_compounds` (the held-out
+    compounds; all when None), micon.eval.zeroshot."""
+    from micon.eval.zeroshot import zero_shot_retrieval
+
+    files = [Path(path) / "predicted_profiles.parquet", Path(path) / "well_profiles.parquet"]
+    for f in files:
+        if not f.is_file():
+            raise ProfileError(f"predictions.{name}: no {f}; run ./launch.sh predict CKPT COMPOUNDS {path} "
+                               f"shards=SHARDS embeddings=DIR (embeddings= writes the wells)")
+    pred, wells = (pd.read_parquet(f) for f in files)
+    wells = wells[wells[schema.ROLE] == schema.TREATED]
+    if keep_compounds is not None:
+        pred, wells = pred[pred[schema.JCP].isin(keep_compounds)], wells[wells[schema.JCP].isin(keep_compounds)]
+    feats = [c for c in pred.columns if not c.startswith("Metadata_")]
+    metrics, _ = zero_shot_retrieval(pred[schema.JCP].to_numpy(), pred[feats].to_numpy(), wells[schema.JCP].to_numpy(),
+                                     wells[feats].to_numpy(), ks=sorted({1, 5, max_k}))
+    return metrics
+
+
 def write_profiles(out: Path, name: str, result: dict) -> tuple[Path, Path]:
     """Two tables per method, as the field reads them (pycytominer, copairs: no mapping step):
     `profiles_{name}_raw.parquet`, the well averages before normalisation (every feature), and
@@ -177,7 +199,23 @@ def _cell(m: dict, key: str) -> str:
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) and np.isfinite(hi) else f"{v:.3f}"
 
 
-def write_report(out: Path, results: dict, cfg: EvalConfig) -> Path:
+def zero_shot_section(zero_shot: dict, cfg: EvalConfig) -> str:
+    """The report's zero-shot table (empty when no predictions were scored)."""
+    if not zero_shot:
+        return ""
+    cols = ["zs_well_top1pct", "zs_well_top1", f"zs_well_top{cfg.max_k}", "zs_compound_top1",
+            f"zs_compound_top{cfg.max_k}"]
+    rows = [{"predictions": n, **{c.removeprefix("zs_"): f"{z[c]:.3f} (chance {z[c + '_chance']:.3f})" for c in cols},
+             "queries": z["n_queries"], "wells": z["n_wells"]} for n, z in zero_shot.items()]
+    where = "the held-out compounds of " + cfg.shards if cfg.shards else "every compound"
+    return "\n".join(["## Zero-shot retrieval (molecule -> well)", "",
+                      f"Profiles predicted from each compound's structure alone (./launch.sh predict) rank the treated "
+                      f"wells of {where} (cosine, in the method's prediction space); a query hits when a well of its "
+                      f"compound is within the first 1% (top1pct, as CLOOME and MolPhenix report) or k wells, or its "
+                      f"compound's mean well profile within the first k compounds.", "", markdown_table(rows), ""])
+
+
+def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | None = None) -> Path:
     from micon.eval import plots
 
     pd.concat([r["topk"] for r in results.values()], ignore_index=True).to_csv(out / "topk.csv", index=False)
@@ -208,6 +246,8 @@ def write_report(out: Path, results: dict, cfg: EvalConfig) -> Path:
              markdown_table(chance), "",
              "Profiles: `profiles_{method}_raw.parquet` (well averages) and `profiles_{method}.parquet` (normalised), "
              "Metadata_* as JUMP spells them, role in `Metadata_pert_type`.", ""]
+    if zero_shot:
+        lines += [zero_shot_section(zero_shot, cfg)]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in pngs]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -272,18 +312,37 @@ def main(argv: list[str]) -> int:
              f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
              f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s; "
              f"{time.perf_counter() - t_all:.0f} s so far)")
+    zero_shot = {}
+    if cfg.predictions:
+        from micon.data.shards import Manifest
+        held = set(Manifest.load(cfg.shards).data["splits"]["heldout_compounds"]) if cfg.shards else None
+        for name, path in cfg.predictions.items():
+            try:
+                zero_shot[name] = score_predictions(name, path, held, cfg.max_k)
+            except (ProfileError, KeyError, ValueError) as e:
+                print(f"evaluate: predictions.{name}: {e}", file=sys.stderr)
+                return 1
+            z = zero_shot[name]
+            _say(f"{name}: zero-shot, {z['n_queries']} {'held-out ' if held is not None else ''}compounds against "
+                 f"{z['n_wells']} wells: top-1% {z['zs_well_top1pct']:.3f} (chance {z['zs_well_top1pct_chance']:.3f}), "
+                 f"compound top-1 {z['zs_compound_top1']:.3f} (chance {z['zs_compound_top1_chance']:.3f})")
     from micon import atomic
 
-    doc = strict_json({"methods": {n: r["metrics"] for n, r in results.items()}, "config": to_dict(cfg)})
+    doc = strict_json({"methods": {n: r["metrics"] for n, r in results.items()}, "zero_shot": zero_shot,
+                       "config": to_dict(cfg)})
     atomic.write_json(out / "metrics.json", doc, indent=1, allow_nan=False)
     t0 = time.perf_counter()
-    report = write_report(out, results, cfg)
+    report = write_report(out, results, cfg, zero_shot) if results else None
+    if report is None:
+        report = out / "report.md"
+        report.write_text(zero_shot_section(zero_shot, cfg))
     _say(f"report: {len(list(out.glob('*.png')))} plots in {time.perf_counter() - t0:.1f} s")
-    if cfg.wandb:
+    if cfg.wandb and results:
         log_wandb(out, cfg, results)
-    table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})
-                          for n, r in results.items()])
-    print(table.to_string(index=False))
+    if results:
+        table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})
+                              for n, r in results.items()])
+        print(table.to_string(index=False))
     print(f"evaluate: metrics {out / 'metrics.json'}, report {report}")
     return 0
 

@@ -42,7 +42,8 @@ def test_unknown_job_and_bad_configuration(capsys):
     assert "unknown job 'trian'" in capsys.readouterr().err
     assert main(["train", "-", "method=nope", "data.shards=x"]) == 2
     assert "method='nope': choose one of micon, paclr, clip, simclr" in capsys.readouterr().err
-    assert set(JOBS) == {"synth", "prep", "rsets", "featurize", "train", "embed", "evaluate", "verify", "slurm"}
+    assert set(JOBS) == {"synth", "prep", "rsets", "featurize", "train", "embed", "evaluate", "predict", "verify",
+                         "slurm"}
 
 
 # --------------------------------------------------------------------------- the one job table
