@@ -33,6 +33,11 @@ OUTSIDE_THE_MATRIX = {
     "progress": "a progress bar on rank 0",
     "wandb.enabled": "logging only (every case runs without wandb)",
     "model.pretrained": "downloads timm weights; tests never reach the network",
+    # the training step's speed switches: each compared with today's step in tests/test_train_step.py
+    "engine.channels_last": "memory layout only (tests/test_train_step.py)",
+    "engine.compile": "inductor builds C++ for minutes on CPU (tests/test_train_step.py, aot_eager)",
+    "optim.kernel": "AdamW's implementation only (tests/test_train_step.py)",
+    "deterministic": "trained twice in tests/test_deterministic.py",
 }
 FINGERPRINT_BITS = 256   # not the featuriser's default 2048: the checkpoint must take the store's size
 BASE = ["steps=2", "micro_batch=4", "progress=false", "wandb.enabled=false", "resume=none", "data.augment.crop=16",

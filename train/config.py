@@ -22,6 +22,8 @@ StreamMode = Literal["auto", "replicate_sets", "plates"]
 PairLevel = Literal[PAIR_LEVELS]
 Normalization = Literal[NORMALIZATIONS]
 Precision = Literal["auto", "bf16", "fp32"]
+OptimizerKernel = Literal["auto", "fused", "foreach", "for_loop"]
+Switch = Literal["auto", "on", "off"]
 OnNonfinite = Literal["stop", "skip"]
 
 
@@ -47,6 +49,8 @@ class OptimConfig:
     warmup_steps: NonNegativeInt = 10  # linear warm-up steps, then cosine decay
     min_lr_ratio: Fraction = 0.1  # the cosine ends at lr * min_lr_ratio
     grad_clip: NonNegativeFloat = 1.0  # gradient norm clip (0 = none)
+    kernel: OptimizerKernel = "auto"  # AdamW's implementation: auto (fused on GPUs, foreach on CPU) | fused |
+                                     # foreach | for_loop (torch's per-tensor loop, the slowest)
 
 
 @dataclass
@@ -55,6 +59,10 @@ class EngineConfig:
     precision: Precision = "auto"        # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
     grad_accum: PositiveInt = 1      # micro-steps per optimizer step
     dist_timeout_s: PositiveFloat = 120.0  # a dead rank fails the others after this long
+    channels_last: Switch = "auto"   # image encoder weights and inputs in NHWC: auto = on GPUs (cuDNN's fast
+                                     # layout), off on CPU (measured slower there); the same loss either way
+    compile: bool = False            # torch.compile the image encoder (pays on GPUs for long runs; minutes to
+                                     # compile, and no gain measured on CPU)
 
 
 @dataclass
@@ -64,7 +72,8 @@ class WandbConfig:
     entity: str = ""                 # wandb team or user ("" = your default)
     mode: str = ""                   # "" = $WANDB_MODE or offline; online needs WANDB_API_KEY
     name: str = ""                   # run name ("" = wandb picks one)
-    log_every: PositiveInt = 1       # log metrics every this many steps
+    log_every: PositiveInt = 1       # log metrics (wandb and metrics.jsonl, means over the steps since the last
+                                     # log) every this many steps: the only steps that wait for the device
 
 
 @dataclass
@@ -81,6 +90,8 @@ class TrainConfig:
     on_nonfinite: OnNonfinite = "stop"     # stop | skip (drop the batch on every rank; not counted as a step)
     max_skips_in_a_row: PositiveInt = 10  # on_nonfinite=skip: stop after this many non-finite batches in a row
     progress: bool = True            # progress bar on rank 0
+    deterministic: bool = False      # one seed reproduces bit for bit (torch's deterministic algorithms, cuDNN
+                                     # without autotuning); on CPU at the same thread count
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

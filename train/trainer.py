@@ -45,6 +45,41 @@ class TrainState:
     data_counts: dict = field(default_factory=dict)   # the stream's counters up to this checkpoint
 
 
+class LossWindow:
+    """The steps since metrics were last logged, kept on the device: loss parts summed, and the first step whose
+    loss was not finite. Reading them (`read`) is the only device sync of a step, once per wandb.log_every."""
+
+    def __init__(self, start_step: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_steps = self.steps = 0
+        self.first_bad: torch.Tensor | None = None   # -1, or the first step with a non-finite loss
+        self.bad_loss: torch.Tensor | None = None
+        self.data_time = 0.0
+        self.start_step, self.t0 = start_step, time.perf_counter()
+
+    def add(self, parts: dict, step: int) -> None:
+        for k, v in parts.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.micro_steps += 1
+        loss = parts["loss"].detach().float()
+        bad = ~torch.isfinite(loss)
+        if self.first_bad is None:
+            self.first_bad, self.bad_loss = torch.full_like(loss, -1.0), torch.zeros_like(loss)
+        new = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(new, torch.full_like(loss, float(step)), self.first_bad)
+        self.bad_loss = torch.where(new, loss, self.bad_loss)
+
+    def read(self) -> tuple[dict[str, float], int, float]:
+        """(mean of each loss part over the window, first non-finite step or -1, that loss); waits for the device."""
+        keys = list(self.sums)
+        if not keys:
+            return {}, -1, float("nan")
+        values = torch.stack([self.sums[k] for k in keys] + [self.first_bad, self.bad_loss]).tolist()
+        means = {k: v / self.micro_steps for k, v in zip(keys, values)}
+        return means, int(values[-2]), values[-1]
+
+
 class TrainingStopped(RuntimeError):
     """A run that must stop with a message for a person (exit code 1)."""
 
@@ -82,6 +117,73 @@ def ds_config(cfg, world_size: int, bf16: bool) -> dict:
     }
 
 
+def optimizer_kernel(kernel: str, device: torch.device) -> dict:
+    """torch AdamW's implementation flags for optim.kernel: fused (one kernel for every tensor; CUDA and CPU) or
+    foreach (one kernel per operation over all tensors); auto = fused on GPUs, foreach on CPU. The three give
+    the same update within float rounding. Under ZeRO 1/2 the optimizer sees DeepSpeed's flat fp32 partitions
+    (one tensor per group), so the choice matters most with engine.zero_stage=0."""
+    if kernel == "auto":
+        kernel = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": kernel == "fused", "foreach": kernel == "foreach"}
+
+
+def set_deterministic(on: bool) -> tuple[bool, bool, bool]:
+    """deterministic=true: torch's deterministic algorithms everywhere (an op without one fails with its name)
+    and cuDNN without autotuning; cuBLAS needs its workspace fixed before its first use. CPU runs then repeat
+    bit for bit at the same thread count (intra-op reductions are split by thread). Returns the previous
+    settings, for `restore_determinism`."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on and torch.cuda.is_available()
+    return previous
+
+
+def restore_determinism(previous: tuple[bool, bool, bool]) -> None:
+    torch.use_deterministic_algorithms(previous[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[1], previous[2]
+
+
+def load_image_encoder(model: torch.nn.Module, path: str, channels: list[str], model_cfg) -> str:
+    """model.init: copy another run's image encoder (read through micon.checkpoint: a run directory, a step
+    directory or a model.pt) into `model`; refuses one of another architecture, channel list or size with one
+    line naming both. Returns what was loaded, for the log."""
+    from micon.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:
+        raise TrainingStopped(f"model.init={path}: {e}") from None
+    prefix = "image_encoder."
+    there = {k[len(prefix):]: v for k, v in ck.weights.items() if k.startswith(prefix)}
+    here = model.image_encoder.state_dict()
+    arch = ("preset", "mode", "per_channel_dim", "img_size")
+    mine = {k: getattr(model_cfg, k) for k in arch}
+    theirs = {k: ck.record.model.get(k, mine[k]) for k in arch}
+    same_arch = {**theirs, "preset": _timm_name(theirs["preset"])} == {**mine, "preset": _timm_name(mine["preset"])}
+
+    def describe(cfg: dict, chans: list) -> str:
+        return " ".join([cfg["preset"], cfg["mode"]] + [f"{k}={cfg[k]}" for k in arch[2:] if cfg[k]]
+                        + [f"channels {','.join(chans)}"])
+
+    differ = sorted(set(there) ^ set(here)) or [k for k in here if there[k].shape != here[k].shape]
+    if not same_arch or list(ck.record.channels) != list(channels) or differ:
+        first = ""
+        if differ:
+            k = differ[0]
+            first = (f"; first difference {k}: {list(there[k].shape) if k in there else 'absent'} there, "
+                     f"{list(here[k].shape) if k in here else 'absent'} here")
+        raise TrainingStopped(f"model.init={path}: its image encoder ({describe(theirs, ck.record.channels)}) is not "
+                              f"this run's ({describe(mine, channels)}){first}; start from a run with the same "
+                              f"model.preset, model.mode, sizes and channels, or drop model.init")
+    model.image_encoder.load_state_dict({k: v.to(here[k].dtype) for k, v in there.items()})
+    return (f"image encoder from {ck.path} ({ck.record.method}, step {ck.record.step}, {len(there)} tensors, "
+            f"{sum(v.numel() for v in there.values()):,} values)")
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warm-up then cosine decay to min_ratio of the base rate (a picklable closure target)."""
 
@@ -92,6 +194,22 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
+
+
+def _timm_name(preset: str) -> str:
+    from micon.models.image import IMAGE_PRESETS
+
+    return IMAGE_PRESETS.get(preset, {}).get("timm_name", preset)
+
+
+def model_settings(model: dict) -> dict:
+    """The model settings that make a run what it is: model.init says where its weights started, which a
+    resumed run's checkpoint replaces, so it is neither part of the identity nor compared on resume."""
+    return {k: v for k, v in model.items() if k != "init"}
+
+
+def _comparable(key: str, value):
+    return model_settings(value) if key == "model" else value
 
 
 def compound_labels(manifest) -> dict[str, int]:
@@ -142,6 +260,7 @@ class Trainer:
         self.counts_at_start: dict[str, int] = {}
         self.reported_lost = 0
         self.last_losses: dict[str, float] = {}
+        self.window = LossWindow(0)     # the steps since metrics were last logged (fit() starts a fresh one)
         # set by setup(): the process group, the device, the shard set, the model's record and the engine
         self.flag: SignalFlag | None = None
         self.dist = None
@@ -153,6 +272,7 @@ class Trainer:
         self.manifest = None
         self.record: InferenceRecord | None = None
         self.engine = self.optimizer = self.scheduler = None
+        self.determinism_before: tuple[bool, bool, bool] | None = None   # the process's settings, restored at the end
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
@@ -210,9 +330,18 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
+        self.determinism_before = set_deterministic(cfg.deterministic)
         torch.manual_seed(cfg.seed)
         model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
                                         self.record.bond_dim, self.record.fingerprint_bits)
+        if cfg.model.init:
+            loaded = load_image_encoder(model, cfg.model.init, list(self.manifest.channels), cfg.model)
+            if self.rank == 0:
+                log.info("model.init: %s", loaded)
+        if cfg.engine.channels_last == "on" or (cfg.engine.channels_last == "auto" and self.device.type == "cuda"):
+            model.image_encoder.use_channels_last()
+        if cfg.engine.compile:
+            model.image_encoder.compile()   # in place: the state dict keeps its keys (checkpoints unchanged)
         if self.bf16:
             # DeepSpeed casts parameters to bf16 but not buffers: batch norm then meets bf16 weights with
             # float32 running statistics and fails ("expected scalar type BFloat16 but found Float")
@@ -221,7 +350,7 @@ class Trainer:
         optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2],
                                         "weight_decay": cfg.optim.weight_decay},
                                        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                      lr=cfg.optim.lr)
+                                      lr=cfg.optim.lr, **optimizer_kernel(cfg.optim.kernel, self.device))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -266,7 +395,7 @@ class Trainer:
         """This run's identity: its shard set's fingerprint, its method and its model settings."""
         from train import identity
 
-        return identity.identity(self.method.name, to_dict(self.cfg.model),
+        return identity.identity(self.method.name, model_settings(to_dict(self.cfg.model)),
                                  identity.data_fingerprint(self.manifest.data, self.manifest.replicate_sets))
 
     def _check_identity(self, tag: str | None) -> str | None:
@@ -323,7 +452,7 @@ class Trainer:
             return
         diff = [f"{k}: {getattr(saved, k)!r} there, {getattr(self.record, k)!r} now"
                 for k in ("method", "model", "channels", "atom_dim", "bond_dim", "fingerprint_bits", "preprocessing")
-                if getattr(saved, k) != getattr(self.record, k)]
+                if _comparable(k, getattr(saved, k)) != _comparable(k, getattr(self.record, k))]
         if diff:
             raise TrainingStopped(f"{self.ckpt_root / tag} was trained with other model settings ({'; '.join(diff)}). "
                                   f"Resume with the same settings, write to another out=, or pass resume=none to "
@@ -411,26 +540,21 @@ class Trainer:
         self.counts_by_worker[batch["worker"]] = batch["counts"]
         return batch
 
-    def step(self) -> dict:
-        """One optimizer step over `grad_accum` micro-batches with a finite loss on every rank. A batch whose
-        loss is non-finite on any rank is dropped by all ranks before backward (on_nonfinite=skip): it moves
-        the data position but neither the step counter, the engine nor the learning-rate schedule."""
-        cfg, state = self.cfg, self.state
-        t0 = time.perf_counter()
-        data_time, done, in_a_row = 0.0, 0, 0
-        losses: dict[str, float] = {}
+    def step(self) -> None:
+        """One optimizer step over `grad_accum` micro-batches with a finite loss on every rank, queued on the device
+        without waiting for it. on_nonfinite=skip: a batch whose loss is non-finite on any rank is dropped by all
+        ranks before backward (the host must see the loss: one device sync per micro-step); it moves the data
+        position but neither the step counter, the engine nor the learning-rate schedule. on_nonfinite=stop: the
+        window notes the first non-finite step on the device and `flush` stops the run there, before any
+        checkpoint is written."""
+        cfg, state, window = self.cfg, self.state, self.window
+        done, in_a_row = 0, 0
         while done < cfg.engine.grad_accum:
             td = time.perf_counter()
             batch = self._next_batch()
-            data_time += time.perf_counter() - td
+            window.data_time += time.perf_counter() - td
             parts = self.method.loss(self.engine, self.method.to_device(batch, self.device, self.dtype), cfg.loss)
-            loss = parts["loss"]
-            if distributed.max_vote(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
-                if cfg.on_nonfinite == "stop":
-                    raise TrainingStopped(
-                        f"non-finite loss at step {state.step} ({self.method.name}, loss {loss.item()} on rank "
-                        f"{self.rank}); stopping. Lower optim.lr, check the inputs, or set on_nonfinite=skip. "
-                        f"The last checkpoint is in {self.ckpt_root}")
+            if cfg.on_nonfinite == "skip" and distributed.max_vote(float(not torch.isfinite(parts["loss"]).item())):
                 state.skipped_nonfinite += 1
                 in_a_row += 1
                 log.warning("skipping a batch with a non-finite loss at step %d (%d skipped in all)", state.step,
@@ -442,23 +566,42 @@ class Trainer:
                         f"the last checkpoint in {self.ckpt_root}")
                 continue
             in_a_row = 0
-            self.engine.backward(loss)
+            self.engine.backward(parts["loss"])
             self.engine.step()
             done += 1
-            for k, v in parts.items():
-                losses[k] = losses.get(k, 0.0) + float(v.detach()) / cfg.engine.grad_accum
+            window.add(parts, state.step)
         state.step += 1
-        examples = cfg.micro_batch * cfg.engine.grad_accum * self.world
-        state.samples_seen += examples
-        step_time = time.perf_counter() - t0
+        state.samples_seen += self.examples_per_step
+        window.steps += 1
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.cfg.micro_batch * self.cfg.engine.grad_accum * self.world
+
+    def flush(self) -> dict:
+        """The metrics of the steps since the last flush (means, rates over the window's wall time), after one
+        device sync; every rank calls it at the same steps. on_nonfinite=stop: a non-finite loss on any rank
+        stops every rank here, naming the first such step and rank."""
+        window = self.window
+        losses, bad_step, bad_loss = window.read()
+        worst = distributed.max_vote(self.world - self.rank if bad_step >= 0 else 0)
+        if worst > 0:
+            src = int(self.world - worst)
+            bad_step, bad_loss = distributed.broadcast_object((bad_step, bad_loss), src=src)
+            raise TrainingStopped(
+                f"non-finite loss at step {bad_step} ({self.method.name}, loss {bad_loss} on rank {src}); stopping. "
+                f"Lower optim.lr, check the inputs, or set on_nonfinite=skip. The last checkpoint is in "
+                f"{self.ckpt_root}")
+        elapsed = time.perf_counter() - window.t0
+        examples = self.examples_per_step * window.steps
         self.last_losses = losses
         return {f"loss/{k}": v for k, v in losses.items()} | {"loss/chance": self.chance,
-            "lr": self.scheduler.get_last_lr()[0], "samples_per_second": examples / step_time,
-            "samples_per_second_per_device": examples / step_time / self.world,
-            "images_per_second": examples * self.method.images_per_example / step_time,
-            "data_wait_share": data_time / step_time, "step_time": step_time,
-            "memory_mb": memory_mb(self.device), "samples_seen": state.samples_seen,
-            "skipped_nonfinite": state.skipped_nonfinite, "grad_norm": self.grad_norm(),
+            "lr": self.scheduler.get_last_lr()[0], "samples_per_second": examples / elapsed,
+            "samples_per_second_per_device": examples / elapsed / self.world,
+            "images_per_second": examples * self.method.images_per_example / elapsed,
+            "data_wait_share": window.data_time / elapsed, "step_time": elapsed / max(window.steps, 1),
+            "memory_mb": memory_mb(self.device), "samples_seen": self.state.samples_seen,
+            "skipped_nonfinite": self.state.skipped_nonfinite, "grad_norm": self.grad_norm(),
         }
 
     def grad_norm(self) -> float:
@@ -485,14 +628,13 @@ class Trainer:
         if self.rank != 0:
             return
         metrics = metrics | {f"data/{k}": v for k, v in counts.items()}
-        if self.run is not None and self.state.step % self.cfg.wandb.log_every == 0:
+        if self.run is not None:
             self.run.log(metrics, step=self.state.step)
         with open(self.out / "metrics.jsonl", "a") as fh:   # plain-text twin of the wandb history
             fh.write(atomic.dumps({"step": self.state.step, **metrics}) + "\n")   # NaN as null
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.last_losses.get('loss', float('nan')):.4f}",
                                  data=f"{metrics['data_wait_share']:.0%}")
-            self.bar.update(1)
 
     def checkpoint(self) -> Path:
         from train import checkpoint
@@ -508,12 +650,19 @@ class Trainer:
         self.resume()
         self.start_stream()
         self.start_logging()
+        self.window = LossWindow(self.state.step)
         while self.state.step < cfg.steps:
-            self.report(self.step())
-            # agree on a requested stop: Slurm may signal only some ranks first
+            self.step()
+            if self.bar is not None:
+                self.bar.update(1)
+            # agree on a requested stop: Slurm may signal only some ranks first (a CPU vote: no device sync)
             stop = distributed.max_vote(self.flag.signum)
-            if stop > 0 or self.state.step % cfg.ckpt_every == 0 or self.state.step == cfg.steps:
-                self.checkpoint()
+            save = stop > 0 or self.state.step % cfg.ckpt_every == 0 or self.state.step == cfg.steps
+            if save or self.state.step % cfg.wandb.log_every == 0:
+                self.report(self.flush())   # on_nonfinite=stop stops here, before a checkpoint of bad weights
+                if save:
+                    self.checkpoint()
+                self.window = LossWindow(self.state.step)
             if stop > 0:
                 log.info("signal %d: checkpointed step %d in %s; exiting for requeue (resume=latest continues)",
                          int(stop), self.state.step, self.ckpt_root)
@@ -540,6 +689,8 @@ class Trainer:
             self.run = None
         self.batches = None   # stops the loader workers
         self.flag.restore()
+        if self.determinism_before is not None:
+            restore_determinism(self.determinism_before)
         distributed.shutdown()
 
 
@@ -565,5 +716,7 @@ def train(cfg) -> int:
     else:
         if trainer.flag is not None:
             trainer.flag.restore()
+        if trainer.determinism_before is not None:
+            restore_determinism(trainer.determinism_before)
         distributed.shutdown()
     return code

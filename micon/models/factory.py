@@ -26,7 +26,10 @@ class ModelConfig:
     preset: str = "tiny"             # image encoder preset: tiny, resnet18, resnet50, vit_small_patch16_224...
     mode: ImageMode = "multichannel"  # multichannel | per_channel (official MICON)
     per_channel_dim: NonNegativeInt = 0  # per_channel only: project each channel's features to this size (0 = no)
-    pretrained: bool = False         # timm weights (needs internet; never in tests)
+    pretrained: bool = False         # timm's ImageNet weights for the backbone (downloads them, or reads timm's
+                                     # cache: for clusters that have them; never in tests)
+    init: str = ""                   # start the image encoder from another run's (its directory, a step or a
+                                     # model.pt); its architecture, channels and sizes must be this run's
     img_size: NonNegativeInt = 0     # ViT presets: the training crop size (0 = the preset's default)
     molecule: MoleculeEncoder = "dmpnn"   # dmpnn (molecular graph) | fingerprint (Morgan bits, MLP)
     molecule_dim: PositiveInt = 256  # molecule encoder width

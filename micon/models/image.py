@@ -3,6 +3,7 @@
 Two ways to read C channels: "multichannel" (one backbone with in_chans=C) and MICON's "per_channel"
 (every channel repeated to 3 and passed through one shared RGB backbone, features concatenated).
 Random initialisation by default; `pretrained=True` downloads timm weights, so tests never set it.
+`use_channels_last()` feeds the backbone NHWC inputs (the same numbers in cuDNN's fast layout).
 """
 from __future__ import annotations
 
@@ -70,12 +71,24 @@ class ImageEncoder(nn.Module):
         self.channel_proj = nn.Linear(feat, per_channel_dim) if per_channel_dim else nn.Identity()
         per_channel = per_channel_dim or feat
         self.out_dim = in_chans * per_channel if mode == "per_channel" else feat
+        self.channels_last = False
+
+    def use_channels_last(self) -> "ImageEncoder":
+        """Every input in channels_last (NHWC) memory: convolutions then run in the layout cuDNN's tensor cores
+        are fastest in and hand NHWC activations on through the network. The weights keep their layout
+        (convolutions take them in either; DeepSpeed's ZeRO holds parameters as views of one flat buffer, which
+        a layout change would cut off from the optimizer), so values and state dicts are unchanged."""
+        self.channels_last = True
+        return self
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected images [B, {self.in_chans}, H, W], got shape {tuple(images.shape)}")
         if self.mode == "multichannel":
-            return self.backbone(images)
+            return self.backbone(self._layout(images))
         b, c, h, w = images.shape
         rgb = images.reshape(b * c, 1, h, w).expand(b * c, 3, h, w)
-        return self.channel_proj(self.backbone(rgb)).reshape(b, -1)
+        return self.channel_proj(self.backbone(self._layout(rgb))).reshape(b, -1)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
