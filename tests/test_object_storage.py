@@ -168,6 +168,24 @@ def test_a_missing_tiff_object_is_named_and_counted_like_a_missing_file(s3, buck
                      IngestConfig(on_error="stop"))
 
 
+def test_a_shard_set_in_a_bucket_reads_like_the_one_on_disk(s3, bucket, tiny_shards):
+    from micon.data.shards import ControlBank, Manifest, read_tar_encoded
+
+    url = f"s3://{bucket}/shards"
+    fs, key = storage.filesystem(url)
+    fs.pipe({f"{key}/{k}": v for k, v in local_files(tiny_shards).items()})
+    remote, disk = Manifest.load(url), Manifest.load(tiny_shards)
+    assert remote.data == disk.data and remote.sha256 == disk.sha256 and remote.replicate_sets == disk.replicate_sets
+    name = disk.data["shards"][0]["name"]
+    checksum = disk.shard_checksums()[name]
+    assert list(read_tar_encoded(f"{url}/shards/{name}", checksum)) == list(
+        read_tar_encoded(tiny_shards / "shards" / name, checksum))
+    bank, local = ControlBank(url), ControlBank(tiny_shards)
+    plate = sorted(local.n_by_plate)[0]
+    np.testing.assert_array_equal(bank.plate_images(plate), local.plate_images(plate))
+    assert not bank.damaged
+
+
 # ----------------------------------------------------------------------------------------- end to end
 
 def publish(screen: Path, bucket: str, plates: list[str] | None = None) -> str:
