@@ -15,21 +15,20 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
 from micon import atomic, integrity, schema, storage
-from micon.config import (ConfigError, Fraction, NonNegativeInt, PositiveFloat, Range, dump, help_or_usage,
-                          load_config)
+from micon.config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
+                          dump, help_or_usage, load_config)
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
 from micon.raycluster import JobError, describe_failure, init_ray, root_cause
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits
-from micon.storage import StorageConfig
 
 REPORT = "ingest_report.csv"
 PLATE_LEVEL_PROBLEMS = ("missing_channel", "missing_load_data", "bad_illum")
@@ -37,6 +36,23 @@ DELAY_ENV = "MICON_INGEST_TEST_DELAY_S"
 
 
 Percent = Annotated[float, Range(0, 100)]
+
+
+@dataclass
+class StorageConfig:
+    """How prep reaches object storage (micon.storage); credentials come from the standard AWS chain
+    (environment, profile, instance role), never from here."""
+
+    endpoint: str = ""            # S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS)
+    anon: str = "auto"            # auto (anonymous for the public cellpainting-gallery bucket), true or false
+    retries: PositiveInt = 5      # attempts per object read or write before a transient error is final
+    backoff_s: NonNegativeFloat = 0.5  # first wait between attempts, doubled each time (with jitter), at most 20 s
+
+    def validate(self) -> None:
+        try:
+            storage.check_settings(**asdict(self))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -64,10 +80,6 @@ class IngestConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)   # object storage (s3://): endpoint, retries
 
     def validate(self) -> None:
-        try:
-            self.storage.check()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         if self.codec not in CODECS:
             raise ConfigError(f"codec={self.codec!r}: choose one of {', '.join(CODECS)}")
         if self.on_error not in ("stop", "skip"):
@@ -126,7 +138,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     from micon.data.imaging import illumination_gain, process_site
     import zarr
 
-    storage.configure(cfg.storage)       # a task on a Ray cluster elsewhere gets the job's storage settings
+    storage.configure(**asdict(cfg.storage))      # a task on a Ray cluster elsewhere gets the job's storage settings
     out_p = storage.path(out)
     screen = src if isinstance(src, Screen) else read_screen(src, cfg.allow_outside_root)
     if os.environ.get(DELAY_ENV):   # tests: slow a plate down so that a kill lands mid-run
@@ -405,7 +417,7 @@ def main(argv: list[str]) -> int:
     try:
         src, out = storage.path(argv[0]), storage.path(argv[1])
         cfg = load_config(IngestConfig, overrides=argv[2:])
-        storage.configure(cfg.storage)
+        storage.configure(**asdict(cfg.storage))
         if not (src / "metadata").is_dir():
             raise ConfigError(f"{src} is not a JUMP-layout screen: expected {src / 'metadata'}/plate.csv.gz, "
                               f"well.csv.gz, compound.csv.gz")

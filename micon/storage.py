@@ -17,7 +17,6 @@ import posixpath
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,37 +29,22 @@ RETRIES_ENV, BACKOFF_ENV, ANON_ENV = "MICON_STORAGE_RETRIES", "MICON_STORAGE_BAC
 RETRIES: Counter = Counter()
 
 
-@dataclass
-class StorageConfig:
-    """How jobs reach object storage (credentials come from the standard AWS chain, never from here)."""
-
-    endpoint: str = ""          # S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)
-    anon: str = "auto"          # auto (anonymous for the public cellpainting-gallery bucket), true or false
-    retries: int = 5            # attempts per read or write before a transient error is final
-    backoff_s: float = 0.5      # first wait between attempts, doubled each time (with jitter), at most 20 s
-
-    def check(self) -> None:
-        """ValueError naming the key when a value cannot work (the job's validate() words it as a config error)."""
-        if self.anon not in ("auto", "true", "false"):
-            raise ValueError(f"storage.anon={self.anon!r}: choose auto, true or false")
-        if self.retries < 1:
-            raise ValueError(f"storage.retries={self.retries}: need at least 1 attempt")
-        if self.backoff_s < 0:
-            raise ValueError(f"storage.backoff_s={self.backoff_s}: need a wait >= 0")
-        if self.endpoint:
-            check_url(self.endpoint, "storage.endpoint")
+def check_settings(endpoint: str = "", anon: str = "auto", retries: int = 5, backoff_s: float = 0.5) -> None:
+    """ValueError naming the key when a storage setting cannot work (a job's config words it as its own)."""
+    if anon not in ("auto", "true", "false"):
+        raise ValueError(f"storage.anon={anon!r}: choose auto, true or false")
+    if endpoint:
+        check_url(endpoint, "storage.endpoint")
 
 
-def configure(cfg: StorageConfig) -> None:
-    """Make `cfg` this process's settings and its children's (Ray workers, loader workers inherit the
+def configure(endpoint: str = "", anon: str = "auto", retries: int = 5, backoff_s: float = 0.5) -> None:
+    """Make these settings this process's and its children's (Ray workers, loader workers inherit the
     environment): the endpoint through the standard AWS variable, the retry policy through ours. Values
     left at their defaults leave the environment's as they are."""
-    default = StorageConfig()
-    if cfg.endpoint:
-        os.environ["AWS_ENDPOINT_URL_S3"] = cfg.endpoint
-    for env, value, dflt in ((RETRIES_ENV, cfg.retries, default.retries), (BACKOFF_ENV, cfg.backoff_s, default.backoff_s),
-                             (ANON_ENV, cfg.anon, default.anon)):
-        if value != dflt:
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    for env, value, default in ((RETRIES_ENV, retries, 5), (BACKOFF_ENV, backoff_s, 0.5), (ANON_ENV, anon, "auto")):
+        if value != default:
             os.environ[env] = str(value)
 
 
