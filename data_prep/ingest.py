@@ -71,6 +71,7 @@ class IngestConfig:
     workers: NonNegativeInt = 0     # Ray CPUs for the local cluster (0 = all cores)
     rebuild: bool = False           # redo plates made with other output options (else refuse)
     allow_outside_root: bool = False  # let load_data name images outside SRC (else such a row is refused)
+    metadata: str = ""              # folder or URL of plate/well/compound.csv.gz (default SRC/metadata)
     seed: NonNegativeInt = 0        # seed of the held-out splits
     heldout_compound_fraction: Fraction = 0.2  # share of treated compounds held out of training
     heldout_sources: NonNegativeInt = 0  # whole sources held out of training
@@ -140,7 +141,7 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
 
     storage.configure(**asdict(cfg.storage))      # a task on a Ray cluster elsewhere gets the job's storage settings
     out_p = storage.path(out)
-    screen = src if isinstance(src, Screen) else read_screen(src, cfg.allow_outside_root)
+    screen = src if isinstance(src, Screen) else read_screen(src, cfg.allow_outside_root, cfg.metadata)
     if os.environ.get(DELAY_ENV):   # tests: slow a plate down so that a kill lands mid-run
         time.sleep(float(os.environ[DELAY_ENV]))
     sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
@@ -278,7 +279,7 @@ class _Named(io.BytesIO):
 
 def finalize(src, out, cfg: IngestConfig, plates: list[str]) -> dict:
     """Manifest, control table, report and splits from the per-plate records."""
-    screen = read_screen(src, cfg.allow_outside_root)
+    screen = read_screen(src, cfg.allow_outside_root, cfg.metadata)
     records = [json.loads((out / "plates" / f"{p}.json").read_text()) for p in plates]
     # checksum: of the DMSO site's stored pixels (micon.integrity), checked by ControlBank as it reads them
     controls = pd.DataFrame([dict(c, row=i) for r in records for i, c in enumerate(r["controls"])],
@@ -318,14 +319,19 @@ def finalize(src, out, cfg: IngestConfig, plates: list[str]) -> dict:
     return manifest
 
 
+def meta_dir(src, cfg: IngestConfig):
+    """Where the metadata tables are: `metadata=` if given, else SRC/metadata."""
+    return storage.path(cfg.metadata) if cfg.metadata else src / "metadata"
+
+
 def run(src, out, cfg: IngestConfig) -> int:
     from tqdm import tqdm
 
-    screen = read_screen(src, cfg.allow_outside_root)
+    screen = read_screen(src, cfg.allow_outside_root, cfg.metadata)
     plates = cfg.plates or screen.plates[screen.plates[schema.PLATE_TYPE].isin(cfg.plate_types)][schema.PLATE].tolist()
     unknown = sorted(set(plates) - set(screen.plates[schema.PLATE]))
     if unknown:
-        print(f"prep: plates {', '.join(unknown)} are not in {src / 'metadata' / 'plate.csv.gz'}", file=sys.stderr)
+        print(f"prep: plates {', '.join(unknown)} are not in {meta_dir(src, cfg) / 'plate.csv.gz'}", file=sys.stderr)
         return 2
     for d in ("shards", "plates", "control_bank.zarr"):
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -418,8 +424,8 @@ def main(argv: list[str]) -> int:
         src, out = storage.path(argv[0]), storage.path(argv[1])
         cfg = load_config(IngestConfig, overrides=argv[2:])
         storage.configure(**asdict(cfg.storage))
-        if not (src / "metadata").is_dir():
-            raise ConfigError(f"{src} is not a JUMP-layout screen: expected {src / 'metadata'}/plate.csv.gz, "
+        if not meta_dir(src, cfg).is_dir():
+            raise ConfigError(f"{src} is not a JUMP-layout screen: expected {meta_dir(src, cfg)}/plate.csv.gz, "
                               f"well.csv.gz, compound.csv.gz")
     except (ConfigError, ValueError) as e:      # ValueError: credentials in a URL (micon.storage.check_url)
         print(f"prep: {storage.redact(str(e))}", file=sys.stderr)

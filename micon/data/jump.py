@@ -102,11 +102,12 @@ def check_keys(df: pd.DataFrame, keys: list[str], required: list[str], file: str
                           kind="duplicate_key")
 
 
-def read_screen(root: str | Path, allow_outside_root: bool = False) -> Screen:
+def read_screen(root: str | Path, allow_outside_root: bool = False, metadata: str | Path = "") -> Screen:
     """The three metadata tables, checked before any work: required columns present and filled, keys unique.
-    `root`: a local path or an object-storage URL (s3://bucket/prefix, any fsspec URL)."""
+    `root`: a local path or an object-storage URL (s3://bucket/prefix, any fsspec URL); `metadata`: where the
+    tables are when not in `root`/metadata (the public bucket holds images only)."""
     root = storage.path(root)
-    meta = root / "metadata"
+    meta = storage.path(metadata) if metadata else root / "metadata"
     plates = _read_table(meta / "plate.csv.gz", [schema.SOURCE, schema.BATCH, schema.PLATE, schema.PLATE_TYPE])
     check_keys(plates, [schema.PLATE], [schema.SOURCE, schema.BATCH, schema.PLATE], str(meta / "plate.csv.gz"))
     wells = _read_table(meta / "well.csv.gz", [schema.SOURCE, schema.PLATE, schema.WELL, schema.JCP])
