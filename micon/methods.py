@@ -91,12 +91,17 @@ class Method:
     def to_device(self, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
         """The stream's CPU batch -> tensors on `device`; images and molecule features in `dtype`. The
         compounds (a graph batch or fingerprint bits, whichever the stream delivered) become "molecules"."""
-        out = {"views": batch["views"].to(device, dtype, non_blocking=True), "labels": batch["labels"].to(device)}
+        # every copy is queued, none waits for the device: the loader pins the tensors it delivers (non_blocking
+        # copies of those return at once) and the graphs are pinned here (a copy from pageable memory would wait
+        # for the device's queue to drain first)
+        out = {"views": batch["views"].to(device, dtype, non_blocking=True),
+               "labels": batch["labels"].to(device, non_blocking=True)}
         if "controls" in batch:
             out["controls"] = batch["controls"].to(device, dtype, non_blocking=True)
         if "graphs" in batch:
             from micon.models.molecule import graphs_to_torch
-            graphs = graphs_to_torch(batch["graphs"], device)
+            graphs = graphs_to_torch(batch["graphs"])
+            graphs = graphs.pin().to(device, non_blocking=True) if device.type == "cuda" else graphs
             graphs.atom_features = graphs.atom_features.to(dtype)
             graphs.bond_features = graphs.bond_features.to(dtype)
             out["molecules"] = graphs

@@ -104,6 +104,10 @@ class SignalFlag:
 
 
 def ds_config(cfg, world_size: int, bf16: bool) -> dict:
+    """DeepSpeed's configuration. bf16: bf16 weights and activations, DeepSpeed's fp32 master weights and AdamW
+    state, and gradients summed over the ranks in fp32 (one rounding to bf16 at the end instead of one per
+    hop, which grows with the number of ranks; twice the bytes of a bf16 reduction, ~100 MB a step for
+    ResNet-50, hidden behind backward). docs/BENCHMARKS.md ("ZeRO stage and precision") says why ZeRO 1."""
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.engine.grad_accum,
@@ -111,6 +115,7 @@ def ds_config(cfg, world_size: int, bf16: bool) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "bf16": {"enabled": bf16},
+        "communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

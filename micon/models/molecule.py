@@ -27,9 +27,14 @@ class TorchGraph:
     batch: Tensor
     n_molecules: int
 
-    def to(self, device: torch.device | str) -> "TorchGraph":
-        return TorchGraph(self.atom_features.to(device), self.bond_features.to(device),
-                          self.edge_index.to(device), self.batch.to(device), self.n_molecules)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TorchGraph":
+        return TorchGraph(*(t.to(device, non_blocking=non_blocking) for t in (
+            self.atom_features, self.bond_features, self.edge_index, self.batch)), self.n_molecules)
+
+    def pin(self) -> "TorchGraph":
+        """The tensors in page-locked memory, so a copy to the GPU can be queued without waiting."""
+        return TorchGraph(*(t.pin_memory() for t in (self.atom_features, self.bond_features, self.edge_index,
+                                                       self.batch)), self.n_molecules)
 
 
 def graphs_to_torch(graph: BatchedGraph, device: torch.device | str | None = None) -> TorchGraph:
