@@ -49,13 +49,13 @@ class LossWindow:
     """The steps since metrics were last logged, kept on the device: loss parts summed, and the first step whose
     loss was not finite. Reading them (`read`) is the only device sync of a step, once per wandb.log_every."""
 
-    def __init__(self, start_step: int):
+    def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.micro_steps = self.steps = 0
         self.first_bad: torch.Tensor | None = None   # -1, or the first step with a non-finite loss
         self.bad_loss: torch.Tensor | None = None
         self.data_time = 0.0
-        self.start_step, self.t0 = start_step, time.perf_counter()
+        self.t0 = time.perf_counter()
 
     def add(self, parts: dict, step: int) -> None:
         for k, v in parts.items():
@@ -265,7 +265,7 @@ class Trainer:
         self.counts_at_start: dict[str, int] = {}
         self.reported_lost = 0
         self.last_losses: dict[str, float] = {}
-        self.window = LossWindow(0)     # the steps since metrics were last logged (fit() starts a fresh one)
+        self.window = LossWindow()     # the steps since metrics were last logged (fit() starts a fresh one)
         # set by setup(): the process group, the device, the shard set, the model's record and the engine
         self.flag: SignalFlag | None = None
         self.dist = None
@@ -655,7 +655,7 @@ class Trainer:
         self.resume()
         self.start_stream()
         self.start_logging()
-        self.window = LossWindow(self.state.step)
+        self.window = LossWindow()
         while self.state.step < cfg.steps:
             self.step()
             if self.bar is not None:
@@ -667,7 +667,7 @@ class Trainer:
                 self.report(self.flush())   # on_nonfinite=stop stops here, before a checkpoint of bad weights
                 if save:
                     self.checkpoint()
-                self.window = LossWindow(self.state.step)
+                self.window = LossWindow()
             if stop > 0:
                 log.info("signal %d: checkpointed step %d in %s; exiting for requeue (resume=latest continues)",
                          int(stop), self.state.step, self.ckpt_root)
