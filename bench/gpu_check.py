@@ -6,8 +6,10 @@
 Rows: (1) each method's training step in bf16 on synthetic 5-channel 224 px tensors for ResNet-50 and
 ViT-S/16 (model only: images/s, peak memory); (2) a few DeepSpeed steps of each method with ZeRO 1 and
 ZeRO 2 in bf16, fed from shards of a synthetic screen stored at 256 px and cropped to 224 (images/s,
-data-wait share, peak memory, from the job's own metrics); (3) the Ray embed job on the GPU (sites/s).
-Writes the table to docs/BENCHMARKS.md ("GPU check") with the card's name. Tests never run it.
+data-wait share, peak memory, from the job's own metrics); (3) the Ray embed job on the GPU (sites/s, and
+whether its bytes equal the in-process reference). `--only embed` (what bench/gpu_check.sh runs) gives (3)
+alone, with an initialised encoder and no training. Writes the table to docs/BENCHMARKS.md ("GPU check") with
+the card's name, and to --table FILE. Tests never run it.
 """
 from __future__ import annotations
 
@@ -112,12 +114,36 @@ def tiled_shards(src: Path, dst: Path, k: int) -> Path:
     return dst
 
 
+def make_checkpoint(data: Path, work: Path, preset: str) -> Path:
+    """A model.pt of the `preset` image encoder (SimCLR, as initialised: the weights do not change the cost),
+    written without a training run, for the shard set's channels."""
+    import torch
+
+    from micon.checkpoint import InferenceRecord, save_model_file
+    from micon.methods import get_method
+    from micon.models.factory import ModelConfig
+
+    channels = json.loads((data / "shards" / "manifest.json").read_text())["channels"]
+    cfg = ModelConfig(preset=preset)
+    torch.manual_seed(0)
+    model = get_method("simclr").build_model(cfg, len(channels))
+    path = work / f"init-{preset}" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_file(path, model.state_dict(), InferenceRecord(method="simclr", model=vars(cfg), channels=channels,
+                                                              preprocessing={"normalize": "plate"}),
+                    {"method": "simclr", "seed": 0}, {"step": 0})
+    return path
+
+
 def embed_rows(data: Path, work: Path, ckpt: Path, preset: str, tiles: int) -> list[dict]:
-    """The Ray embed job (python -m evaluate.embed) on the GPU, on the shard set and on it listed `tiles`
-    times: wall time with Ray's start-up, and the steady rate from the difference of the two runs; beside
-    them the Ray actor's own code in-process (no Ray). Without Ray (a wheel over the device tool's carry
-    limit) only the in-process row."""
+    """The Ray embed job (python -m evaluate.embed: CPU decode tasks feeding one actor per GPU) on the shard
+    set and on it listed `tiles` times: wall time with Ray's start-up, and the steady rate from the difference
+    of the two runs; whether its bytes equal the in-process reference (embed_shard, the code of the actor
+    before); and that reference's own rate with 1 and 12 decode threads. Without Ray (a wheel over the device
+    tool's carry limit) only the in-process rows."""
+
     from evaluate.embed import SiteEncoder, embed_shard
+    from micon.embeddings import part_path, read_part
 
     rows = []
     n_sites = json.loads((data / "shards" / "manifest.json").read_text())["n_sites"]
@@ -126,32 +152,36 @@ def embed_rows(data: Path, work: Path, ckpt: Path, preset: str, tiles: int) -> l
         have_ray = True
     except ImportError:
         have_ray = False
-    threads = max(1, min(12, (os.cpu_count() or 2) - 2))
-    if have_ray:
-        walls = {}
-        for k, t in dict.fromkeys(((1, threads), (tiles, 1), (tiles, threads))):
-            src = data / "shards" if k == 1 else tiled_shards(data / "shards", work / f"shards-x{k}", k)
-            walls[k, t] = sh([sys.executable, "-m", "evaluate.embed", str(ckpt), str(src), str(work / f"embed-x{k}-t{t}"),
-                              "batch_size=128", f"threads={t}"], work / f"embed-x{k}-t{t}.log", timeout=400)
-            rows.append({"part": f"Ray embed job, {n_sites * k} sites, threads={t} (start-up incl.)",
-                         "method": "image encoder", "preset": preset, "images/s": f"{n_sites * k / walls[k, t]:.0f} sites/s",
-                         "wall s": f"{walls[k, t]:.0f}"})
-        for t in dict.fromkeys((1, threads)):
-            rate = n_sites * (tiles - 1) / max(walls[tiles, t] - walls[1, threads], 1e-9)
-            rows.append({"part": f"Ray embed job, steady, threads={t} (difference from the {n_sites}-site run)",
-                         "method": "image encoder", "preset": preset, "images/s": f"{rate:.0f} sites/s"})
+    env = {"MICON_RAY_OBJECT_STORE_MB": os.environ.get("MICON_RAY_OBJECT_STORE_MB", "8192")}
     enc = SiteEncoder(str(ckpt), str(data / "shards"))
     manifest = enc.manifest
-    out = work / "embed-inprocess"
-    (out / "parts").mkdir(parents=True, exist_ok=True)
+    ref = work / "embed-reference"
+    (ref / "parts").mkdir(parents=True, exist_ok=True)
+    threads = max(1, min(12, (os.cpu_count() or 2) - 2))
     for t in dict.fromkeys((1, threads)):
         for rep in range(2):                 # the second pass is timed: CUDA start-up and kernel choice excluded
             t1 = time.perf_counter()
             for s in manifest.data["shards"]:
-                embed_shard(enc, str(manifest.root / "shards" / s["name"]), out, 128, len(manifest.channels),
+                embed_shard(enc, str(manifest.root / "shards" / s["name"]), ref, 128, len(manifest.channels),
                             threads=t)
-        rows.append({"part": f"embed actor code in-process, threads={t}", "method": "image encoder",
+        rows.append({"part": f"before: the actor's code in-process (decode in {t} thread(s))", "method": "image encoder",
                      "preset": preset, "images/s": f"{n_sites / (time.perf_counter() - t1):.0f} sites/s"})
+    if have_ray:
+        walls = {}
+        for k in (1, tiles):
+            src = data / "shards" if k == 1 else tiled_shards(data / "shards", work / f"shards-x{k}", k)
+            out = work / f"embed-x{k}"
+            walls[k] = sh([sys.executable, "-m", "evaluate.embed", str(ckpt), str(src), str(out), "batch_size=128"],
+                          work / f"embed-x{k}.log", env=env, timeout=300)
+            rows.append({"part": f"Ray embed job, {n_sites * k} sites (start-up incl.)", "method": "image encoder",
+                         "preset": preset, "images/s": f"{n_sites * k / walls[k]:.0f} sites/s", "wall s": f"{walls[k]:.0f}"})
+        rate = n_sites * (tiles - 1) / max(walls[tiles] - walls[1], 1e-9)
+        rows.append({"part": f"Ray embed job, steady (difference of the {n_sites * tiles}- and {n_sites}-site runs)",
+                     "method": "image encoder", "preset": preset, "images/s": f"{rate:.0f} sites/s"})
+        same = all(read_part(part_path(work / "embed-x1", s["name"]))[0].tobytes()
+                   == read_part(part_path(ref, s["name"]))[0].tobytes() for s in manifest.data["shards"])
+        rows.append({"part": "Ray embed job: bytes equal to the in-process reference on this GPU",
+                     "method": "image encoder", "preset": preset, "images/s": "yes" if same else "NO"})
     return rows
 
 
@@ -164,6 +194,7 @@ def main() -> int:
     ap.add_argument("--only", choices=["all", "embed"], default="all",
                     help="embed: one short training run for a checkpoint, then the embed rows only")
     ap.add_argument("--tiles", type=int, default=8, help="the embed job's larger input: the shard set listed N times")
+    ap.add_argument("--table", default="", metavar="FILE", help="also write the table (markdown) to FILE")
     ap.add_argument("--prepared", default="", metavar="DIR",
                     help="use the screen, shards and graphs that --prepare built (a GPU machine without RDKit/Ray)")
     a = ap.parse_args()
@@ -194,8 +225,8 @@ def main() -> int:
     rows = synthetic_rows(a) if gpu and a.only == "all" else []
     from micon.methods import METHODS
     plan = [(m, z, a.presets[0]) for m in METHODS for z in (1, 2)] + [(list(METHODS)[0], 2, p) for p in a.presets[1:]]
-    if a.only == "embed":   # a checkpoint of the first preset's image encoder, from plate shards alone
-        plan = [(next(m for m, meth in METHODS.items() if not meth.needs.pairs), 1, a.presets[0])]
+    if a.only == "embed":   # the embed rows need no training: a checkpoint of the initialised encoder
+        plan = []
     for method, zero, preset in plan:
         if time.perf_counter() - t_start > BUDGET_S:
             rows.append({"part": "DeepSpeed from shards", "method": method, "preset": preset, "ZeRO": zero,
@@ -208,25 +239,25 @@ def main() -> int:
                          "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
         print(f"gpu_check: {rows[-1]}", flush=True)
 
-    ckpt = next((work / f"train-{m}-z{z}-{p}" for m, z, p in plan if (work / f"train-{m}-z{z}-{p}" / "final.json").is_file()
-                 and p == a.presets[0]), None)
-    if ckpt is not None:
-        try:
-            rows += embed_rows(data, work, ckpt, a.presets[0], a.tiles)
-        except Exception as e:
-            rows.append({"part": "embed", "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
+    try:
+        rows += embed_rows(data, work, make_checkpoint(data, work, a.presets[0]), a.presets[0], a.tiles)
+    except Exception as e:
+        rows.append({"part": "embed", "images/s": f"FAILED: {str(e).splitlines()[0][:120]}"})
     columns = ["part", "method", "preset", "ZeRO", "precision", "images/s", "data-wait share", "peak memory GB",
                "wall s", "final loss"]
-    table = markdown_table([{c: r.get(c, "") for c in columns} for r in rows])
+    table = markdown_table([{c: r.get(c, "") for c in columns if any(c in x for x in rows)} for r in rows])
     print(table)
+    if a.table:
+        Path(a.table).write_text(table + "\n")
     print(f"gpu_check: done in {time.perf_counter() - t_start:.0f} s")
     if gpu and a.only == "embed":
         write_section("GPU check: the Ray embed job", f"""`bash bench/gpu_check.sh --only embed`: a ResNet-50
-image encoder (a {a.steps}-step SimCLR checkpoint; the weights do not change the cost) embeds the synthetic
-screen's {a.size} px shards with `python -m evaluate.embed CKPT SHARDS OUT batch_size=128 threads=T` (Ray Data,
-one actor per GPU; T threads decode and preprocess the next batches while the GPU embeds), on the shard set and
-on it listed {a.tiles} times; the steady rate is the difference of the two. Beside it the actor's own code in one
-process (second pass timed).
+image encoder (as initialised; the weights do not change the cost) embeds the synthetic screen's {a.size} px
+shards with `python -m evaluate.embed CKPT SHARDS OUT batch_size=128` (Ray CPU tasks decode chunks of each shard
+and feed one actor per GPU, which normalises on the device from pinned memory), on the shard set and on it listed
+{a.tiles} times; the steady rate is the difference of the two. Beside it the actor's code before (decode and
+preprocessing in the actor, 1 and 12 threads, in one process, second pass timed) and whether the job's bytes
+equal it on this GPU.
 
 {table}""")
     elif gpu:
