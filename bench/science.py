@@ -150,19 +150,24 @@ def profiles(emb: Path):
     return well_profiles(meta, x)    # evaluate's defaults: mean of sites, MAD + ZCA-cor against DMSO
 
 
-def query_sets(wells: pd.DataFrame, splits: dict) -> dict[str, np.ndarray]:
+def query_sets(wells: pd.DataFrame, splits: dict, fit: bool = False) -> dict[str, np.ndarray]:
+    """The three held-out query sets; with `fit` also `training` (what training saw, to read fit beside transfer)."""
     treated = (wells[schema.ROLE] == schema.TREATED).to_numpy()
     held_c = wells[schema.JCP].isin(splits["heldout_compounds"]).to_numpy()
-    return {
+    sets = {
         "heldout_batches": treated & ~held_c & wells[schema.BATCH].isin(splits["heldout_batches"]).to_numpy(),
         "heldout_compounds": treated & held_c,
         "heldout_source": treated & wells[schema.SOURCE].isin(splits["heldout_sources"]).to_numpy(),
     }
+    if fit:     # training compounds in training plates
+        sets["training"] = (treated & ~held_c & ~wells[schema.BATCH].isin(splits["heldout_batches"]).to_numpy()
+                            & ~wells[schema.SOURCE].isin(splits["heldout_sources"]).to_numpy())
+    return sets
 
 
 def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, n_boot: int = 1000,
-          seed: int = 0) -> dict:
-    """{split: {metric: value, metric + "_boot": (lo, hi)}} (see the module docstring)."""
+          seed: int = 0, fit: bool = False) -> dict:
+    """{split: {metric: value, metric + "_boot": (lo, hi)}} (see the module docstring; `fit`: query_sets)."""
     from micon.eval import map as mapm
     from micon.eval.calibration import knn_accuracy
     from micon.eval.retrieval import expected_hit_rate, topk_hit_rate
@@ -170,7 +175,7 @@ def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, 
     out = {}
     act_ap, _ = mapm.phenotypic_activity(wells, prof, null_size=2000)
     con_ap, _ = mapm.phenotypic_consistency(wells, prof, null_size=2000)
-    for split, q in query_sets(wells, splits).items():
+    for split, q in query_sets(wells, splits, fit).items():
         if not q.any():
             continue
         _, per_q = topk_hit_rate(wells[q].reset_index(drop=True), prof[q], wells, prof, ks=(1, 10),
@@ -311,6 +316,22 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
 
 # --------------------------------------------------------------------------- replot from stored numbers
 
+def results_json(summary: pd.DataFrame) -> dict:
+    """{split: {method: {metric: {"mean", "lo", "hi", "n"}}}}, the numbers docs/RESULTS.md shows: n seeds; lo/hi
+    the 95% t-interval over seeds (one seed: its bootstrap over compounds, null where none is stored), clipped to
+    the metrics' range [0, 1] (the tables print the t-interval unclipped)."""
+    def clip(v) -> float | None:
+        return float(min(max(float(v), 0.0), 1.0)) if pd.notna(v) and np.isfinite(float(v)) else None
+
+    out: dict = {}
+    for r in summary.itertuples(index=False):
+        one = int(r.seeds) == 1
+        lo, hi = (r.boot_lo, r.boot_hi) if one else (r.ci_lo, r.ci_hi)
+        out.setdefault(r.split, {}).setdefault(r.method, {})[r.metric] = dict(
+            mean=float(r.mean), lo=clip(lo), hi=clip(hi), n=int(r.seeds))
+    return out
+
+
 def summary_from_results_md(text: str) -> pd.DataFrame:
     """The comparison's numbers as docs/RESULTS.md stores them (per split a table of `mean [lo, hi]`, or
     `mean` for one seed) -> summarise()'s frame (bootstrap intervals and chance are not in the tables: NaN)."""
@@ -385,6 +406,7 @@ def replot(out: Path, docs: bool, subject: str) -> Path:
     log(f"replot from {source} ({len(summary)} rows)")
     path = (ROOT / "docs" / "results" if docs else out) / "comparison.png"
     plot(summary, path, subject)
+    atomic.write_json(path.parent / "results.json", results_json(summary))
     return path
 
 
@@ -519,6 +541,7 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
     (ROOT / "docs" / "results").mkdir(exist_ok=True)
     shutil.copy(out / "comparison.png", ROOT / "docs" / "results" / "comparison.png")
     summary.to_csv(ROOT / "docs" / "results" / "summary.csv", index=False)   # what --replot redraws from
+    atomic.write_json(ROOT / "docs" / "results" / "results.json", results_json(summary))
     return path
 
 
@@ -539,6 +562,199 @@ def screen_description(out: Path) -> str:
             f"batches {', '.join(splits['heldout_batches'])}, {len(splits['heldout_compounds'])} compounds")
 
 
+# --------------------------------------------------------------------------- diagnosis (issue 19 item 1)
+
+def _ladder_rungs() -> list[tuple[str, dict]]:
+    """From an easy screen (calibrated_small's layout, every compound active at full strength, none of the
+    calibrated effects; the ordinary microscope effects stay) to calibrated_small itself, switching the
+    calibrated effects on one at a time, cumulatively (each rung's synth overrides)."""
+    from micon.synth import CALIBRATION as C
+
+    off = dict(active_fraction=1.0, strong_fraction=1.0, well_noise=0.04, source_interaction=0.0,
+               source_response=0.0, optics=0.0, stain_gamma=0.0, bleed=0.0, density_source=0.0, density_plate=0.0)
+    steps = [("easy", {}),
+             ("inactive share", dict(active_fraction=C["active_fraction"], strong_fraction=C["strong_fraction"])),
+             ("well noise, source interaction", dict(well_noise=C["well_noise"],
+                                                     source_interaction=C["source_interaction"],
+                                                     source_response=C["source_response"])),
+             ("optics, gamma/bleed, density", dict(optics=C["optics"], stain_gamma=C["stain_gamma"], bleed=C["bleed"],
+                                                   density_source=C["density_source"],
+                                                   density_plate=C["density_plate"]))]
+    rungs, cur = [], dict(off)
+    for name, extra in steps:
+        cur = {**cur, **extra}
+        rungs.append((name, dict(cur)))
+    return rungs
+
+
+def loss_curve(run: Path) -> pd.DataFrame:
+    """step, loss, chance (and loss / chance) from a training run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    df = pd.DataFrame([{"step": r["step"], "loss": r["loss/loss"], "chance": r["loss/chance"]} for r in rows])
+    return df.assign(ratio=df.loss / df.chance)
+
+
+def tail_ratio(curve: pd.DataFrame, share: float = 0.2) -> float:
+    """Mean loss / chance over the last `share` of the steps (1 = the loss of an encoder that tells nothing apart)."""
+    n = max(1, int(len(curve) * share))
+    return float(curve.ratio.iloc[-n:].mean())
+
+
+def train_only(out: Path, name: str, method: str, seed: int, steps: int, shards: Path, extra: list[str]) -> Path:
+    """A training run without embedding (its loss curve is the result), skipped when finished."""
+    ckpt = out / "train" / name
+    if not (ckpt / "final.json").is_file():
+        t0 = time.perf_counter()
+        sh([sys.executable, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}", f"out={ckpt}",
+            f"steps={steps}", f"seed={seed}", "micro_batch=32", f"optim.lr={LR.get(method, 3e-3)}",
+            "optim.warmup_steps=20", "data.augment.crop=56", "data.num_workers=1", f"ckpt_every={steps}",
+            "data.stream=replicate_sets", "progress=false", "wandb.enabled=false", *TRAIN_ARGS, *extra],
+           out / "logs" / f"train-{name}.log")
+        log(f"trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s")
+    return ckpt
+
+
+def ladder(out: Path, steps: int, method: str = "paclr", seed: int = 0, docs: bool = False) -> dict:
+    """The learnability ladder: for each rung (_ladder_rungs) a screen, its shards and a short training run of
+    `method`; the result is each rung's loss against its chance level. Writes OUT/ladder.json and ladder.png."""
+    py = sys.executable
+    result = {}
+    for i, (name, synth) in enumerate(_ladder_rungs()):
+        rung = out / "ladder" / f"{i}_{''.join(ch if ch.isalnum() else '_' for ch in name)}"
+        if not (rung / "screen" / "ground_truth").is_dir():
+            log(f"ladder rung {i} ({name}): screen")
+            sh([py, "-m", "data_prep.synth", str(rung / "screen"), "preset=calibrated_small", f"seed={seed}",
+                *[f"{k}={v}" for k, v in synth.items()]], rung / "logs" / "synth.log")
+        if not (rung / "shards" / "manifest.json").is_file():
+            sh([py, "-m", "data_prep.ingest", str(rung / "screen"), str(rung / "shards"), "shard_mb=2",
+                "heldout_compound_fraction=0"], rung / "logs" / "ingest.log")
+        curve = loss_curve(train_only(rung, method, method, seed, steps, rung / "shards", []))
+        result[name] = dict(synth=synth, tail_ratio=tail_ratio(curve), first_ratio=float(curve.ratio.iloc[:10].mean()),
+                            chance=float(curve.chance.iloc[0]), steps=steps, method=method,
+                            curve=curve[["step", "loss", "ratio"]].round(4).to_dict("list"))
+        log(f"ladder rung {i} ({name}): loss / chance over the last 20% of {steps} steps {result[name]['tail_ratio']:.3f}")
+        atomic.write_json(out / "ladder.json", result)
+    plot_curves({k: pd.DataFrame(v["curve"]) for k, v in result.items()}, out / "ladder.png",
+                f"Learnability ladder ({method}, calibrated_small layout, effects switched on cumulatively)")
+    if docs:
+        (ROOT / "docs" / "results").mkdir(exist_ok=True)
+        shutil.copy(out / "ladder.png", ROOT / "docs" / "results" / "ladder.png")
+    return result
+
+
+def plot_curves(curves: dict[str, pd.DataFrame], path: Path, title: str, window: int = 15) -> None:
+    """Loss / chance against step (a running mean over `window` steps, raw values faint), one line per run;
+    1 = chance (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, c) in enumerate(curves.items()):
+        col = plt.cm.viridis(i / max(len(curves) - 1, 1))
+        ax.plot(c.step, c.ratio, color=col, alpha=0.15, lw=0.8)
+        ax.plot(c.step, c.ratio.rolling(window, min_periods=1).mean(), color=col, lw=1.6, label=name)
+    ax.axhline(1.0, color="0.15", ls="--", lw=1, label="chance (an encoder that tells nothing apart)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss / chance-level loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def truth_active_shards(out: Path) -> Path:
+    """A copy of the shards whose replicate sets hold only the compounds the screen's ground truth calls active
+    (magnitude > 0; weight 0 leaves the others out): an upper bound for any activity call."""
+    truth = pd.read_csv(out / "screen" / "ground_truth" / "compounds.csv")
+    truth = truth[truth.role == schema.TREATED]
+    weights = out / "truth_active_weights.csv"
+    pd.DataFrame({schema.JCP: truth.Metadata_JCP2022, "weight": (truth.magnitude > 0).astype(float)}).to_csv(
+        weights, index=False)
+    dst = out / "shards_truth_active"
+    if not (dst / "rsets.done").is_file():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(out / "shards", dst, copy_function=os.link, ignore=shutil.ignore_patterns("replicate_sets"))
+        sh([sys.executable, "-m", "data_prep.replicate_sets", str(dst), f"weights={weights}"],
+           out / "logs" / "rsets-truth-active.log")
+        (dst / "rsets.done").write_text("")
+    return dst
+
+
+def diagnose(out: Path, steps: int, preset: str, method: str = "paclr", seed: int = 0, docs: bool = False) -> dict:
+    """Does `method` fit, and does what it fits transfer? On `preset`: the untrained network (lr 0), the method
+    on every compound and on the ground-truth-active compounds only; their loss against chance and NSB/NSS on
+    the training compounds in training plates (`training`) beside the three held-out splits.
+    Writes OUT/diagnosis.json, diagnosis_loss.png and diagnosis_retrieval.png (with --docs into docs/results/)."""
+    prepare(out, preset)
+    splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
+    runs = {"untrained": (f"{method}_untrained", 1, ["optim.lr=0"], None),
+            method: (method, steps, [], None),
+            f"{method}_truth_active": (f"{method}_truth_active", steps, [], truth_active_shards(out))}
+    path = out / "diagnosis.json"
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    for label, (name, n, extra, shards) in runs.items():
+        emb = train_and_embed(out, name, method, seed, n, extra, shards)
+        if label not in res:
+            res[label] = dict(scores=score(*profiles(emb), splits, n_boot=500, seed=seed, fit=True), steps=n)
+            if n > 1:
+                c = loss_curve(out / "train" / name)
+                res[label].update(tail_ratio=tail_ratio(c), first_ratio=float(c.ratio.iloc[:10].mean()),
+                                  chance=float(c.chance.iloc[0]),
+                                  curve=c[["step", "loss", "ratio"]].round(4).to_dict("list"))
+            atomic.write_json(path, res)
+        s = res[label]["scores"]
+        log(f"{label}: NSB top-10 " + ", ".join(f"{k} {v['nsb_top10']:.3f}" for k, v in s.items()))
+    plot_curves({k: pd.DataFrame(v["curve"]) for k, v in res.items() if "curve" in v}, out / "diagnosis_loss.png",
+                f"{method} on `{preset}`: all compounds vs ground-truth-active compounds only")
+    plot_fit_transfer(res, out / "diagnosis_retrieval.png", f"{method} on `{preset}`, seed {seed}")
+    if docs:
+        (ROOT / "docs" / "results").mkdir(exist_ok=True)
+        for f in ("diagnosis_loss.png", "diagnosis_retrieval.png"):
+            shutil.copy(out / f, ROOT / "docs" / "results" / f)
+    return res
+
+
+def plot_fit_transfer(res: dict, path: Path, title: str, metrics=("nsb_top10", "nss_top10")) -> None:
+    """NSB/NSS top-10 per run on the training split (fit) and the held-out splits (transfer), with the bootstrap
+    interval over compounds and the chance level (dashed tick)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = ["training", *SPLITS]
+    labels = list(res)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 3.8), squeeze=False)
+    width = 0.8 / len(labels)
+    for ax, metric in zip(axes[0], metrics):
+        for i, lb in enumerate(labels):
+            sc = res[lb]["scores"]
+            x = np.arange(len(splits)) + (i - (len(labels) - 1) / 2) * width
+            m = np.array([sc.get(s, {}).get(metric, np.nan) for s in splits], float)
+            lo = np.array([sc.get(s, {}).get(metric + "_boot", (np.nan, np.nan))[0] for s in splits], float)
+            hi = np.array([sc.get(s, {}).get(metric + "_boot", (np.nan, np.nan))[1] for s in splits], float)
+            ax.bar(x, m, width, label=lb, color=plt.cm.tab10(i))
+            ax.errorbar(x, m, yerr=np.vstack([np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)]), fmt="none",
+                        ecolor="black", capsize=2, lw=0.8)
+            ch = np.array([sc.get(s, {}).get(metric + "_chance", np.nan) for s in splits], float)
+            ax.hlines(ch, x - width / 2, x + width / 2, colors="0.15", linestyles="--", lw=1)
+        ax.set_xticks(np.arange(len(splits)), splits, fontsize=8)
+        ax.set_ylabel(YLABELS.get(metric, metric), fontsize=8)
+        ax.set_xlabel("query set (training = training compounds in training plates)", fontsize=8)
+        ax.set_ylim(0, None)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{metric}; bars 95% bootstrap over compounds; dashed: chance", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/science")
@@ -557,7 +773,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", action="store_true",
                     help="only redraw comparison.png from stored numbers (OUT/summary.csv, else docs/results/summary.csv, "
                          "else docs/RESULTS.md's tables); with --docs into docs/results/")
+    ap.add_argument("--ladder", type=int, metavar="STEPS", default=0,
+                    help="only the learnability ladder (diagnosis): a PaCLR run of STEPS steps per rung, its loss "
+                         "against chance (OUT/ladder.json, ladder.png; with --docs docs/results/ladder.png)")
+    ap.add_argument("--diagnose", type=int, metavar="STEPS", default=0,
+                    help="only the diagnosis on --preset: PaCLR (STEPS steps) on every compound and on the truly "
+                         "active ones, and the untrained network, scored on the training split beside the held-out "
+                         "ones (OUT/diagnosis.json, diagnosis_*.png)")
     a = ap.parse_args(argv)
+    if a.ladder:
+        TRAIN_ARGS[:] = a.train_args
+        res = ladder(Path(a.out).resolve(), a.ladder, seed=a.seeds[0], docs=a.docs)
+        for name, r in res.items():
+            print(f"{name:20s} loss/chance first 10 steps {r['first_ratio']:.3f}  last 20% {r['tail_ratio']:.3f}")
+        return 0
+    if a.diagnose:
+        TRAIN_ARGS[:] = a.train_args
+        res = diagnose(Path(a.out).resolve(), a.diagnose, a.preset, seed=a.seeds[0], docs=a.docs)
+        for label, r in res.items():
+            print(label, {k: round(v.get("nsb_top10", float("nan")), 3) for k, v in r["scores"].items()},
+                  f"loss/chance {r.get('tail_ratio', float('nan')):.3f}")
+        return 0
     if a.replot:
         log(f"wrote {replot(Path(a.out).resolve(), a.docs, a.subject)}")
         return 0

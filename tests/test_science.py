@@ -79,3 +79,31 @@ def test_summary_interval_is_the_t_interval_over_seeds():
     row = summ.loc[("heldout_source", "map_activity")]
     assert row["mean"] == pytest.approx(np.mean(vals))
     assert row.ci_lo == pytest.approx(lo, abs=2e-3) and row.ci_hi == pytest.approx(hi, abs=2e-3)
+
+
+def test_results_json_holds_the_tables_numbers_with_clipped_intervals_and_seed_counts():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    runs = {f"paclr@{s}": {split: {m: float(rng.uniform(0, 0.05)) for m in science.METRICS} for split in science.SPLITS}
+            for s in range(3)}
+    runs["untrained"] = {split: {m: 0.5 for m in science.METRICS} | {"nsb_top10_boot": (0.4, 0.6)}
+                         for split in science.SPLITS}
+    out = science.results_json(science.summarise(runs))
+    vals = [runs[f"paclr@{s}"]["heldout_compounds"]["nsb_top10"] for s in range(3)]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
+    r = out["heldout_compounds"]["paclr"]["nsb_top10"]
+    assert r["n"] == 3 and r["mean"] == pytest.approx(np.mean(vals))
+    assert r["lo"] == pytest.approx(max(lo, 0.0), abs=2e-3) and r["hi"] == pytest.approx(min(hi, 1.0), abs=2e-3)
+    assert 0.0 <= r["lo"] <= r["mean"] <= r["hi"] <= 1.0
+    one = out["heldout_source"]["untrained"]
+    assert one["nsb_top10"] == {"mean": 0.5, "lo": 0.4, "hi": 0.6, "n": 1} and one["nss_top1"]["lo"] is None
+
+
+def test_loss_curve_reads_metrics_jsonl_and_the_tail_ratio_is_against_chance(tmp_path):
+    import json
+
+    lines = [{"step": i + 1, "loss/loss": 4.0 - 0.02 * i, "loss/chance": 4.0} for i in range(50)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    c = science.loss_curve(tmp_path)
+    assert list(c.step) == list(range(1, 51)) and c.ratio.iloc[0] == pytest.approx(1.0)
+    assert science.tail_ratio(c) == pytest.approx(np.mean([(4.0 - 0.02 * i) / 4.0 for i in range(40, 50)]))
