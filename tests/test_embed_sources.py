@@ -160,3 +160,16 @@ def test_the_ray_job_gives_the_in_process_bytes(checkpoint, tiny_shards, tmp_pat
     assert "embedded 144 sites from 12 shards" in proc.stdout
     (m0, e0), (m1, e1) = load_embeddings(tmp_path / "local"), load_embeddings(tmp_path / "ray")
     assert e0.tobytes() == e1.tobytes() and m0.equals(m1)
+
+
+def test_a_damaged_shard_stops_the_job_naming_it(checkpoint, tiny_shards, tmp_path):
+    from micon.raycluster import JobError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    name = Manifest.load(shards).data["shards"][1]["name"]
+    blob = bytearray((shards / "shards" / name).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (shards / "shards" / name).write_bytes(bytes(blob))
+    with pytest.raises(JobError, match=rf"embed: shard {name} failed: .*does not match the checksum"):
+        run(str(checkpoint), shards, tmp_path / "out", EmbedConfig(ray=False, batch_size=16))
