@@ -389,10 +389,11 @@ class RetryingReader(io.RawIOBase):
 
 
 def open_read(p, on_retry=None, buffer: int = 1 << 20):
-    """A buffered binary reader of a local file or an object (RetryingReader)."""
+    """A buffered binary reader of a local file (the default buffer, as `open`) or of an object (a
+    RetryingReader behind a `buffer`-byte buffer; its file reads ahead in 8 MB blocks)."""
     p = path(p)
     if isinstance(p, Path):
-        return open(p, "rb", buffering=buffer)
+        return open(p, "rb")
     return io.BufferedReader(RetryingReader(str(p), on_retry), buffer)
 
 
