@@ -101,6 +101,18 @@ def _normalize_ap(ap: np.ndarray, M: np.ndarray, L: np.ndarray) -> np.ndarray:
         return np.clip((ap - mu0) / np.maximum(1.0 - mu0, 1e-10), -1.0, 1.0)
 
 
+# Similarities below this size are ranked as 0: profiles orthogonal in exact arithmetic give +-1e-17 that
+# depends on the summation order (a row gather, a matrix product, a GPU), which would break their ties.
+ZERO_SIMILARITY = 2.0 ** -30
+
+
+def _rank_resolution(sims: np.ndarray) -> np.ndarray:
+    """float64 similarities -> the float32 values that are ranked (see ZERO_SIMILARITY)."""
+    out = sims.astype(np.float32)
+    out[np.abs(out) < ZERO_SIMILARITY] = 0.0
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # pair generation from group codes
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +224,95 @@ def _block_ap(q, c_sim, rel, n_rows_block, b0, ties: Ties):
 
 
 # ---------------------------------------------------------------------------------------------
+# the same AP in torch, on any device (a GPU at consortium size; the CPU for the tests)
+# ---------------------------------------------------------------------------------------------
+
+# similarities per query block on a device (every query of the block against every profile)
+DEVICE_BLOCK_SIMS = 1 << 26
+
+
+def _device_rule_mask(q, same_code, diff_codes: list):
+    """(block, N) bool: candidate j of query q under one rule (same group, different in every diffby
+    column, not the query itself)."""
+    import torch
+
+    n = same_code.shape[0]
+    mask = same_code[q][:, None] == same_code[None, :]
+    mask &= q[:, None] != torch.arange(n, device=q.device)[None, :]
+    for codes in diff_codes:
+        mask &= codes[q][:, None] != codes[None, :]
+    return mask
+
+
+def _device_tie_blocks(x64, pos, neg, b0: int, b1: int):
+    """One query block's tie blocks that hold positives, in `_block_ap`'s order (query, then similarity
+    descending), with their counts: (query row, a, n, c, t) as int64 NumPy arrays, plus the positives M
+    and all candidates L per query. Similarities are float64 products ranked at float32 resolution, as
+    on the CPU; every count is an exact integer, so `_tie_block_precision` then gives the CPU's numbers."""
+    import torch
+
+    q = torch.arange(b0, b1, device=x64.device)
+    sims = (x64[b0:b1] @ x64.T).to(torch.float32)
+    sims.masked_fill_(sims.abs() < ZERO_SIMILARITY, 0.0)            # as _rank_resolution
+    pos_mask = _device_rule_mask(q, *pos)
+    neg_mask = _device_rule_mask(q, *neg)
+    M = pos_mask.sum(1)
+    L = M + neg_mask.sum(1)
+    m_max = int(M.max()) if len(q) else 0
+    if not m_max:
+        z = np.zeros(0, np.int64)
+        return (z, z, z, z, z), M.cpu().numpy(), L.cpu().numpy()
+    # each query's positive similarities, descending; -inf pads rows with fewer than m_max positives
+    pos_vals = torch.topk(torch.where(pos_mask, sims, float("-inf")), m_max, dim=1, sorted=True).values
+    first = torch.ones_like(pos_vals, dtype=torch.bool)
+    first[:, 1:] = pos_vals[:, 1:] != pos_vals[:, :-1]
+    first &= torch.arange(m_max, device=x64.device)[None, :] < M[:, None]
+    counts = torch.zeros((4, *pos_vals.shape), dtype=torch.int64, device=x64.device)   # a, n, c, t
+    for j in range(m_max):
+        s = pos_vals[:, j:j + 1]
+        above, tied = sims > s, sims == s
+        counts[0, :, j] = (tied & pos_mask).sum(1)
+        counts[1, :, j] = counts[0, :, j] + (tied & neg_mask).sum(1)
+        counts[3, :, j] = (above & pos_mask).sum(1)
+        counts[2, :, j] = counts[3, :, j] + (above & neg_mask).sum(1)
+    rows, slots = torch.nonzero(first, as_tuple=True)        # row-major: query, then similarity descending
+    a, n, c, t = counts[:, rows, slots].cpu().numpy()
+    return (rows.cpu().numpy(), a, n, c, t), M.cpu().numpy(), L.cpu().numpy()
+
+
+def _device_average_precision(x: np.ndarray, pos: tuple, neg: tuple, ties: Ties, device: str, progress: bool):
+    """Per-row AP sum, positives and totals of `average_precision`, every query block on `device`.
+    `pos`/`neg`: (same-group code, [diffby codes]) of each rule as NumPy int64 arrays."""
+    import torch
+
+    dev = torch.device("cpu" if device == "torch:cpu" else device)
+    x64 = torch.from_numpy(x).to(dev, torch.float64)
+    pos_t, neg_t = ((torch.tensor(same, device=dev), [torch.tensor(c, device=dev) for c in diff])
+                    for same, diff in (pos, neg))
+    n = len(x)
+    rows = max(1, DEVICE_BLOCK_SIMS // max(n, 1))
+    bounds = [(b0, min(b0 + rows, n)) for b0 in range(0, n, rows)]
+    if progress:
+        from tqdm import tqdm
+        bounds = tqdm(bounds, desc=f"average precision blocks ({device})")
+    ap_sum = np.zeros(n)
+    n_pos = np.zeros(n, dtype=np.int64)
+    n_total = np.zeros(n, dtype=np.int64)
+    for b0, b1 in bounds:
+        (q, a, nn, c, t), M, L = _device_tie_blocks(x64, pos_t, neg_t, b0, b1)
+        contrib = _tie_block_precision(a, nn, c, t, ties)
+        ap_sum[b0:b1] = np.bincount(q, weights=contrib, minlength=b1 - b0)
+        n_pos[b0:b1], n_total[b0:b1] = M, L
+    return ap_sum, n_pos, n_total
+
+
+# ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
 
 def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequence[str], pos_diffby: Sequence[str],
                       neg_sameby: Sequence[str], neg_diffby: Sequence[str], *, ties: Ties = "expected",
-                      max_pairs: int = 4_000_000, progress: bool = False) -> pd.DataFrame:
+                      max_pairs: int = 4_000_000, progress: bool = False, device: str = "auto") -> pd.DataFrame:
     """Per-profile AP with copairs' pair rules (`copairs.map.average_precision`, cosine similarity).
 
     Row j is a positive of row i (i != j) when it equals i in every `pos_sameby` column and differs
@@ -227,9 +322,17 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
     `n_total_pairs`. Memory is bounded by `max_pairs` candidate pairs per query block.
 
     Similarities are computed in float64 and ranked at float32 resolution (copairs ranks float32
-    values too): equal profiles tie whichever product computed them (a row gather for small groups,
-    a matrix product for large ones), and the `ties` rule then decides.
+    values too), those below ZERO_SIMILARITY as 0: equal profiles tie whichever product computed them
+    (a row gather for small groups, a matrix product for large ones), and the `ties` rule then decides.
+
+    `device` (micon.eval.retrieval.resolve_device; "auto": a GPU when torch sees one) scores each query
+    block against every profile there (DEVICE_BLOCK_SIMS similarities per block) and counts, for each
+    positive, the candidates above and tied with it; the AP arithmetic is then the CPU's, so the
+    numbers are the same. It pays where groups are large (consistency without `neg_sameby`: N^2 pairs).
     """
+    from micon.eval.retrieval import resolve_device
+
+    device = resolve_device(device)
     pos_sameby, pos_diffby = list(pos_sameby), list(pos_diffby)
     neg_sameby, neg_diffby = list(neg_sameby), list(neg_diffby)
     for name, same, diff in (("pos", pos_sameby, pos_diffby), ("neg", neg_sameby, neg_diffby)):
@@ -252,6 +355,11 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
     pos_groups, neg_groups = _Groups(_codes(out, pos_sameby)), _Groups(_codes(out, neg_sameby))
     pos_diff = [col_codes[col] for col in pos_diffby]
     neg_diff = [col_codes[col] for col in neg_diffby]
+
+    if device != "cpu":
+        ap_sum, n_pos, n_total = _device_average_precision(
+            x, (pos_groups.key, pos_diff), (neg_groups.key, neg_diff), ties, device, progress)
+        return _ap_frame(out, ap_sum, n_pos, n_total)
 
     # split queries into blocks of at most max_pairs candidate pairs (before diffby filtering)
     per_query = pos_groups.sizes[pos_groups.key] + neg_groups.sizes[neg_groups.key]
@@ -276,9 +384,13 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
         qn, cn, sn, l_neg = _scored_pairs(neg_groups, neg_diff, queries, m > 0, x)
         q = np.concatenate([qp, qn])
         rel = np.concatenate([np.ones(len(qp)), np.zeros(len(qn))])
-        sims = np.concatenate([sp, sn]).astype(np.float32)
+        sims = _rank_resolution(np.concatenate([sp, sn]))
         s, _, _ = _block_ap(q, sims, rel, b1 - b0, b0, ties)
         ap_sum[b0:b1], n_pos[b0:b1], n_total[b0:b1] = s, m, m + l_neg
+    return _ap_frame(out, ap_sum, n_pos, n_total)
+
+
+def _ap_frame(out: pd.DataFrame, ap_sum: np.ndarray, n_pos: np.ndarray, n_total: np.ndarray) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = np.where(n_pos > 0, ap_sum / np.maximum(n_pos, 1), np.nan)
     out["average_precision"] = ap

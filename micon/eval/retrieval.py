@@ -4,7 +4,8 @@ A query well scores a hit at k when a gallery well of the same compound is among
 cosine-similar *eligible* gallery wells, eligible meaning from another batch (NSB), source (NSS) or
 plate (NSP). Computed blockwise (query blocks x gallery chunks, exact two-stage top-k merge), never
 an N x N matrix; exclusion masks are always built from gallery metadata against query metadata.
-No I/O; the Ray variant uses an already-running Ray (the caller owns `ray.init`).
+`device="cuda"` (the default "auto" when torch sees a GPU) computes the same blocks in torch there, with
+the same results. No I/O; the Ray variant uses an already-running Ray (the caller owns `ray.init`).
 
 Conventions (documented because the official code differs or is silent):
 * Queries are the treated and positive-control wells (`query_roles`); DMSO (negcon) and empty
@@ -31,7 +32,7 @@ from micon import schema
 from micon.eval.profiles import l2_normalize
 
 __all__ = ["MODES", "topk_hit_rate", "topk_hit_rate_ray", "topk_neighbours", "summarise_first_hits",
-           "expected_hit_rate"]
+           "expected_hit_rate", "resolve_device"]
 
 # Exclusion key of each mode: the candidate is dropped when it shares the key with the query.
 # Batch and plate keys include the source so that names reused by two sources cannot collide.
@@ -41,6 +42,19 @@ MODES: dict[str, tuple[str, ...]] = {
     "nsp": (schema.SOURCE, schema.BATCH, schema.PLATE),
 }
 DEFAULT_QUERY_ROLES = (schema.TREATED, schema.POSCON)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Where the similarity blocks are computed: "cpu" (NumPy products, the reference path), "cuda" or
+    "cuda:N" (the same blocks in torch on that GPU), "torch:cpu" (the device code on the CPU: what the tests
+    compare with "cpu"), or "auto" (the first GPU when torch sees one, else "cpu")."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("cpu", "torch:cpu") or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ValueError(f"device={device!r}: choose auto, cpu, cuda, cuda:N or torch:cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +145,80 @@ def _first_hits(vals: np.ndarray, idx: np.ndarray, q_compound: np.ndarray, g_com
     """1-based rank of the first same-compound neighbour in each top-k list, 0 when none. (modes, B)."""
     hit = (vals > -np.inf) & (g_compound[np.maximum(idx, 0)] == q_compound[None, :, None])
     return np.where(hit.any(axis=2), hit.argmax(axis=2) + 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same blocks in torch, on any device (GPU at consortium size; on the CPU for the tests)
+# ---------------------------------------------------------------------------------------------
+
+def _lexsort_topk_t(vals, idx, k: int):
+    """Torch `_topk`: the first k under (value desc, index asc). A stable sort by index, then a stable
+    descending sort by value, keeps equal values in index order."""
+    import torch
+
+    by_idx = torch.argsort(idx, dim=1, stable=True)
+    vals, idx = torch.gather(vals, 1, by_idx), torch.gather(idx, 1, by_idx)
+    by_val = torch.argsort(vals, dim=1, descending=True, stable=True)[:, :k]
+    return torch.gather(vals, 1, by_val), torch.gather(idx, 1, by_val)
+
+
+def _chunk_topk_t(masked, c0: int, k: int):
+    """Torch `_chunk_topk`: topk asked for k + 1, and the rows whose k-th and (k+1)-th values tie redone
+    with a stable descending sort (value desc, column asc), so the set is the exact (value, index) top-k."""
+    import torch
+
+    n = masked.shape[1]
+    cols = torch.arange(c0, c0 + n, device=masked.device).expand(masked.shape[0], n)
+    if n <= k:
+        return _lexsort_topk_t(masked, cols, k)
+    top_v, top_i = torch.topk(masked, k + 1 if n > k + 1 else k, dim=1, sorted=True)
+    vals, pos = top_v[:, :k].clone(), top_i[:, :k].clone()
+    if n > k + 1:
+        tied = torch.nonzero((top_v[:, k] == top_v[:, k - 1]) & (top_v[:, k - 1] > float("-inf"))).flatten()
+        if tied.numel():
+            v, o = torch.sort(masked[tied], dim=1, descending=True, stable=True)
+            vals[tied], pos[tied] = v[:, :k], o[:, :k]
+    return _lexsort_topk_t(vals, pos + c0, k)
+
+
+def _gallery_topk_t(q_feats: np.ndarray, q_keys: np.ndarray, gallery_t: dict, k: int, lo: int, hi: int,
+                    chunk: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """`_gallery_topk` in torch on `gallery_t`'s device: the same chunks, the same float64 products
+    rounded to the features' dtype, the same cumulative exclusions and the same (value, index) order."""
+    import torch
+
+    g64, g_keys = gallery_t["feats64"], gallery_t["keys"]
+    dev = g64.device
+    n_modes, B = q_keys.shape
+    q64 = torch.from_numpy(np.ascontiguousarray(q_feats)).to(dev, torch.float64)
+    q_keys_t = torch.from_numpy(np.ascontiguousarray(q_keys)).to(dev)
+    tdtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+    best = [None] * n_modes
+    for c0 in range(lo, hi, chunk):
+        c1 = min(c0 + chunk, hi)
+        sims = (q64 @ g64[c0:c1].T).to(tdtype)
+        for m in range(n_modes):
+            sims.masked_fill_(q_keys_t[m][:, None] == g_keys[m, c0:c1][None, :], float("-inf"))
+            v, i = _chunk_topk_t(sims, c0, k)
+            best[m] = (v, i) if best[m] is None else _lexsort_topk_t(torch.cat([best[m][0], v], 1),
+                                                                     torch.cat([best[m][1], i], 1), k)
+    if not best or best[0] is None:
+        return (np.full((n_modes, B, k), -np.inf, dtype=dtype), np.full((n_modes, B, k), -1, dtype=np.int64))
+    vals = torch.stack([b[0] for b in best]).cpu().numpy()
+    idx = torch.stack([b[1] for b in best]).cpu().numpy().astype(np.int64)
+    if vals.shape[2] < k:  # the range held fewer than k rows
+        pad = k - vals.shape[2]
+        vals = np.concatenate([vals, np.full((n_modes, B, pad), -np.inf, vals.dtype)], axis=2)
+        idx = np.concatenate([idx, np.full((n_modes, B, pad), -1, np.int64)], axis=2)
+    return vals, idx
+
+
+def _gallery_on_device(gallery: dict, device: str) -> dict:
+    import torch
+
+    dev = torch.device("cpu" if device == "torch:cpu" else device)
+    return {"feats64": torch.from_numpy(gallery["feats"]).to(dev, torch.float64),
+            "keys": torch.from_numpy(np.ascontiguousarray(gallery["keys"])).to(dev)}
 
 
 def _shard_topk(q_feats, q_keys, gallery, k, lo, hi, chunk):
@@ -303,10 +391,16 @@ def _search(prep: _Prepared, k: int, block_size: int, dtype, progress: bool, blo
     return vals, idx
 
 
-def _local_search(prep: _Prepared, k: int, block_size: int, gallery_chunk: int, dtype, progress: bool):
+def _local_search(prep: _Prepared, k: int, block_size: int, gallery_chunk: int, dtype, progress: bool,
+                  device: str = "cpu"):
     n_g = len(prep.gallery_rows)
-    return _search(prep, k, block_size, dtype, progress, lambda b0, b1: _gallery_topk(
-        prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], prep.gallery, k, 0, n_g, gallery_chunk))
+    device = resolve_device(device)
+    if device == "cpu":
+        return _search(prep, k, block_size, dtype, progress, lambda b0, b1: _gallery_topk(
+            prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], prep.gallery, k, 0, n_g, gallery_chunk))
+    gallery_t = _gallery_on_device(prep.gallery, device)
+    return _search(prep, k, block_size, dtype, progress, lambda b0, b1: _gallery_topk_t(
+        prep.q_feats[b0:b1], prep.q_keys[:, b0:b1], gallery_t, k, 0, n_g, gallery_chunk, dtype))
 
 
 def _check_ks(ks: Iterable[int]) -> list[int]:
@@ -328,7 +422,7 @@ def topk_neighbours(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_m
                     modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
                     query_roles: Sequence[str] = DEFAULT_QUERY_ROLES, gallery_negcon: bool = False,
                     block_size: int = 512, gallery_chunk: int = 32768, dtype=np.float32,
-                    progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+                    progress: bool = False, device: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
     """The k nearest eligible gallery wells of every query, per mode: (similarities, gallery rows, query rows).
 
     Gallery rows index `gallery_meta` (or `query_meta` when no gallery is given); -1 marks a missing
@@ -336,7 +430,7 @@ def topk_neighbours(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_m
     """
     prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
                     gallery_negcon, dtype)
-    vals, idx = _local_search(prep, k, block_size, gallery_chunk, dtype, progress)
+    vals, idx = _local_search(prep, k, block_size, gallery_chunk, dtype, progress, device)
     rows = np.where(idx >= 0, prep.gallery_rows[np.maximum(idx, 0)], -1)
     return ({mode: vals[m] for m, mode in enumerate(prep.modes)},
             {mode: rows[m] for m, mode in enumerate(prep.modes)}, prep.query_rows)
@@ -347,7 +441,7 @@ def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_met
                   modes: Sequence[str] = ("nsb", "nss", "nsp"), compound_col: str = schema.JCP,
                   query_roles: Sequence[str] = DEFAULT_QUERY_ROLES, gallery_negcon: bool = False,
                   block_size: int = 512, gallery_chunk: int = 32768, dtype=np.float32,
-                  per_query: bool = False, progress: bool = False):
+                  per_query: bool = False, progress: bool = False, device: str = "auto"):
     """NSB / NSS / NSP top-k hit rate of replicate retrieval (single process, blockwise).
 
     Returns a frame with one row per k: `k`, one column per mode (`nsb`, `nss`, `nsp`: share of
@@ -356,11 +450,13 @@ def topk_hit_rate(query_meta: pd.DataFrame, query_feats: np.ndarray, gallery_met
     (query metadata, `<mode>_eligible`, `<mode>_first_hit`: 1-based rank of the first same-compound
     neighbour within max(ks), 0 when none; `<mode>_n_candidates` / `<mode>_n_positives`: gallery wells
     left after the exclusion and how many share the compound, for `expected_hit_rate`). Memory: block_size x gallery_chunk similarities at a time.
+    `device` (see `resolve_device`; "auto": a GPU when torch sees one) computes the same blocks there, with
+    the same results.
     """
     ks = _check_ks(ks)
     prep = _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compound_col, query_roles,
                     gallery_negcon, dtype)
-    vals, idx = _local_search(prep, ks[-1], block_size, gallery_chunk, dtype, progress)
+    vals, idx = _local_search(prep, ks[-1], block_size, gallery_chunk, dtype, progress, device)
     return _report(query_meta, prep, vals, idx, ks, per_query)
 
 
