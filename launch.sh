@@ -75,7 +75,7 @@ demo() {
   done
   # learned methods embed with their checkpoint; `cellprofiler` is a registered featuriser (the field's baseline)
   for m in micon simclr clip cellprofiler; do
-    log "demo 5/6: embed sites with $m (Ray Data) -> $out/embeddings/$m"
+    log "demo 5/6: embed sites with $m (Ray) -> $out/embeddings/$m"
     local ck="$out/train/$m"; [[ -d $ck ]] || ck=$m
     "$PY" -m evaluate.embed "$ck" "$out/shards" "$out/embeddings/$m" 2>&1 | grep "^embed:" || true
     [[ -f "$out/embeddings/$m/embed.json" ]] || { log "demo: embedding $m failed"; exit 1; }

@@ -48,7 +48,8 @@ JOBS: dict[str, Job] = {
                  "DeepSpeed training (method=micon|paclr|clip|simclr); CONFIG may be -", nproc=True,
                  slurm="train.sbatch", config="train.config:TrainConfig"),
     "embed": Job("evaluate.embed", "CKPT SHARDS OUT",
-                 "Ray Data embedding of shards with a trained image encoder or a named featuriser (cellprofiler)",
+                 "Ray embedding of shards (CPU decode tasks feed one actor per GPU): a trained image encoder, a "
+                 "named featuriser (cellprofiler), untrained:CKPT or truth:SCREEN (the oracle)",
                  slurm="ray.sbatch",
                  config="evaluate.embed:EmbedConfig"),
     "evaluate": Job("evaluate.run", "",
