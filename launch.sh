@@ -129,7 +129,9 @@ cmd="${1:-help}"; shift || true
 case "$cmd" in
   help|-h|--help) usage ;;
   setup) setup; log "environment ready: $VENV" ;;
-  test) setup; cd "$ROOT"; exec "$PY" -m pytest tests "$@" ;;
+  # two pytest workers (pytest-xdist), one module per worker at a time so module fixtures are built once;
+  # MICON_TEST_WORKERS=0 (or -n 0) runs in one process
+  test) setup; cd "$ROOT"; exec "$PY" -m pytest -n "${MICON_TEST_WORKERS:-2}" --dist loadscope tests "$@" ;;
   demo) setup; cd "$ROOT"; demo "${1:-runs/demo}" "${@:2}" ;;
   compare) setup; cd "$ROOT"; exec "$PY" bench/science.py "$@" ;;
   calibrate) setup; cd "$ROOT"; exec "$PY" bench/calibrate.py "$@" ;;
