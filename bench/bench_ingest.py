@@ -2,7 +2,7 @@
 functions, then the dzstd encoding), today's code side by side with the original code, in one run, in
 CPU-seconds per site, with where today's time goes.
 
-    python bench/bench_ingest.py [--sites N] [--size PX] [--stored PX] [--repeats R]
+    python bench/bench_ingest.py [--sites N] [--size PX] [--stored PX] [--repeats R] [--no-write]
 
 `process_site_before` is the original code, kept here verbatim as the reference: float copy of each
 channel, division by the illumination function floored per site, PIL's BOX resize, np.percentile,
@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1080)
     ap.add_argument("--stored", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")
     args = ap.parse_args()
     n, stored = args.sites, args.stored
     with tempfile.TemporaryDirectory() as d:
@@ -174,7 +175,8 @@ def main() -> None:
             f"compress, and on rendered sites (micon.synth, 1,080 -> 256 px) level 1 was 3.5% larger "
             f"(92.7 vs 89.6 kB) for 0.5 ms less per site, so level 3 stays: at JUMP scale bytes stored and read "
             f"every epoch cost more than 0.5 ms of one core once per site.\n")
-    write_section("Ingest cost per site", body)
+    if not args.no_write:
+        write_section("Ingest cost per site", body)
 
 
 if __name__ == "__main__":

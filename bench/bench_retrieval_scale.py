@@ -8,11 +8,13 @@ extrapolation to cpg0016's ~550k wells on a 32-core node (CPU) or on the GPU the
 Profiles come from bench/bench_eval.py's `make_screen` (256-d, 5 sources x 3 batches, 384-well plates,
 10% DMSO, 4 replicates per compound). CPU time is the process's (every thread); wall time is the call's.
 `--check` also runs the CPU path at the smallest size and says whether the results are identical.
-A GPU run in about a minute: `python bench/bench_retrieval_scale.py --device cuda --wells 50000 200000 --map --check`.
+A GPU run in about a minute: `python bench/bench_retrieval_scale.py --device cuda --wells 50000 200000 --map --check`
+(it writes its own section, "Retrieval at consortium size (cuda)"; add --no-write to print only).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,18 +86,23 @@ def main() -> None:
     ap.add_argument("--query-fraction", type=float, default=1.0,
                     help="time this share of the queries against the whole table and scale up (long CPU runs)")
     ap.add_argument("--map", action="store_true", help="also time phenotypic activity + consistency mAP")
+    ap.add_argument("--map-wells", type=int, nargs="+", help="sizes for the mAP (default: --wells)")
     ap.add_argument("--check", action="store_true", help="compare with the CPU path at the smallest size")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     from micon.eval.retrieval import resolve_device
 
     device = resolve_device(args.device)
-    rows, fits = [], []
+    meta, feats = make_screen(2000, seed=1)       # warm-up: first-call set-up (threads, CUDA context) not timed
+    run_topk(meta, feats, args.device, args.block_size, args.gallery_chunk)
+    if args.map:
+        run_map(meta, feats, args.device)
+    rows, map_rows, fits, lines = [], [], [], []
     identical = None
     for threads in args.threads:
         if threads:
             set_threads(threads)
-        sizes, cpu_s, wall_s, map_wall = [], [], [], []
+        sizes, times = [], {"top-k CPU s": [], "top-k wall s": [], "mAP CPU s": [], "mAP wall s": []}
         for n in args.wells:
             meta, feats = make_screen(n)
             frame, wall, cpu = run_topk(meta, feats, args.device, args.block_size, args.gallery_chunk,
@@ -104,42 +111,52 @@ def main() -> None:
             row = dict(wells=n, device=device, threads=threads or "default", block=args.block_size,
                        queries_timed=f"{args.query_fraction:.3g}", topk_wall_s=round(wall, 1), topk_cpu_s=round(cpu, 1),
                        nsb_top10=round(float(frame["nsb"].iloc[-1]), 4))
-            if args.map:
-                (_, act, con), mwall, _ = run_map(meta, feats, args.device)
-                row |= dict(map_wall_s=round(mwall, 1), activity_map=round(float(act["mean_average_precision"].mean()), 4),
-                            consistency_map=round(float(con["mean_average_precision"].mean()), 4))
-                map_wall.append(mwall)
+            times["top-k CPU s"].append(cpu)
+            times["top-k wall s"].append(wall)
             if args.check and identical is None and device != "cpu":
                 ref, _, _ = run_topk(meta, feats, "cpu", args.block_size, args.gallery_chunk)
                 identical = bool(ref.equals(frame))
             print(row, flush=True)
             rows.append(row)
             sizes.append(n)
-            cpu_s.append(cpu)
-            wall_s.append(wall)
-        n_arr = np.array(sizes)
-        for what, t in (("top-k CPU s", cpu_s), ("top-k wall s", wall_s)) + ((("mAP wall s", map_wall),) if map_wall else ()):
-            if len(n_arr) >= 2:
-                a, b = fit_quadratic(n_arr, np.array(t))
-                fits.append(dict(threads=threads or "default", measure=what, a_per_N2=f"{a:.3e}", b_per_N=f"{b:.3e}",
-                                 at_550k=round(a * TARGET_WELLS ** 2 + b * TARGET_WELLS, 0)))
-    table = markdown_table(rows)
+        map_sizes = (args.map_wells or args.wells) if args.map else []
+        for n in map_sizes:
+            meta, feats = make_screen(n)
+            (_, act, con), mwall, mcpu = run_map(meta, feats, args.device)
+            row = dict(wells=n, device=device, threads=threads or "default", map_wall_s=round(mwall, 1),
+                       map_cpu_s=round(mcpu, 1), activity_map=round(float(act["mean_average_precision"].mean()), 4),
+                       consistency_map=round(float(con["mean_average_precision"].mean()), 4))
+            print(row, flush=True)
+            map_rows.append(row)
+            times["mAP CPU s"].append(mcpu)
+            times["mAP wall s"].append(mwall)
+        for what, t in times.items():
+            measured = map_sizes if what.startswith("mAP") else sizes
+            if len(t) < 2 or (what.endswith("CPU s") and device.startswith("cuda")):   # CPU time says little there
+                continue
+            n1, n2 = measured[-2], measured[-1]
+            a, b = fit_quadratic(np.array(measured), np.array(t))
+            exponent = np.log(t[-1] / t[-2]) / np.log(n2 / n1)
+            at_target = t[-1] * (TARGET_WELLS / n2) ** 2     # quadratic from the largest size measured
+            fits.append(dict(threads=threads or "default", measure=what, exponent=round(float(exponent), 2),
+                             a_per_N2=f"{a:.3e}", b_per_N=f"{b:.3e}", lstsq_at_550k=round(a * TARGET_WELLS ** 2 + b * TARGET_WELLS),
+                             from_largest_at_550k=round(at_target)))
+            arith = f"{t[-1]:,.1f} s x (550,000 / {n2:,})^2 = {at_target:,.0f} s"
+            if what == "top-k CPU s":
+                lines.append(f"* threads={threads or 'default'}, top-k: {arith} of CPU; on a {NODE_CORES}-core node "
+                             f"(query blocks spread over the cores: they share nothing) {at_target / NODE_CORES:,.0f} s = "
+                             f"{at_target / NODE_CORES / 60:.1f} min of wall time, if every core runs at this machine's rate.")
+            elif what == "top-k wall s" and device != "cpu":
+                lines.append(f"* one {device} device, top-k: {arith} = {at_target / 60:.1f} min.")
+            elif what == "mAP CPU s" and not device.startswith("cuda"):
+                lines.append(f"* activity + consistency mAP ({device}): {arith} of CPU; on a {NODE_CORES}-core node "
+                             f"{at_target / NODE_CORES / 60:.1f} min.")
+            elif what == "mAP wall s" and device != "cpu":
+                lines.append(f"* one {device} device, activity + consistency mAP: {arith} = {at_target / 60:.1f} min.")
+    table = markdown_table(rows) + ("\n\n" + markdown_table(map_rows) if map_rows else "")
     fit_table = markdown_table(fits) if fits else ""
     print(table)
     print(fit_table)
-    lines = []
-    for f in fits:
-        if f["measure"] == "top-k CPU s" and device == "cpu":
-            per_node = f["at_550k"] / NODE_CORES
-            lines.append(f"* threads={f['threads']}: top-k at 550k wells = {f['a_per_N2']} x 550,000^2 + {f['b_per_N']} x "
-                         f"550,000 = {f['at_550k']:,.0f} CPU-s; on a {NODE_CORES}-core node (query blocks spread over "
-                         f"the cores, no shared state) {per_node:,.0f} s = {per_node / 60:.1f} min of wall time.")
-        if f["measure"] == "top-k wall s" and device != "cpu":
-            lines.append(f"* one {device} device: top-k at 550k wells = {f['a_per_N2']} x 550,000^2 + {f['b_per_N']} x "
-                         f"550,000 = {f['at_550k']:,.0f} s = {f['at_550k'] / 60:.1f} min.")
-        if f["measure"] == "mAP wall s":
-            lines.append(f"* threads={f['threads']}: activity + consistency mAP at 550k wells (wall, {device}) = "
-                         f"{f['at_550k']:,.0f} s by the same fit.")
     if identical is not None:
         lines.append(f"* {device} against the CPU path at {args.wells[0]:,} wells: "
                      f"{'identical hit rates' if identical else 'DIFFERENT hit rates'}.")
@@ -148,7 +165,11 @@ def main() -> None:
         return
     body = (f"{table}\n\n{fit_table}\n\n" + "\n".join(lines) + "\n\n"
             "Modes nsb, nss and nsp, k = 1..10, queries = every treated well, gallery = the same wells (what "
-            "evaluate runs). Fit: least squares of t = a N^2 + b N over the sizes above.\n")
+            "evaluate runs). `exponent`: log(t2 / t1) / log(N2 / N1) over the two largest sizes (2 = quadratic); "
+            "`lstsq_at_550k`: least squares of t = a N^2 + b N over every size; `from_largest_at_550k`: the largest "
+            "size's time x (550,000 / N)^2, the figure used below. `queries_timed` < 1: that share of the wells "
+            "queried the whole table, times divided by it. CPU s: the process's CPU time, every thread (the "
+            f"figure to trust on a shared machine; load average {os.getloadavg()[0]:.1f} when the run ended).\n")
     write_section(f"Retrieval at consortium size ({device})", body)
 
 
