@@ -428,7 +428,8 @@ def embed_with_ray(ckpt: str, manifest: Manifest, todo: list[str], out: Path, cf
     ray = init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0)) if uses_gpu else 0
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_actors = min(cfg.workers or (gpus if gpus else min(2, cpus)), len(todo))
+    # one actor per GPU (an actor more than the GPUs would wait for one for ever)
+    n_actors = min(min(cfg.workers, gpus) if gpus and cfg.workers else cfg.workers or gpus or min(2, cpus), len(todo))
     # actors reserve no CPU: they wait on the decode tasks, which must always find one (2 CPU actors holding
     # a 2-core machine's CPUs would wait for ever)
     actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0)(ShardEmbedder)
@@ -439,7 +440,7 @@ def embed_with_ray(ckpt: str, manifest: Manifest, todo: list[str], out: Path, cf
     checksums, channels = manifest.shard_checksums(), len(manifest.channels)
     queue, pending, load, in_flight, results = list(todo), {}, [0] * n_actors, 0, []
     budget = 2 * cpus + n_actors      # chunks submitted and not yet embedded
-    t0, done_sites = time.perf_counter(), 0
+    t0, done_sites, said = time.perf_counter(), 0, 0.0
     while queue or pending:
         while queue and (in_flight < budget or not pending):
             shard = queue.pop(0)
@@ -459,8 +460,10 @@ def embed_with_ray(ckpt: str, manifest: Manifest, todo: list[str], out: Path, cf
         except Exception as e:   # Ray's report is a page long: one line for the person, the page in a log
             raise describe_failure("embed", f"shard {Path(shard).name}", e, out) from None
         done_sites += results[-1]["rows"]
-        print(f"embed: {len(results)}/{len(todo)} shards, {done_sites} sites, "
-              f"{done_sites / max(time.perf_counter() - t0, 1e-9):.0f} sites/s", flush=True)
+        if time.perf_counter() - said > 10 or not (queue or pending):     # progress, every 10 s at most
+            said = time.perf_counter()
+            print(f"embed: {len(results)}/{len(todo)} shards, {done_sites} sites, "
+                  f"{done_sites / max(said - t0, 1e-9):.0f} sites/s", flush=True)
     return results
 
 
