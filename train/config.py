@@ -59,8 +59,8 @@ class EngineConfig:
     precision: Precision = "auto"        # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
     grad_accum: PositiveInt = 1      # micro-steps per optimizer step
     dist_timeout_s: PositiveFloat = 120.0  # a dead rank fails the others after this long
-    channels_last: Switch = "auto"   # image encoder weights and inputs in NHWC: auto = on GPUs (cuDNN's fast
-                                     # layout), off on CPU (measured slower there); the same loss either way
+    channels_last: Switch = "auto"   # image encoder inputs in NHWC: auto = on GPUs (cuDNN's fast layout); on
+                                     # CPU 1.5x faster at 1 thread, mixed at 2 (docs/BENCHMARKS.md): set on
     compile: bool = False            # torch.compile the image encoder (pays on GPUs for long runs; minutes to
                                      # compile, and no gain measured on CPU)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from micon import atomic, distributed, schema
-from micon.checkpoint import InferenceRecord, tag_of
+from micon.checkpoint import InferenceRecord, find_latest, tag_of
 from micon.config import ConfigError, describe, dump, save_config, to_dict
 from micon.data.preprocess import Preprocessing
 from micon.methods import get_method
@@ -339,7 +339,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
                                         self.record.bond_dim, self.record.fingerprint_bits)
-        if cfg.model.init:
+        # model.init starts a fresh run only: a resumed one continues from its own checkpoint
+        resuming = cfg.resume != "none" and (cfg.resume not in ("latest", "force") or find_latest(self.ckpt_root))
+        if cfg.model.init and not resuming:
             loaded = load_image_encoder(model, cfg.model.init, list(self.manifest.channels), cfg.model)
             if self.rank == 0:
                 log.info("model.init: %s", loaded)
