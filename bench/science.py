@@ -76,8 +76,12 @@ def sh(args: list[str], logfile: Path) -> None:
            "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     logfile.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(logfile, "w") as fh:
-        rc = subprocess.run(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    for attempt in range(3):   # a loaded machine can miss Ray's fixed 30 s node start-up: start again
+        with open(logfile, "w") as fh:
+            rc = subprocess.run(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        if not rc or "timed out during startup" not in logfile.read_text()[-3000:]:
+            break
+        log(f"{logfile.stem}: Ray's node did not start in time (machine busy); try {attempt + 2} of 3")
     # each job's seconds, kept across resumed runs (OUT/stage_seconds.json): the compute the results cost
     times_path = logfile.parent.parent / "stage_seconds.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
@@ -485,8 +489,9 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
 
 def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) -> Path:
     from micon.eval.calibration import ANCHORS, ANCHOR_SOURCE
-    from micon.synth import CALIBRATION
+    from micon.synth import CALIBRATION, PRESETS
 
+    effects = {k: PRESETS[results["preset"]].get(k, v) for k, v in CALIBRATION.items()}   # the preset's own values
     cal = results["calibration"]
     fmt = lambda r: f"{r['mean']:.3f} [{r.ci_lo:.3f}, {r.ci_hi:.3f}]" if r.seeds > 1 else f"{r['mean']:.3f}"  # noqa: E731
     lines = [
@@ -498,8 +503,8 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
         f"{results['compute_min']['activity']:.0f}, data preparation {results['compute_min']['prepare']:.0f}), plus "
         f"scoring", "",
         "## 1. Calibration (the CellProfiler-grade baseline only, fixed before any method ran)", "",
-        f"Preset `{results['preset']}`: {results['screen']}. Effects (micon.synth.CALIBRATION): "
-        + ", ".join(f"{k}={v}" for k, v in CALIBRATION.items()) + ".", "",
+        f"Preset `{results['preset']}`: {results['screen']}. Effects (micon.synth.PRESETS): "
+        + ", ".join(f"{k}={v}" for k, v in effects.items()) + ".", "",
         f"Anchors: {ANCHOR_SOURCE}.", "",
         "| measure | anchor band | this screen (real jobs, all wells) |", "|---|---|---|",
         *[f"| {k} | {lo if lo is not None else ''} - {hi if hi is not None else ''} | {cal[k]:.3f} |"
