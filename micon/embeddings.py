@@ -47,7 +47,7 @@ def identity_key(identity: dict) -> str:
 def describe_identity(identity: dict) -> str:
     m = identity.get("model", {})
     what = (f"{m.get('method')} checkpoint {m.get('path')} (step {m.get('step')}, sha256 {m.get('sha256', '')[:12]})"
-            if "sha256" in m else f"{m.get('featuriser', 'unknown')} features")
+            if "sha256" in m and "featuriser" not in m else f"{m.get('featuriser', 'unknown')} features")
     return f"{what} of shards {identity.get('shards', {}).get('path')} (manifest {identity.get('shards', {}).get('sha256', '')[:12]})"
 
 
