@@ -12,9 +12,9 @@
 # lacks travel as wheels in .whl/ (the device README says how to fetch them: ray, deepspeed, numcodecs, zarr,
 # webdataset, ...); they are installed into /tmp/site first. Parts, in order, with their limits:
 #   train      bench/gpu_train.py: the DeepSpeed step from shards vs the bare model (trainer)     180 s
-#   embed      bench/gpu_check.py --only embed: the Ray embed job end to end, sites/s, and its bytes  150 s
-#   ingest     bench/bench_ingest.py: CPU-s per 1,080 px site, today's code beside the new           50 s
-#   retrieval  bench/gpu_retrieval.py: NSB/NSS top-k and mAP on the GPU (ingest+retrieval helper)      60 s
+#   embed      bench/gpu_check.py --only embed: the Ray embed job end to end, sites/s, and its bytes  130 s
+#   ingest     bench/bench_ingest.py: CPU-s per 1,080 px site, today's code beside the new           45 s
+#   retrieval  bench/bench_retrieval_scale.py --device cuda: NSB/NSS top-k and mAP, 50k-200k wells    90 s
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${MICON_PYTHON:-$ROOT/.venv/bin/python}"
@@ -75,26 +75,21 @@ EOF
 cat "$out/env.log"
 
 if [[ $smoke == 1 ]]; then
-  # CPU: the embed part for real (tiny), the others' interfaces only (their own --smoke writes docs/)
+  # CPU: embed, ingest and retrieval for real (tiny, nothing written to docs/), the training step's interface only
   part embed 600 "$PY" bench/gpu_check.py --smoke --only embed --tiles 2 --work "$work/embed" --table "$out/embed.md"
   part train 60 "$PY" bench/gpu_train.py --help
-  part ingest 60 "$PY" bench/bench_ingest.py --help
-  if [[ -f bench/gpu_retrieval.py ]]; then part retrieval 60 "$PY" bench/gpu_retrieval.py --help; fi
+  part ingest 120 "$PY" bench/bench_ingest.py --sites 2 --repeats 1 --no-write
+  part retrieval 120 "$PY" bench/bench_retrieval_scale.py --device torch:cpu --wells 2000 --check --no-write
 else
   data="$prepared"
   if [[ -z $data ]]; then
     part prepare 120 "$PY" bench/gpu_check.py --prepare "$work/data"; data="$work/data"
   fi
   part train 180 "$PY" bench/gpu_train.py "$data/shards" "$data/graphs" --steps 20 --batch 64 --work "$work/train"
-  part embed 150 "$PY" bench/gpu_check.py --prepared "$data" --only embed --tiles 64 --work "$work/embed" \
+  part embed 130 "$PY" bench/gpu_check.py --prepared "$data" --only embed --tiles 64 --work "$work/embed" \
     --table "$out/embed.md"
-  part ingest 50 "$PY" bench/bench_ingest.py --sites 24 --repeats 3
-  # GPU retrieval: the script the ingest+retrieval helper adds (issue 22 item 4); until then a marked gap
-  if [[ -f bench/gpu_retrieval.py ]]; then
-    part retrieval 60 "$PY" bench/gpu_retrieval.py
-  else
-    printf '| retrieval | not run: bench/gpu_retrieval.py is not in this checkout | - | 60 |\n' >> "$summary"
-  fi
+  part ingest 45 "$PY" bench/bench_ingest.py --sites 24 --repeats 3
+  part retrieval 90 "$PY" bench/bench_retrieval_scale.py --device cuda --wells 50000 200000 --map --check
 fi
 
 {
