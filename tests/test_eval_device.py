@@ -23,8 +23,8 @@ def profiles(n: int, d: int, rng: np.random.Generator, ties: bool) -> np.ndarray
 @pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
 def test_topk_on_a_device_equals_the_cpu_path(seed, ties):
     rng = np.random.default_rng(seed)
-    meta = random_wells(500, rng)
-    x = profiles(500, 8, rng, ties)
+    meta = random_wells(300, rng)
+    x = profiles(300, 8, rng, ties)
     kw = dict(ks=range(1, 8), per_query=True, gallery_negcon=bool(seed % 2))
     want = topk_hit_rate(meta, x, block_size=64, gallery_chunk=97, device="cpu", **kw)
     got = topk_hit_rate(meta, x, block_size=50, gallery_chunk=97, device="torch:cpu", **kw)
@@ -50,11 +50,11 @@ def test_topk_on_a_device_two_tables_and_short_gallery():
 @pytest.mark.parametrize("ties", ["expected", "positives_first", "negatives_first"])
 def test_map_on_a_device_equals_the_cpu_path(ties):
     rng = np.random.default_rng(11)
-    meta = random_wells(400, rng, n_compounds=60)
-    x = profiles(400, 6, rng, True)
+    meta = random_wells(250, rng, n_compounds=40)
+    x = profiles(250, 6, rng, True)
     for fn in (mapm.phenotypic_activity, mapm.phenotypic_consistency):
-        ap0, map0 = fn(meta, x, null_size=300, ties=ties, device="cpu")
-        ap1, map1 = fn(meta, x, null_size=300, ties=ties, device="torch:cpu")
+        ap0, map0 = fn(meta, x, null_size=100, ties=ties, device="cpu")
+        ap1, map1 = fn(meta, x, null_size=100, ties=ties, device="torch:cpu")
         assert ap0.equals(ap1) and map0.equals(map1)
     # diffby on both rules, and a pair that meets both rules (counted twice, as copairs does)
     rules = ([schema.JCP], [schema.PLATE], [], [schema.SOURCE])
@@ -65,10 +65,10 @@ def test_map_on_a_device_equals_the_cpu_path(ties):
 
 def test_map_on_a_device_blocks_do_not_matter(monkeypatch):
     rng = np.random.default_rng(3)
-    meta = random_wells(300, rng)
-    x = profiles(300, 5, rng, False)
+    meta = random_wells(200, rng)
+    x = profiles(200, 5, rng, False)
     want = mapm.average_precision(meta, x, [schema.JCP], [], [], [schema.JCP], device="cpu")
-    monkeypatch.setattr(mapm, "DEVICE_BLOCK_SIMS", 300 * 7)    # 7 queries per block
+    monkeypatch.setattr(mapm, "DEVICE_BLOCK_SIMS", 200 * 7)    # 7 queries per block
     got = mapm.average_precision(meta, x, [schema.JCP], [], [], [schema.JCP], device="torch:cpu")
     assert want.equals(got)
 
