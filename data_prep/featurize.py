@@ -8,12 +8,15 @@ One Ray task per chunk of compounds writes OUT/parts/part-NNNNN-<digest>.npz ato
 skips parts that exist, so a killed job resumes where it stopped. The parts are then consolidated
 into OUT/graphs.zarr + OUT/index.parquet (built aside, then renamed in) and OUT/featurize.json marks
 the store complete. Compounds that cannot be featurised get status "error" and a reason in the index.
+OUT (and COMPOUNDS) may be in object storage (s3://bucket/prefix, any fsspec URL): parts are uploaded
+whole, the store is built locally and uploaded, and the marker is written last.
 Ray runs locally (num_workers CPUs) unless RAY_ADDRESS names a running cluster.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -25,7 +28,7 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 
-from micon import atomic, schema
+from micon import atomic, schema, storage
 from micon.chem.compound import FeaturizeOptions, Structure, featurize_chunk
 from micon.chem.standardize import DEFAULT_MAX_ATOMS
 from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_NAME, RaggedGraphs,
@@ -60,9 +63,10 @@ class FeaturizeConfig:
 
 # --------------------------------------------------------------------------- input
 
-def read_compounds(path: Path) -> pd.DataFrame:
+def read_compounds(path) -> pd.DataFrame:
     """The compound table as strings ('' for missing), columns named as in JUMP; a `row` column
-    holds each compound's 1-based data row so errors can point at it."""
+    holds each compound's 1-based data row so errors can point at it. `path` may be an object URL."""
+    path = storage.path(path)
     if not path.is_file():
         raise ConfigError(f"compound table {path} does not exist (expected metadata/compound.csv.gz "
                           f"or a shard manifest.json)")
@@ -79,9 +83,10 @@ def read_compounds(path: Path) -> pd.DataFrame:
                               f"compound table metadata/compound.csv.gz instead")
         table = pd.DataFrame(compounds)
     elif path.suffix == ".parquet":
-        table = pd.read_parquet(path)
+        table = pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
     else:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False,
+                            compression=atomic.COMPRESSION.get(path.suffix))
     if schema.JCP not in table.columns or not ({schema.SMILES, schema.INCHI} & set(table.columns)):
         raise ConfigError(f"{path}: needs columns {schema.JCP} and {schema.SMILES} and/or {schema.INCHI}; "
                           f"found {', '.join(map(str, table.columns)) or 'no columns'}")
@@ -128,14 +133,14 @@ def plan_chunks(items, cfg: FeaturizeConfig) -> list[tuple[str, list]]:
 
 # --------------------------------------------------------------------------- parts (Ray tasks)
 
-def write_part(path: Path, columns: dict, graphs: RaggedGraphs) -> None:
-    """npz written under a temporary name, then renamed: a part on disk is always complete."""
+def write_part(path, columns: dict, graphs: RaggedGraphs) -> None:
+    """npz written under a temporary name, then renamed (or uploaded whole): a part is always complete."""
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{f"col_{k}": v for k, v in columns.items()}, **graphs.arrays())
 
 
-def read_part(path: Path) -> tuple[dict, RaggedGraphs]:
-    with np.load(path, allow_pickle=False) as z:
+def read_part(path) -> tuple[dict, RaggedGraphs]:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
         columns = {k[4:]: z[k] for k in z.files if k.startswith("col_")}
         graphs = RaggedGraphs(**{k: z[k] for k in z.files if not k.startswith("col_")})
     return columns, graphs
@@ -148,7 +153,7 @@ def run_chunk(items, opts: FeaturizeOptions, path: str) -> dict:
         time.sleep(delay)
     cpu0 = time.process_time()
     columns, graphs = featurize_chunk(items, opts)
-    write_part(Path(path), columns, graphs)
+    write_part(storage.path(path), columns, graphs)
     return {"compounds": len(items), "failed": int((columns["status"] != OK).sum()),
             "cpu_s": time.process_time() - cpu0}
 
@@ -175,7 +180,8 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
                     counts = ray.get(done[0])
                 except Exception as e:   # finished chunks stay; a rerun redoes only the missing ones
                     path = chunk_of[done[0]]
-                    raise describe_failure("featurize", f"chunk {path.name}", e, path.parent.parent) from None
+                    log_dir = path.parent.parent if isinstance(path, Path) else None    # no log file in a bucket
+                    raise describe_failure("featurize", f"chunk {path.name}", e, log_dir) from None
                 failed += counts["failed"]
                 cpu += counts["cpu_s"]
                 bar.update(counts["compounds"])
@@ -189,9 +195,10 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
 
 # --------------------------------------------------------------------------- consolidation
 
-def consolidate(out: Path, part_paths: list[Path], cfg: FeaturizeConfig, input_digest: str) -> pd.DataFrame:
+def consolidate(out, part_paths: list, cfg: FeaturizeConfig, input_digest: str) -> pd.DataFrame:
     """Parts -> graphs.zarr + index.parquet, sorted by compound id, built in a temporary directory
-    and renamed into place. Removes the completion marker first; the caller writes it last."""
+    and renamed into place (in object storage: built locally, then uploaded over the old store's objects).
+    Removes the completion marker first; the caller writes it last."""
     cols, graphs = [], []
     for p in part_paths:
         c, g = read_part(p)
@@ -209,12 +216,20 @@ def consolidate(out: Path, part_paths: list[Path], cfg: FeaturizeConfig, input_d
     index["n_bonds"] = np.diff(all_graphs.bond_offsets)
     index = index[list(INDEX_COLUMNS)]
 
-    tmp = out / f".tmp-consolidate-{os.getpid()}"
+    remote = isinstance(out, storage.ObjectPath)
+    tmp = atomic.temp_path(out / "consolidate") if remote else out / f".tmp-consolidate-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_store(tmp, index, all_graphs, radius=cfg.radius, n_bits=cfg.n_bits,
                 extra_attrs={"input_digest": input_digest})
     (out / MARKER).unlink(missing_ok=True)
+    if remote:      # no rename in object storage: the old store goes, the new one is uploaded object by object
+        for name in (ZARR_NAME, INDEX_NAME):
+            storage.remove_tree(out / name)
+        storage.put_tree(tmp / ZARR_NAME, out / ZARR_NAME)
+        storage.put_file(tmp / INDEX_NAME, out / INDEX_NAME)
+        shutil.rmtree(tmp)
+        return index
     for name in (ZARR_NAME, INDEX_NAME):
         old = out / name
         if old.is_dir():
@@ -230,7 +245,7 @@ def write_json(path: Path, obj) -> None:
     atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def read_marker(out: Path) -> dict | None:
+def read_marker(out) -> dict | None:
     try:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, json.JSONDecodeError):
@@ -244,8 +259,9 @@ def summary_line(counts: dict, out: Path, seconds: float, cfg: FeaturizeConfig, 
             f"[radius={cfg.radius} n_bits={cfg.n_bits} tautomers={cfg.tautomers} max_atoms={cfg.max_atoms}]")
 
 
-def run(compounds: Path, out: Path, cfg: FeaturizeConfig) -> dict:
+def run(compounds, out, cfg: FeaturizeConfig) -> dict:
     t0 = time.time()
+    compounds, out = storage.path(compounds), storage.path(out)
     table = read_compounds(compounds)
     items, problems = plan_items(table)
     for p in problems[:5]:
@@ -302,7 +318,7 @@ def main(argv: list[str]) -> int:
         return rc
     try:
         cfg = load_config(FeaturizeConfig, overrides=argv[2:])
-        counts = run(Path(argv[0]), Path(argv[1]), cfg)
+        counts = run(argv[0], argv[1], cfg)
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return 2
@@ -312,7 +328,7 @@ def main(argv: list[str]) -> int:
     if not counts.get("ok"):
         # a store with no graph cannot train anything: say so with a non-zero exit, not a quiet 0
         print(f"featurize: no compound of {argv[0]} could be featurised ({counts.get('failed', 0)} failed; reasons in "
-              f"{Path(argv[1]) / INDEX_NAME}); check the SMILES column", file=sys.stderr)
+              f"{storage.path(argv[1]) / INDEX_NAME}); check the SMILES column", file=sys.stderr)
         return 1
     return 0
 

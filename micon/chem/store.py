@@ -11,13 +11,14 @@ the reader training uses; building a store (RDKit, Ray) is data_prep/featurize.p
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from micon import integrity
+from micon import integrity, storage
 from micon.chem.featurizer import (N_ATOM_CODES, N_BOND_CODES, EncodedMol, decode, feature_layout)
 from micon.chem.graph import BatchedGraph, MolGraph, collate_graphs
 
@@ -141,10 +142,11 @@ def _as_json_layout(layout: dict) -> dict:
 
 class GraphStore:
     """Read-only view of a featurised compound set; all arrays are loaded into memory on first use
-    (about 40 MB for JUMP's 116k compounds), after which `get` is a slice plus a one-hot expansion."""
+    (about 40 MB for JUMP's 116k compounds), after which `get` is a slice plus a one-hot expansion.
+    `path` may be in object storage (s3://bucket/graphs, any fsspec URL)."""
 
-    def __init__(self, path: str | Path):
-        path = Path(path)
+    def __init__(self, path):
+        path = storage.path(path)
         self.root = path.parent if path.name == ZARR_NAME else path
         self.zarr_path = self.root / ZARR_NAME
         index_path = self.root / INDEX_NAME
@@ -153,7 +155,7 @@ class GraphStore:
                              f"build it with ./launch.sh featurize COMPOUNDS {self.root}")
         import zarr
 
-        self._group = zarr.open_group(self.zarr_path, mode="r")
+        self._group = zarr.open_group(storage.zarr_store(self.zarr_path, read_only=True), mode="r")
         attrs = dict(self._group.attrs)
         if attrs.get("format") != STORE_FORMAT or attrs.get("layout") != _as_json_layout(feature_layout()):
             raise StoreError(f"graph store {self.root} was written by another featuriser version (format "
@@ -164,8 +166,9 @@ class GraphStore:
         if self.checksums is None:
             integrity.warn_unrecorded(f"graph store {self.root}",
                                       f"rebuild it with ./launch.sh featurize COMPOUNDS {self.root}")
-        self._check(INDEX_NAME, lambda like: integrity.of_file(index_path, like))
-        self.index = pd.read_parquet(index_path)
+        index_bytes = storage.read_bytes(index_path)
+        self._check(INDEX_NAME, lambda like: integrity.of_bytes(index_bytes, like))
+        self.index = pd.read_parquet(io.BytesIO(index_bytes))
         self._row = {cid: i for i, cid in enumerate(self.index["Metadata_JCP2022"])}
         self._ok = (self.index["status"] == OK).to_numpy()
         self._graphs: RaggedGraphs | None = None
