@@ -167,7 +167,7 @@ def main() -> None:
             "Modes nsb, nss and nsp, k = 1..10, queries = every treated well, gallery = the same wells (what "
             "evaluate runs). `exponent`: log(t2 / t1) / log(N2 / N1) over the two largest sizes (2 = quadratic); "
             "`lstsq_at_550k`: least squares of t = a N^2 + b N over every size; `from_largest_at_550k`: the largest "
-            "size's time x (550,000 / N)^2, the figure used below. `queries_timed` < 1: that share of the wells "
+            "size's time x (550,000 / N)^2, the figure in the lines above. `queries_timed` < 1: that share of the wells "
             "queried the whole table, times divided by it. CPU s: the process's CPU time, every thread (the "
             f"figure to trust on a shared machine; load average {os.getloadavg()[0]:.1f} when the run ended).\n")
     write_section(f"Retrieval at consortium size ({device})", body)
