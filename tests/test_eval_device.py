@@ -77,6 +77,11 @@ def test_resolve_device():
     import torch
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("torch:cpu") == "torch:cpu"
+    assert resolve_device("torch:cpu") == "torch:cpu" and resolve_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == "cuda:0"
+    else:
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            resolve_device("cuda")
     with pytest.raises(ValueError, match="choose auto, cpu"):
         resolve_device("gpu")

@@ -52,7 +52,14 @@ def resolve_device(device: str = "auto") -> str:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("cpu", "torch:cpu") or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+    if device in ("cpu", "torch:cpu"):
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but torch sees no GPU (torch.cuda.is_available() is False); "
+                             f"pass device='auto' or 'cpu', or run where a GPU is visible")
         return device
     raise ValueError(f"device={device!r}: choose auto, cpu, cuda, cuda:N or torch:cpu")
 
