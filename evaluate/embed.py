@@ -10,13 +10,13 @@ Ray CPU tasks read and decode chunks of a shard (`decode_chunk`, one CPU each, a
 and feed the embedding actors: one per GPU of the cluster (CPU actors when there are none), which
 normalise on the device from pinned memory and write each shard's embeddings once, atomically, to
 OUT/parts/. A rerun recomputes only missing or corrupt parts, then OUT/embeddings.zarr ([sites, dim]
-float32) and OUT/sites.parquet (Metadata_* columns) are rebuilt.
+float32) and OUT/sites.parquet (Metadata_* columns) are rebuilt. OUT may be in object storage (s3://...):
+every object is uploaded whole and embed.json last, so a killed run there resumes the same way.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -385,7 +385,7 @@ class ShardEmbedder:
 
     def __init__(self, ckpt: str, manifest_dir: str, out: str, batch_size: int, threads: int, identity: str):
         self.encoder = SiteEncoder(ckpt, manifest_dir, threads).encoder
-        self.out, self.batch_size, self.identity = Path(out), batch_size, identity
+        self.out, self.batch_size, self.identity = storage.path(out), batch_size, identity
 
     def embed_shard(self, shard: str, chunks: list) -> dict:
         try:
@@ -458,7 +458,7 @@ def embed_with_ray(ckpt: str, manifest: Manifest, todo: list[str], out: Path, cf
         try:
             results.append(ray.get(ready[0]))
         except Exception as e:   # Ray's report is a page long: one line for the person, the page in a log
-            raise describe_failure("embed", f"shard {Path(shard).name}", e, out) from None
+            raise describe_failure("embed", f"shard {Path(shard).name}", e, log_dir(out)) from None
         done_sites += results[-1]["rows"]
         if time.perf_counter() - said > 10 or not (queue or pending):     # progress, every 10 s at most
             said = time.perf_counter()
@@ -481,7 +481,7 @@ def embed_in_process(ckpt: str, manifest: Manifest, todo: list[str], out: Path, 
                                                         for lo, hi in chunk_ranges(sizes[name], cfg.chunk,
                                                                                    cfg.batch_size)]))
         except UnitFailed as e:
-            raise describe_failure("embed", f"shard {name}", e, out) from None
+            raise describe_failure("embed", f"shard {name}", e, log_dir(out)) from None
     return results
 
 
@@ -504,6 +504,11 @@ def embedding_identity(encoder, manifest: Manifest) -> dict:
     return {"model": encoder.identity(), "shards": shards}
 
 
+def log_dir(out) -> Path | None:
+    """Where a failure's traceback goes: OUT on disk; none in object storage (the temp directory's log)."""
+    return out if isinstance(out, Path) else None
+
+
 def check_output(out: Path, identity: dict, overwrite: bool) -> None:
     """Refuse to mix embeddings of different models or shard sets in one directory."""
     path = out / "embed_identity.json"
@@ -519,7 +524,7 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> None:
                 p.unlink()
             for name in ("embed.json", "sites.parquet"):
                 (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
+            storage.remove_tree(out / "embeddings.zarr")
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path, identity)
 
@@ -568,7 +573,7 @@ def main(argv: list[str]) -> int:
 
     if (rc := help_or_usage(argv, __doc__, EmbedConfig, positional=3)) is not None:
         return rc
-    ckpt, shards, out = argv[0], storage.path(argv[1]), Path(argv[2])
+    ckpt, shards, out = argv[0], storage.path(argv[1]), storage.path(argv[2])
     try:
         cfg = load_config(EmbedConfig, overrides=argv[3:])
     except ConfigError as e:
@@ -581,7 +586,7 @@ def main(argv: list[str]) -> int:
         print(e if isinstance(e, JobError) else f"embed: {e}", file=sys.stderr)
         return 1
     except OSError as e:     # writing the consolidated embeddings (a full disk, a read-only directory)
-        print(describe_failure("embed", f"embedding into {out}", e, out), file=sys.stderr)
+        print(describe_failure("embed", f"embedding into {out}", e, log_dir(out)), file=sys.stderr)
         return 1
     print(f"embed: {info['n_sites']} sites x {info['dim']} dims -> {out / 'embeddings.zarr'} + "
           f"{out / 'sites.parquet'} in {time.perf_counter() - t0:.1f} s")

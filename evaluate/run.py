@@ -5,11 +5,16 @@ normalised profiles as pycytominer reads them, metrics.json (strict JSON), a mar
 plots (intervals, chance levels), and logs them to wandb.
 
     ./launch.sh evaluate out=DIR embeddings.micon=DIR embeddings.simclr=DIR ... [key=value ...]
+
+out= and the embedding directories may be in object storage (s3://...): the outputs are written locally and
+uploaded object by object, metrics.json last.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from micon import schema
+from micon import atomic, schema, storage
 from micon.config import ConfigError, PositiveFloat, PositiveInt, Range, load_config, save_config, to_dict
 from micon.eval.profiles import ProfileError
 from micon.tables import markdown_table
@@ -64,7 +69,7 @@ class EvalConfig:
 
 def check_label(name: str, path: str) -> None:
     """A label must name the method that made the embeddings (a suffix is fine: micon_seed1)."""
-    info_path = Path(path) / "embed.json"
+    info_path = storage.path(path) / "embed.json"
     made_by = json.loads(info_path.read_text()).get("method") if info_path.is_file() else None
     if made_by and not name.startswith(made_by):
         from micon.eval.featurisers import FEATURISERS
@@ -142,12 +147,12 @@ def score_predictions(name: str, path: str, keep_compounds: set | None, max_k: i
     compounds; all when None), micon.eval.zeroshot."""
     from micon.eval.zeroshot import zero_shot_retrieval
 
-    files = [Path(path) / "predicted_profiles.parquet", Path(path) / "well_profiles.parquet"]
+    files = [storage.path(path) / "predicted_profiles.parquet", storage.path(path) / "well_profiles.parquet"]
     for f in files:
         if not f.is_file():
             raise ProfileError(f"predictions.{name}: no {f}; run ./launch.sh predict CKPT COMPOUNDS {path} "
                                f"shards=SHARDS embeddings=DIR (embeddings= writes the wells)")
-    pred, wells = (pd.read_parquet(f) for f in files)
+    pred, wells = (pd.read_parquet(io.BytesIO(storage.read_bytes(f))) for f in files)
     wells = wells[wells[schema.ROLE] == schema.TREATED]
     if keep_compounds is not None:
         pred, wells = pred[pred[schema.JCP].isin(keep_compounds)], wells[wells[schema.JCP].isin(keep_compounds)]
@@ -281,7 +286,8 @@ def main(argv: list[str]) -> int:
     from micon.embeddings import EmbeddingError
 
     logging.basicConfig(format="evaluate: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    out = Path(cfg.out)
+    final = storage.path(cfg.out)     # in object storage: written to a local staging directory, uploaded at the end
+    out = final if isinstance(final, Path) else atomic.temp_path(final)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "eval_config.yaml")
     keep = None
@@ -326,8 +332,6 @@ def main(argv: list[str]) -> int:
             _say(f"{name}: zero-shot, {z['n_queries']} {'held-out ' if held is not None else ''}compounds against "
                  f"{z['n_wells']} wells: top-1% {z['zs_well_top1pct']:.3f} (chance {z['zs_well_top1pct_chance']:.3f}), "
                  f"compound top-1 {z['zs_compound_top1']:.3f} (chance {z['zs_compound_top1_chance']:.3f})")
-    from micon import atomic
-
     doc = strict_json({"methods": {n: r["metrics"] for n, r in results.items()}, "zero_shot": zero_shot,
                        "config": to_dict(cfg)})
     atomic.write_json(out / "metrics.json", doc, indent=1, allow_nan=False)
@@ -343,7 +347,11 @@ def main(argv: list[str]) -> int:
         table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})
                               for n, r in results.items()])
         print(table.to_string(index=False))
-    print(f"evaluate: metrics {out / 'metrics.json'}, report {report}")
+    if out != final:        # every object whole, metrics.json last
+        storage.put_tree(out, final, last=("metrics.json",))
+        shutil.rmtree(out)
+        report = final / report.name
+    print(f"evaluate: metrics {final / 'metrics.json'}, report {report}")
     return 0
 
 

@@ -276,8 +276,10 @@ def dump(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config (YAML) next to a run's outputs."""
-    p = Path(path)
+    """Write the resolved config (YAML) next to a run's outputs (a local path or an object URL)."""
+    from micon import storage
+
+    p = storage.path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(p, dump(cfg))
 

@@ -5,19 +5,20 @@
     OUT/sites.parquet          Metadata_* columns, one row per site, same order
     OUT/embed.json             what made them (checkpoint, shard set, sizes); written last
 
+OUT may be in object storage (s3://bucket/prefix): each object is uploaded whole and embed.json last.
 Errors name the file and how to repair it. No model code here.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from micon import atomic, integrity, schema
+from micon import atomic, integrity, schema, storage
 
 META_COLUMNS = [schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.SITE, schema.JCP, schema.INCHIKEY,
                 schema.SMILES, schema.ROLE]
@@ -27,8 +28,8 @@ class EmbeddingError(RuntimeError):
     pass
 
 
-def part_path(out: str | Path, shard: str) -> Path:
-    return Path(out) / "parts" / (Path(shard).name + ".npz")
+def part_path(out, shard: str):
+    return storage.path(out) / "parts" / (storage.path(shard).name + ".npz")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -77,7 +78,7 @@ def read_part(path: Path, expected_rows: int | None = None,
     """One shard's part, checked; raises EmbeddingError naming the file when it is unusable or was made
     by something else than `identity` (a key from `identity_key`)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
             emb = z["embeddings"]
             meta = pd.DataFrame(json.loads(str(z["meta"])))
             made_by = str(z["identity"]) if "identity" in z.files else ""
@@ -102,15 +103,16 @@ def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dic
     """embeddings.zarr + sites.parquet, then embed.json (last: its presence means the rest is whole)."""
     import zarr
 
+    out = storage.path(out)
     atomic.remove_leftovers(out, r"embeddings\.zarr")   # a killed run's half-built array
     with atomic.atomic_path(out / "embeddings.zarr") as tmp_z:
         arr = zarr.create_array(str(tmp_z), shape=emb.shape, chunks=(max(1, min(len(emb), 8192)), max(1, emb.shape[1])),
                                 dtype="float32", zarr_format=3)
         arr[:] = emb
-        shutil.rmtree(out / "embeddings.zarr", ignore_errors=True)
+        storage.remove_tree(out / "embeddings.zarr")
     atomic.write_parquet(out / "sites.parquet", meta)
     info = dict(info, n_sites=int(len(emb)), dim=int(emb.shape[1]) if emb.ndim == 2 else 0,
-                checksum=array_checksum(emb), checksums={"sites.parquet": integrity.of_file(out / "sites.parquet")})
+                checksum=array_checksum(emb), checksums={"sites.parquet": storage.checksum(out / "sites.parquet")})
     atomic.write_json(out / "embed.json", info)
     return info
 
@@ -119,7 +121,7 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     """Site metadata and embeddings written by the embedding job; errors name the file and how to repair it."""
     import zarr
 
-    p = Path(path)
+    p = storage.path(path)
     hint = f"rerun ./launch.sh embed CKPT SHARDS {p} to repair it"
     if not p.is_dir():
         raise EmbeddingError(f"{p} does not exist: embed first with ./launch.sh embed CKPT SHARDS {p}")
@@ -127,15 +129,15 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise EmbeddingError(f"{p} holds no finished embedding run (no embed.json); {hint}")
     info = json.loads((p / "embed.json").read_text())
     if (p / "sites.parquet").is_file() and not integrity.matches(
-            lambda like: integrity.of_file(p / "sites.parquet", like), info.get("checksums", {}).get("sites.parquet")):
+            lambda like: storage.checksum(p / "sites.parquet", like), info.get("checksums", {}).get("sites.parquet")):
         raise EmbeddingError(f"{p / 'sites.parquet'} is missing or corrupt (it does not match the checksum recorded "
                              f"in embed.json when it was written); {hint}")
     try:
-        meta = pd.read_parquet(p / "sites.parquet")
+        meta = pd.read_parquet(io.BytesIO(storage.read_bytes(p / "sites.parquet")))
     except Exception as e:
         raise EmbeddingError(f"{p / 'sites.parquet'} is missing or corrupt ({type(e).__name__}); {hint}") from None
     try:
-        emb = np.asarray(zarr.open_array(str(p / "embeddings.zarr"), mode="r")[:])
+        emb = np.asarray(zarr.open_array(storage.zarr_store(p / "embeddings.zarr", read_only=True), mode="r")[:])
     except Exception as e:
         raise EmbeddingError(f"{p / 'embeddings.zarr'} is missing or corrupt ({type(e).__name__}: "
                              f"{str(e)[:200]}); {hint}") from None
@@ -154,11 +156,11 @@ def load_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
 def read_feature_names(path: str | Path) -> list[str] | None:
     """The feature names a featuriser recorded in `path`/embed.json (`"feature_names"`, one per column,
     e.g. CellProfiler's `Nuclei_AreaShape_Area`), or None when it recorded none (learned embeddings)."""
-    info_path = Path(path) / "embed.json"
+    info_path = storage.path(path) / "embed.json"
     try:
         info = json.loads(info_path.read_text())
     except FileNotFoundError:
-        raise EmbeddingError(f"{Path(path)} holds no finished embedding run (no embed.json)") from None
+        raise EmbeddingError(f"{storage.path(path)} holds no finished embedding run (no embed.json)") from None
     except ValueError as e:
         raise EmbeddingError(f"{info_path} is not valid JSON ({e}); rerun the embed job to repair it") from None
     names = info.get("feature_names")

@@ -404,12 +404,14 @@ def put_file(local: str | Path, p: "ObjectPath") -> None:
     call(lambda: fs.put_file(str(local), key), str(p))
 
 
-def put_tree(local_dir: str | Path, p: "ObjectPath") -> None:
-    """Upload every file under a local directory to the prefix `p` (each object whole)."""
+def put_tree(local_dir: str | Path, p: "ObjectPath", last: tuple[str, ...] = ()) -> None:
+    """Upload every file under a local directory to the prefix `p` (each object whole); the files named in
+    `last` (paths relative to `local_dir`: a job's status record) after all the others."""
     local_dir = Path(local_dir)
-    for f in sorted(local_dir.rglob("*")):
-        if f.is_file():
-            put_file(f, p / f.relative_to(local_dir).as_posix())
+    files = sorted((f for f in local_dir.rglob("*") if f.is_file()),
+                   key=lambda f: (f.relative_to(local_dir).as_posix() in last, f))
+    for f in files:
+        put_file(f, p / f.relative_to(local_dir).as_posix())
 
 
 def remove_tree(p) -> None:
