@@ -139,3 +139,40 @@ def test_embed_into_a_bucket_and_evaluate_from_it_equal_the_local_runs(s3, tiny_
     assert got["profiles_image_stats.parquet"] == (tmp_path / "eval" / "profiles_image_stats.parquet").read_bytes()
     assert f"evaluate: metrics {out}/metrics.json, report {out}/report.md" in ev
     check_no_secret(said, {**got, **bucket_files(url)})
+
+
+@pytest.mark.slow
+def test_the_finished_model_is_exported_to_a_bucket(s3, tiny_shards, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from micon.checkpoint import load_checkpoint
+    from micon.config import ConfigError, load_config
+    from micon.distributed import free_port
+    from tests.s3server import SECRET_KEY
+    from train.config import TrainConfig
+    from train.trainer import EXIT_OK, train
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    dest = f"s3://{s3.bucket('models')}/simclr"
+    args = [f"data.shards={tiny_shards}", f"out={tmp_path / 'run'}", "method=simclr", "steps=2", "micro_batch=4",
+            "progress=false", "wandb.enabled=false", "data.num_workers=0"]
+    assert train(load_config(TrainConfig, None, [*args, f"export={dest}"])) == EXIT_OK
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert json.loads(storage.read_bytes(f"{dest}/final.json")) == final
+    (tmp_path / "exported.pt").write_bytes(storage.read_bytes(f"{dest}/model.pt"))
+    exported, local = load_checkpoint(tmp_path / "exported.pt"), load_checkpoint(tmp_path / "run")
+    assert exported.record == local.record and exported.state["step"] == 2
+    for k, v in local.weights.items():
+        torch.testing.assert_close(exported.weights[k], v, rtol=0, atol=0, msg=k)
+    # a finished run rerun exports again (the export was lost); a URL with credentials is refused, unnamed
+    storage.remove_tree(dest)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert train(load_config(TrainConfig, None, [*args, f"export={dest}"])) == EXIT_OK
+    assert storage.path(f"{dest}/final.json").is_file() and storage.path(f"{dest}/model.pt").is_file()
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, [*args, f"export=s3://AKIA:{SECRET_KEY}@models/x"])
+    assert SECRET_KEY not in str(e.value)
+    said = capsys.readouterr()
+    check_no_secret(said.out + said.err, bucket_files(dest))

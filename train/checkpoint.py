@@ -15,7 +15,7 @@ from pathlib import Path
 from micon import atomic, distributed
 from micon.checkpoint import InferenceRecord, find_latest, save_model_file, tag_of
 
-__all__ = ["find_latest", "resolve_resume", "save", "tag_of"]
+__all__ = ["export", "find_latest", "resolve_resume", "save", "tag_of"]
 
 
 def save(engine, root: Path, step: int, state: dict, config: dict, record: InferenceRecord, keep: int,
@@ -41,6 +41,21 @@ def save(engine, root: Path, step: int, state: dict, config: dict, record: Infer
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return root / tag
+
+
+def export(model_file: Path, final: dict, dest: str) -> str:
+    """Copy a finished run's model.pt to `dest` (a directory or an object prefix such as s3://bucket/models/run)
+    whole, then its final.json: last, so a final.json there means the model.pt beside it is complete. Returns
+    where model.pt went."""
+    from micon import storage
+
+    dest = storage.path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "final.json").unlink(missing_ok=True)
+    with atomic.atomic_path(dest / "model.pt") as tmp:
+        shutil.copyfile(model_file, tmp)
+    atomic.write_json(dest / "final.json", final)
+    return str(dest / "model.pt")
 
 
 def resolve_resume(root: Path, resume: str, rank: int) -> str | None:

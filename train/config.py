@@ -85,6 +85,8 @@ class TrainConfig:
     seed: NonNegativeInt = 0         # model initialisation and data shuffle seed
     ckpt_every: PositiveInt = 50     # save a checkpoint every this many steps (and at the end)
     keep_ckpts: NonNegativeInt = 2   # newest checkpoints kept on disk (0 = all)
+    export: str = ""                 # also copy the finished run's model.pt and final.json here (a directory or
+                                     # s3://bucket/prefix; final.json last); "" = none
     resume: str = "latest"           # latest | none | force (latest, even with other data, method or model:
                                      # the change is logged in OUT/run.json) | a step directory name
     on_nonfinite: OnNonfinite = "stop"     # stop | skip (drop the batch on every rank; not counted as a step)
@@ -109,6 +111,12 @@ class TrainConfig:
                 raise ConfigError(f"{key}={self.get(key)!r}: choose one of {', '.join(map(str, choices))}")
         if not self.data.shards:
             raise ConfigError("data.shards is required: the directory written by ./launch.sh prep")
+        if self.export:
+            from micon import storage
+            try:
+                storage.check_url(self.export, "export")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if get_method(self.method).needs.molecules and not self.data.graphs:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
         if self.model.preset not in IMAGE_PRESETS:

@@ -8,6 +8,7 @@ Works in-process with one rank (tests) as under torchrun or srun with many.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -676,7 +677,7 @@ class Trainer:
                 return EXIT_REQUEUE
         return EXIT_OK
 
-    def finish(self, exit_code: int) -> None:
+    def finish(self, exit_code: int) -> int:
         if self.bar is not None:
             self.bar.close()
         final_path = self.out / "final.json"
@@ -691,6 +692,16 @@ class Trainer:
                      "n/a" if final["loss"] is None else f"{final['loss']:.4f}", final["checkpoint"])
         elif self.rank == 0 and exit_code == EXIT_OK:
             log.info("already finished: %d of %d steps done in %s", self.state.step, self.cfg.steps, self.ckpt_root)
+        if self.rank == 0 and exit_code == EXIT_OK and self.cfg.export:
+            from train.checkpoint import export
+            final = json.loads(final_path.read_text())
+            try:
+                log.info("exported the model to %s", export(Path(final["checkpoint"]) / "model.pt", final,
+                                                             self.cfg.export))
+            except OSError as e:
+                print(f"train: exporting the model to {self.cfg.export} failed ({e}); the run is complete in "
+                      f"{self.out}: rerun the same command to export it", file=sys.stderr)
+                exit_code = EXIT_STOPPED
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
@@ -699,6 +710,7 @@ class Trainer:
         if self.determinism_before is not None:
             restore_determinism(self.determinism_before)
         distributed.shutdown()
+        return exit_code
 
 
 def train(cfg) -> int:
@@ -719,7 +731,7 @@ def train(cfg) -> int:
             print(f"train: {e}", file=sys.stderr)
         code = EXIT_STOPPED
     if trainer.engine is not None:
-        trainer.finish(code)
+        code = trainer.finish(code)
     else:
         if trainer.flag is not None:
             trainer.flag.restore()
