@@ -9,16 +9,18 @@ file of tensors and plain data, loaded with `weights_only=True` (it can never ru
                 "preprocessing", "step"},
      "config": the full training configuration, "state": the trainer state at that step}
 
-Training writes it (train/), embedding reads it (evaluate/): neither imports the other.
+Training writes it (train/), embedding reads it (evaluate/): neither imports the other. A checkpoint may be
+read from object storage (s3://bucket/models/run/model.pt, as train's export= writes it).
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from micon import atomic
+from micon import atomic, storage
 
 FORMAT, VERSION = "micon-checkpoint", 1
 
@@ -38,7 +40,7 @@ def tag_of(step: int) -> str:
 def find_latest(root: Path) -> str | None:
     """The newest complete tag under a checkpoints/ directory: the `latest` pointer, else the newest
     step directory holding model.pt."""
-    root = Path(root)
+    root = storage.path(root)
     pointer = root / "latest"
     if pointer.is_file():
         tag = pointer.read_text().strip()
@@ -117,7 +119,7 @@ def save_model_file(path: Path, weights: dict, record: InferenceRecord, config: 
 
 def resolve_model_file(path: str | Path) -> Path:
     """A training output directory, its checkpoints/ directory, one step directory, or a model.pt."""
-    p = Path(path)
+    p = storage.path(path)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.is_dir() and not (p / "model.pt").is_file():
@@ -135,7 +137,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a model.pt safely; errors say which file and what is wrong with it."""
     p = resolve_model_file(path)
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        ck = torch.load(p if isinstance(p, Path) else io.BytesIO(storage.read_bytes(p)), map_location="cpu",
+                        weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{p} is not a readable checkpoint of plain tensors and data "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); it may be corrupt, "

@@ -34,7 +34,7 @@ def part_path(out, shard: str):
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with storage.open_read(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()

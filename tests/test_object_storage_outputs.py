@@ -166,6 +166,15 @@ def test_the_finished_model_is_exported_to_a_bucket(s3, tiny_shards, tmp_path, m
     assert exported.record == local.record and exported.state["step"] == 2
     for k, v in local.weights.items():
         torch.testing.assert_close(exported.weights[k], v, rtol=0, atol=0, msg=k)
+    # embed reads the exported model straight from the bucket: the embeddings of the run's own checkpoint
+    from evaluate import embed as embed_job
+    from micon.embeddings import load_embeddings
+
+    for ckpt, emb in ((dest, tmp_path / "emb-bucket"), (tmp_path / "run", tmp_path / "emb-run")):
+        assert embed_job.main([str(ckpt), str(tiny_shards), str(emb), "ray=false", "batch_size=8"]) == 0
+    np.testing.assert_array_equal(load_embeddings(tmp_path / "emb-bucket")[1], load_embeddings(tmp_path / "emb-run")[1])
+    assert json.loads((tmp_path / "emb-bucket" / "embed.json").read_text())["identity"]["model"]["path"] == \
+        f"{dest}/model.pt"
     # a finished run rerun exports again (the export was lost); a URL with credentials is refused, unnamed
     storage.remove_tree(dest)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
