@@ -193,7 +193,7 @@ class Request:
 
 # Keys whose values are paths: made absolute, because the job runs from the repository.
 PATH_KEYS = {"out", "shards", "graphs", "dir", "path", "root", "ckpt", "checkpoint", "config", "embeddings",
-             "compounds", "screen", "src", "weights"}
+             "compounds", "screen", "src", "weights", "export"}
 
 
 def absolute_args(args: list[str], cwd: Path) -> list[str]:
