@@ -537,6 +537,9 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
                   f"Inactive compounds are then used in {a['inactive_weight']:.0%} of their "
                   f"replicate-set samples (`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
                   f"`{variant(results['subject'], 'activity')}` in the tables (first seed).", ""]
+    diagnosis = ROOT / "docs" / "results" / "DIAGNOSIS.md"     # the diagnosis (--ladder, --diagnose), hand-kept
+    if diagnosis.is_file():
+        lines += [diagnosis.read_text().rstrip(), ""]
     lines += ["## Verdict (computed from the intervals above)", "", *verdict(summary, results["subject"]), ""]
     notes = ROOT / "docs" / "results" / "NOTES.md"      # the hand-written reading, kept across regenerations
     if notes.is_file():
