@@ -1,7 +1,10 @@
 """Does MICON help? The comparison on the calibrated screen, with seeds, intervals and three splits.
 
     python bench/science.py [--out runs/science] [--seeds 0 1 2] [--steps 400] [--parts comparison ablations activity]
-    python bench/science.py --replot [--docs]      # redraw comparison.png from the stored numbers only
+    python bench/science.py --replot [--docs]      # redraw comparison.png (and results.json) from the stored numbers
+    python bench/science.py --ladder 60 [--train-args micro_batch=16]   # diagnosis: the learnability ladder
+    python bench/science.py --diagnose 300 [--preset calibrated]       # diagnosis: fit vs transfer, truth-active runs
+    (on a shared CPU machine set OMP_NUM_THREADS=1: torch's threads spin on busy cores, 4-5x slower)
     ./launch.sh compare [same options]
 
 One synthetic screen (preset `calibrated`, fixed before any method ran: micon.synth.CALIBRATION), ingested
