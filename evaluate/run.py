@@ -347,7 +347,8 @@ def main(argv: list[str]) -> int:
         table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})
                               for n, r in results.items()])
         print(table.to_string(index=False))
-    if out != final:        # every object whole, metrics.json last
+    if out != final:        # every object whole, metrics.json last (an earlier run's first removed)
+        (final / "metrics.json").unlink(missing_ok=True)
         storage.put_tree(out, final, last=("metrics.json",))
         shutil.rmtree(out)
         report = final / report.name

@@ -104,6 +104,8 @@ def write_consolidated(out: Path, emb: np.ndarray, meta: pd.DataFrame, info: dic
     import zarr
 
     out = storage.path(out)
+    if isinstance(out, storage.ObjectPath):     # no atomic swap in a bucket: the old record goes first
+        (out / "embed.json").unlink(missing_ok=True)
     atomic.remove_leftovers(out, r"embeddings\.zarr")   # a killed run's half-built array
     with atomic.atomic_path(out / "embeddings.zarr") as tmp_z:
         arr = zarr.create_array(str(tmp_z), shape=emb.shape, chunks=(max(1, min(len(emb), 8192)), max(1, emb.shape[1])),

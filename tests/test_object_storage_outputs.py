@@ -56,11 +56,23 @@ def test_a_graph_store_in_a_bucket_reads_like_the_one_on_disk(bucket, tmp_path):
         GraphStore(f"s3://{bucket}/nowhere")
 
 
+def one_rank(monkeypatch) -> None:
+    """The environment of a one-process training run."""
+    from micon.distributed import free_port
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+
+
 @pytest.mark.slow
 def test_featurize_into_a_bucket_killed_and_rerun_equals_featurize_to_disk(s3, tiny_screen, tiny_graphs,
-                                                                           tiny_shards, tmp_path):
+                                                                           tiny_shards, tmp_path, monkeypatch, capsys):
     from micon.chem.store import GraphStore
+    from micon.config import load_config
     from tests.test_fault_injection import already, kill_midway
+    from train.config import TrainConfig
+    from train.trainer import EXIT_OK, train
 
     name = s3.bucket("featurize-out")
     table = f"s3://{name}/metadata/compound.csv.gz"              # the compound table from the bucket too
@@ -86,12 +98,14 @@ def test_featurize_into_a_bucket_killed_and_rerun_equals_featurize_to_disk(s3, t
     assert not [k for k in files if k.endswith(".tmp") or "consolidate" in k], sorted(files)
     again = run_job(*args, **s3.env)
     assert "up to date, nothing to do" in again.stdout
-    # training reads its graphs straight from the bucket
-    train = run_job("train.run", "-", f"data.shards={tiny_shards}", f"data.graphs={out}", f"out={tmp_path / 'run'}",
-                    "method=micon", "steps=1", "micro_batch=4", "progress=false", "data.num_workers=0",
-                    "wandb.enabled=false", **s3.env)
+    # training reads its graphs straight from the bucket (in process: the s3 fixture points it at the server)
+    one_rank(monkeypatch)
+    assert train(load_config(TrainConfig, None, [f"data.shards={tiny_shards}", f"data.graphs={out}", "method=micon",
+                                                 f"out={tmp_path / 'run'}", "steps=1", "micro_batch=4", "progress=false",
+                                                 "data.num_workers=0", "wandb.enabled=false"])) == EXIT_OK
     assert json.loads((tmp_path / "run" / "final.json").read_text())["step"] == 1
-    check_no_secret(rerun.stdout + rerun.stderr + train.stdout + train.stderr,
+    said = capsys.readouterr()
+    check_no_secret(rerun.stdout + rerun.stderr + said.out + said.err,
                     {**files, **{str(p): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}})
 
 
@@ -152,9 +166,7 @@ def test_the_finished_model_is_exported_to_a_bucket(s3, tiny_shards, tmp_path, m
     from train.config import TrainConfig
     from train.trainer import EXIT_OK, train
 
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
+    one_rank(monkeypatch)
     dest = f"s3://{s3.bucket('models')}/simclr"
     args = [f"data.shards={tiny_shards}", f"out={tmp_path / 'run'}", "method=simclr", "steps=2", "micro_batch=4",
             "progress=false", "wandb.enabled=false", "data.num_workers=0"]
