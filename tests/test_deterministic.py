@@ -1,6 +1,8 @@
-"""deterministic=true: two runs with one seed give bit-identical weights on CPU, weights that training moved
-from the seed's initial ones. In-process, one rank, 3 steps each (the data stream is a pure function of the
-seed, rank and worker layout: tests/test_pipeline.py)."""
+"""deterministic=true: two MICON runs with one seed give bit-identical weights on CPU, weights that training
+moved from the seed's initial ones. MICON because its molecule encoder sums messages with index_add, which
+on CPU threads is not bit-reproducible otherwise (two default runs measured 1e-7 apart by step 4).
+In-process, one rank, 3 steps each (the data stream is a pure function of the seed, rank and worker
+layout: tests/test_pipeline.py)."""
 from __future__ import annotations
 
 import pytest
@@ -24,8 +26,9 @@ def one_rank(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
-def _weights(shards, out, seed: int) -> dict:
-    cfg = load_config(TrainConfig, None, [f"data.shards={shards}", f"out={out}", "method=paclr", "micro_batch=4",
+def _weights(shards, graphs, out, seed: int) -> dict:
+    cfg = load_config(TrainConfig, None, [f"data.shards={shards}", f"data.graphs={graphs}", f"out={out}",
+                                          "method=micon", "micro_batch=4", "model.molecule_dim=16",
                                           "steps=3", f"seed={seed}", "deterministic=true",
                                           "progress=false", "wandb.enabled=false", "data.augment.crop=16",
                                           "model.projection_dim=8", "optim.warmup_steps=1"])
@@ -36,13 +39,15 @@ def _weights(shards, out, seed: int) -> dict:
     return ck
 
 
-def test_one_seed_reproduces_bit_for_bit(tiny_shards, tmp_path, one_rank):
-    first = _weights(tiny_shards, tmp_path / "a", seed=3)
-    second = _weights(tiny_shards, tmp_path / "b", seed=3).weights
+def test_one_seed_reproduces_bit_for_bit(tiny_shards, tiny_graphs, tmp_path, one_rank):
+    first = _weights(tiny_shards, tiny_graphs, tmp_path / "a", seed=3)
+    second = _weights(tiny_shards, tiny_graphs, tmp_path / "b", seed=3).weights
     assert first.weights.keys() == second.keys()
     different = [k for k in second if not torch.equal(first.weights[k], second[k])]
     assert not different, different[:5]
     torch.manual_seed(3)     # what the trainer builds before its first step
-    start = get_method("paclr").build_model(ModelConfig(**first.record.model), len(first.record.channels)).state_dict()
+    r = first.record
+    start = get_method("micon").build_model(ModelConfig(**r.model), len(r.channels), r.atom_dim, r.bond_dim,
+                                            r.fingerprint_bits).state_dict()
     moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], second[k])]
     assert "image_encoder.backbone.conv1.0.weight" in moved    # the runs trained: equal weights are not the seed's
