@@ -289,6 +289,9 @@ def main(argv: list[str]) -> int:
     final = storage.path(cfg.out)     # in object storage: written to a local staging directory, uploaded at the end
     out = final if isinstance(final, Path) else atomic.temp_path(final)
     out.mkdir(parents=True, exist_ok=True)
+    if out != final:        # a failed run leaves no staging directory behind either
+        import atexit
+        atexit.register(shutil.rmtree, out, True)
     save_config(cfg, out / "eval_config.yaml")
     keep = None
     if cfg.compounds == "heldout":
@@ -350,7 +353,7 @@ def main(argv: list[str]) -> int:
     if out != final:        # every object whole, metrics.json last (an earlier run's first removed)
         (final / "metrics.json").unlink(missing_ok=True)
         storage.put_tree(out, final, last=("metrics.json",))
-        shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
         report = final / report.name
     print(f"evaluate: metrics {final / 'metrics.json'}, report {report}")
     return 0
