@@ -53,7 +53,7 @@ PRESETS: dict[str, dict] = {
     # TARGET2-like (every compound once on every plate; 4 sources x 2 batches) with the effects that survive
     # normalisation, calibrated so that CellProfiler-grade features land at the field's levels (docs/RESULTS.md).
     # Its own fit: a query's rivals grow with the compounds, so the shared effects left 300 compounds below the
-    # NSB and NSS bands; 200 compounds, a quarter of them at full strength, land in every band (seeds 0 and 1)
+    # NSB and NSS bands; 200 compounds, a quarter of them at full strength, land in every band (seeds 0-2)
     "calibrated": dict(n_sources=4, batches_per_source=2, plates_per_batch=1, replicates=8,
                        dmso_wells=16, poscon_wells=4, sites_per_well=2, image_size=64, wells_per_plate=384,
                        **dict(CALIBRATION, strong_fraction=0.25), n_compounds=200),
