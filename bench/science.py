@@ -660,9 +660,9 @@ def plot_curves(curves: dict[str, pd.DataFrame], path: Path, title: str, window:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.4))
     for i, (name, c) in enumerate(curves.items()):
-        col = plt.cm.viridis(i / max(len(curves) - 1, 1))
+        col = plt.cm.tab10(i % 10)
         ax.plot(c.step, c.ratio, color=col, alpha=0.15, lw=0.8)
         ax.plot(c.step, c.ratio.rolling(window, min_periods=1).mean(), color=col, lw=1.6, label=name)
     ax.axhline(1.0, color="0.15", ls="--", lw=1, label="chance (an encoder that tells nothing apart)")
@@ -670,7 +670,7 @@ def plot_curves(curves: dict[str, pd.DataFrame], path: Path, title: str, window:
     ax.set_ylabel("training loss / chance-level loss")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
