@@ -130,8 +130,10 @@ case "$cmd" in
   help|-h|--help) usage ;;
   setup) setup; log "environment ready: $VENV" ;;
   # two pytest workers (pytest-xdist), one module per worker at a time so module fixtures are built once;
-  # MICON_TEST_WORKERS=0 (or -n 0) runs in one process
-  test) setup; cd "$ROOT"; exec "$PY" -m pytest -n "${MICON_TEST_WORKERS:-2}" --dist loadscope tests "$@" ;;
+  # MICON_TEST_WORKERS=0 (or -n 0) runs in one process. One OpenMP thread per process: two workers on two
+  # cores each running torch at two threads spin-wait on each other (3-4x slower steps, docs/BENCHMARKS.md)
+  test) setup; cd "$ROOT"; export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+        exec "$PY" -m pytest -n "${MICON_TEST_WORKERS:-2}" --dist loadscope tests "$@" ;;
   demo) setup; cd "$ROOT"; demo "${1:-runs/demo}" "${@:2}" ;;
   compare) setup; cd "$ROOT"; exec "$PY" bench/science.py "$@" ;;
   calibrate) setup; cd "$ROOT"; exec "$PY" bench/calibrate.py "$@" ;;
