@@ -39,7 +39,12 @@ setup() {
   stamp="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
   if [[ ! -f "$stamp_file" || "$(cat "$stamp_file")" != "$stamp" ]]; then
     log "installing micon and its dependencies into $VENV (first time: a few minutes)"
-    "$PY" -m pip install -q -e "$ROOT[dev]"
+    # Two steps: the project (s3fs picks botocore through aiobotocore's narrow range), then the test extras with
+    # boto3 (moto's) held at that botocore's release. Left free, pip walks back through hundreds of boto3
+    # releases, each wanting the newest botocore, for tens of minutes.
+    "$PY" -m pip install -q -e "$ROOT"
+    local botocore; botocore="$("$PY" -c 'import botocore; print(botocore.__version__)')"
+    "$PY" -m pip install -q -e "$ROOT[dev]" "boto3<=$botocore"
     echo "$stamp" > "$stamp_file"
   fi
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
