@@ -30,13 +30,23 @@ def kill_midway(args: list[str], progress, total: int, seed: int, env: dict | No
                 timeout: float = 240) -> int:
     """Start a job, wait until `progress()` reaches a seeded random point in [1, total - 1], SIGKILL its
     whole process group. Returns the progress seen at the kill."""
+    import tempfile
+
     target = random.Random(seed).randint(1, total - 1)
+    log = tempfile.TemporaryFile("w+")        # the job's own words when it ends before the kill
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(**(env or {})),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     deadline = time.time() + timeout
+
+    def tail() -> str:
+        log.seek(0)
+        return log.read()[-3000:]
+
     try:
         while progress() < target:
-            assert proc.poll() is None, f"{args[0]} finished before reaching {target} of {total}"
+            if proc.poll() is not None and progress() < target:
+                raise AssertionError(f"{args[0]} finished (exit {proc.returncode}) before reaching {target} of "
+                                     f"{total}; its log ends:\n{tail()}")
             assert time.time() < deadline, f"{args[0]} did not reach {target} of {total} in {timeout} s"
             time.sleep(0.02)
     finally:
