@@ -5,6 +5,7 @@ Jobs call it; the library never does."""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import traceback
 from pathlib import Path
@@ -152,8 +153,19 @@ def init_ray(num_cpus: int = 0, object_store_mb: int = 256):
                            f"start it (cluster/templates/ray.sbatch does on Slurm) or unset RAY_ADDRESS to run on a "
                            f"private local Ray") from None
     else:
-        # address="local": never attach to somebody else's cluster on a shared machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=int(os.environ.get("MICON_RAY_OBJECT_STORE_MB", object_store_mb)) * 2**20,
-                 runtime_env=runtime_env, log_to_driver=False, logging_level="WARNING")
+        # address="local": never attach to somebody else's cluster on a shared machine. Ray gives its node a
+        # fixed start-up time; on a busy machine (a login node, a CI box running other jobs) it can miss it:
+        # start again, twice, before giving up
+        for attempt in range(3):
+            try:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                         object_store_memory=int(os.environ.get("MICON_RAY_OBJECT_STORE_MB", object_store_mb)) * 2**20,
+                         runtime_env=runtime_env, log_to_driver=False, logging_level="WARNING")
+                break
+            except Exception as e:          # Ray raises a bare Exception for a node that missed its start-up
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                logging.getLogger("micon.ray").warning("the local Ray node missed its start-up time (busy "
+                                                       "machine?); starting it again (%d of 2)", attempt + 1)
+                ray.shutdown()
     return ray
