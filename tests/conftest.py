@@ -51,3 +51,13 @@ def tiny_graphs(tiny_screen, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("graphs") / "tiny"
     run_job("data_prep.featurize", tiny_screen / "metadata" / "compound.csv.gz", out, "num_workers=1")
     return out
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """One DeepSpeed rank in this process: the rendezvous environment on a free local port."""
+    from micon.distributed import free_port
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)

@@ -15,7 +15,6 @@ import pytest
 from micon.cli import JOBS
 from micon.config import ConfigError, Range, check_ranges, config_help, load_config, range_of
 from tests.conftest import run_job
-from tests.test_trainer import one_rank  # noqa: F401 (the fixture: one rank in-process)
 from train.config import TrainConfig
 
 TRAIN = ["data.shards=s", "method=simclr"]

@@ -10,20 +10,12 @@ import torch
 
 from micon.checkpoint import load_checkpoint
 from micon.config import load_config
-from micon.distributed import free_port
 from micon.methods import get_method
 from micon.models.factory import ModelConfig
 from train.config import TrainConfig
 from train.trainer import EXIT_OK, train
 
 pytestmark = pytest.mark.slow   # two trainer runs (about 10 s on 2 idle cores)
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
 
 
 def _weights(shards, graphs, out, seed: int) -> dict:

@@ -15,13 +15,6 @@ from train.config import TrainConfig
 from train.trainer import EXIT_OK, Trainer, train
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-
-
 def _cfg(shards, out, *extra):
     return load_config(TrainConfig, None, [f"data.shards={shards}", f"out={out}", "micro_batch=4", "progress=false",
                                            "wandb.enabled=false", "data.augment.crop=16", "model.projection_dim=8",

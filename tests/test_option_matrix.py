@@ -23,7 +23,6 @@ import torch
 from micon import schema
 from micon.checkpoint import load_checkpoint
 from micon.config import ConfigError, load_config, to_dict
-from micon.distributed import free_port
 from micon.methods import METHODS, get_method
 from micon.models.factory import MOLECULE_ENCODERS
 from train.config import TrainConfig, option_choices
@@ -112,13 +111,6 @@ def fingerprint_store(tiny_screen, tmp_path_factory):
     out.mkdir()
     write_store(out, index[list(INDEX_COLUMNS)], graphs, radius=2, n_bits=FINGERPRINT_BITS)
     return out
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
 
 
 def test_the_matrix_covers_every_choice_of_every_key():

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from micon.config import load_config
-from tests.test_trainer import one_rank  # noqa: F401 (the fixture: one rank in-process)
 from train import identity
 from train.config import TrainConfig
 from train.trainer import EXIT_OK, EXIT_STOPPED, train

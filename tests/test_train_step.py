@@ -21,13 +21,6 @@ STEPS = 4
 TODAY = ["engine.channels_last=off", "optim.kernel=for_loop", "wandb.log_every=1"]
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-
-
 def _run(shards, out, *extra) -> tuple[list[dict], dict]:
     cfg = load_config(TrainConfig, None, [f"data.shards={shards}", f"out={out}", "method=paclr", "micro_batch=4",
                                           f"steps={STEPS}", "progress=false", "wandb.enabled=false", "resume=none",

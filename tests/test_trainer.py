@@ -10,18 +10,10 @@ import pytest
 
 from micon.checkpoint import CheckpointError, load_checkpoint
 from micon.config import load_config
-from micon.distributed import free_port
 from train.config import TrainConfig
 from train.trainer import EXIT_OK, Trainer, TrainingStopped, lr_lambda, train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
 
 
 def _cfg(shards, out, *extra):
