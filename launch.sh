@@ -93,7 +93,7 @@ demo() {
   log "demo 5/6: embed sites with the untrained network and the screen's ground truth (oracle)"
   "$PY" -m evaluate.embed "untrained:$out/train/simclr" "$out/shards" "$out/embeddings/untrained" ray=false \
     2>&1 | grep "^embed:" || true
-  "$PY" -m evaluate.embed "truth:$out/screen" "$out/shards" "$out/embeddings/oracle" 2>&1 | grep "^embed:" || true
+  "$PY" -m evaluate.embed "truth:$out/screen" "$out/shards" "$out/embeddings/oracle" ray=false 2>&1 | grep "^embed:" || true
   for m in untrained oracle; do
     [[ -f "$out/embeddings/$m/embed.json" ]] || { log "demo: embedding $m failed"; exit 1; }
   done

@@ -729,6 +729,142 @@ def diagnose(out: Path, steps: int, preset: str, method: str = "paclr", seed: in
     return res
 
 
+def learning_curve(out: Path, name: str, method: str, seed: int, steps: int, every: int, extra: list[str],
+                   shards: Path | None = None, n_boot: int = 200) -> dict:
+    """Retrieval against training step: train `method` (checkpoints every `every` steps, all kept) and, while it
+    trains, embed each checkpoint in-process and score it on the training split (fit) and the held-out splits
+    (transfer); step 0 is the same network as initialised (`untrained:RUN`). Resumable: a finished step is
+    never scored again, a killed training resumes from its latest checkpoint. Writes OUT/curves/NAME.json."""
+    py = sys.executable
+    splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
+    ckpt = out / "train" / name
+    path = out / "curves" / f"{name}.json"
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    res.update(method=method, seed=seed, steps=steps, every=every, extra=[*TRAIN_ARGS, *extra],
+               data=str(shards or out / "shards"))
+    res.setdefault("scores", {})
+    proc = None
+    if not (ckpt / "final.json").is_file():
+        from micon.methods import get_method
+        stream = "replicate_sets" if get_method(method).needs.pairs else "plates"
+        args = [py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards or out / 'shards'}",
+                f"data.graphs={out / 'graphs'}", f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32",
+                f"optim.lr={LR.get(method, 3e-3)}", "optim.warmup_steps=20", "data.augment.crop=56",
+                "data.num_workers=1", f"ckpt_every={every}", "keep_ckpts=0", f"data.stream={stream}",
+                "progress=false", "wandb.log_every=10", *TRAIN_ARGS, *extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0"}
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        logf = open(out / "logs" / f"train-{name}.log", "a")
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        log(f"{name}: training {method} for {steps} steps (pid {proc.pid}), scoring every {every}")
+
+    def score_step(label: str, source: str) -> None:
+        emb = out / "embeddings" / name / label
+        if not (emb / "embed.json").is_file():
+            sh([py, "-m", "evaluate.embed", source, str(out / "shards"), str(emb), "ray=false"],
+               out / "logs" / f"embed-{name}-{label}.log")
+        res["scores"][label.removeprefix("step").lstrip("0") or "0"] = score(
+            *profiles(emb), splits, n_boot=n_boot, seed=seed, fit=True)
+        atomic.write_json(path, res)
+        s = res["scores"][label.removeprefix("step").lstrip("0") or "0"]
+        log(f"{name} {label}: NSB top-10 " + ", ".join(f"{k} {v['nsb_top10']:.3f}" for k, v in s.items()))
+
+    while True:
+        finished = proc is None or proc.poll() is not None
+        latest = ckpt / "checkpoints" / "latest"
+        if latest.is_file():
+            if "0" not in res["scores"]:      # the run's network as initialised (read from its first checkpoint)
+                score_step("step0", f"untrained:{ckpt}")
+            last = int(latest.read_text().strip().removeprefix("step"))
+            for d in sorted((ckpt / "checkpoints").glob("step*")):
+                n = int(d.name.removeprefix("step"))
+                if n <= last and str(n) not in res["scores"]:
+                    score_step(d.name, str(d))
+        if finished:
+            break
+        time.sleep(20)
+    if proc is not None and proc.returncode:
+        raise RuntimeError(f"training {name} exited {proc.returncode}; see {out / 'logs' / f'train-{name}.log'}")
+    c = loss_curve(ckpt)
+    res.update(chance=float(c.chance.iloc[0]), tail_ratio=tail_ratio(c),
+               curve=c[["step", "loss", "ratio"]].round(4).to_dict("list"))
+    atomic.write_json(path, res)
+    return res
+
+
+def refs(out: Path) -> dict:
+    """The reference rows of the learning curves (OUT/curves/refs.json): the CellProfiler-grade baseline and the
+    ground-truth oracle, embedded once and scored like every checkpoint."""
+    py = sys.executable
+    path = out / "curves" / "refs.json"
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
+    for label, source in (("cellprofiler", None), ("oracle", f"truth:{out / 'screen'}")):
+        if label in res:
+            continue
+        emb = embed_baseline(out) if source is None else out / "embeddings" / label
+        if not (emb / "embed.json").is_file():
+            sh([py, "-m", "evaluate.embed", source, str(out / "shards"), str(emb), "ray=false"],
+               out / "logs" / f"embed-{label}.log")
+        res[label] = score(*profiles(emb), splits, n_boot=200, fit=True)
+        atomic.write_json(path, res)
+        log(f"{label}: NSB top-10 " + ", ".join(f"{k} {v['nsb_top10']:.3f}" for k, v in res[label].items()))
+    return res
+
+
+def plot_learning_curves(out: Path, names: list[str], path: Path, metric: str = "nsb_top10",
+                         refs: tuple[str, ...] = ("cellprofiler", "oracle")) -> None:
+    """`metric` against step per query set, one line per run (OUT/curves/NAME.json) with its bootstrap band;
+    the same network untrained is step 0; reference rows (OUT/curves/refs.json) and chance are horizontal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = ["training", *SPLITS]
+    runs = {n: json.loads((out / "curves" / f"{n}.json").read_text()) for n in names}
+    ref_path = out / "curves" / "refs.json"
+    ref = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
+    fig, axes = plt.subplots(1, len(splits) + 1, figsize=(4.2 * (len(splits) + 1), 3.8))
+    for ax, split in zip(axes, splits):
+        for i, (n, r) in enumerate(runs.items()):
+            steps = sorted(int(s) for s in r["scores"])
+            pts = [r["scores"][str(s)].get(split, {}) for s in steps]
+            m = np.array([p.get(metric, np.nan) for p in pts], float)
+            lo = np.array([p.get(metric + "_boot", (np.nan, np.nan))[0] for p in pts], float)
+            hi = np.array([p.get(metric + "_boot", (np.nan, np.nan))[1] for p in pts], float)
+            col = plt.cm.tab10(i % 10)
+            ax.plot(steps, m, "o-", color=col, ms=3, lw=1.3, label=n)
+            ax.fill_between(steps, lo, hi, color=col, alpha=0.15)
+        for j, rn in enumerate(refs):
+            v = ref.get(rn, {}).get(split, {}).get(metric)
+            if v is not None:
+                ax.axhline(v, color=("0.3", "tab:purple", "tab:brown")[j % 3], lw=1.2, ls="-.", label=rn)
+        ch = [r["scores"][s].get(split, {}).get(metric + "_chance") for r in runs.values() for s in r["scores"]]
+        ch = [c for c in ch if c is not None]
+        if ch:
+            ax.axhline(float(np.mean(ch)), color="0.15", ls="--", lw=1, label="chance")
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel("optimizer step (0 = untrained)", fontsize=8)
+        ax.set_ylabel(YLABELS.get(metric, metric), fontsize=8)
+        ax.set_ylim(0, None)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for i, (n, r) in enumerate(runs.items()):
+        if "curve" in r:
+            c = pd.DataFrame(r["curve"])
+            ax.plot(c.step, c.ratio.rolling(25, min_periods=1).mean(), color=plt.cm.tab10(i % 10), lw=1.3, label=n)
+    ax.axhline(1.0, color="0.15", ls="--", lw=1)
+    ax.set_title("training loss / chance (running mean of 25 logs)", fontsize=9)
+    ax.set_xlabel("optimizer step", fontsize=8)
+    ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{metric} against training step; bands: 95% bootstrap over compounds", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_fit_transfer(res: dict, path: Path, title: str, metrics=("nsb_top10", "nss_top10")) -> None:
     """NSB/NSS top-10 per run on the training split (fit) and the held-out splits (transfer), with the bootstrap
     interval over compounds and the chance level (dashed tick)."""
@@ -791,7 +927,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the diagnosis on --preset: PaCLR (STEPS steps) on every compound and on the truly "
                          "active ones, and the untrained network, scored on the training split beside the held-out "
                          "ones (OUT/diagnosis.json, diagnosis_*.png)")
+    ap.add_argument("--curve", type=int, metavar="STEPS", default=0,
+                    help="only learning curves on --preset: each of --methods x --seeds trained for STEPS steps, every "
+                         "--every-th checkpoint scored on the training and held-out splits (OUT/curves/*.json, "
+                         "learning_curves.png)")
+    ap.add_argument("--every", type=int, default=250, help="--curve: score a checkpoint every this many steps")
+    ap.add_argument("--label", default="", help="--curve: a suffix naming the runs (their settings)")
+    ap.add_argument("--data", choices=["all", "truth_active"], default="all",
+                    help="--curve: replicate sets of every compound, or of the ground-truth-active ones only")
     a = ap.parse_args(argv)
+    if a.curve:
+        TRAIN_ARGS[:] = a.train_args
+        out = Path(a.out).resolve()
+        prepare(out, a.preset)
+        refs(out)
+        shards = truth_active_shards(out) if a.data == "truth_active" else None
+        names = []
+        for seed in a.seeds:
+            for m in a.methods:
+                name = "_".join(filter(None, [m, a.data if a.data != "all" else "", a.label, f"seed{seed}"]))
+                learning_curve(out, name, m, seed, a.curve, a.every, [], shards)
+                names.append(name)
+        plot_learning_curves(out, names, out / f"learning_curves_{a.label or 'runs'}.png")
+        return 0
     if a.ladder:
         TRAIN_ARGS[:] = a.train_args
         res = ladder(Path(a.out).resolve(), a.ladder, seed=a.seeds[0], docs=a.docs)

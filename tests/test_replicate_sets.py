@@ -219,3 +219,25 @@ def test_a_method_without_controls_reads_whichever_path_is_cheaper():
     jump = manifest(n_sites=5_900_000, n_compounds=112_000, wells=5, sites_per_well=9)
     est = stream_estimates(jump, n_slots=80, pair_buffer=50_000)
     assert est["plates"] < 0.05 < est["replicate_sets"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pairing_within_source_first_takes_another_batch_of_the_same_source(seed):
+    """within_source: a well is paired with another batch of its own source whenever one is left, else with
+    another source; a direct count over random layouts (the greedy order is the same as the default's)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 12))
+    metas = [{schema.SOURCE: f"s{rng.integers(3)}", schema.BATCH: f"b{rng.integers(3)}",
+              schema.PLATE: f"p{i}", schema.WELL: "A01"} for i in range(n)]
+    pairs = pair_wells(metas, np.random.default_rng(seed), within_source=True)
+    assert len(pairs) == -(-n // 2) and {i for p in pairs for i in p[:2]} == set(range(n))
+    left = set(range(n))
+    for i, j, level in pairs[: n // 2]:
+        left.discard(i)
+        same_source_other_batch = [k for k in left if metas[k][schema.SOURCE] == metas[i][schema.SOURCE]
+                                   and metas[k][schema.BATCH] != metas[i][schema.BATCH]]
+        assert (level == "batch") == bool(same_source_other_batch), (i, j, level, same_source_other_batch)
+        left.discard(j)
+    # the default keeps preferring another source
+    default = pair_wells(metas, np.random.default_rng(seed))
+    assert default == pair_wells(metas, np.random.default_rng(seed), within_source=False)

@@ -36,6 +36,8 @@ class DataConfig:
     shuffle_buffer: PositiveInt = 128  # raw samples shuffled before decoding
     pair_buffer: PositiveInt = 4096  # treated sites waiting for a replicate partner (plate stream)
     pair_prefer: PairLevel = "source"     # source | batch | plate | well
+    pair_within_source: bool = False  # replicate sets: pair a well with another batch of its own source first
+                                      # (a source-specific phenotype is shared there), then another source
     resample: bool = False           # draw shards with replacement instead of epoch by epoch
     normalize: Normalization = "plate"       # plate | none
     include_poscon: bool = False     # positive controls as compounds too
@@ -154,6 +156,10 @@ class TrainConfig:
                 if self.get(key) != default.get(key):
                     out.append(f"{key}={self.get(key)} is unused with {why}: it sizes the pairing buffer of "
                                f"the plate-shard stream")
+        if self.data.pair_within_source and (self.data.stream == "plates" or not method.needs.pairs):
+            why = "data.stream=plates" if method.needs.pairs else f"method={self.method} (no pairs)"
+            out.append(f"data.pair_within_source=true is unused with {why}: it orders the pairs of the "
+                       f"replicate-set stream")
         return out
 
 

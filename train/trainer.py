@@ -477,7 +477,8 @@ class Trainer:
                      + (" + control bank" if self.needs.controls else ""))
         stream_cfg = StreamConfig(needs=self.needs, batch_size=cfg.micro_batch, replicate_sets=rsets,
                                   shuffle_buffer=cfg.data.shuffle_buffer, pair_buffer=cfg.data.pair_buffer,
-                                  pair_prefer=cfg.data.pair_prefer, resample=cfg.data.resample,
+                                  pair_prefer=cfg.data.pair_prefer,
+                                  pair_within_source=cfg.data.pair_within_source, resample=cfg.data.resample,
                                   preprocessing=Preprocessing(normalize=cfg.data.normalize),
                                   include_poscon=cfg.data.include_poscon, seed=self.state.data_seed,
                                   augment=cfg.data.augment)

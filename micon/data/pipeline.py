@@ -64,6 +64,7 @@ class StreamConfig:
     shuffle_buffer: int = 128      # raw samples shuffled before decoding
     pair_buffer: int = 4096        # treated sites waiting for a replicate partner
     pair_prefer: str = "source"    # prefer partners from another source, else batch, plate, well
+    pair_within_source: bool = False   # replicate sets: another batch of the same source first
     resample: bool = False         # draw shards with replacement instead of epoch by epoch
     preprocessing: Preprocessing = field(default_factory=Preprocessing)   # written once, shared with embedding
     include_poscon: bool = False   # positive controls as compounds too
@@ -363,7 +364,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             if doc.get("weight", 1.0) < 1.0 and rng.random() >= doc["weight"]:
                 continue          # a down-weighted compound is used in that share of its samples
             wells = doc["wells"]
-            pairs = pair_wells([w["meta"] for w in wells], rng)
+            pairs = pair_wells([w["meta"] for w in wells], rng, self.cfg.pair_within_source)
             used = set()
             for i, j, level in pairs:
                 views = [(sample["blobs"][tuple(wells[k]["image"])], doc["codec"], wells[k]["meta"]) for k in (i, j)]

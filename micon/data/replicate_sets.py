@@ -269,29 +269,39 @@ def pair_score(a: dict, b: dict) -> int:
     return 0
 
 
-def pair_wells(metas: list[dict], rng: np.random.Generator) -> list[tuple[int, int, str]]:
+def pair_wells(metas: list[dict], rng: np.random.Generator,
+               within_source: bool = False) -> list[tuple[int, int, str]]:
     """Pairs of well indices covering every well: greedily the most different partner (another source,
     then batch, then plate), random among equals; an odd well out is paired again with its best partner.
-    Returns (i, j, level) with level the coarsest level at which the two differ."""
+    `within_source`: another batch of the same source first (where a source-specific phenotype is shared),
+    then another source. Returns (i, j, level) with level the coarsest level at which the two differ."""
     n = len(metas)
     if n < 2:
         return []
+
+    def rank(a: int, b: int) -> int:
+        s = pair_score(metas[a], metas[b])
+        return len(PAIR_LEVELS) + 1 if within_source and s == len(PAIR_LEVELS) - 1 else s
+
+    def level(a: int, b: int) -> str:
+        s = pair_score(metas[a], metas[b])
+        return PAIR_LEVELS[len(PAIR_LEVELS) - s] if s else "site"
+
     left = list(rng.permutation(n))
     pairs = []
     while len(left) >= 2:
         i = left.pop(0)
-        scores = [pair_score(metas[i], metas[j]) for j in left]
+        scores = [rank(i, j) for j in left]
         best = max(scores)
         choices = [j for j, s in zip(left, scores) if s == best]
         j = choices[int(rng.integers(len(choices)))]
         left.remove(j)
-        pairs.append((int(i), int(j), PAIR_LEVELS[len(PAIR_LEVELS) - best] if best else "site"))
+        pairs.append((int(i), int(j), level(i, j)))
     if left:
         i = left[0]
         others = [j for j in range(n) if j != i]
-        scores = [pair_score(metas[i], metas[j]) for j in others]
-        j = others[int(np.argmax(scores))]
-        pairs.append((int(i), int(j), PAIR_LEVELS[len(PAIR_LEVELS) - max(scores)] if max(scores) else "site"))
+        j = others[int(np.argmax([rank(i, j) for j in others]))]
+        pairs.append((int(i), int(j), level(i, j)))
     return pairs
 
 
