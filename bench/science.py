@@ -933,15 +933,22 @@ def main(argv: list[str] | None = None) -> int:
                          "learning_curves.png)")
     ap.add_argument("--every", type=int, default=250, help="--curve: score a checkpoint every this many steps")
     ap.add_argument("--label", default="", help="--curve: a suffix naming the runs (their settings)")
-    ap.add_argument("--data", choices=["all", "truth_active"], default="all",
-                    help="--curve: replicate sets of every compound, or of the ground-truth-active ones only")
+    ap.add_argument("--data", choices=["all", "truth_active", "called_active"], default="all",
+                    help="--curve: replicate sets of every compound, of the ground-truth-active ones only, or of "
+                         "those the first-pass activity call (CellProfiler-grade profiles) finds")
     a = ap.parse_args(argv)
     if a.curve:
         TRAIN_ARGS[:] = a.train_args
         out = Path(a.out).resolve()
         prepare(out, a.preset)
         refs(out)
-        shards = truth_active_shards(out) if a.data == "truth_active" else None
+        shards = None
+        if a.data == "truth_active":
+            shards = truth_active_shards(out)
+        elif a.data == "called_active":     # the field's first pass on the baseline's profiles; the rest left out
+            shards, rec = activity_shards(out, profiles(embed_baseline(out)), 0.0, "called_active")
+            atomic.write_json(out / "curves" / "activity_call.json", rec)
+            log(f"activity call: {rec}")
         names = []
         for seed in a.seeds:
             for m in a.methods:

@@ -107,3 +107,22 @@ def test_loss_curve_reads_metrics_jsonl_and_the_tail_ratio_is_against_chance(tmp
     c = science.loss_curve(tmp_path)
     assert list(c.step) == list(range(1, 51)) and c.ratio.iloc[0] == pytest.approx(1.0)
     assert science.tail_ratio(c) == pytest.approx(np.mean([(4.0 - 0.02 * i) / 4.0 for i in range(40, 50)]))
+
+
+def test_learning_curves_plot_every_split_with_the_reference_rows(tmp_path):
+    """plot_learning_curves draws a PNG from OUT/curves/NAME.json (scores per step, step 0 untrained) and the
+    reference rows; a run without a finished loss curve (still training) is drawn too."""
+    import json
+
+    (tmp_path / "curves").mkdir()
+    split_scores = lambda v: {s: {"nsb_top10": v, "nsb_top10_boot": [v - 0.02, v + 0.02], "nsb_top10_chance": 0.05}  # noqa: E731
+                              for s in ("training", *science.SPLITS)}
+    run = {"scores": {str(s): split_scores(0.1 + s / 1e4) for s in (0, 250, 500)},
+           "curve": {"step": [1, 2, 3], "loss": [4.0, 3.9, 3.8], "ratio": [1.0, 0.97, 0.95]}}
+    (tmp_path / "curves" / "a.json").write_text(json.dumps(run))
+    (tmp_path / "curves" / "b.json").write_text(json.dumps({"scores": {"0": split_scores(0.1)}}))
+    (tmp_path / "curves" / "refs.json").write_text(json.dumps({"oracle": split_scores(0.4),
+                                                             "cellprofiler": split_scores(0.15)}))
+    png = tmp_path / "curves.png"
+    science.plot_learning_curves(tmp_path, ["a", "b"], png)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
