@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +55,8 @@ ABLATIONS = {                            # variant -> train overrides of the sub
     "grad": ["model.detach_control=false", "model.detach_target=false"],
     "official_dmso": ["loss.dmso_positives=true"],
     "t1": ["loss.temperature=1.0"],
-    "init": ["optim.lr=0"],            # the same network never updated: what training adds over random features
+    # pairs across sources first, as the replicate sets were built (with --train-args data.pair_within_source=true)
+    "cross_source": ["data.pair_within_source=false"],
 }
 
 
@@ -74,6 +76,9 @@ def log(msg: str) -> None:
     print(f"[science {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+_TIMES_LOCK = threading.Lock()
+
+
 def sh(args: list[str], logfile: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
@@ -87,9 +92,10 @@ def sh(args: list[str], logfile: Path) -> None:
         log(f"{logfile.stem}: Ray's node did not start in time (machine busy); try {attempt + 2} of 3")
     # each job's seconds, kept across resumed runs (OUT/stage_seconds.json): the compute the results cost
     times_path = logfile.parent.parent / "stage_seconds.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    times[logfile.stem] = round(time.perf_counter() - t0, 1)
-    times_path.write_text(json.dumps(times, indent=1))
+    with _TIMES_LOCK:       # --lanes: several stages finish at once
+        times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+        times[logfile.stem] = round(time.perf_counter() - t0, 1)
+        times_path.write_text(json.dumps(times, indent=1))
     if rc:
         raise RuntimeError(f"{' '.join(args[:4])} ... exited {rc}; see {logfile}:\n{logfile.read_text()[-1500:]}")
 
@@ -419,10 +425,11 @@ def replot(out: Path, docs: bool, subject: str) -> Path:
 
 # --------------------------------------------------------------------------- activity-aware training
 
-def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, label: str, min_share: float = 0.05,
+def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, label: str, min_share: float = 0.2,
                     top_share: float = 0.3) -> tuple[Path, dict]:
-    """First-pass activity call on hand-crafted profiles (mAP vs same-plate DMSO, BH-corrected; where that
-    calls under `min_share` of the compounds, the top `top_share` by mAP), a weights table (active 1,
+    """First-pass activity call on the baseline's profiles (mAP vs same-plate DMSO, BH-corrected; where that
+    calls under `min_share` of the compounds, too few to learn a phenotype space from, the top `top_share` by
+    mAP: on `calibrated` BH calls 12 of 200, precision 1.0, recall 0.15), a weights table (active 1,
     inactive `inactive_weight`), and a copy of the shards whose replicate sets use it."""
     import hashlib
 
@@ -532,7 +539,7 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
     if results.get("activity"):
         a = results["activity"]
         lines += ["## 3. Activity-aware training", "",
-                  f"First pass: phenotypic-activity mAP of hand-crafted profiles vs same-plate DMSO (copairs' "
+                  f"First pass: phenotypic-activity mAP of CellProfiler-grade profiles vs same-plate DMSO (copairs' "
                   f"recipe). The BH rule (corrected p < 0.05) called {a['bh']['called']} of {a['n_compounds']} "
                   f"treated compounds (precision {a['bh']['precision']:.2f}, recall {a['bh']['recall']:.2f}); "
                   f"the call used: {a['rule']}, {a['called']} compounds, precision {a['precision']:.2f}, recall "
@@ -739,6 +746,7 @@ def learning_curve(out: Path, name: str, method: str, seed: int, steps: int, eve
     splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
     ckpt = out / "train" / name
     path = out / "curves" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(path.read_text()) if path.is_file() else {}
     res.update(method=method, seed=seed, steps=steps, every=every, extra=[*TRAIN_ARGS, *extra],
                data=str(shards or out / "shards"))
@@ -797,6 +805,7 @@ def refs(out: Path) -> dict:
     ground-truth oracle, embedded once and scored like every checkpoint."""
     py = sys.executable
     path = out / "curves" / "refs.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(path.read_text()) if path.is_file() else {}
     splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
     for label, source in (("cellprofiler", None), ("oracle", f"truth:{out / 'screen'}")):
@@ -927,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the diagnosis on --preset: PaCLR (STEPS steps) on every compound and on the truly "
                          "active ones, and the untrained network, scored on the training split beside the held-out "
                          "ones (OUT/diagnosis.json, diagnosis_*.png)")
+    ap.add_argument("--lanes", type=int, default=1,
+                    help="trainings at once (set OMP_NUM_THREADS=1 and one lane per core on a CPU machine)")
     ap.add_argument("--curve", type=int, metavar="STEPS", default=0,
                     help="only learning curves on --preset: each of --methods x --seeds trained for STEPS steps, every "
                          "--every-th checkpoint scored on the training and held-out splits (OUT/curves/*.json, "
@@ -934,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=250, help="--curve: score a checkpoint every this many steps")
     ap.add_argument("--label", default="", help="--curve: a suffix naming the runs (their settings)")
     ap.add_argument("--data", choices=["all", "truth_active", "called_active"], default="all",
-                    help="--curve: replicate sets of every compound, of the ground-truth-active ones only, or of "
+                    help="the training compounds of the pairing methods (comparison and --curve): replicate sets of "
+                         "every compound, of the ground-truth-active ones only, or of "
                          "those the first-pass activity call (CellProfiler-grade profiles) finds")
     a = ap.parse_args(argv)
     if a.curve:
@@ -993,16 +1005,43 @@ def main(argv: list[str] | None = None) -> int:
     hc = profiles(embed_baseline(out))
     scored("cellprofiler", out / "embeddings" / "cellprofiler", hc)
     calibration = levels(*hc)
+    oracle = out / "embeddings" / "oracle"      # the ceiling: each well's true phenotype, scored like a method
+    if not (oracle / "embed.json").is_file():
+        sh([sys.executable, "-m", "evaluate.embed", f"truth:{out / 'screen'}", str(out / "shards"), str(oracle),
+            "ray=false"], out / "logs" / "embed-oracle.log")
+    scored("oracle", oracle)
+    train_shards, activity = None, None         # --data: which compounds the replicate sets hold
+    if a.data == "truth_active":
+        train_shards = truth_active_shards(out)
+    elif a.data == "called_active":
+        train_shards, activity = activity_shards(out, hc, 0.0, "called_active")
+        activity["inactive_weight"] = 0.0
+        log(f"activity call: {activity}")
     jobs = []
     if "comparison" in a.parts:
         jobs += [(f"{m}@{s}", m, s, []) for s in a.seeds for m in a.methods]
     if "ablations" in a.parts:
         jobs += [(variant(a.subject, name), a.subject, a.seeds[0], extra) for name, extra in ABLATIONS.items()]
-    for i, (label, method, seed, extra) in enumerate(jobs):
-        name = label.replace("@", "_seed")
+    # --lanes: that many trainings at once (one thread each: on a CPU machine, one lane per core); scored in order
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i: int, job: tuple) -> Path:
+        label, method, seed, extra = job
         log(f"[{i + 1}/{len(jobs)}] {label}")
-        scored(label, train_and_embed(out, name, method, seed, a.steps, extra))
-    activity = None
+        return train_and_embed(out, label.replace("@", "_seed"), method, seed, a.steps, extra, train_shards)
+
+    with ThreadPoolExecutor(max(1, a.lanes)) as pool:
+        embedded = [pool.submit(run, i, job) for i, job in enumerate(jobs)]
+        for (label, method, seed, extra), fut in zip(jobs, embedded):
+            name = label.replace("@", "_seed")
+            scored(label, fut.result())
+            first = f"{a.methods[0]}_seed{seed}"
+            if name == first:      # the floor: the same network as initialised, never updated (per seed)
+                emb = out / "embeddings" / f"untrained_seed{seed}"
+                if not (emb / "embed.json").is_file():
+                    sh([sys.executable, "-m", "evaluate.embed", f"untrained:{out / 'train' / first}",
+                        str(out / "shards"), str(emb), "ray=false"], out / "logs" / f"embed-untrained_seed{seed}.log")
+                scored(f"untrained@{seed}", emb)
     if "activity" in a.parts:
         label = variant(a.subject, "activity")
         shards, activity = activity_shards(out, hc, a.inactive_weight, label)
