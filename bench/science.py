@@ -69,7 +69,7 @@ def of_subject(label: str, subject: str) -> bool:
     return label == subject or label.startswith(variant(subject, ""))
 SPLITS = ("heldout_batches", "heldout_compounds", "heldout_source")
 METRICS = ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "map_consistency",
-           "fraction_retrieved", "source_knn")
+           "fraction_retrieved", "source_knn", "zs_well_top1pct", "zs_compound_top1", "zs_compound_top10")
 
 
 def log(msg: str) -> None:
@@ -151,6 +151,26 @@ def embed_baseline(out: Path) -> Path:
         sh([sys.executable, "-m", "evaluate.embed", "cellprofiler", str(out / "shards"), str(emb)],
            out / "logs" / "embed-cellprofiler.log")
     return emb
+
+
+def zero_shot(out: Path, name: str, method: str, emb: Path) -> dict:
+    """Molecule -> well retrieval on the held-out compounds for a method that predicts profiles from molecules
+    (MICON's counterfactual generator from the molecule and DMSO controls, CLIP's molecule tower): the predict
+    job on every compound, scored by evaluate's zero-shot scorer (top-1% of the wells, top-k compounds)."""
+    from micon.methods import get_method
+
+    if not get_method(method).predicts:
+        return {}
+    from evaluate.run import score_predictions
+
+    pred = out / "predictions" / name
+    if not (pred / "predict.json").is_file():
+        sh([sys.executable, "-m", "evaluate.predict", str(out / "train" / name),
+            str(out / "screen" / "metadata" / "compound.csv.gz"), str(pred), f"shards={out / 'shards'}",
+            f"embeddings={emb}"], out / "logs" / f"predict-{name}.log")
+    held = set(json.loads((out / "shards" / "manifest.json").read_text())["splits"]["heldout_compounds"])
+    z = score_predictions(name, str(pred), held, 10)
+    return {k: v for k, v in z.items() if k.startswith("zs_")}
 
 
 # --------------------------------------------------------------------------- scoring
@@ -281,7 +301,8 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
     methods = list(dict.fromkeys(summary.method))
     fig, axes = plt.subplots(len(metrics), len(SPLITS), figsize=(4.4 * len(SPLITS), 2.9 * len(metrics)),
                              squeeze=False)
-    colour = lambda m: "#c0392b" if of_subject(m, subject) else "#7f8c8d" if m == "cellprofiler" else "#2980b9"  # noqa: E731
+    refs = {"cellprofiler": "#7f8c8d", "untrained": "#d5b895", "oracle": "#27ae60"}     # the floor and the ceiling
+    colour = lambda m: "#c0392b" if of_subject(m, subject) else refs.get(m, "#2980b9")  # noqa: E731
     no_interval = False
     for i, metric in enumerate(metrics):
         for j, split in enumerate(SPLITS):
@@ -528,11 +549,12 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
         "are in results.json). Query sets: see bench/science.py.", "",
     ]
     for split in SPLITS:
-        lines += [f"### {split}", "", "| method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        cols = [m for m in METRICS if ((summary.split == split) & (summary.metric == m)).any()]
+        lines += [f"### {split}", "", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for method in dict.fromkeys(summary.method):
             sub = summary[(summary.method == method) & (summary.split == split)].set_index("metric")
             if len(sub):
-                lines.append(f"| {method} | " + " | ".join(fmt(sub.loc[m]) if m in sub.index else "" for m in METRICS)
+                lines.append(f"| {method} | " + " | ".join(fmt(sub.loc[m]) if m in sub.index else "" for m in cols)
                              + " |")
         lines.append("")
     lines += ["![comparison](results/comparison.png)", ""]
@@ -994,12 +1016,18 @@ def main(argv: list[str] | None = None) -> int:
     scores_path = out / "scores.json"
     scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
 
-    def scored(label: str, emb: Path, profiles_=None) -> None:
+    def scored(label: str, emb: Path, profiles_=None, method: str = "") -> None:
         if label not in scores:
             scores[label] = score(*(profiles_ or profiles(emb)), splits)
             scores_path.write_text(json.dumps(scores, indent=1))
             s = scores[label]["heldout_batches"]
             log(f"{label}: held-out batches NSB top-10 {s['nsb_top10']:.3f}, NSS top-10 {s['nss_top10']:.3f}")
+        held = scores[label].get("heldout_compounds", {})
+        if method and "zs_well_top1pct" not in held and (z := zero_shot(out, label.replace("@", "_seed"), method, emb)):
+            held.update(z)
+            scores_path.write_text(json.dumps(scores, indent=1))
+            log(f"{label}: zero-shot on held-out compounds, top-1% of wells {z['zs_well_top1pct']:.3f} (chance "
+                f"{z['zs_well_top1pct_chance']:.3f}), compound top-1 {z['zs_compound_top1']:.3f}")
 
     from micon.eval.calibration import levels
     hc = profiles(embed_baseline(out))
@@ -1034,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
         embedded = [pool.submit(run, i, job) for i, job in enumerate(jobs)]
         for (label, method, seed, extra), fut in zip(jobs, embedded):
             name = label.replace("@", "_seed")
-            scored(label, fut.result())
+            scored(label, fut.result(), method=method)
             first = f"{a.methods[0]}_seed{seed}"
             if name == first:      # the floor: the same network as initialised, never updated (per seed)
                 emb = out / "embeddings" / f"untrained_seed{seed}"
