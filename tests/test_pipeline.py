@@ -57,3 +57,19 @@ def test_fast_forward_continues_exactly_where_the_stream_stopped(tiny_shards, wo
     for a, b in zip(full[3:], resumed):
         assert a["compounds"] == b["compounds"]
         assert torch.equal(a["views"], b["views"]) and torch.equal(a["controls"], b["controls"])
+
+
+@pytest.mark.parametrize("within", [False, True])
+def test_replicate_set_stream_pairs_within_a_source_first_when_asked(tiny_shards, within):
+    """data.pair_within_source: the replicate-set stream pairs each well with another batch of its own source
+    (the tiny screen has two batches per source), else with another source, as by default."""
+    cfg = StreamConfig(needs=get_method("paclr").needs, batch_size=4, replicate_sets=True, pair_within_source=within)
+    counts = {}
+    for b in _batches(ExampleStream(str(tiny_shards), cfg, 0, 1, 0), 0, 4):
+        counts = b["counts"]      # cumulative over the stream
+    across_source, across_batch = counts.get("pairs_across_source", 0), counts.get("pairs_across_batch", 0)
+    assert across_source + across_batch >= 0.9 * counts["examples"]
+    if within:
+        assert across_batch >= 0.75 * counts["examples"], counts
+    else:
+        assert across_source >= 0.75 * counts["examples"], counts
