@@ -1,6 +1,9 @@
 """Does MICON help? The comparison on the calibrated screen, with seeds, intervals and three splits.
 
-    python bench/science.py [--out runs/science] [--seeds 0 1 2] [--steps 400] [--parts comparison ablations activity]
+    python bench/science.py [--out runs/science] [--seeds 0 1 2] [--steps 500] [--lanes 2] [--data called_active]
+                            [--parts comparison ablations activity]
+    python bench/science.py --curve 3000 --every 250 --methods paclr --data truth_active --label ws48 \
+                            --train-args data.pair_within_source=true ...    # retrieval against step
     python bench/science.py --replot [--docs]      # redraw comparison.png (and results.json) from the stored numbers
     python bench/science.py --ladder 60 [--train-args micro_batch=16]   # diagnosis: the learnability ladder
     python bench/science.py --diagnose 300 [--preset calibrated]       # diagnosis: fit vs transfer, truth-active runs
@@ -118,6 +121,10 @@ def prepare(out: Path, preset: str) -> None:
 
 
 TRAIN_ARGS: list[str] = []              # --train-args: appended to every training run (later keys win)
+# every comparison run's settings (docs/RESULTS.md, section 4, says why): a replicate set's wells paired within
+# their source first, 48 px crops of the 64 px sites, channels_last inputs (1.5x on CPU), bit-reproducible
+RECIPE = ["data.pair_within_source=true", "data.augment.crop=48", "engine.channels_last=on", "deterministic=true",
+          "wandb.log_every=10"]
 
 
 def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, extra: list[str],
@@ -136,8 +143,8 @@ def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, ex
         stream = "replicate_sets" if get_method(method).needs.pairs else "plates"
         sh([py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}", f"data.graphs={out / 'graphs'}",
             f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32", f"optim.lr={LR.get(method, 3e-3)}",
-            "optim.warmup_steps=20", "data.augment.crop=56", "data.num_workers=1", f"ckpt_every={steps}",
-            f"data.stream={stream}", "progress=false", *TRAIN_ARGS, *extra], out / "logs" / f"train-{name}.log")
+            "optim.warmup_steps=20", "data.num_workers=1", f"ckpt_every={steps}", f"data.stream={stream}",
+            "progress=false", *RECIPE, *TRAIN_ARGS, *extra], out / "logs" / f"train-{name}.log")
         log(f"trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s")
     sh([py, "-m", "evaluate.embed", str(ckpt), str(out / "shards"), str(emb)], out / "logs" / f"embed-{name}.log")
     return emb
@@ -942,7 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--subject", default=SUBJECT, choices=METHODS,
                     help="the method the comparison asks about: its ablations, its activity-aware run, the verdict")
-    ap.add_argument("--parts", nargs="+", default=["comparison", "ablations", "activity"])
+    ap.add_argument("--parts", nargs="+", default=["comparison", "ablations"],
+                    help="comparison, ablations (the subject's variants, first seed), activity (the subject on all "
+                         "compounds with the uncalled ones in --inactive-weight of their samples)")
     ap.add_argument("--inactive-weight", type=float, default=0.25)
     ap.add_argument("--train-args", nargs="*", default=[],
                     help="key=value for every training run, e.g. on a GPU: model.preset=resnet50 micro_batch=256 "
@@ -959,18 +968,20 @@ def main(argv: list[str] | None = None) -> int:
                          "active ones, and the untrained network, scored on the training split beside the held-out "
                          "ones (OUT/diagnosis.json, diagnosis_*.png)")
     ap.add_argument("--lanes", type=int, default=1,
-                    help="trainings at once (set OMP_NUM_THREADS=1 and one lane per core on a CPU machine)")
+                    help="trainings at once, each with cores / lanes threads unless OMP_NUM_THREADS says (on a CPU "
+                         "machine one lane per core: torch's threads spin-wait on busy cores)")
     ap.add_argument("--curve", type=int, metavar="STEPS", default=0,
                     help="only learning curves on --preset: each of --methods x --seeds trained for STEPS steps, every "
                          "--every-th checkpoint scored on the training and held-out splits (OUT/curves/*.json, "
                          "learning_curves.png)")
     ap.add_argument("--every", type=int, default=250, help="--curve: score a checkpoint every this many steps")
     ap.add_argument("--label", default="", help="--curve: a suffix naming the runs (their settings)")
-    ap.add_argument("--data", choices=["all", "truth_active", "called_active"], default="all",
+    ap.add_argument("--data", choices=["all", "truth_active", "called_active"], default="called_active",
                     help="the training compounds of the pairing methods (comparison and --curve): replicate sets of "
                          "every compound, of the ground-truth-active ones only, or of "
                          "those the first-pass activity call (CellProfiler-grade profiles) finds")
     a = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, a.lanes))))
     if a.curve:
         TRAIN_ARGS[:] = a.train_args
         out = Path(a.out).resolve()
