@@ -496,33 +496,63 @@ def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, lab
 
 # --------------------------------------------------------------------------- report
 
+REFERENCES = ("untrained", "oracle")     # the floor and the ceiling: rows of every table, rivals of no method
+
+
 def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
             metrics=("nsb_top10", "nss_top10", "map_activity", "map_consistency")) -> list[str]:
-    """Plain sentences: per split and metric, the subject against the best other method (learned or
-    hand-crafted), called a difference only when the 95% intervals (t over seeds; bootstrap for one seed)
-    do not overlap. The subject's own variants (ablations) are not its rivals."""
+    """Plain sentences: per split and metric, the subject against the best other method (learned or the
+    CellProfiler-grade baseline) and against the same network untrained, with the ceiling (oracle) beside
+    them; a difference only when the 95% intervals (t over seeds; bootstrap for one seed) do not overlap.
+    The subject's own variants (ablations) are not its rivals. Last, which learned methods clear the untrained
+    network on held-out compounds (NSB top-10)."""
     lines = []
-    rivals = [m for m in dict.fromkeys(summary.method) if not of_subject(m, subject)]
+    methods = list(dict.fromkeys(summary.method))
+    rivals = [m for m in methods if not of_subject(m, subject) and m not in REFERENCES]
+
+    def compare(sub: pd.DataFrame, a: str, b: str) -> str:
+        lo = lambda m: sub.loc[m, "ci_lo"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_lo"]  # noqa: E731
+        hi = lambda m: sub.loc[m, "ci_hi"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_hi"]  # noqa: E731
+        if lo(a) > hi(b):
+            return "better than"
+        if hi(a) < lo(b):
+            return "worse than"
+        return "not distinguishable from"
+
     for split in SPLITS:
         parts = []
         for metric in metrics:
             sub = summary[(summary.split == split) & (summary.metric == metric)].set_index("method")
             if subject not in sub.index or not rivals:
                 continue
-            best = sub.loc[rivals, "mean"].idxmax()
-            lo = lambda m: sub.loc[m, "ci_lo"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_lo"]  # noqa: E731
-            hi = lambda m: sub.loc[m, "ci_hi"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_hi"]  # noqa: E731
-            m, b = sub.loc[subject, "mean"], sub.loc[best, "mean"]
-            if lo(subject) > hi(best):
-                word = "better than"
-            elif hi(subject) < lo(best):
-                word = "worse than"
-            else:
-                word = "not distinguishable from"
-            parts.append(f"{metric} {m:.3f} vs {best} {b:.3f}: {word}")
+            best = sub.loc[[r for r in rivals if r in sub.index], "mean"].idxmax()
+            text = (f"{metric} {sub.loc[subject, 'mean']:.3f} vs {best} {sub.loc[best, 'mean']:.3f}: "
+                    f"{compare(sub, subject, best)}")
+            if "untrained" in sub.index:
+                text += f", vs untrained {sub.loc['untrained', 'mean']:.3f}: {compare(sub, subject, 'untrained')}"
+            if "oracle" in sub.index:
+                text += f" (ceiling {sub.loc['oracle', 'mean']:.3f})"
+            parts.append(text)
         if parts:
             lines.append(f"- **{split}**: {subject} " + "; ".join(parts) + ".")
+    sub = summary[(summary.split == "heldout_compounds") & (summary.metric == "nsb_top10")].set_index("method")
+    if "untrained" in sub.index:
+        lo = lambda m: sub.loc[m, "ci_lo"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_lo"]  # noqa: E731
+        hi = lambda m: sub.loc[m, "ci_hi"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_hi"]  # noqa: E731
+        clear = [f"{m} ({sub.loc[m, 'mean']:.3f} [{lo(m):.3f}, {hi(m):.3f}], {int(sub.loc[m, 'seeds'])} seeds)"
+                 for m in sub.index if m not in REFERENCES and m != "cellprofiler" and sub.loc[m, "seeds"] >= 3
+                 and lo(m) > hi("untrained")]
+        lines.append(f"- **Does training pay?** On held-out compounds the untrained network's NSB top-10 is "
+                     f"{sub.loc['untrained', 'mean']:.3f} [{lo('untrained'):.3f}, {hi('untrained'):.3f}]. Learned "
+                     f"methods (3+ seeds) whose interval lies wholly above it: "
+                     + (", ".join(clear) if clear else "none") + ".")
     return lines
+
+
+DATA_WORDS = {"all": "every training compound",
+              "truth_active": "the training compounds the screen's ground truth calls active (an upper bound)",
+              "called_active": "the training compounds the first-pass activity call finds (section 3; the others "
+                               "left out of the replicate sets)"}
 
 
 def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) -> Path:
@@ -551,9 +581,13 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
         f"| source_knn_normalised (after MAD + ZCA) | - | {cal['source_knn_normalised']:.3f} |", "",
         *calibration_record(),
         "## 2. Comparison", "",
-        f"Each learned method: {results['steps']} steps, 32 examples per step, seeds {results['seeds']}; "
-        "mean over seeds with its 95% t-interval in brackets (bootstrap-over-compounds intervals of the first seed "
-        "are in results.json). Query sets: see bench/science.py.", "",
+        f"Each learned method: {results['steps']} steps, 32 examples per step, seeds {results['seeds']}, from "
+        f"scratch (`resnet10t`), trained on {DATA_WORDS[results.get('data', 'all')]}; settings "
+        f"`{' '.join(results.get('train_args', []))}`. Mean over seeds with its 95% t-interval in brackets "
+        "(bootstrap-over-compounds intervals of the first seed are in results.json). `untrained`: the first "
+        "method's network of each seed as initialised; `oracle`: each well's true phenotype (the ceiling; "
+        "one value, no seeds). Zero-shot columns (`zs_*`, held-out compounds only): molecule -> well retrieval "
+        "from the profile a method predicts from the structure alone. Query sets: see bench/science.py.", "",
     ]
     for split in SPLITS:
         cols = [m for m in METRICS if ((summary.split == split) & (summary.metric == m)).any()]
@@ -573,9 +607,13 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
                   f"treated compounds (precision {a['bh']['precision']:.2f}, recall {a['bh']['recall']:.2f}); "
                   f"the call used: {a['rule']}, {a['called']} compounds, precision {a['precision']:.2f}, recall "
                   f"{a['recall']:.2f} against the screen's truth ({a['true_active']} compounds with magnitude > 0). "
-                  f"Inactive compounds are then used in {a['inactive_weight']:.0%} of their "
-                  f"replicate-set samples (`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
-                  f"`{variant(results['subject'], 'activity')}` in the tables (first seed).", ""]
+                  + (f"Every pairing method (MICON, PaCLR, CLIP) trains on the called compounds alone: the others "
+                     f"get weight 0 in the replicate sets (`./launch.sh rsets SHARDS weights=activity_weights.csv`); "
+                     f"SimCLR reads every site of the training plates, DMSO included."
+                     if results.get("data") == "called_active" else
+                     f"Inactive compounds are then used in {a['inactive_weight']:.0%} of their replicate-set samples "
+                     f"(`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
+                     f"`{variant(results['subject'], 'activity')}` in the tables (first seed)."), ""]
     diagnosis = ROOT / "docs" / "results" / "DIAGNOSIS.md"     # the diagnosis (--ladder, --diagnose), hand-kept
     if diagnosis.is_file():
         lines += [diagnosis.read_text().rstrip(), ""]
@@ -894,8 +932,10 @@ def plot_learning_curves(out: Path, names: list[str], path: Path, metric: str = 
     ax.axhline(1.0, color="0.15", ls="--", lw=1)
     ax.set_title("training loss / chance (running mean of 25 logs)", fontsize=9)
     ax.set_xlabel("optimizer step", fontsize=8)
+    ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=7, loc="lower left")
     fig.suptitle(f"{metric} against training step; bands: 95% bootstrap over compounds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1098,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
                    ablations=part([variant(a.subject, n) for n in ABLATIONS]),
                    activity=part([variant(a.subject, "activity"), "rsets-activity"]),
                    prepare=part(["synth", "ingest", "featurize", "embed-cellprofiler"]))
-    results = dict(subject=a.subject, compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
+    results = dict(subject=a.subject, data=a.data, train_args=[*RECIPE, *TRAIN_ARGS], compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
                    scores=scores, date=time.strftime("%Y-%m-%d"), wall_min=(time.perf_counter() - t0) / 60,
                    machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "
                            f"Python {platform.python_version()}",

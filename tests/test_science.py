@@ -126,3 +126,18 @@ def test_learning_curves_plot_every_split_with_the_reference_rows(tmp_path):
     png = tmp_path / "curves.png"
     science.plot_learning_curves(tmp_path, ["a", "b"], png)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_names_the_methods_whose_interval_clears_the_untrained_network():
+    """The verdict's last line: learned methods with 3+ seeds whose held-out-compounds NSB top-10 t-interval
+    lies wholly above the untrained network's; the oracle and untrained rows are no method's rivals."""
+    runs = {}
+    for s, (hi_m, lo_m, u) in enumerate([(0.30, 0.16, 0.10), (0.31, 0.19, 0.11), (0.29, 0.13, 0.12)]):
+        for name, v in (("paclr", hi_m), ("clip", lo_m), ("untrained", u)):
+            runs[f"{name}@{s}"] = {split: {m: v for m in science.METRICS} for split in science.SPLITS}
+    runs["oracle"] = {split: {m: 0.9 for m in science.METRICS} | {"nsb_top10_boot": (0.85, 0.95)}
+                      for split in science.SPLITS}
+    lines = science.verdict(science.summarise(runs), subject="clip")
+    last = lines[-1]
+    assert "paclr (0.300" in last and "clip (" not in last, last
+    assert all("vs paclr" in ln and "ceiling 0.900" in ln for ln in lines[:-1]), lines
