@@ -935,7 +935,7 @@ def plot_learning_curves(out: Path, names: list[str], path: Path, metric: str = 
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    ax.legend(handles, labels, fontsize=7, loc="lower left")
+    ax.legend(handles, labels, fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 0.95))
     fig.suptitle(f"{metric} against training step; bands: 95% bootstrap over compounds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
