@@ -276,13 +276,14 @@ def summarise(runs: dict[str, dict]) -> pd.DataFrame:
     for method, labels in groups.items():
         for split in SPLITS:
             for metric in METRICS:
-                vals = [runs[lb][split][metric] for lb in labels if split in runs[lb]]
+                vals = [runs[lb][split][metric] for lb in labels if metric in runs[lb].get(split, {})]
                 if not vals:
                     continue
                 mean = float(np.mean(vals))
                 half = float(stats.t.ppf(0.975, len(vals) - 1) * stats.sem(vals)) if len(vals) > 1 else float("nan")
                 boot = runs[labels[0]][split].get(metric + "_boot", (np.nan, np.nan))
-                chance = [runs[lb][split].get(metric + "_chance", np.nan) for lb in labels if split in runs[lb]]
+                chance = [runs[lb][split].get(metric + "_chance", np.nan) for lb in labels
+                          if metric in runs[lb].get(split, {})]
                 rows.append(dict(method=method, split=split, metric=metric, mean=mean, seeds=len(vals),
                                  ci_lo=mean - half, ci_hi=mean + half, boot_lo=boot[0], boot_hi=boot[1],
                                  chance=float(np.mean(chance)), values=" ".join(f"{v:.3f}" for v in vals)))

@@ -141,3 +141,15 @@ def test_verdict_names_the_methods_whose_interval_clears_the_untrained_network()
     last = lines[-1]
     assert "paclr (0.300" in last and "clip (" not in last, last
     assert all("vs paclr" in ln and "ceiling 0.900" in ln for ln in lines[:-1]), lines
+
+
+def test_summary_keeps_metrics_only_some_methods_have():
+    """Zero-shot scores exist only for the methods that predict from molecules: the summary has them for those
+    methods and skips them for the others instead of failing."""
+    runs = {f"{m}@{s}": {split: {"nsb_top10": 0.1 + s / 100} for split in science.SPLITS}
+            for m in ("clip", "simclr") for s in range(3)}
+    for s in range(3):
+        runs[f"clip@{s}"]["heldout_compounds"]["zs_well_top1pct"] = 0.2
+    summ = science.summarise(runs)
+    zs = summ[summ.metric == "zs_well_top1pct"]
+    assert list(zs.method) == ["clip"] and int(zs.seeds.iloc[0]) == 3
