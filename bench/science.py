@@ -547,7 +547,38 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
                      f"{sub.loc['untrained', 'mean']:.3f} [{lo('untrained'):.3f}, {hi('untrained'):.3f}]. Learned "
                      f"methods (3+ seeds) whose interval lies wholly above it: "
                      + (", ".join(clear) if clear else "none") + ".")
+        lines.append("- **The same, paired by seed** (each run against its own network as initialised: every method's "
+                     "image encoder starts from the same weights for a seed), NSB top-10 gain on each split, mean "
+                     "[95% t-interval]: " + "; ".join(paired_gains(summary)) + ".")
     return lines
+
+
+def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
+    """Per learned method and split: the mean gain over the untrained network of the same seed, with its 95%
+    t-interval over seeds (the summary's `values` are in seed order)."""
+    from scipy import stats
+
+    out = []
+    for method in dict.fromkeys(summary.method):
+        if method in REFERENCES or method == "cellprofiler":
+            continue
+        parts = []
+        for split in SPLITS:
+            rows = summary[(summary.split == split) & (summary.metric == metric)].set_index("method")
+            if method not in rows.index or "untrained" not in rows.index:
+                continue
+            a = [float(v) for v in str(rows.loc[method, "values"]).split()]
+            b = [float(v) for v in str(rows.loc["untrained", "values"]).split()]
+            d = np.subtract(a[:len(b)], b[:len(a)])
+            if len(d) < 3:
+                continue
+            half = float(stats.t.ppf(0.975, len(d) - 1) * stats.sem(d))
+            mark = " (above 0)" if d.mean() - half > 0 else " (below 0)" if d.mean() + half < 0 else ""
+            parts.append(f"{split.removeprefix('heldout_')} {d.mean():+.3f} [{d.mean() - half:+.3f}, "
+                         f"{d.mean() + half:+.3f}]{mark}")
+        if parts:
+            out.append(f"{method} ({len(d)} seeds): " + ", ".join(parts))
+    return out
 
 
 DATA_WORDS = {"all": "every training compound",

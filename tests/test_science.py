@@ -138,9 +138,14 @@ def test_verdict_names_the_methods_whose_interval_clears_the_untrained_network()
     runs["oracle"] = {split: {m: 0.9 for m in science.METRICS} | {"nsb_top10_boot": (0.85, 0.95)}
                       for split in science.SPLITS}
     lines = science.verdict(science.summarise(runs), subject="clip")
-    last = lines[-1]
-    assert "paclr (0.300" in last and "clip (" not in last, last
-    assert all("vs paclr" in ln and "ceiling 0.900" in ln for ln in lines[:-1]), lines
+    clears, paired = lines[-2:]
+    assert "paclr (0.300" in clears and "clip (" not in clears, clears
+    assert all("vs paclr" in ln and "ceiling 0.900" in ln for ln in lines[:-2]), lines
+    # paired by seed: the gains 0.20, 0.20, 0.17 (paclr) and 0.06, 0.08, 0.01 (clip) against a direct t-interval
+    stats = pytest.importorskip("scipy.stats")
+    for method, d in (("paclr", [0.20, 0.20, 0.17]), ("clip", [0.06, 0.08, 0.01])):
+        lo, hi = stats.t.interval(0.95, 2, loc=np.mean(d), scale=stats.sem(d))
+        assert f"{method} (3 seeds): batches {np.mean(d):+.3f} [{lo:+.3f}, {hi:+.3f}]" in paired, paired
 
 
 def test_summary_keeps_metrics_only_some_methods_have():
