@@ -54,12 +54,12 @@ METHODS = ("micon", "paclr", "clip", "simclr")
 SUBJECT = "micon"                        # the method the comparison asks about (--subject)
 LR = {"clip": 1e-3}                      # CLIP's learnable temperature collapses at 3e-3 (README)
 ABLATIONS = {                            # variant -> train overrides of the subject (first seed), run as SUBJECT_variant
+    # pairs across sources first, as the replicate sets were built (the recipe pairs within a source first)
+    "cross_source": ["data.pair_within_source=false"],
     "cf0": ["loss.counterfactual_weight=0"],
     "grad": ["model.detach_control=false", "model.detach_target=false"],
     "official_dmso": ["loss.dmso_positives=true"],
     "t1": ["loss.temperature=1.0"],
-    # pairs across sources first, as the replicate sets were built (with --train-args data.pair_within_source=true)
-    "cross_source": ["data.pair_within_source=false"],
 }
 
 
@@ -1024,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=["comparison", "ablations"],
                     help="comparison, ablations (the subject's variants, first seed), activity (the subject on all "
                          "compounds with the uncalled ones in --inactive-weight of their samples)")
+    ap.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+                    help="which of the subject's variants the ablations part runs (first seed)")
     ap.add_argument("--inactive-weight", type=float, default=0.25)
     ap.add_argument("--train-args", nargs="*", default=[],
                     help="key=value for every training run, e.g. on a GPU: model.preset=resnet50 micro_batch=256 "
@@ -1132,7 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
     if "comparison" in a.parts:
         jobs += [(f"{m}@{s}", m, s, []) for s in a.seeds for m in a.methods]
     if "ablations" in a.parts:
-        jobs += [(variant(a.subject, name), a.subject, a.seeds[0], extra) for name, extra in ABLATIONS.items()]
+        jobs += [(variant(a.subject, name), a.subject, a.seeds[0], ABLATIONS[name]) for name in a.ablations]
     # --lanes: that many trainings at once (one thread each: on a CPU machine, one lane per core); scored in order
     from concurrent.futures import ThreadPoolExecutor
 
