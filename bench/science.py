@@ -343,14 +343,16 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
             ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color="#c0392b", label=f"{subject} and its variants"), Patch(color="#2980b9", label="other learned"),
                Patch(color="#7f8c8d", label="CellProfiler-grade"),
+               *[Patch(color=refs[m], label=lab) for m, lab in (("untrained", "untrained (the floor)"),
+                                                               ("oracle", "oracle (the ceiling)")) if m in methods],
                plt.Line2D([], [], color="0.15", ls="--", lw=1, label="chance (random ranking; source kNN: largest source)")]
     if no_interval:
         handles.append(Patch(facecolor="#7f8c8d", hatch="..", edgecolor="white", label="one seed, no interval stored"))
-    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.975),
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 4), fontsize=8, bbox_to_anchor=(0.5, 0.975),
                frameon=False)
     fig.suptitle("Calibrated screen: mean over seeds with 95% t-interval (one seed: bootstrap over compounds"
                  + ("; hatched: none stored" if no_interval else "") + "), clipped to [0, 1]", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.955))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
