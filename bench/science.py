@@ -127,6 +127,19 @@ RECIPE = ["data.pair_within_source=true", "data.augment.crop=48", "engine.channe
           "wandb.log_every=10"]
 
 
+def train_command(out: Path, ckpt: Path, method: str, seed: int, steps: int, shards: Path,
+                  settings: list[str]) -> list[str]:
+    """`train.run` as every run here starts it (32 examples per step, one loader worker), `settings` last."""
+    # every method that pairs replicates reads the same pairs (replicate sets), whichever path data.stream=auto
+    # would pick for its cost, so the comparison differs in the objective alone
+    from micon.methods import get_method
+    stream = "replicate_sets" if get_method(method).needs.pairs else "plates"
+    return [sys.executable, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}",
+            f"data.graphs={out / 'graphs'}", f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32",
+            f"optim.lr={LR.get(method, 3e-3)}", "optim.warmup_steps=20", "data.num_workers=1",
+            f"data.stream={stream}", "progress=false", *settings]
+
+
 def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, extra: list[str],
                     shards: Path | None = None) -> Path:
     py = sys.executable
@@ -137,14 +150,8 @@ def train_and_embed(out: Path, name: str, method: str, seed: int, steps: int, ex
     ckpt = out / "train" / name
     if not (ckpt / "final.json").is_file():
         t0 = time.perf_counter()
-        # every method that pairs replicates reads the same pairs (replicate sets: another source first),
-        # whichever path data.stream=auto would pick for its cost, so the comparison differs in the objective alone
-        from micon.methods import get_method
-        stream = "replicate_sets" if get_method(method).needs.pairs else "plates"
-        sh([py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards}", f"data.graphs={out / 'graphs'}",
-            f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32", f"optim.lr={LR.get(method, 3e-3)}",
-            "optim.warmup_steps=20", "data.num_workers=1", f"ckpt_every={steps}", f"data.stream={stream}",
-            "progress=false", *RECIPE, *TRAIN_ARGS, *extra], out / "logs" / f"train-{name}.log")
+        sh(train_command(out, ckpt, method, seed, steps, shards, [f"ckpt_every={steps}", *RECIPE, *TRAIN_ARGS, *extra]),
+           out / "logs" / f"train-{name}.log")
         log(f"trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s")
     sh([py, "-m", "evaluate.embed", str(ckpt), str(out / "shards"), str(emb)], out / "logs" / f"embed-{name}.log")
     return emb
@@ -158,6 +165,11 @@ def embed_baseline(out: Path) -> Path:
         sh([sys.executable, "-m", "evaluate.embed", "cellprofiler", str(out / "shards"), str(emb)],
            out / "logs" / "embed-cellprofiler.log")
     return emb
+
+
+def oracle_embedding(out: Path) -> Path:
+    """The ceiling: each well's true phenotype from the screen's ground truth, embedded like a method."""
+    return embed_in_process(out, f"truth:{out / 'screen'}", out / "embeddings" / "oracle", "oracle")
 
 
 def zero_shot(out: Path, name: str, method: str, emb: Path) -> dict:
@@ -178,6 +190,27 @@ def zero_shot(out: Path, name: str, method: str, emb: Path) -> dict:
     held = set(json.loads((out / "shards" / "manifest.json").read_text())["splits"]["heldout_compounds"])
     z = score_predictions(name, str(pred), held, 10)
     return {k: v for k, v in z.items() if k.startswith("zs_")}
+
+
+def embed_in_process(out: Path, source: str, emb: Path, label: str) -> Path:
+    """`evaluate.embed SOURCE OUT/shards EMB ray=false` unless EMB is finished: a checkpoint, `untrained:RUN` or
+    `truth:SCREEN`, small enough that a Ray start-up would cost more than the embedding."""
+    if not (emb / "embed.json").is_file():
+        sh([sys.executable, "-m", "evaluate.embed", source, str(out / "shards"), str(emb), "ray=false"],
+           out / "logs" / f"embed-{label}.log")
+    return emb
+
+
+def training_shards(out: Path, data: str, baseline_profiles=None) -> tuple[Path | None, dict | None]:
+    """--data: the shards whose replicate sets the pairing methods read (None: every compound's), and the
+    activity call's record where one was made (the called compounds kept, the others left out)."""
+    if data == "truth_active":
+        return truth_active_shards(out), None
+    if data == "called_active":
+        shards, rec = activity_shards(out, baseline_profiles or profiles(embed_baseline(out)), 0.0, "called_active")
+        log(f"activity call: {rec}")
+        return shards, dict(rec, inactive_weight=0.0)
+    return None, None
 
 
 # --------------------------------------------------------------------------- scoring
@@ -502,6 +535,12 @@ def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, lab
 REFERENCES = ("untrained", "oracle")     # the floor and the ceiling: rows of every table, rivals of no method
 
 
+def interval(rows: pd.DataFrame, method: str) -> tuple[float, float]:
+    """A summary row's 95% interval: the t-interval over seeds, or one seed's bootstrap over compounds."""
+    r = rows.loc[method]
+    return (r.ci_lo, r.ci_hi) if r.seeds > 1 else (r.boot_lo, r.boot_hi)
+
+
 def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
             metrics=("nsb_top10", "nss_top10", "map_activity", "map_consistency")) -> list[str]:
     """Plain sentences: per split and metric, the subject against the best other method (learned or the
@@ -514,11 +553,10 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
     rivals = [m for m in methods if not of_subject(m, subject) and m not in REFERENCES]
 
     def compare(sub: pd.DataFrame, a: str, b: str) -> str:
-        lo = lambda m: sub.loc[m, "ci_lo"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_lo"]  # noqa: E731
-        hi = lambda m: sub.loc[m, "ci_hi"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_hi"]  # noqa: E731
-        if lo(a) > hi(b):
+        (a_lo, a_hi), (b_lo, b_hi) = interval(sub, a), interval(sub, b)
+        if a_lo > b_hi:
             return "better than"
-        if hi(a) < lo(b):
+        if a_hi < b_lo:
             return "worse than"
         return "not distinguishable from"
 
@@ -540,13 +578,13 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
             lines.append(f"- **{split}**: {subject} " + "; ".join(parts) + ".")
     sub = summary[(summary.split == "heldout_compounds") & (summary.metric == "nsb_top10")].set_index("method")
     if "untrained" in sub.index:
-        lo = lambda m: sub.loc[m, "ci_lo"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_lo"]  # noqa: E731
-        hi = lambda m: sub.loc[m, "ci_hi"] if sub.loc[m, "seeds"] > 1 else sub.loc[m, "boot_hi"]  # noqa: E731
-        clear = [f"{m} ({sub.loc[m, 'mean']:.3f} [{lo(m):.3f}, {hi(m):.3f}], {int(sub.loc[m, 'seeds'])} seeds)"
+        u_lo, u_hi = interval(sub, "untrained")
+        clear = [f"{m} ({sub.loc[m, 'mean']:.3f} [{interval(sub, m)[0]:.3f}, {interval(sub, m)[1]:.3f}], "
+                 f"{int(sub.loc[m, 'seeds'])} seeds)"
                  for m in sub.index if m not in REFERENCES and m != "cellprofiler" and sub.loc[m, "seeds"] >= 3
-                 and lo(m) > hi("untrained")]
+                 and interval(sub, m)[0] > u_hi]
         lines.append(f"- **Does training pay?** On held-out compounds the untrained network's NSB top-10 is "
-                     f"{sub.loc['untrained', 'mean']:.3f} [{lo('untrained'):.3f}, {hi('untrained'):.3f}]. Learned "
+                     f"{sub.loc['untrained', 'mean']:.3f} [{u_lo:.3f}, {u_hi:.3f}]. Learned "
                      f"methods (3+ seeds) whose interval lies wholly above it: "
                      + (", ".join(clear) if clear else "none") + ".")
         lines.append("- **The same, paired by seed** (each run against its own network as initialised: every method's "
@@ -641,9 +679,9 @@ def write_docs(out: Path, results: dict, summary: pd.DataFrame, command: str) ->
                   f"treated compounds (precision {a['bh']['precision']:.2f}, recall {a['bh']['recall']:.2f}); "
                   f"the call used: {a['rule']}, {a['called']} compounds, precision {a['precision']:.2f}, recall "
                   f"{a['recall']:.2f} against the screen's truth ({a['true_active']} compounds with magnitude > 0). "
-                  + (f"Every pairing method (MICON, PaCLR, CLIP) trains on the called compounds alone: the others "
-                     f"get weight 0 in the replicate sets (`./launch.sh rsets SHARDS weights=activity_weights.csv`); "
-                     f"SimCLR reads every site of the training plates, DMSO included."
+                  + ("Every pairing method (MICON, PaCLR, CLIP) trains on the called compounds alone: the others "
+                     "get weight 0 in the replicate sets (`./launch.sh rsets SHARDS weights=activity_weights.csv`); "
+                     "SimCLR reads every site of the training plates, DMSO included."
                      if results.get("data") == "called_active" else
                      f"Inactive compounds are then used in {a['inactive_weight']:.0%} of their replicate-set samples "
                      f"(`./launch.sh rsets SHARDS weights=activity_weights.csv`). Rows "
@@ -843,7 +881,6 @@ def learning_curve(out: Path, name: str, method: str, seed: int, steps: int, eve
     trains, embed each checkpoint in-process and score it on the training split (fit) and the held-out splits
     (transfer); step 0 is the same network as initialised (`untrained:RUN`). Resumable: a finished step is
     never scored again, a killed training resumes from its latest checkpoint. Writes OUT/curves/NAME.json."""
-    py = sys.executable
     splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
     ckpt = out / "train" / name
     path = out / "curves" / f"{name}.json"
@@ -854,13 +891,9 @@ def learning_curve(out: Path, name: str, method: str, seed: int, steps: int, eve
     res.setdefault("scores", {})
     proc = None
     if not (ckpt / "final.json").is_file():
-        from micon.methods import get_method
-        stream = "replicate_sets" if get_method(method).needs.pairs else "plates"
-        args = [py, "-m", "train.run", "-", f"method={method}", f"data.shards={shards or out / 'shards'}",
-                f"data.graphs={out / 'graphs'}", f"out={ckpt}", f"steps={steps}", f"seed={seed}", "micro_batch=32",
-                f"optim.lr={LR.get(method, 3e-3)}", "optim.warmup_steps=20", "data.augment.crop=56",
-                "data.num_workers=1", f"ckpt_every={every}", "keep_ckpts=0", f"data.stream={stream}",
-                "progress=false", "wandb.log_every=10", *TRAIN_ARGS, *extra]
+        args = train_command(out, ckpt, method, seed, steps, shards or out / "shards",
+                             ["data.augment.crop=56", f"ckpt_every={every}", "keep_ckpts=0", "wandb.log_every=10",
+                              *TRAIN_ARGS, *extra])
         env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0"}
         (out / "logs").mkdir(parents=True, exist_ok=True)
         logf = open(out / "logs" / f"train-{name}.log", "a")
@@ -868,14 +901,10 @@ def learning_curve(out: Path, name: str, method: str, seed: int, steps: int, eve
         log(f"{name}: training {method} for {steps} steps (pid {proc.pid}), scoring every {every}")
 
     def score_step(label: str, source: str) -> None:
-        emb = out / "embeddings" / name / label
-        if not (emb / "embed.json").is_file():
-            sh([py, "-m", "evaluate.embed", source, str(out / "shards"), str(emb), "ray=false"],
-               out / "logs" / f"embed-{name}-{label}.log")
-        res["scores"][label.removeprefix("step").lstrip("0") or "0"] = score(
+        emb = embed_in_process(out, source, out / "embeddings" / name / label, f"{name}-{label}")
+        s = res["scores"][label.removeprefix("step").lstrip("0") or "0"] = score(
             *profiles(emb), splits, n_boot=n_boot, seed=seed, fit=True)
         atomic.write_json(path, res)
-        s = res["scores"][label.removeprefix("step").lstrip("0") or "0"]
         log(f"{name} {label}: NSB top-10 " + ", ".join(f"{k} {v['nsb_top10']:.3f}" for k, v in s.items()))
 
     while True:
@@ -904,18 +933,14 @@ def learning_curve(out: Path, name: str, method: str, seed: int, steps: int, eve
 def refs(out: Path) -> dict:
     """The reference rows of the learning curves (OUT/curves/refs.json): the CellProfiler-grade baseline and the
     ground-truth oracle, embedded once and scored like every checkpoint."""
-    py = sys.executable
     path = out / "curves" / "refs.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(path.read_text()) if path.is_file() else {}
     splits = json.loads((out / "shards" / "manifest.json").read_text())["splits"]
-    for label, source in (("cellprofiler", None), ("oracle", f"truth:{out / 'screen'}")):
+    for label in ("cellprofiler", "oracle"):
         if label in res:
             continue
-        emb = embed_baseline(out) if source is None else out / "embeddings" / label
-        if not (emb / "embed.json").is_file():
-            sh([py, "-m", "evaluate.embed", source, str(out / "shards"), str(emb), "ray=false"],
-               out / "logs" / f"embed-{label}.log")
+        emb = embed_baseline(out) if label == "cellprofiler" else oracle_embedding(out)
         res[label] = score(*profiles(emb), splits, n_boot=200, fit=True)
         atomic.write_json(path, res)
         log(f"{label}: NSB top-10 " + ", ".join(f"{k} {v['nsb_top10']:.3f}" for k, v in res[label].items()))
@@ -1063,13 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.out).resolve()
         prepare(out, a.preset)
         refs(out)
-        shards = None
-        if a.data == "truth_active":
-            shards = truth_active_shards(out)
-        elif a.data == "called_active":     # the field's first pass on the baseline's profiles; the rest left out
-            shards, rec = activity_shards(out, profiles(embed_baseline(out)), 0.0, "called_active")
+        shards, rec = training_shards(out, a.data)
+        if rec:
             atomic.write_json(out / "curves" / "activity_call.json", rec)
-            log(f"activity call: {rec}")
         names = []
         for seed in a.seeds:
             for m in a.methods:
@@ -1120,18 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
     hc = profiles(embed_baseline(out))
     scored("cellprofiler", out / "embeddings" / "cellprofiler", hc)
     calibration = levels(*hc)
-    oracle = out / "embeddings" / "oracle"      # the ceiling: each well's true phenotype, scored like a method
-    if not (oracle / "embed.json").is_file():
-        sh([sys.executable, "-m", "evaluate.embed", f"truth:{out / 'screen'}", str(out / "shards"), str(oracle),
-            "ray=false"], out / "logs" / "embed-oracle.log")
-    scored("oracle", oracle)
-    train_shards, activity = None, None         # --data: which compounds the replicate sets hold
-    if a.data == "truth_active":
-        train_shards = truth_active_shards(out)
-    elif a.data == "called_active":
-        train_shards, activity = activity_shards(out, hc, 0.0, "called_active")
-        activity["inactive_weight"] = 0.0
-        log(f"activity call: {activity}")
+    scored("oracle", oracle_embedding(out))
+    train_shards, activity = training_shards(out, a.data, hc)     # --data: which compounds the replicate sets hold
     jobs = []
     if "comparison" in a.parts:
         jobs += [(f"{m}@{s}", m, s, []) for s in a.seeds for m in a.methods]
@@ -1152,11 +1163,9 @@ def main(argv: list[str] | None = None) -> int:
             scored(label, fut.result(), method=method)
             first = f"{a.methods[0]}_seed{seed}"
             if name == first:      # the floor: the same network as initialised, never updated (per seed)
-                emb = out / "embeddings" / f"untrained_seed{seed}"
-                if not (emb / "embed.json").is_file():
-                    sh([sys.executable, "-m", "evaluate.embed", f"untrained:{out / 'train' / first}",
-                        str(out / "shards"), str(emb), "ray=false"], out / "logs" / f"embed-untrained_seed{seed}.log")
-                scored(f"untrained@{seed}", emb)
+                scored(f"untrained@{seed}", embed_in_process(out, f"untrained:{out / 'train' / first}",
+                                                             out / "embeddings" / f"untrained_seed{seed}",
+                                                             f"untrained_seed{seed}"))
     if "activity" in a.parts:
         label = variant(a.subject, "activity")
         shards, activity = activity_shards(out, hc, a.inactive_weight, label)
