@@ -162,6 +162,9 @@ case "$cmd" in
   # MICON_TEST_WORKERS=0 (or -n 0) runs in one process. One OpenMP thread per process: two workers on two
   # cores each running torch at two threads spin-wait on each other (3-4x slower steps, docs/BENCHMARKS.md)
   test) setup; cd "$ROOT"; export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+        # passing tests' directories are removed as they pass (pyproject.toml); the run needs ~1 GB of temp space at its peak
+        free_mb=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')
+        if (( ${free_mb:-0} < 2048 )); then log "warning: ${free_mb} MB free in ${TMPDIR:-/tmp}; the tests need about 1 GB there at their peak"; fi
         exec "$PY" -m pytest -n "${MICON_TEST_WORKERS:-2}" --dist loadscope tests "$@" ;;
   demo) setup; cd "$ROOT"; demo "${1:-runs/demo}" "${@:2}" ;;
   compare) setup; cd "$ROOT"; exec "$PY" bench/science.py "$@" ;;
