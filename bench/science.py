@@ -127,6 +127,14 @@ RECIPE = ["data.pair_within_source=true", "data.augment.crop=48", "engine.channe
           "wandb.log_every=10"]
 
 
+def merged(settings: list[str]) -> list[str]:
+    """`key=value` settings with each key once, where it first appears, holding its last value (as train reads them)."""
+    last = {}
+    for x in settings:
+        last[x.split("=", 1)[0]] = x        # a dict keeps each key where it was first set
+    return list(last.values())
+
+
 def train_command(out: Path, ckpt: Path, method: str, seed: int, steps: int, shards: Path,
                   settings: list[str]) -> list[str]:
     """`train.run` as every run here starts it (32 examples per step, one loader worker), `settings` last."""
@@ -1183,7 +1191,7 @@ def main(argv: list[str] | None = None) -> int:
                    ablations=part([variant(a.subject, n) for n in ABLATIONS]),
                    activity=part([variant(a.subject, "activity"), "rsets-activity"]),
                    prepare=part(["synth", "ingest", "featurize", "embed-cellprofiler"]))
-    results = dict(subject=a.subject, data=a.data, train_args=[*RECIPE, *TRAIN_ARGS], compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
+    results = dict(subject=a.subject, data=a.data, train_args=merged([*RECIPE, *TRAIN_ARGS]), compute_min=compute, preset=a.preset, seeds=a.seeds, steps=a.steps, calibration=calibration, activity=activity,
                    scores=scores, date=time.strftime("%Y-%m-%d"), wall_min=(time.perf_counter() - t0) / 60,
                    machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, "
                            f"Python {platform.python_version()}",

@@ -158,3 +158,15 @@ def test_summary_keeps_metrics_only_some_methods_have():
     summ = science.summarise(runs)
     zs = summ[summ.metric == "zs_well_top1pct"]
     assert list(zs.method) == ["clip"] and int(zs.seeds.iloc[0]) == 3
+
+
+def test_the_recorded_settings_resolve_to_what_train_reads():
+    from micon.config import parse_overrides
+    rng = np.random.default_rng(0)
+    keys = ["data.pair_within_source", "data.augment.crop", "deterministic", "wandb.log_every", "model.name"]
+    for _ in range(50):
+        settings = [f"{keys[i]}={rng.integers(0, 5)}" for i in rng.integers(0, len(keys), size=rng.integers(1, 12))]
+        once = science.merged(settings)
+        assert parse_overrides(once) == parse_overrides(settings)          # the same configuration
+        assert len({x.split("=")[0] for x in once}) == len(once)           # each key once
+    assert science.merged([*science.RECIPE, *science.RECIPE]) == science.RECIPE
