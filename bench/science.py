@@ -587,10 +587,10 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
     sub = summary[(summary.split == "heldout_compounds") & (summary.metric == "nsb_top10")].set_index("method")
     if "untrained" in sub.index:
         u_lo, u_hi = interval(sub, "untrained")
-        clear = [f"{m} ({sub.loc[m, 'mean']:.3f} [{interval(sub, m)[0]:.3f}, {interval(sub, m)[1]:.3f}], "
-                 f"{int(sub.loc[m, 'seeds'])} seeds)"
-                 for m in sub.index if m not in REFERENCES and m != "cellprofiler" and sub.loc[m, "seeds"] >= 3
-                 and interval(sub, m)[0] > u_hi]
+        learned = {m: interval(sub, m) for m in sub.index
+                   if m not in REFERENCES and m != "cellprofiler" and sub.loc[m, "seeds"] >= 3}
+        clear = [f"{m} ({sub.loc[m, 'mean']:.3f} [{lo:.3f}, {hi:.3f}], {int(sub.loc[m, 'seeds'])} seeds)"
+                 for m, (lo, hi) in learned.items() if lo > u_hi]
         lines.append(f"- **Does training pay?** On held-out compounds the untrained network's NSB top-10 is "
                      f"{sub.loc['untrained', 'mean']:.3f} [{u_lo:.3f}, {u_hi:.3f}]. Learned "
                      f"methods (3+ seeds) whose interval lies wholly above it: "
@@ -610,7 +610,7 @@ def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
     for method in dict.fromkeys(summary.method):
         if method in REFERENCES or method == "cellprofiler":
             continue
-        parts = []
+        parts, seeds = [], 0
         for split in SPLITS:
             rows = summary[(summary.split == split) & (summary.metric == metric)].set_index("method")
             if method not in rows.index or "untrained" not in rows.index:
@@ -624,8 +624,9 @@ def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
             mark = " (above 0)" if d.mean() - half > 0 else " (below 0)" if d.mean() + half < 0 else ""
             parts.append(f"{split.removeprefix('heldout_')} {d.mean():+.3f} [{d.mean() - half:+.3f}, "
                          f"{d.mean() + half:+.3f}]{mark}")
+            seeds = max(seeds, len(d))
         if parts:
-            out.append(f"{method} ({len(d)} seeds): " + ", ".join(parts))
+            out.append(f"{method} ({seeds} seeds): " + ", ".join(parts))
     return out
 
 
