@@ -30,9 +30,10 @@ from micon.eval.profiles import ProfileError
 from micon.tables import markdown_table
 
 
-def headline(max_k: int) -> tuple[str, ...]:
-    """The report's columns; top-k columns are named by their k."""
-    return ("nsb_top1", f"nsb_top{max_k}", "nss_top1", f"nss_top{max_k}", "map_activity", "fraction_retrieved")
+def headline(max_k: int, null: bool = True) -> tuple[str, ...]:
+    """The report's columns; top-k columns are named by their k; `null`: with mAP of activity over the DMSO null."""
+    return ("nsb_top1", f"nsb_top{max_k}", "nss_top1", f"nss_top{max_k}", "map_activity",
+            *(("map_activity_over_null",) if null else ()), "fraction_retrieved")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class EvalConfig:
     compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
     shards: str = ""                 # manifest dir (for compounds=heldout)
     null_size: PositiveInt = 10000   # random rankings in mAP's null distribution
+    activity_null: bool = True       # mAP of activity of DMSO itself (half of each plate's DMSO as pseudo-compounds)
     bootstrap: Annotated[int, Range(2, why="1000 for the report")] = 1000  # resamples of compounds for the report's intervals
     ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
     plates_without_dmso: str = "stop"   # stop | drop (their wells) | batch (against the batch's, else source's DMSO)
@@ -122,6 +124,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size)
     say(f"{name}: mAP: {len(act_map):,} compounds (activity) and {len(con_map):,} (consistency), null size "
         f"{cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
+    null = activity_null(name, wells, raw, cfg, int(kept.sum()), say) if cfg.activity_null else {}
 
     point = curves.set_index(["mode", "k"])
     metrics = {}
@@ -135,10 +138,44 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
         map_consistency=float(con_map["mean_average_precision"].mean()),
         n_wells=int(len(wells)), n_queries_nss=int(topk["n_queries_nss"].iloc[0]),
         n_queries_nsb=int(topk["n_queries_nsb"].iloc[0]), dim=int(emb.shape[1]), n_features_kept=int(kept.sum()),
+        n_negcon_wells=int((roles == schema.NEGCON).sum()), **null,
     )
     return dict(metrics=metrics, topk=topk.assign(method=name), curves=curves.assign(method=name),
                 map=act_map.assign(method=name), wells=wells, raw=raw, prof=prof,
                 raw_names=list(names), kept_names=[n for n, k in zip(names, kept) if k])
+
+
+# ZCA fitted on fewer DMSO wells than this per feature biases mAP of activity (docs/results/ACTIVITY.md)
+WELLS_PER_FEATURE = 4
+NULL_REPEATS = 5        # random halvings of the DMSO wells averaged in the DMSO null
+
+
+def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConfig, n_features: int, say=_say) -> dict:
+    """mAP of activity's DMSO null (micon.eval.activity.negcon_null, the evaluation's own recipe) as metrics;
+    says, with a warning, when the screen has too few DMSO wells per feature to read mAP against chance."""
+    from micon.eval.activity import negcon_null, null_summary
+
+    t0 = time.perf_counter()
+    try:
+        compounds, null = negcon_null(wells, raw, repeats=NULL_REPEATS, null_size=cfg.null_size,
+                                      normalize=cfg.normalize,
+                                      whiten=cfg.spherize, epsilon=cfg.epsilon,
+                                      plates_without_dmso=cfg.plates_without_dmso)
+    except ValueError as e:         # no plate with two DMSO wells: no null, the metrics say n/a
+        say(f"{name}: no DMSO null for mAP of activity: {e}")
+        return dict(map_activity_null=float("nan"), map_activity_over_null=float("nan"))
+    out = null_summary(compounds, null, n_boot=cfg.bootstrap)
+    n_neg = int((wells[schema.ROLE] == schema.NEGCON).sum())
+    say(f"{name}: DMSO null: {out['n_null_compounds']} pseudo-compounds from half of each plate's DMSO "
+        f"({NULL_REPEATS} random halvings) reach mAP of activity "
+        f"{out['map_activity_null']:.3f}; compounds under the same fit {out['map_activity_over_null']:+.3f} "
+        f"above it, in {time.perf_counter() - t0:.1f} s")
+    if cfg.spherize and n_neg < WELLS_PER_FEATURE * n_features:
+        say(f"{name}: warning: ZCA is fitted on {n_neg:,} DMSO wells for {n_features:,} features (fewer than "
+            f"{WELLS_PER_FEATURE} per feature): a compound without effect does not reach mAP of activity's "
+            f"random-ranking chance here but the DMSO null; read map_activity_over_null, not map_activity "
+            f"against chance (docs/results/ACTIVITY.md)")
+    return out
 
 
 def score_predictions(name: str, path: str, keep_compounds: set | None, max_k: int) -> dict:
@@ -230,14 +267,16 @@ def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | No
     summary.to_csv(out / "summary.csv", index=False)
     pngs = [plots.plot_topk_curves(curves, out / "topk_nsb_nss.png", modes=("nsb", "nss")),
             plots.plot_map_summary(summary, out / "map_fraction_retrieved.png",
-                                   columns=("map_activity", "fraction_retrieved"))]
+                                   columns=("map_activity", "fraction_retrieved")
+                                   + (("map_activity_over_null",) if cfg.activity_null else ()))]
     for name, r in results.items():
         pngs.append(plots.plot_profiles_pca(r["wells"], r["raw"], r["prof"], out / f"profiles_pca_{name}.png",
                                             titles=(f"{name}: raw well profiles (features z-scored)",
                                                     f"{name}: normalised + whitened")))
     k = cfg.max_k
-    rows = [{"method": n, **{c: _cell(r["metrics"], c) for c in headline(k)}} for n, r in results.items()]
-    chance = [{"method": n, **{c: _cell(r["metrics"], f"{c}_chance") for c in headline(k)}}
+    cols = headline(k, cfg.activity_null)
+    rows = [{"method": n, **{c: _cell(r["metrics"], c) for c in cols}} for n, r in results.items()]
+    chance = [{"method": n, **{c: _cell(r["metrics"], f"{c}_chance") for c in cols}}
               for n, r in results.items()]
     lines = ["# Replicate retrieval report", "",
              f"Well profiles ({cfg.aggregate} of sites), {'per-plate robust MAD vs DMSO, ' if cfg.normalize else ''}"
@@ -247,9 +286,12 @@ def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | No
              f"semantics, activity = replicate wells vs same-plate DMSO; fraction retrieved = share of compounds "
              f"with BH-corrected p < 0.05. In brackets: 95% bootstrap interval over compounds ({cfg.bootstrap} "
              f"resamples); n/a: undefined (e.g. NSS with a single source).", "", markdown_table(rows), "",
-             "Chance (a random ranking of each query's candidates; fraction retrieved: the test's level):", "",
-             markdown_table(chance), "",
-             "Profiles: `profiles_{method}_raw.parquet` (well averages) and `profiles_{method}.parquet` (normalised), "
+             "Chance (a random ranking of each query's candidates; fraction retrieved: the test's level; mAP over "
+             "the DMSO null: 0, what a compound without effect reaches):", "",
+             markdown_table(chance), ""]
+    if cfg.activity_null:
+        lines += [null_section(results), ""]
+    lines += ["Profiles: `profiles_{method}_raw.parquet` (well averages) and `profiles_{method}.parquet` (normalised), "
              "Metadata_* as JUMP spells them, role in `Metadata_pert_type`.", ""]
     if zero_shot:
         lines += [zero_shot_section(zero_shot, cfg)]
@@ -257,6 +299,24 @@ def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | No
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def null_section(results: dict) -> str:
+    """The report's paragraph on mAP of activity's DMSO null, with its table."""
+    rows = []
+    for n, r in results.items():
+        m = r["metrics"]
+        per = m["n_negcon_wells"] / max(m["n_features_kept"], 1)
+        rows.append({"method": n, "map_activity_null": _cell(m, "map_activity_null"),
+                     "map_activity_over_null": _cell(m, "map_activity_over_null"),
+                     "DMSO wells per feature": f"{per:.1f}" + (" (few)" if per < WELLS_PER_FEATURE else "")})
+    return ("mAP of activity against DMSO itself: half of each plate's DMSO wells become pseudo-compounds and the "
+            "profiles are fitted on the other half; `map_activity_null` is what those pseudo-compounds reach (a "
+            "compound without effect reaches the same), `map_activity_over_null` the compounds' mAP under that fit "
+            "minus it, with its bootstrap interval. With fewer than "
+            f"{WELLS_PER_FEATURE} DMSO wells per feature the recipe's own fit moves a compound without effect away "
+            "from the random-ranking chance, by an amount that depends on the features: compare methods on "
+            "`map_activity_over_null` there (docs/results/ACTIVITY.md).\n\n" + markdown_table(rows))
 
 
 def log_wandb(out: Path, cfg: EvalConfig, results: dict) -> None:
@@ -318,7 +378,9 @@ def main(argv: list[str]) -> int:
         m = results[name]["metrics"]
         k = cfg.max_k
         _say(f"{name}: NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "
-             f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f} | retrieved "
+             f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f}"
+             + (f" ({m['map_activity_over_null']:+.3f} over the DMSO null)" if "map_activity_over_null" in m else "")
+             + " | retrieved "
              f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s; "
              f"{time.perf_counter() - t_all:.0f} s so far)")
     zero_shot = {}
@@ -347,7 +409,8 @@ def main(argv: list[str]) -> int:
     if cfg.wandb and results:
         log_wandb(out, cfg, results)
     if results:
-        table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3) for k in headline(cfg.max_k)})
+        table = pd.DataFrame([dict(method=n, **{k: round(r["metrics"][k], 3)
+                                                for k in headline(cfg.max_k, cfg.activity_null)})
                               for n, r in results.items()])
         print(table.to_string(index=False))
     if out != final:        # every object whole, metrics.json last (an earlier run's first removed)

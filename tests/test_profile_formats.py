@@ -173,3 +173,70 @@ def test_every_json_the_project_writes_is_strict(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"nss_top1": None, "nested": [None, 0.5, 3, {"x": None}], "ok": 1.0, "flag": True}
     json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))   # strict parse
+
+
+def test_dmso_null_equals_pycytominer_and_copairs_on_the_relabelled_raw_file(evaluated, tmp_path):
+    """metrics.json's map_activity_null and map_activity_over_null, recomputed from the raw file alone:
+    the same halvings of each plate's DMSO (micon's pseudo_compounds), pycytominer's per-plate
+    mad_robustize and ZCA-cor fitted on the remaining DMSO, copairs' mAP of activity."""
+    from copairs.matching import assign_reference_index
+
+    from evaluate.run import NULL_REPEATS
+    from micon.eval.activity import NULL_PREFIX, pseudo_compounds
+
+    raw = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler_raw.parquet")
+    mine = json.loads((evaluated / "eval" / "metrics.json").read_text())["methods"]["cellprofiler"]
+    roles = {"trt": schema.TREATED, "negcon": schema.NEGCON, "poscon": schema.POSCON}
+    kept = [n for n in NAMES if n not in CONSTANT]
+    nulls, compounds = [], []
+    for r in range(NULL_REPEATS):
+        w = pseudo_compounds(raw[[schema.PLATE, schema.JCP]].assign(**{schema.ROLE: raw[PERT].map(roles)}), seed=r)
+        table = raw.assign(**{schema.JCP: w[schema.JCP].to_numpy(),
+                              PERT: np.where(w[schema.ROLE] == schema.NEGCON, "negcon",
+                                             np.where(w[schema.ROLE] == schema.POSCON, "poscon", "trt"))})
+        meta = infer_cp_features(table, metadata=True)
+        norm = pd.concat([pycytominer.normalize(g, features=kept, meta_features=meta, samples=f"{PERT} == 'negcon'",
+                                                method="mad_robustize")
+                          for _, g in table.groupby(schema.PLATE, sort=False)]).loc[table.index]
+        norm = pycytominer.normalize(norm, features=kept, meta_features=meta, samples=f"{PERT} == 'negcon'",
+                                     method="spherize", spherize_method="ZCA-cor", spherize_epsilon=1e-6)
+        norm = norm[norm[PERT].isin(["trt", "negcon"])].reset_index(drop=True)
+        ref = assign_reference_index(norm[meta], f"{PERT} == 'negcon'", reference_col="Metadata_Reference_Index")
+        ap = copairs_map.average_precision(ref, norm[kept].to_numpy(),
+                                           pos_sameby=[schema.JCP, "Metadata_Reference_Index"], pos_diffby=[],
+                                           neg_sameby=[schema.PLATE],
+                                           neg_diffby=[schema.JCP, "Metadata_Reference_Index"], progress_bar=False)
+        maps = copairs_map.mean_average_precision(ap, [schema.JCP], null_size=100, threshold=0.05, seed=0,
+                                                  progress_bar=False, cache_dir=tmp_path / "cache")
+        maps = maps[maps[schema.JCP] != schema.DMSO]
+        is_null = maps[schema.JCP].str.startswith(NULL_PREFIX)
+        nulls.append(maps[is_null]["mean_average_precision"])
+        compounds.append(maps[~is_null].set_index(schema.JCP)["mean_average_precision"])
+    level = pd.concat(nulls).mean()
+    assert mine["map_activity_null"] == pytest.approx(level, abs=2e-3)
+    over = pd.concat(compounds, axis=1).mean(axis=1).mean() - level
+    assert mine["map_activity_over_null"] == pytest.approx(over, abs=2e-3)
+    assert mine["map_activity_over_null_lo"] <= mine["map_activity_over_null"] <= mine["map_activity_over_null_hi"]
+    assert mine["map_activity_over_null"] > 0.05             # half the compounds are shifted
+    assert mine["n_null_compounds"] == 4 and mine["n_negcon_wells"] == 32
+    report = (evaluated / "eval" / "report.md").read_text()
+    assert "map_activity_over_null" in report and "(few)" in report    # 32 DMSO wells for 22 features
+
+
+def test_the_null_warns_when_the_dmso_wells_are_few_per_feature_and_says_why_it_is_missing():
+    from evaluate.run import EvalConfig, activity_null
+
+    rng = np.random.default_rng(0)
+    rows = [(f"P{p}", f"W{i}", schema.DMSO if i < 8 else f"JCP2022_{i:06d}", schema.NEGCON if i < 8 else schema.TREATED)
+            for p in range(4) for i in range(20)]
+    wells = pd.DataFrame(rows, columns=[schema.PLATE, schema.WELL, schema.JCP, schema.ROLE])
+    cfg = EvalConfig(embeddings={"x": "unused"}, null_size=50, bootstrap=50)
+    for d, warned in ((4, False), (16, True)):
+        said = []
+        out = activity_null("x", wells, rng.normal(size=(len(wells), d)), cfg, d, said.append)
+        assert np.isfinite(out["map_activity_null"]) and out["n_null_compounds"] == 4
+        assert any("warning: ZCA is fitted on 32 DMSO wells" in s for s in said) is warned, said
+    one = wells[(wells[schema.ROLE] != schema.NEGCON) | (wells[schema.WELL] == "W0")].reset_index(drop=True)
+    said = []
+    out = activity_null("x", one, rng.normal(size=(len(one), 4)), cfg, 4, said.append)
+    assert np.isnan(out["map_activity_null"]) and "no plate has two DMSO wells" in said[0]

@@ -25,7 +25,10 @@ _LABELS = {"nsb": "NSB: replicates in other batches", "nss": "NSS: replicates in
            "nsp": "NSP: replicates on other plates"}
 _YLABELS = {"map_activity": "mAP, activity vs same-plate DMSO",
             "fraction_retrieved": "fraction retrieved (BH p < 0.05)",
-            "map_consistency": "mAP, replicates vs other compounds"}
+            "map_consistency": "mAP, replicates vs other compounds",
+            "map_activity_over_null": "mAP of activity - DMSO null"}
+# differences from a reference (drawn from 0, which is labelled so): column -> the reference's name
+SIGNED = {"map_activity_over_null": "DMSO null (a compound without effect)"}
 LEVEL = 0.95
 
 
@@ -200,14 +203,21 @@ def plot_map_summary(frame: pd.DataFrame, path, method_col: str = "method",
     x = np.arange(len(labels))
     for ax, col in zip(axes, columns):
         value = frame[col].to_numpy(dtype=float)
+        signed = col in SIGNED           # a difference: its range is [-1, 1], its reference 0
+        floor = -1.0 if signed else 0.0
         top = _finite_max(value)
+        bottom = min(0.0, -_finite_max(-value)) if signed else 0.0
         yerr = None
         if f"{col}_lo" in frame.columns and f"{col}_hi" in frame.columns:
-            lo = np.clip(frame[f"{col}_lo"].to_numpy(dtype=float), 0, 1)
-            hi = np.clip(frame[f"{col}_hi"].to_numpy(dtype=float), 0, 1)
+            lo = np.clip(frame[f"{col}_lo"].to_numpy(dtype=float), floor, 1)
+            hi = np.clip(frame[f"{col}_hi"].to_numpy(dtype=float), floor, 1)
             yerr = np.nan_to_num(np.vstack([np.maximum(value - lo, 0), np.maximum(hi - value, 0)]))
             top = max(top, _finite_max(hi))
+            bottom = min(bottom, -_finite_max(-lo)) if signed else 0.0
         ax.bar(x, value, yerr=yerr, capsize=4, color=[f"C{i % 10}" for i in range(len(labels))], alpha=0.85)
+        if signed:
+            ax.axhline(0, color="0.2", ls="--", lw=1.2, label=SIGNED[col])
+            ax.legend(fontsize=7, loc="upper right")
         if f"{col}_chance" in frame.columns:
             chance = frame[f"{col}_chance"].to_numpy(dtype=float)
             for i, c in enumerate(chance):
@@ -221,14 +231,18 @@ def plot_map_summary(frame: pd.DataFrame, path, method_col: str = "method",
             ax.text(i, (c if np.isfinite(c) else 0) + 0.01 * max(top, 0.05), f"{v:.3f}" if np.isfinite(v) else "n/a",
                     ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, labels, rotation=30, ha="right")
-        ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
+        span = max(top - bottom, 0.05)
+        ax.set_ylim(bottom - (0.1 * span if signed and bottom < 0 else 0), min(1.0, top + 0.25 * span + 0.02))
         ax.set_ylabel(_YLABELS.get(col, col.replace("_", " ")))
         ax.set_xlabel("method")
         ax.set_title(col.replace("_", " "), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.text(0.01, -0.02, f"error bars: {LEVEL:.0%} bootstrap interval over compounds; dashed: chance\n(mAP: expected "
                           f"AP of a random ranking; fraction retrieved: the test's level, a bound on what "
-                          f"inactive compounds reach)", fontsize=7, ha="left", va="top")
+                          f"inactive compounds reach)" + ("; mAP - DMSO null: the compounds' mAP with half of each "
+                          "plate's DMSO wells as pseudo-compounds and the profiles fitted on the other half, minus "
+                          "the pseudo-compounds'" if any(c in SIGNED for c in columns) else ""),
+             fontsize=7, ha="left", va="top")
     fig.tight_layout()
     return _save(fig, path)
 

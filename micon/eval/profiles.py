@@ -357,6 +357,18 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, *, aggregate: Literal["me
     """
     check_finite(meta, emb, "site embeddings", "as embedded")
     wells, raw = aggregate_wells(meta, np.asarray(emb).astype(np.float32), method=aggregate)
+    return normalise_wells(wells, raw, normalize=normalize, whiten=whiten, epsilon=epsilon,
+                           plates_without_dmso=plates_without_dmso)
+
+
+def normalise_wells(wells: pd.DataFrame, raw: np.ndarray, *, normalize: bool = True, whiten: bool = True,
+                    epsilon: float = 1e-6, plates_without_dmso: str = "stop"
+                    ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Well rows -> (well metadata, raw, normalised profiles): `well_profiles` after its aggregation.
+
+    Every statistic (the per-plate median and MAD, the whitening) is fitted on the rows whose role is
+    negcon, so relabelling wells changes what is fitted (`micon.eval.activity.negcon_null` relies on it).
+    """
     wells, raw, fallback = handle_plates_without_dmso(wells, raw, plates_without_dmso, normalize)
     x = raw[:, informative_features(wells, raw)].astype(np.float64)
     if normalize:
