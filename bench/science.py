@@ -60,7 +60,23 @@ ABLATIONS = {                            # variant -> train overrides of the sub
     "grad": ["model.detach_control=false", "model.detach_target=false"],
     "official_dmso": ["loss.dmso_positives=true"],
     "t1": ["loss.temperature=1.0"],
+    # the image encoder starts from the same seed's SimCLR run (pretrained on every site, DMSO included, no labels)
+    "simclr_init": ["model.init={out}/train/simclr_seed{seed}"],
 }
+
+
+NEEDS_RUNS = ("simclr_init",)       # ablations that start from the comparison's own runs (run those first)
+
+
+def overrides(name: str, out: Path, seed: int) -> list[str]:
+    """An ablation's train overrides for one run; `{out}` and `{seed}` in them name this comparison's OUT
+    and the run's seed (e.g. the same seed's SimCLR run as the starting point), which must have finished."""
+    out_ = [o.format(out=out, seed=seed) for o in ABLATIONS[name]]
+    for o in out_:
+        if o.startswith("model.init=") and not (Path(o.split("=", 1)[1]) / "final.json").is_file():
+            raise SystemExit(f"science: {name} (seed {seed}) starts from {o.split('=', 1)[1]}, which has not "
+                             f"finished: run the comparison for that seed first")
+    return out_
 
 
 def variant(subject: str, name: str) -> str:
@@ -308,8 +324,6 @@ def summarise(runs: dict[str, dict]) -> pd.DataFrame:
     """runs: label -> score(); labels 'method' or 'method@seed'. Rows: method x split x metric with the mean
     over seeds, its 95% t-interval (unclipped: the table's numbers), the first seed's bootstrap interval
     and the chance level (NaN where the scores hold none)."""
-    from scipy import stats
-
     rows = []
     groups: dict[str, list[str]] = {}
     for label in runs:
@@ -321,7 +335,7 @@ def summarise(runs: dict[str, dict]) -> pd.DataFrame:
                 if not vals:
                     continue
                 mean = float(np.mean(vals))
-                half = float(stats.t.ppf(0.975, len(vals) - 1) * stats.sem(vals)) if len(vals) > 1 else float("nan")
+                half = t_half(vals)
                 boot = runs[labels[0]][split].get(metric + "_boot", (np.nan, np.nan))
                 chance = [runs[lb][split].get(metric + "_chance", np.nan) for lb in labels
                           if metric in runs[lb].get(split, {})]
@@ -543,6 +557,13 @@ def activity_shards(out: Path, handcrafted_profiles, inactive_weight: float, lab
 REFERENCES = ("untrained", "oracle")     # the floor and the ceiling: rows of every table, rivals of no method
 
 
+def t_half(values) -> float:
+    """Half the width of the 95% t-interval of a mean over seeds (NaN for one value)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(values) - 1) * stats.sem(values)) if len(values) > 1 else float("nan")
+
+
 def interval(rows: pd.DataFrame, method: str) -> tuple[float, float]:
     """A summary row's 95% interval: the t-interval over seeds, or one seed's bootstrap over compounds."""
     r = rows.loc[method]
@@ -604,8 +625,6 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
 def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
     """Per learned method and split: the mean gain over the untrained network of the same seed, with its 95%
     t-interval over seeds (the summary's `values` are in seed order)."""
-    from scipy import stats
-
     out = []
     for method in dict.fromkeys(summary.method):
         if method in REFERENCES or method == "cellprofiler":
@@ -620,7 +639,7 @@ def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
             d = np.subtract(a[:len(b)], b[:len(a)])
             if len(d) < 3:
                 continue
-            half = float(stats.t.ppf(0.975, len(d) - 1) * stats.sem(d))
+            half = t_half(d)
             mark = " (above 0)" if d.mean() - half > 0 else " (below 0)" if d.mean() + half < 0 else ""
             parts.append(f"{split.removeprefix('heldout_')} {d.mean():+.3f} [{d.mean() - half:+.3f}, "
                          f"{d.mean() + half:+.3f}]{mark}")
@@ -1058,10 +1077,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subject", default=SUBJECT, choices=METHODS,
                     help="the method the comparison asks about: its ablations, its activity-aware run, the verdict")
     ap.add_argument("--parts", nargs="+", default=["comparison", "ablations"],
-                    help="comparison, ablations (the subject's variants, first seed), activity (the subject on all "
-                         "compounds with the uncalled ones in --inactive-weight of their samples)")
-    ap.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
-                    help="which of the subject's variants the ablations part runs (first seed)")
+                    help="comparison, ablations (the subject's variants, first seed), variants (the --variants "
+                         "ablations over every seed), activity (the subject on all compounds with the uncalled ones "
+                         "in --inactive-weight of their samples)")
+    ap.add_argument("--variants", nargs="+", default=[], choices=list(ABLATIONS),
+                    help="ablations run over every --seeds (part `variants`), e.g. simclr_init")
+    ap.add_argument("--ablations", nargs="+", default=[n for n in ABLATIONS if n not in NEEDS_RUNS],
+                    choices=list(ABLATIONS), help="which of the subject's variants the ablations part runs (first "
+                                                  f"seed); {', '.join(NEEDS_RUNS)} only when named")
     ap.add_argument("--inactive-weight", type=float, default=0.25)
     ap.add_argument("--train-args", nargs="*", default=[],
                     help="key=value for every training run, e.g. on a GPU: model.preset=resnet50 micro_batch=256 "
@@ -1156,7 +1179,11 @@ def main(argv: list[str] | None = None) -> int:
     if "comparison" in a.parts:
         jobs += [(f"{m}@{s}", m, s, []) for s in a.seeds for m in a.methods]
     if "ablations" in a.parts:
-        jobs += [(variant(a.subject, name), a.subject, a.seeds[0], ABLATIONS[name]) for name in a.ablations]
+        jobs += [(variant(a.subject, name), a.subject, a.seeds[0], overrides(name, out, a.seeds[0]))
+                 for name in a.ablations]
+    if "variants" in a.parts:       # ablations over every seed, labelled VARIANT@SEED like the comparison's methods
+        jobs += [(f"{variant(a.subject, name)}@{s}", a.subject, s, overrides(name, out, s))
+                 for s in a.seeds for name in a.variants]
     # --lanes: that many trainings at once (one thread each: on a CPU machine, one lane per core); scored in order
     from concurrent.futures import ThreadPoolExecutor
 

@@ -170,3 +170,16 @@ def test_the_recorded_settings_resolve_to_what_train_reads():
         assert parse_overrides(once) == parse_overrides(settings)          # the same configuration
         assert len({x.split("=")[0] for x in once}) == len(once)           # each key once
     assert science.merged([*science.RECIPE, *science.RECIPE]) == science.RECIPE
+
+
+def test_an_ablation_that_starts_from_another_run_names_it_per_seed_and_refuses_an_unfinished_one(tmp_path):
+    """`{out}` and `{seed}` in an ablation's overrides name this comparison's runs; a run that has not
+    finished stops the comparison with its name instead of training from scratch."""
+    run = tmp_path / "train" / "simclr_seed3"
+    run.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="simclr_seed3, which has not finished"):
+        science.overrides("simclr_init", tmp_path, 3)
+    (run / "final.json").write_text("{}")
+    assert science.overrides("simclr_init", tmp_path, 3) == [f"model.init={run}"]
+    assert science.overrides("cf0", tmp_path, 3) == ["loss.counterfactual_weight=0"]
+    assert "simclr_init" in science.NEEDS_RUNS       # left out of the default ablations: it needs the comparison's runs
