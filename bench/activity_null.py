@@ -10,7 +10,8 @@ against DMSO, ZCA-cor fitted on DMSO, both). Any value away from 0 is the recipe
 Part 2, the comparison's screen (bench/science.py's OUT, its stored embeddings; nothing is trained): per
 method and seed, the held-out compounds' mAP of activity as the comparison computes it, split by the
 screen's truth (active: magnitude > 0), the DMSO null (`micon.eval.activity.negcon_null`: half of each
-plate's DMSO wells become pseudo-compounds and the profiles are fitted on the other half, so an inactive
+plate's DMSO wells become pseudo-compounds of a compound's replicate count, each well on another plate, and
+the profiles are fitted on the other half, so an inactive
 compound and a pseudo-compound are exchangeable), each compound's mAP under that fit minus the null, and
 the ROC AUC of a compound's mAP for its truth (does the score rank the active compounds first?). Held-out
 compounds only: the learned methods trained on the training compounds the activity call found.

@@ -161,7 +161,7 @@ def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConf
                                       normalize=cfg.normalize,
                                       whiten=cfg.spherize, epsilon=cfg.epsilon,
                                       plates_without_dmso=cfg.plates_without_dmso)
-    except ValueError as e:         # no plate with two DMSO wells: no null, the metrics say n/a
+    except ValueError as e:         # too few DMSO wells for one pseudo-compound: no null, the metrics say n/a
         say(f"{name}: no DMSO null for mAP of activity: {e}")
         return dict(map_activity_null=float("nan"), map_activity_over_null=float("nan"))
     out = null_summary(compounds, null, n_boot=cfg.bootstrap)

@@ -239,4 +239,4 @@ def test_the_null_warns_when_the_dmso_wells_are_few_per_feature_and_says_why_it_
     one = wells[(wells[schema.ROLE] != schema.NEGCON) | (wells[schema.WELL] == "W0")].reset_index(drop=True)
     said = []
     out = activity_null("x", one, rng.normal(size=(len(one), 4)), cfg, 4, said.append)
-    assert np.isnan(out["map_activity_null"]) and "no plate has two DMSO wells" in said[0]
+    assert np.isnan(out["map_activity_null"]) and "too few DMSO wells for one pseudo-compound" in said[0]

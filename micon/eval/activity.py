@@ -45,7 +45,8 @@ NULL_PREFIX = "NULL_"
 
 
 def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, seed: int = 0, repeats: int = 1,
-                null_size: int = 10000, **recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
+                replicates: int | None = None, null_size: int = 10000,
+                **recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The mAP of activity that DMSO itself reaches on this screen, beside the compounds' under the same fit.
 
     The random-ranking chance (and copairs' permutation p-value) takes a compound without effect to be
@@ -56,9 +57,9 @@ def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, see
     more the closer the feature count comes to the DMSO count). The size of each depends on the features,
     so mAP of activity is not comparable across feature sets against the random-ranking chance alone.
 
-    Here a `share` of each plate's DMSO wells (drawn with `seed`) become pseudo-compounds: the i-th drawn
-    well of every plate is pseudo-compound `NULL_i`, one well per plate, as a compound's replicates lie on
-    different plates. The profiles are normalised again (`normalise_wells`, `recipe`: its keyword
+    Here a `share` of each plate's DMSO wells (drawn with `seed`) become pseudo-compounds of as many wells
+    as a compound has (`replicates`, by default the median), each well on a different plate, as a
+    compound's replicates are (`pseudo_compounds`). The profiles are normalised again (`normalise_wells`, `recipe`: its keyword
     arguments) on the remaining DMSO wells alone, so a pseudo-compound's wells and a compound's wells are
     both out of the fit: for a compound without effect the two are exchangeable, and the pseudo-compounds'
     mAP is the level an inactive compound reaches. `wells`, `raw`: aggregated wells (`aggregate_wells`).
@@ -71,7 +72,8 @@ def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, see
 
     comps, nulls = [], []
     for r in range(repeats):
-        w, _, prof = normalise_wells(pseudo_compounds(wells, share=share, seed=seed + r), raw, **recipe)
+        w, _, prof = normalise_wells(pseudo_compounds(wells, share=share, seed=seed + r, replicates=replicates),
+                                     raw, **recipe)
         keep = w[schema.ROLE].isin([schema.TREATED, schema.NEGCON]).to_numpy()
         _, m = phenotypic_activity(w[keep].reset_index(drop=True), prof[keep], null_size=null_size, seed=seed + r)
         m = m[m[schema.JCP] != schema.DMSO].assign(repeat=r)
@@ -81,10 +83,15 @@ def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, see
     return pd.concat(comps, ignore_index=True), pd.concat(nulls, ignore_index=True)
 
 
-def pseudo_compounds(wells: pd.DataFrame, *, share: float = 0.5, seed: int = 0) -> pd.DataFrame:
+def pseudo_compounds(wells: pd.DataFrame, *, share: float = 0.5, seed: int = 0,
+                     replicates: int | None = None) -> pd.DataFrame:
     """`wells` (same rows, same order) with a `share` of each plate's DMSO wells relabelled as treated
-    pseudo-compounds: the i-th drawn well of every plate becomes `NULL_i` (see `negcon_null`). A plate keeps
-    at least one DMSO well; with `share` 0.5 and 16 DMSO wells, 8 become pseudo-compounds."""
+    pseudo-compounds of `replicates` wells each, every well on a different plate, like a compound's
+    replicates (see `negcon_null`). `replicates`: by default the median number of wells of a treated
+    compound. The i-th drawn wells of the plates, in a random order of plates, are cut into groups of that
+    size; a remainder too small for a group stays DMSO. A plate keeps at least one DMSO well: with `share`
+    0.5 and 16 DMSO wells per plate, 8 of each plate's go into pseudo-compounds (on cpg0016, with about 5
+    wells per compound over 1,876 plates, that is about 8 x 375 pseudo-compounds of 5 wells)."""
     from micon.eval.profiles import negcon_mask
 
     if not 0 < share < 1:
@@ -94,15 +101,25 @@ def pseudo_compounds(wells: pd.DataFrame, *, share: float = 0.5, seed: int = 0) 
     neg = negcon_mask(w)
     if schema.ROLE not in w.columns:        # roles from the JCP2022 ids: DMSO is negcon, the rest treated
         w[schema.ROLE] = np.where(neg, schema.NEGCON, schema.TREATED)
+    if replicates is None:
+        sizes = w.loc[(w[schema.ROLE] == schema.TREATED).to_numpy(), schema.JCP].value_counts()
+        replicates = int(sizes.median()) if len(sizes) else 2
+    replicates = max(int(replicates), 2)
     plates = w.loc[neg, schema.PLATE]
     order = pd.Series(rng.random(len(w)))[neg].groupby(plates).rank(method="first").astype(int)
     n_held = np.floor(share * plates.map(plates.value_counts())).astype(int)
-    held = order <= n_held
-    if not held.any():
-        raise ValueError("negcon_null: no plate has two DMSO wells to split")
-    idx = held[held].index
-    w.loc[idx, schema.JCP] = [f"{NULL_PREFIX}{i - 1:03d}" for i in order[idx]]
-    w.loc[idx, schema.ROLE] = schema.TREATED
+    held = order[order <= n_held]
+    plate_rank = dict(zip(rng.permutation(plates.unique()), range(plates.nunique())))
+    frame = pd.DataFrame({"i": held, "p": plates[held.index].map(plate_rank)}).sort_values(["i", "p"])
+    frame["g"] = frame.groupby("i").cumcount() // replicates
+    frame["n"] = frame.groupby(["i", "g"])["p"].transform("size")
+    frame = frame[frame["n"] == replicates]
+    if frame.empty:
+        raise ValueError(f"negcon_null: too few DMSO wells for one pseudo-compound of {replicates} wells on "
+                         f"{replicates} plates (each plate keeps at least one DMSO well)")
+    codes = frame.groupby(["i", "g"], sort=True).ngroup()
+    w.loc[frame.index, schema.JCP] = [f"{NULL_PREFIX}{k:04d}" for k in codes]
+    w.loc[frame.index, schema.ROLE] = schema.TREATED
     return w
 
 
