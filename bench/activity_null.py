@@ -15,6 +15,7 @@ the profiles are fitted on the other half, so an inactive
 compound and a pseudo-compound are exchangeable), each compound's mAP under that fit minus the null, and
 the ROC AUC of a compound's mAP for its truth (does the score rank the active compounds first?). Held-out
 compounds only: the learned methods trained on the training compounds the activity call found.
+Part 3, the cost: CPU seconds of the recipe and of the null on no-effect screens of 8k to 81k wells.
 Writes docs/results/ACTIVITY.md and docs/results/activity_null.png with --docs.
 """
 from __future__ import annotations
@@ -84,6 +85,29 @@ def part_no_effect(dims=(16, 32, 64, 128, 165, 256, 300, 500), seeds=range(3)) -
                 m, chance = activity_and_chance(w, prof)
                 gaps.append(float((m - chance).mean()))
             rows.append(dict(features=d, step=step, gap=float(np.mean(gaps)), half=t_half(gaps)))
+    return pd.DataFrame(rows)
+
+
+def part_cost(sizes=((8, 40), (40, 200), (80, 1000)), d: int = 64, repeats: int = 5) -> pd.DataFrame:
+    """CPU seconds of the recipe's mAP of activity (normalise + copairs' recipe) and of the DMSO null
+    (`repeats` halvings, each normalised and scored again) on no-effect screens of growing size
+    (plates, compounds per plate; every compound on 5 plates would be cheaper: each is on every plate here)."""
+    from micon.eval.activity import negcon_null
+    from micon.eval.profiles import normalise_wells
+
+    rows = []
+    for n_plates, n_compounds in sizes:
+        wells, raw = no_effect_screen(0, d, n_plates=n_plates, n_compounds=n_compounds)
+        t0 = time.process_time()
+        w, _, prof = normalise_wells(wells, raw)
+        activity_and_chance(w, prof, null_size=1000)
+        recipe = time.process_time() - t0
+        t0 = time.process_time()
+        negcon_null(wells, raw, repeats=repeats, replicates=5, null_size=1000)
+        null = time.process_time() - t0
+        rows.append(dict(wells=len(wells), plates=n_plates, recipe_cpu_s=round(recipe, 2), null_cpu_s=round(null, 2),
+                         null_ms_per_well=round(1000 * null / len(wells), 3), ratio=round(null / recipe, 1)))
+        print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
 
@@ -201,6 +225,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     no_effect = part_no_effect()
     print(markdown_table(no_effect.round(3).to_dict("records")), flush=True)
+    cost = part_cost()
+    print(markdown_table(cost.to_dict("records")), flush=True)
     per_run = part_screen(Path(a.out).resolve(), a.seeds)
     summ = summary(per_run)
     table = pd.DataFrame({
@@ -228,6 +254,11 @@ def main(argv=None) -> int:
             "plate, Gaussian wells with per-plate offsets. mAP of activity minus the random-ranking chance "
             "(mean of 3 screens), per feature count and recipe step:\n\n"
             + markdown_table(pivot.reset_index().to_dict("records")) +
+            "\n\n## What the null costs\n\nCPU seconds on no-effect screens (64 features, 16 DMSO wells per "
+            "plate, 1,000 null samples): the recipe's mAP of activity (normalisation and copairs' recipe) against "
+            "the DMSO null as `evaluate` runs it (5 halvings, pseudo-compounds of 5 wells), each normalised and "
+            "scored again. Both grow linearly with the wells (mAP of activity ranks a well's replicates among "
+            "its plate's DMSO wells only).\n\n" + markdown_table(cost.to_dict("records")) +
             "\n\n## The comparison's screen, held-out compounds\n\n"
             f"{int(active_count(Path(a.out).resolve()))} of the held-out compounds are active in the screen's "
             "truth. Mean over seeds ± the 95% t-interval's half-width. `mAP` columns: the recipe as the "

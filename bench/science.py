@@ -66,6 +66,7 @@ ABLATIONS = {                            # variant -> train overrides of the sub
 
 
 NEEDS_RUNS = ("simclr_init",)       # ablations that start from the comparison's own runs (run those first)
+STARTS_FROM = {"simclr_init": "simclr"}     # ... and the method whose run of the same seed they start from
 
 
 def overrides(name: str, out: Path, seed: int) -> list[str]:
@@ -616,26 +617,38 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
                      f"{sub.loc['untrained', 'mean']:.3f} [{u_lo:.3f}, {u_hi:.3f}]. Learned "
                      f"methods (3+ seeds) whose interval lies wholly above it: "
                      + (", ".join(clear) if clear else "none") + ".")
-        lines.append("- **The same, paired by seed** (each run against its own network as initialised: every method's "
-                     "image encoder starts from the same weights for a seed), NSB top-10 gain on each split, mean "
-                     "[95% t-interval]: " + "; ".join(paired_gains(summary)) + ".")
+        lines.append("- **The same, paired by seed** (each run against its own starting point: every method's "
+                     "image encoder starts from the same weights for a seed, a variant that starts from another "
+                     "run against that run), NSB top-10 gain on each split, mean "
+                     "[95% t-interval]: " + "; ".join(paired_gains(summary, subject=subject)) + ".")
     return lines
 
 
-def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
-    """Per learned method and split: the mean gain over the untrained network of the same seed, with its 95%
-    t-interval over seeds (the summary's `values` are in seed order)."""
+def starting_point(method: str, subject: str = SUBJECT) -> str:
+    """The run a method's network starts from, seed by seed: the untrained network, or for a variant that
+    starts from another method's run (NEEDS_RUNS) that method (simclr_init: simclr)."""
+    for name in NEEDS_RUNS:
+        if method == variant(subject, name):
+            return STARTS_FROM[name]
+    return "untrained"
+
+
+def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10", subject: str = SUBJECT) -> list[str]:
+    """Per learned method and split: the mean gain over its starting point of the same seed (the untrained
+    network; for simclr_init the SimCLR run it starts from), with its 95% t-interval over seeds (the
+    summary's `values` are in seed order)."""
     out = []
     for method in dict.fromkeys(summary.method):
         if method in REFERENCES or method == "cellprofiler":
             continue
+        base = starting_point(method, subject)
         parts, seeds = [], 0
         for split in SPLITS:
             rows = summary[(summary.split == split) & (summary.metric == metric)].set_index("method")
-            if method not in rows.index or "untrained" not in rows.index:
+            if method not in rows.index or base not in rows.index:
                 continue
             a = [float(v) for v in str(rows.loc[method, "values"]).split()]
-            b = [float(v) for v in str(rows.loc["untrained", "values"]).split()]
+            b = [float(v) for v in str(rows.loc[base, "values"]).split()]
             d = np.subtract(a[:len(b)], b[:len(a)])
             if len(d) < 3:
                 continue
@@ -645,7 +658,8 @@ def paired_gains(summary: pd.DataFrame, metric: str = "nsb_top10") -> list[str]:
                          f"{d.mean() + half:+.3f}]{mark}")
             seeds = max(seeds, len(d))
         if parts:
-            out.append(f"{method} ({seeds} seeds): " + ", ".join(parts))
+            out.append(f"{method} ({seeds} seeds{'' if base == 'untrained' else ', against ' + base}): "
+                       + ", ".join(parts))
     return out
 
 

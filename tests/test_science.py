@@ -183,3 +183,18 @@ def test_an_ablation_that_starts_from_another_run_names_it_per_seed_and_refuses_
     assert science.overrides("simclr_init", tmp_path, 3) == [f"model.init={run}"]
     assert science.overrides("cf0", tmp_path, 3) == ["loss.counterfactual_weight=0"]
     assert "simclr_init" in science.NEEDS_RUNS       # left out of the default ablations: it needs the comparison's runs
+
+
+def test_a_variant_that_starts_from_another_run_is_paired_with_that_run_not_the_untrained_network():
+    rng = np.random.default_rng(1)
+    runs = {}
+    for s in range(4):
+        for m in ("micon", "simclr", "untrained", "micon_simclr_init"):
+            runs[f"{m}@{s}"] = {split: {"nsb_top10": float(rng.uniform())} for split in science.SPLITS}
+    summary = science.summarise(runs)
+    lines = {line.split(" (")[0]: line for line in science.paired_gains(summary)}
+    assert "against simclr" in lines["micon_simclr_init"] and "against" not in lines["micon"]
+    d = [runs[f"micon_simclr_init@{s}"]["heldout_source"]["nsb_top10"] - runs[f"simclr@{s}"]["heldout_source"]["nsb_top10"]
+         for s in range(4)]
+    assert f"source {np.mean(d):+.3f}" in lines["micon_simclr_init"]
+    assert science.starting_point("micon") == "untrained" and science.starting_point("micon_simclr_init") == "simclr"
