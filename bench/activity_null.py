@@ -31,7 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import command, machine, markdown_table  # noqa: E402
-from bench.science import t_half  # noqa: E402
+from bench.science import method_colour, t_half  # noqa: E402
 from micon import schema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,7 @@ def plot(no_effect: pd.DataFrame, summ: pd.DataFrame, path: Path) -> None:
               title="A screen with no effect: the recipe's bias")
     ax[0].legend(fontsize=8)
     x = np.arange(len(summ))
-    colours = ["#c0392b" if m == "micon" else "#7f8c8d" if m == "cellprofiler" else "#27ae60" if m == "oracle"
-               else "#d2b48c" if m == "untrained" else "#2e86c1" for m in summ.method]
+    colours = [method_colour(m) for m in summ.method]
     w = 0.38
     for a, cols, ylabel, title in (
             (ax[1], ("active", "inactive"), "mAP of activity (held-out compounds)",

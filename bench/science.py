@@ -365,8 +365,7 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
     methods = list(dict.fromkeys(summary.method))
     fig, axes = plt.subplots(len(metrics), len(SPLITS), figsize=(4.4 * len(SPLITS), 2.9 * len(metrics)),
                              squeeze=False)
-    refs = {"cellprofiler": "#7f8c8d", "untrained": "#d5b895", "oracle": "#27ae60"}     # the floor and the ceiling
-    colour = lambda m: "#c0392b" if of_subject(m, subject) else refs.get(m, "#2980b9")  # noqa: E731
+    colour = lambda m: method_colour(m, subject)  # noqa: E731
     no_interval = False
     for i, metric in enumerate(metrics):
         for j, split in enumerate(SPLITS):
@@ -622,6 +621,14 @@ def verdict(summary: pd.DataFrame, subject: str = SUBJECT,
                      "run against that run), NSB top-10 gain on each split, mean "
                      "[95% t-interval]: " + "; ".join(paired_gains(summary, subject=subject)) + ".")
     return lines
+
+
+REFERENCE_COLOURS = {"cellprofiler": "#7f8c8d", "untrained": "#d5b895", "oracle": "#27ae60"}  # baseline, floor, ceiling
+
+
+def method_colour(method: str, subject: str = SUBJECT) -> str:
+    """A method's colour in every plot: the subject and its variants red, the references their own, others blue."""
+    return "#c0392b" if of_subject(method, subject) else REFERENCE_COLOURS.get(method, "#2980b9")
 
 
 def starting_point(method: str, subject: str = SUBJECT) -> str:
