@@ -175,9 +175,10 @@ def plot(no_effect: pd.DataFrame, summ: pd.DataFrame, path: Path) -> None:
         ax[0].errorbar(g.features, g.gap, yerr=g.half, marker="o", capsize=3, label=step)
     ax[0].axhline(0, color="k", ls="--", lw=1, label="no bias")
     ax[0].axvline(128, color="grey", ls=":", lw=1, label="128 DMSO wells (the fit)")
-    dims = sorted(no_effect.features.unique())
+    dims = [int(d) for d in sorted(no_effect.features.unique())]
+    ticks = [d for i, d in enumerate(dims) if i == 0 or d >= 1.5 * dims[i - 1]]     # no two labels overlap
     ax[0].set_xscale("log")
-    ax[0].set_xticks(dims, [str(d) for d in dims])
+    ax[0].set_xticks(ticks, [str(d) for d in ticks])
     ax[0].minorticks_off()
     ax[0].set(xlabel="features", ylabel="mAP of activity - random-ranking chance",
               title="A screen with no effect: the recipe's bias")

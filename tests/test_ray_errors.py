@@ -103,3 +103,32 @@ def test_an_unreachable_ray_address_stops_a_job_with_one_line(tiny_screen, tmp_p
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}")
     assert "Traceback" not in proc.stderr
+
+
+def test_waiting_for_ray_nodes_stops_at_once_when_the_start_process_is_gone(capsys):
+    """cluster.ray_nodes --pid: a `ray start` that exits before its nodes are up (Ray's start-up time missed
+    on a busy node) is reported in seconds with exit 2, so the job script starts it again; with the process
+    alive and nothing listening it waits out the timeout and exits 1."""
+    import subprocess
+    import time
+
+    from cluster import ray_nodes
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    t0 = time.monotonic()
+    assert ray_nodes.main(["--address", "127.0.0.1:9", "--nodes", "1", "--timeout", "60", "--pid", str(gone.pid)]) == 2
+    assert time.monotonic() - t0 < 30
+    assert f"the Ray start process {gone.pid} exited before 1 node(s) were up" in capsys.readouterr().err
+    zombie = subprocess.Popen(["true"])          # exited, not yet reaped: gone all the same
+    time.sleep(0.5)
+    assert ray_nodes.exited(zombie.pid)
+    zombie.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not ray_nodes.exited(alive.pid)
+        assert ray_nodes.main(["--address", "127.0.0.1:9", "--nodes", "1", "--timeout", "3", "--pid", str(alive.pid)]) == 1
+        assert "not ready after 3 s" in capsys.readouterr().err
+    finally:
+        alive.kill()
+        alive.wait()

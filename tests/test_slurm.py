@@ -120,7 +120,7 @@ def test_ray_script_head_workers_ports_and_teardown():
     assert "#SBATCH --nodes=3" in script and "#SBATCH --ntasks-per-node=1" in script
     assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --cpus-per-task=48" in script
     flat = script.replace("\\\n", " ")
-    head = re.search(r'^"\$\{RAY\[@\]\}" start --head (.*)$', flat, re.M).group(1)
+    head = re.search(r'^ *"\$\{RAY\[@\]\}" start --head (.*)$', flat, re.M).group(1)
     assert '--node-ip-address="$head_ip"' in head and '--port="$base"' in head
     assert '--dashboard-host="$head_ip"' in head and "0.0.0.0" not in script
     assert "--num-gpus=4" in script
@@ -136,6 +136,10 @@ def test_ray_script_head_workers_ports_and_teardown():
     cleanup = re.search(r"^ *srun (.*)$", flat, re.M).group(1)  # in teardown: each worker node's temp dir
     assert cleanup.endswith('--exclude="$head_node" rm -rf "$ray_tmp"'), cleanup
     assert re.search(r"-m evaluate\.embed \S+/ckpt \S+/shards \S+/emb &$", flat, re.M)
+    # a start that exits before its nodes are up is started again (3 attempts), not waited out
+    assert "bring_up head start_head 1 || exit 1" in script
+    assert 'bring_up workers start_workers "$SLURM_JOB_NUM_NODES" || exit 1' in script
+    assert '--pid "${pids[-1]}"' in script and "for attempt in 1 2 3" in script
 
 
 def test_secrets_never_reach_the_script(tmp_path):
