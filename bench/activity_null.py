@@ -64,12 +64,8 @@ def activity_and_chance(wells: pd.DataFrame, prof: np.ndarray, null_size: int = 
 
     keep = wells[schema.ROLE].isin([schema.TREATED, schema.NEGCON]).to_numpy()
     ap, m = mapm.phenotypic_activity(wells[keep].reset_index(drop=True), prof[keep], null_size=null_size)
-    scored = ap[ap["n_pos_pairs"] > 0]
-    chance = pd.Series(mapm.expected_average_precision(scored["n_pos_pairs"].to_numpy(),
-                                                       scored["n_total_pairs"].to_numpy())).groupby(
-        scored[schema.JCP].to_numpy()).mean()
     m = m[m[schema.JCP] != schema.DMSO].set_index(schema.JCP)["mean_average_precision"]
-    return m, chance.reindex(m.index)
+    return m, mapm.chance_map(ap).reindex(m.index)
 
 
 def part_no_effect(dims=(16, 32, 64, 128, 165, 256, 300, 500), seeds=range(3)) -> pd.DataFrame:

@@ -295,10 +295,7 @@ def score(wells: pd.DataFrame, raw: np.ndarray, prof: np.ndarray, splits: dict, 
             keep = np.array([k in qkeys for k in zip(ap[schema.PLATE], ap[schema.WELL])], dtype=bool)
             m = mapm.mean_average_precision(ap[keep], [schema.JCP], null_size=2000)
             r[f"map_{name}"] = float(m["mean_average_precision"].mean())
-            scored = ap[keep & (ap["n_pos_pairs"] > 0).to_numpy()]     # a random ranking's AP, per compound
-            r[f"map_{name}_chance"] = float(pd.Series(mapm.expected_average_precision(
-                scored["n_pos_pairs"].to_numpy(), scored["n_total_pairs"].to_numpy())).groupby(
-                scored[schema.JCP].to_numpy()).mean().mean())
+            r[f"map_{name}_chance"] = float(mapm.chance_map(ap[keep]).mean())   # a random ranking's, per compound
             hits[f"map_{name}"] = m.set_index(schema.JCP)["mean_average_precision"]
             if name == "activity":
                 r["fraction_retrieved"] = mapm.fraction_retrieved(m)

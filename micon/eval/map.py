@@ -31,6 +31,7 @@ __all__ = [
     "benjamini_hochberg",
     "fraction_retrieved",
     "expected_average_precision",
+    "chance_map",
     "phenotypic_activity",
     "phenotypic_consistency",
     "REFERENCE_INDEX",
@@ -92,6 +93,14 @@ def expected_average_precision(n_pos: np.ndarray, n_total: np.ndarray) -> np.nda
     with np.errstate(invalid="ignore", divide="ignore"):
         mu = _tie_block_precision(M, L, np.zeros_like(M), np.zeros_like(M), "expected") / M
     return np.where(M > 0, mu, 0.0)
+
+
+def chance_map(ap: pd.DataFrame, group_col: str = schema.JCP) -> pd.Series:
+    """Per group (compound): the mAP a random ranking is expected to give, the mean over the group's scored
+    wells (`average_precision` rows with positives) of `expected_average_precision`."""
+    scored = ap[(ap["n_pos_pairs"] > 0).to_numpy()]
+    mu = expected_average_precision(scored["n_pos_pairs"].to_numpy(), scored["n_total_pairs"].to_numpy())
+    return pd.Series(mu).groupby(scored[group_col].to_numpy()).mean()
 
 
 def _normalize_ap(ap: np.ndarray, M: np.ndarray, L: np.ndarray) -> np.ndarray:

@@ -119,15 +119,14 @@ def map_intervals(ap: pd.DataFrame, maps: pd.DataFrame, group_col: str = schema.
     share of positives among them); the fraction retrieved's chance is the test's level, `threshold`.
     Keys: map_activity{,_lo,_hi,_chance}, fraction_retrieved{,_lo,_hi,_chance}.
     """
-    from micon.eval.map import expected_average_precision
+    from micon.eval.map import chance_map
 
     m = maps["mean_average_precision"].to_numpy(np.float64)
     hit = (maps["corrected_p_value"].to_numpy(np.float64) < threshold).astype(np.float64)
     ones = np.ones(len(m))
     lo, hi = bootstrap_ratio(np.c_[m, hit], ones, n_boot=n_boot, seed=seed) if len(m) else ([np.nan] * 2,) * 2
-    scored = ap[ap["n_pos_pairs"] > 0]
-    mu = expected_average_precision(scored["n_pos_pairs"].to_numpy(), scored["n_total_pairs"].to_numpy())
-    chance = pd.Series(mu).groupby(scored[group_col].to_numpy()).mean().mean() if len(scored) else np.nan
+    per_group = chance_map(ap, group_col)
+    chance = per_group.mean() if len(per_group) else np.nan
     clip = lambda v: float(np.clip(v, 0, 1))  # noqa: E731
     return dict(map_activity=float(m.mean()) if len(m) else np.nan, map_activity_lo=clip(lo[0]),
                 map_activity_hi=clip(hi[0]), map_activity_chance=float(chance),
