@@ -4,7 +4,9 @@
         CKPT: a training output dir, its checkpoints/ dir, one step dir or a model.pt; a featuriser's name
         (micon.eval.featurisers: cellprofiler, cellprofiler_full, image_stats); or a reference (SOURCES):
         untrained:CKPT (that run's network as initialised, never updated), truth:SCREEN (each well's
-        true phenotype from a synthetic screen's ground_truth/: the ceiling, no images read)
+        true phenotype from a synthetic screen's ground_truth/: the ceiling, no images read),
+        pretrained:PRESET[:WEIGHTS] (a pretrained backbone, frozen, per channel with ImageNet normalisation:
+        e.g. pretrained:resnet101 from the local timm cache, pretrained:dinov2_vits14:/weights/dinov2.safetensors)
 
 Ray CPU tasks read and decode chunks of a shard (`decode_chunk`, one CPU each, anywhere in the cluster)
 and feed the embedding actors: one per GPU of the cluster (CPU actors when there are none), which
@@ -161,6 +163,69 @@ class UntrainedEncoder(CheckpointEncoder):
         return {**super().identity(), "method": "untrained", "initialised_as": self.checkpoint.record.method}
 
 
+class PretrainedEncoder(CheckpointEncoder):
+    """`pretrained:PRESET[:WEIGHTS]`: a pretrained backbone as a frozen featuriser (the field's reference rows:
+    ImageNet ResNet-101, DINOv2). Each channel is repeated to RGB and standardised with ImageNet's statistics
+    (sites scaled to 0..1 first, as the weights expect), features concatenated in channel order. WEIGHTS is a
+    weights file or URL (micon.models.pretrained), or `timm` (the default: timm's tag from the local cache)."""
+
+    def __init__(self, spec: str, manifest: Manifest):
+        from micon.data.preprocess import Preprocessing
+        from micon.models.image import IMAGE_PRESETS
+
+        preset, _, weights = spec.partition(":")
+        if preset not in IMAGE_PRESETS:
+            raise CheckpointError(f"pretrained:{spec}: unknown preset {preset!r}; choose one of "
+                                  f"{', '.join(IMAGE_PRESETS)} (pretrained:PRESET[:WEIGHTS])")
+        self.preset, self.weights = preset, weights or "timm"
+        from micon import storage
+        from micon.models.pretrained import WeightsError, timm_cached_file
+
+        try:   # found here, naming it, not in an actor: timm's file in the local cache, or the file itself
+            if self.weights == "timm" or self.weights.startswith("timm:"):
+                self.weights = timm_cached_file(IMAGE_PRESETS[preset]["timm_name"], self.weights.partition(":")[2])
+            elif not storage.path(self.weights).is_file():
+                raise WeightsError(f"pretrained:{spec}: no weights file at {self.weights}")
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+        self.manifest, self.name, self.checkpoint = manifest, f"pretrained_{preset}", None
+        self.prep = SitePreprocessor(manifest, Preprocessing(normalize="none"))
+        self.weights_report = ""
+
+    def describe(self) -> str:
+        return (f"pretrained {self.preset} (frozen, per channel, ImageNet normalisation) from {self.weights}"
+                + (f": {self.weights_report}" if self.weights_report else ""))
+
+    def notes(self) -> list[str]:
+        return []
+
+    def identity(self) -> dict:
+        from micon import storage
+
+        local = not storage.is_url(self.weights) and Path(self.weights).is_file()
+        return {"method": self.name, "featuriser": self.name, "preset": self.preset, "weights": self.weights,
+                "sha256": sha256_file(Path(self.weights)) if local else "", "preprocessing": {"normalize": "none",
+                                                                                             "input_norm": "imagenet"}}
+
+    def load(self, threads: int = 1) -> None:
+        import torch
+
+        from micon.models.image import ImageEncoder
+        from micon.models.pretrained import WeightsError
+
+        torch.set_num_threads(max(threads, 1))
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            encoder = ImageEncoder(self.preset, in_chans=len(self.manifest.channels), mode="per_channel",
+                                   weights=self.weights, input_norm="imagenet", trainable="head")
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+        self.weights_report = encoder.weights_report
+        self.model = torch.nn.Module()
+        self.model.image_encoder = encoder.eval().to(self.device)
+        self._pinned, self._slot, self._stats = [], -1, {}
+
+
 class FeaturiserEncoder:
     """A named featuriser (micon.eval.featurisers: CellProfiler-grade features, image statistics) on the
     uint8 sites as stored; embed.json lists its feature names."""
@@ -245,7 +310,7 @@ class TruthSource:
 
 
 # CKPT of the form KIND:ARG: reference sources beside the checkpoints and featurisers
-SOURCES = {"untrained": UntrainedEncoder, "truth": TruthSource}
+SOURCES = {"untrained": UntrainedEncoder, "truth": TruthSource, "pretrained": PretrainedEncoder}
 
 
 def site_rows(manifest: Manifest) -> pd.DataFrame:

@@ -31,6 +31,7 @@ class PredictConfig:
     controls: NonNegativeInt = 256  # DMSO sites drawn from the control bank (0 = all of them)
     batch_size: PositiveInt = 64    # compounds (and control sites) per forward pass
     seed: NonNegativeInt = 0        # which control sites are drawn
+    molecule_table: str = ""        # model.molecule=table checkpoints: the vector table ("" = the one training read)
 
 
 class PredictError(RuntimeError):
@@ -77,14 +78,17 @@ def read_molecules(path: Path, opts) -> tuple[pd.DataFrame, object, pd.DataFrame
     return valid, graphs.take(np.flatnonzero(ok)), invalid
 
 
-def molecule_batch(graphs, rows: np.ndarray, needs, n_bits: int):
-    """Rows of a RaggedGraphs -> what the method's molecule encoder reads (a graph batch or fingerprint bits)."""
+def molecule_batch(graphs, rows: np.ndarray, needs, n_bits: int, vectors: np.ndarray | None = None):
+    """Rows of a RaggedGraphs -> what the method's molecule encoder reads (a graph batch, fingerprint bits, or
+    the rows of `vectors`, the compounds' frozen table vectors)."""
     import torch
 
     from micon.chem.featurizer import decode
     from micon.chem.graph import collate_graphs
     from micon.models.molecule import graphs_to_torch
 
+    if needs.vectors:
+        return torch.from_numpy(vectors[rows])
     if needs.fingerprints:
         bits = np.unpackbits(graphs.fingerprints[rows], axis=1, count=n_bits)
         return torch.from_numpy(bits).float()
@@ -155,9 +159,8 @@ def feature_table(meta: pd.DataFrame, feats: np.ndarray, prefix: str) -> pd.Data
 def run(ckpt: str, compounds: Path, out: Path, cfg: PredictConfig) -> dict:
     import torch
 
-    from micon.checkpoint import load_checkpoint
+    from micon.checkpoint import load_checkpoint, model_config
     from micon.methods import METHODS, get_method
-    from micon.models.factory import ModelConfig
 
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(ckpt)
@@ -166,13 +169,31 @@ def run(ckpt: str, compounds: Path, out: Path, cfg: PredictConfig) -> dict:
         able = ", ".join(m for m, meth in METHODS.items() if meth.predicts)
         raise PredictError(f"{checkpoint.path} is a {method.name} checkpoint, which reads no molecules and cannot "
                            f"predict profiles; use a checkpoint of {able}")
-    needs = method.data_needs(ModelConfig(**checkpoint.record.model))
+    needs = method.data_needs(model_config(checkpoint.record.model))
     if needs.controls and not cfg.shards:
         raise PredictError(f"method {method.name} predicts from DMSO controls: pass shards=SHARDS (the shard set "
                            f"whose control bank to use)")
     out.mkdir(parents=True, exist_ok=True)
     opts = featurize_options(checkpoint)
     valid, graphs, invalid = read_molecules(compounds, opts)
+    vectors = None
+    if needs.vectors:   # frozen per-compound vectors: a compound without a row cannot be predicted, and is named
+        from micon.chem.table import MoleculeTable, TableError
+
+        path = cfg.molecule_table or checkpoint.record.model.get("molecule_table", "")
+        try:
+            table = MoleculeTable(path)
+        except TableError as e:
+            raise PredictError(f"{e} (the checkpoint's molecule encoder reads this table; pass molecule_table=)") \
+                from None
+        if table.dim != checkpoint.record.table_dim:
+            raise PredictError(f"molecule_table={path} has {table.dim} values per compound but {checkpoint.path} was "
+                               f"trained on {checkpoint.record.table_dim}")
+        absent = np.array([c not in table for c in valid[schema.JCP]], bool)
+        invalid = pd.concat([invalid, valid.loc[absent, [schema.JCP, schema.SMILES]].assign(
+            reason=f"no row in the molecule table {path}")], ignore_index=True)
+        graphs, valid = graphs.take(np.flatnonzero(~absent)), valid.loc[~absent].reset_index(drop=True)
+        vectors = table.get(list(valid[schema.JCP]))
     atomic.write_text(out / "invalid_compounds.csv", invalid.to_csv(index=False))
     for row in invalid.itertuples(index=False):
         print(f"predict: skipped {getattr(row, schema.JCP) or '(no id)'} ({getattr(row, schema.SMILES)!r}): "
@@ -188,7 +209,7 @@ def run(ckpt: str, compounds: Path, out: Path, cfg: PredictConfig) -> dict:
     with torch.no_grad():
         for i in range(0, len(valid), cfg.batch_size):
             rows = np.arange(i, min(i + cfg.batch_size, len(valid)))
-            preds.append(method.predict_profiles(model, molecule_batch(graphs, rows, needs, opts.n_bits),
+            preds.append(method.predict_profiles(model, molecule_batch(graphs, rows, needs, opts.n_bits, vectors),
                                                  controls).float())
     pred = torch.cat(preds).numpy() if preds else np.zeros((0, 0), np.float32)
     if not np.isfinite(pred).all():

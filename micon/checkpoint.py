@@ -60,6 +60,7 @@ class InferenceRecord:
     atom_dim: int = 0                    # molecule encoder inputs: graph feature sizes (D-MPNN) ...
     bond_dim: int = 0
     fingerprint_bits: int = 0            # ... or the graph store's fingerprint size (fingerprint MLP)
+    table_dim: int = 0                   # ... or the width of the frozen vector table (model.molecule=table)
     preprocessing: dict = field(default_factory=dict)   # micon.data.preprocess.Preprocessing fields
     step: int = 0
     format: str = FORMAT
@@ -81,11 +82,11 @@ class Checkpoint:
         """The method's whole model with these weights (CPU, eval mode): the image encoder and, for a method
         that reads molecules, the molecule encoder with the input sizes recorded in training."""
         from micon.methods import get_method
-        from micon.models.factory import ModelConfig
 
         r = self.record
-        model = get_method(r.method).build_model(ModelConfig(**r.model), len(r.channels), r.atom_dim, r.bond_dim,
-                                                 r.fingerprint_bits)
+        # the pretrained file is not read again: these weights replace it (same normalisation, same parts)
+        model = get_method(r.method).build_model(model_config(r.model), len(r.channels), r.atom_dim, r.bond_dim,
+                                                 r.fingerprint_bits, r.table_dim, load_weights=False)
         model.load_state_dict(self.weights)
         return model.eval()
 
@@ -96,18 +97,31 @@ class Checkpoint:
         import dataclasses
 
         from micon.methods import get_method
-        from micon.models.factory import ModelConfig
 
         r = self.record
         torch.manual_seed(int(self.config.get("seed", 0)))
-        model = get_method(r.method).build_model(ModelConfig(**r.model), len(r.channels), r.atom_dim, r.bond_dim,
-                                                 r.fingerprint_bits)
+        # a run from pretrained weights started from them: they are read again (from model.pretrained)
+        model = get_method(r.method).build_model(model_config(r.model), len(r.channels), r.atom_dim, r.bond_dim,
+                                                 r.fingerprint_bits, r.table_dim)
         return dataclasses.replace(self, weights={k: v.detach().float() for k, v in model.state_dict().items()},
                                    record=dataclasses.replace(r, step=0), state={})
 
     def preprocessing(self):
         from micon.data.preprocess import Preprocessing
         return Preprocessing.from_dict(self.record.preprocessing)
+
+
+def model_config(fields: dict):
+    """A record's model settings as a ModelConfig (keys of another version dropped; old records' boolean
+    `pretrained` read as its string)."""
+    from micon.models.factory import ModelConfig
+
+    known = ModelConfig.__dataclass_fields__
+    cfg = {k: v for k, v in fields.items() if k in known}
+    if isinstance(cfg.get("pretrained"), bool):   # before weights files: no input normalisation was applied
+        cfg["pretrained"] = "timm" if cfg["pretrained"] else "false"
+        cfg.setdefault("input_norm", "none")
+    return ModelConfig(**cfg)
 
 
 def save_model_file(path: Path, weights: dict, record: InferenceRecord, config: dict, state: dict) -> None:

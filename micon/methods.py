@@ -36,7 +36,7 @@ class LossConfig:
 
 
 # the keys a method that reads molecules reads (data.graphs: the store they come from)
-MOLECULE_OPTIONS = ("model.molecule", "model.molecule_dim", "model.molecule_depth", "data.graphs")
+MOLECULE_OPTIONS = ("model.molecule", "model.molecule_dim", "model.molecule_depth", "model.molecule_table", "data.graphs")
 
 
 class Method:
@@ -60,12 +60,13 @@ class Method:
             return self.needs
         return dataclasses.replace(self.needs, molecule_input=MOLECULE_INPUTS[(cfg or ModelConfig()).molecule])
 
-    def feature_dims(self, cfg: ModelConfig | None = None, fingerprint_bits: int = 0) -> dict:
+    def feature_dims(self, cfg: ModelConfig | None = None, fingerprint_bits: int = 0, table_dim: int = 0) -> dict:
         """Input sizes of the molecule encoder for model `cfg` (all 0 for a method that reads no molecules):
         the featuriser's atom and bond feature sizes for graphs, `fingerprint_bits` (the graph store's
-        n_bits) for fingerprints. These go into the checkpoint's record."""
+        n_bits) for fingerprints, `table_dim` (the vector table's width) for a table. These go into the
+        checkpoint's record."""
         needs = self.data_needs(cfg)
-        dims = {"atom_dim": 0, "bond_dim": 0, "fingerprint_bits": 0}
+        dims = {"atom_dim": 0, "bond_dim": 0, "fingerprint_bits": 0, "table_dim": 0}
         if needs.graphs:
             from micon.chem.featurizer import ATOM_DIM, BOND_DIM
             dims.update(atom_dim=ATOM_DIM, bond_dim=BOND_DIM)
@@ -73,10 +74,14 @@ class Method:
             if fingerprint_bits <= 0:
                 raise ValueError("model.molecule=fingerprint: pass the graph store's fingerprint size (its n_bits)")
             dims.update(fingerprint_bits=fingerprint_bits)
+        if needs.vectors:
+            if table_dim <= 0:
+                raise ValueError("model.molecule=table: pass the vector table's width")
+            dims.update(table_dim=table_dim)
         return dims
 
     def build_model(self, cfg: ModelConfig, in_chans: int, atom_dim: int = 0, bond_dim: int = 0,
-                    fingerprint_bits: int = 0) -> nn.Module:
+                    fingerprint_bits: int = 0, table_dim: int = 0, load_weights: bool = True) -> nn.Module:
         raise NotImplementedError
 
     def chance_loss(self, examples: int, cfg: LossConfig) -> float:
@@ -107,6 +112,8 @@ class Method:
             out["molecules"] = graphs
         if "fingerprints" in batch:
             out["molecules"] = batch["fingerprints"].to(device, dtype, non_blocking=True)
+        if "vectors" in batch:
+            out["molecules"] = batch["vectors"].to(device, dtype, non_blocking=True)
         return out
 
     # zero-shot prediction (evaluate/predict.py): a method that maps a molecule to a profile says how
@@ -132,10 +139,10 @@ class MiconMethod(Method):
     options = frozenset({"loss.temperature", "loss.counterfactual_weight", "loss.counterfactual_mode",
                          "loss.dmso_positives", "model.detach_control", "model.detach_target", *MOLECULE_OPTIONS})
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0, table_dim=0, load_weights=True):
         from micon.models.micon import MICON
-        return MICON(build_image_encoder(cfg, in_chans),
-                     build_molecule_encoder(cfg, atom_dim, bond_dim, fingerprint_bits),
+        return MICON(build_image_encoder(cfg, in_chans, load_weights),
+                     build_molecule_encoder(cfg, atom_dim, bond_dim, fingerprint_bits, table_dim),
                      projection_dim=cfg.projection_dim, detach_control=cfg.detach_control,
                      detach_target=cfg.detach_target)
 
@@ -171,9 +178,9 @@ class PaCLRMethod(Method):
     needs = DataNeeds(pairs=True, controls=True, molecules=False, negcon_sites=False)
     options = frozenset({"loss.temperature", "loss.dmso_positives"})
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0, table_dim=0, load_weights=True):
         from micon.models.micon import PaCLR
-        return PaCLR(build_image_encoder(cfg, in_chans), projection_dim=cfg.projection_dim)
+        return PaCLR(build_image_encoder(cfg, in_chans, load_weights), projection_dim=cfg.projection_dim)
 
     def chance_loss(self, examples, cfg):
         return math.log(4 * examples - 1)
@@ -190,10 +197,10 @@ class CLIPMethod(Method):
     needs = DataNeeds(pairs=True, controls=False, molecules=True, negcon_sites=False)
     options = frozenset(MOLECULE_OPTIONS)   # its temperature is learned (logit scale), not loss.temperature
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0, table_dim=0, load_weights=True):
         from micon.models.micon import CLIP
-        return CLIP(build_image_encoder(cfg, in_chans),
-                    build_molecule_encoder(cfg, atom_dim, bond_dim, fingerprint_bits),
+        return CLIP(build_image_encoder(cfg, in_chans, load_weights),
+                    build_molecule_encoder(cfg, atom_dim, bond_dim, fingerprint_bits, table_dim),
                     projection_dim=cfg.projection_dim)
 
     def chance_loss(self, examples, cfg):
@@ -220,9 +227,9 @@ class SimCLRMethod(Method):
     needs = DataNeeds(pairs=False, controls=False, molecules=False, negcon_sites=True)
     options = frozenset({"loss.temperature"})
 
-    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0):
+    def build_model(self, cfg, in_chans, atom_dim=0, bond_dim=0, fingerprint_bits=0, table_dim=0, load_weights=True):
         from micon.models.micon import SimCLR
-        return SimCLR(build_image_encoder(cfg, in_chans), projection_dim=cfg.projection_dim)
+        return SimCLR(build_image_encoder(cfg, in_chans, load_weights), projection_dim=cfg.projection_dim)
 
     def chance_loss(self, examples, cfg):
         return math.log(2 * examples - 1)

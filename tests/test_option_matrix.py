@@ -25,19 +25,21 @@ from micon.checkpoint import load_checkpoint
 from micon.config import ConfigError, load_config, to_dict
 from micon.methods import METHODS, get_method
 from micon.models.factory import MOLECULE_ENCODERS
+from micon.models.image import resolve_input_norm
 from train.config import TrainConfig, option_choices
 
 # keys with enumerated choices that say nothing about what trains, and why they stay out of the matrix
 OUTSIDE_THE_MATRIX = {
     "progress": "a progress bar on rank 0",
     "wandb.enabled": "logging only (every case runs without wandb)",
-    "model.pretrained": "downloads timm weights; tests never reach the network",
     # the training step's speed switches: each compared with today's step in tests/test_train_step.py
     "engine.channels_last": "memory layout only (tests/test_train_step.py)",
     "engine.compile": "inductor builds C++ for minutes on CPU (tests/test_train_step.py, aot_eager)",
     "optim.kernel": "AdamW's implementation only (tests/test_train_step.py)",
     "deterministic": "trained twice in tests/test_deterministic.py",
 }
+# a choice that runs only beside another key's non-default choice, varied with it
+COMPANIONS = {("model.input_norm", "imagenet"): {"model.mode": "per_channel"}}
 FINGERPRINT_BITS = 256   # not the featuriser's default 2048: the checkpoint must take the store's size
 BASE = ["steps=2", "micro_batch=4", "progress=false", "wandb.enabled=false", "resume=none", "data.augment.crop=16",
         "model.molecule_dim=16", "model.projection_dim=8", "optim.warmup_steps=1"]
@@ -60,7 +62,7 @@ def _matrix() -> list[dict]:
         for choice in choices:
             if choice == DEFAULTS.get(key):
                 continue
-            case = {key: choice}
+            case = {key: choice, **COMPANIONS.get((key, choice), {})}
             if _read_by_the_plate_stream_only(case):
                 case["data.stream"] = "plates"   # varied where it is read (the defaults read replicate sets)
             cases.append(case)
@@ -87,7 +89,8 @@ def _read_by_the_plate_stream_only(case: dict) -> bool:
 
 
 def _config(case: dict, *extra: str) -> TrainConfig:
-    return load_config(TrainConfig, None, ["data.shards=s", "data.graphs=g", *extra, *_overrides(case)])
+    return load_config(TrainConfig, None, ["data.shards=s", "data.graphs=g", "model.molecule_table=t", *extra,
+                                           *_overrides(case)])
 
 
 def _overrides(case: dict) -> list[str]:
@@ -126,8 +129,20 @@ def test_the_matrix_covers_every_choice_of_every_key():
                    for c in MATRIX), (method, molecule)
 
 
+@pytest.fixture(scope="module")
+def vector_table(tiny_screen, tmp_path_factory):
+    """Frozen per-compound vectors (model.molecule=table) for every compound of the tiny screen."""
+    ids = pd.read_csv(tiny_screen / "metadata" / "compound.csv.gz")[schema.JCP]
+    table = pd.DataFrame(np.random.default_rng(0).normal(size=(len(ids), 12)), columns=[f"v{i}" for i in range(12)])
+    table.insert(0, schema.JCP, ids.to_numpy())
+    path = tmp_path_factory.mktemp("table") / "vectors.parquet"
+    table.to_parquet(path)
+    return path
+
+
 @pytest.mark.parametrize("case", MATRIX, ids=_case_id)
-def test_every_choice_trains_and_embeds(case, tiny_shards, fingerprint_store, tmp_path, one_rank, caplog):
+def test_every_choice_trains_and_embeds(case, tiny_shards, fingerprint_store, vector_table, tmp_path, one_rank,
+                                        caplog):
     from evaluate.embed import SiteEncoder, embed_shard
     from micon.chem.store import GraphStore
     from micon.embeddings import part_path, read_part
@@ -137,7 +152,8 @@ def test_every_choice_trains_and_embeds(case, tiny_shards, fingerprint_store, tm
     t0 = time.perf_counter()
     out = tmp_path / "run"
     cfg = load_config(TrainConfig, None, [f"data.shards={tiny_shards}", f"data.graphs={fingerprint_store}",
-                                          f"out={out}", *BASE, *_overrides(case)])
+                                          f"out={out}", f"model.molecule_table={vector_table}", *BASE,
+                                          *_overrides(case)])
     with caplog.at_level(logging.INFO, logger="micon.train"):
         assert train(cfg) == EXIT_OK
     for line in cfg.unused():         # a setting the run does not read is said once, not refused
@@ -146,7 +162,8 @@ def test_every_choice_trains_and_embeds(case, tiny_shards, fingerprint_store, tm
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss/loss"]) for r in steps)
 
     ck = load_checkpoint(out)     # the one loader embed (and predict) use: the whole model comes back
-    assert ck.record.method == cfg.method and ck.record.model == to_dict(cfg.model)
+    resolved = resolve_input_norm(cfg.model.input_norm, cfg.model.mode, False)   # as the record holds it
+    assert ck.record.method == cfg.method and ck.record.model == {**to_dict(cfg.model), "input_norm": resolved}
     needs = get_method(cfg.method).data_needs(cfg.model)
     assert ck.record.fingerprint_bits == (FINGERPRINT_BITS if needs.fingerprints else 0)
     model = ck.build_model()
@@ -154,7 +171,8 @@ def test_every_choice_trains_and_embeds(case, tiny_shards, fingerprint_store, tm
         store = GraphStore(fingerprint_store)
         ids = store.ids[:3]
         molecules = (torch.from_numpy(store.fingerprints(ids)).float() if needs.fingerprints
-                     else graphs_to_torch(store.batch(ids)))
+                     else torch.from_numpy(pd.read_parquet(vector_table).set_index(schema.JCP).loc[ids].to_numpy(
+                         np.float32)) if needs.vectors else graphs_to_torch(store.batch(ids)))
         with torch.no_grad():
             compound = model.molecule_encoder(molecules)
         assert compound.shape == (3, cfg.model.molecule_dim) and torch.isfinite(compound).all()

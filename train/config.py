@@ -119,7 +119,11 @@ class TrainConfig:
                 storage.check_url(self.export, "export")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        if get_method(self.method).needs.molecules and not self.data.graphs:
+        needs = get_method(self.method).data_needs(self.model)
+        if needs.vectors and not self.model.molecule_table:
+            raise ConfigError("model.molecule=table needs model.molecule_table: a parquet of Metadata_JCP2022 and "
+                              "numeric columns (e.g. Uni-Mol cls_repr), local or s3://")
+        if needs.molecules and not needs.vectors and not self.data.graphs:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
         if self.model.preset not in IMAGE_PRESETS:
             raise ConfigError(f"model.preset={self.model.preset!r}: choose one of {', '.join(IMAGE_PRESETS)}")
@@ -137,6 +141,10 @@ class TrainConfig:
             out.append(f"model.per_channel_dim={model.per_channel_dim} with model.mode={model.mode}: the size of "
                        f"each channel's features applies to per_channel mode only; set model.mode=per_channel "
                        f"or model.per_channel_dim=0")
+        if model.input_norm == "imagenet" and model.mode != "per_channel":
+            out.append(f"model.input_norm=imagenet with model.mode={model.mode}: ImageNet's RGB statistics apply to "
+                       f"grey channels repeated to RGB (per_channel mode); set model.mode=per_channel or "
+                       f"model.input_norm=auto")
         if model.img_size and not IMAGE_PRESETS.get(model.preset, {}).get("img_size"):
             out.append(f"model.img_size={model.img_size} with model.preset={model.preset}: a convolutional preset "
                        f"takes any image size (img_size is for ViT presets); drop model.img_size")

@@ -26,6 +26,8 @@ from micon.checkpoint import InferenceRecord, find_latest, tag_of
 from micon.config import ConfigError, describe, dump, save_config, to_dict
 from micon.data.preprocess import Preprocessing
 from micon.methods import get_method
+from micon.models.image import resolve_input_norm
+from micon.models.pretrained import WeightsError, is_pretrained
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
 log = logging.getLogger("micon.train")
@@ -251,6 +253,28 @@ def check_graphs(manifest, store_dir: str) -> int:
     return store.n_bits
 
 
+def check_molecule_table(manifest, table_path: str, out: Path) -> int:
+    """Refuse to start when a training compound has no row in the vector table: one message with the count, the
+    first few and a file listing all of them (OUT/missing_from_molecule_table.txt); returns the table's width."""
+    from micon.chem.table import MoleculeTable, TableError, write_missing
+
+    try:
+        table = MoleculeTable(table_path)
+    except TableError as e:
+        raise TrainingStopped(str(e)) from None
+    wanted = [c[schema.JCP] for c in manifest.data["compounds"]
+              if c["Metadata_Role"] in (schema.TREATED, schema.POSCON)
+              and c[schema.JCP] not in manifest.data["splits"]["heldout_compounds"]]
+    if missing := sorted(table.missing(wanted)):
+        listing = write_missing(out, missing)
+        raise TrainingStopped(f"{len(missing)} of {len(wanted)} training compound(s) have no row in "
+                              f"model.molecule_table={table_path}: {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''} (all of them: {listing}). Compute their vectors "
+                              f"and add them to the table, or drop them from the screen.")
+    log.info("molecule table: %d compounds x %d frozen values from %s", len(table), table.dim, table_path)
+    return table.dim
+
+
 def memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -304,14 +328,17 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.manifest = Manifest.load(cfg.data.shards)
         self._check_crop()   # every rank reads the same manifest and stops alike
-        problem, fingerprint_bits = None, 0
+        problem, fingerprint_bits, table_dim = None, 0, 0
         if self.needs.molecules and self.rank == 0:
             try:
-                fingerprint_bits = check_graphs(self.manifest, cfg.data.graphs)
+                if self.needs.vectors:
+                    table_dim = check_molecule_table(self.manifest, cfg.model.molecule_table, self.out)
+                else:
+                    fingerprint_bits = check_graphs(self.manifest, cfg.data.graphs)
             except TrainingStopped as e:
                 problem = str(e)
         # every rank stops, none waits in a collective; every rank builds the encoder for the store's fingerprints
-        problem, fingerprint_bits = distributed.broadcast_object((problem, fingerprint_bits))
+        problem, fingerprint_bits, table_dim = distributed.broadcast_object((problem, fingerprint_bits, table_dim))
         if problem:
             raise TrainingStopped(problem)
         if self.rank == 0:   # config.yaml is written once the run's identity is checked (resume)
@@ -321,9 +348,15 @@ class Trainer:
                      describe(cfg))
             for line in cfg.unused():
                 log.info("config: %s", line)
-        self.record = InferenceRecord(method=self.method.name, model=to_dict(cfg.model),
+            if cfg.model.trainable != "all" and not is_pretrained(cfg.model.pretrained) and not cfg.model.init:
+                log.warning("model.trainable=%s with model.pretrained=%s and no model.init: the frozen part of the "
+                            "backbone keeps its random weights", cfg.model.trainable, cfg.model.pretrained)
+        # the input normalisation as resolved (auto -> imagenet or none), so embed applies exactly this one
+        model_record = {**to_dict(cfg.model), "input_norm": resolve_input_norm(
+            cfg.model.input_norm, cfg.model.mode, is_pretrained(cfg.model.pretrained))}
+        self.record = InferenceRecord(method=self.method.name, model=model_record,
                                       channels=list(self.manifest.channels),
-                                      **self.method.feature_dims(cfg.model, fingerprint_bits),
+                                      **self.method.feature_dims(cfg.model, fingerprint_bits, table_dim),
                                       preprocessing=Preprocessing(normalize=cfg.data.normalize).to_dict())
         self._build_engine()
         return self
@@ -342,10 +375,21 @@ class Trainer:
         cfg = self.cfg
         self.determinism_before = set_deterministic(cfg.deterministic)
         torch.manual_seed(cfg.seed)
-        model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
-                                        self.record.bond_dim, self.record.fingerprint_bits)
-        # model.init starts a fresh run only: a resumed one continues from its own checkpoint
+        # model.init and pretrained weights start a fresh run only: a resumed one continues from its own checkpoint
         resuming = cfg.resume != "none" and (cfg.resume not in ("latest", "force") or find_latest(self.ckpt_root))
+        try:
+            model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
+                                            self.record.bond_dim, self.record.fingerprint_bits, self.record.table_dim,
+                                            load_weights=not resuming)
+        except WeightsError as e:
+            raise TrainingStopped(str(e)) from None
+        if self.rank == 0:
+            if model.image_encoder.weights_report:
+                log.info("model.pretrained: %s", model.image_encoder.weights_report)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            log.info("model.trainable=%s: %s of %s parameters train (%.1f%%), %s frozen", cfg.model.trainable,
+                     f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), f"{total - trainable:,}")
         if cfg.model.init and not resuming:
             loaded = load_image_encoder(model, cfg.model.init, list(self.manifest.channels), cfg.model)
             if self.rank == 0:
@@ -488,7 +532,8 @@ class Trainer:
                                   augment=cfg.data.augment)
         dataset = ExampleStream(cfg.data.shards, stream_cfg, self.rank, self.world, cfg.data.num_workers,
                                 cfg.data.graphs or None, skip_batches=self.state.data_position,
-                                compound_labels=compound_labels(self.manifest))
+                                compound_labels=compound_labels(self.manifest),
+                                molecule_table=cfg.model.molecule_table or None)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
                                              collate_fn=collate_identity, pin_memory=self.device.type == "cuda",
                                              worker_init_fn=ignore_stop_signals,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-MoleculeInput = Literal["graph", "fingerprint"]
+MoleculeInput = Literal["graph", "fingerprint", "table"]
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class DataNeeds:
     pairs: bool = True           # two treated sites of one compound from different wells (else one site twice)
     controls: bool = False       # a same-plate DMSO control site for each view
     molecules: bool = False      # the compound itself goes with each example (from the graph store)
-    molecule_input: MoleculeInput = "graph"   # in which form: its molecular graph or its Morgan fingerprint
+    molecule_input: MoleculeInput = "graph"   # in which form: its molecular graph, its Morgan fingerprint or its
+                                              # row of a precomputed vector table
     negcon_sites: bool = False   # DMSO and every other role are examples too (image-only methods)
 
     @property
@@ -26,3 +27,8 @@ class DataNeeds:
     def fingerprints(self) -> bool:
         """The stream stacks the compounds' fingerprint bits."""
         return self.molecules and self.molecule_input == "fingerprint"
+
+    @property
+    def vectors(self) -> bool:
+        """The stream stacks the compounds' precomputed vectors (model.molecule_table)."""
+        return self.molecules and self.molecule_input == "table"

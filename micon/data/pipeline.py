@@ -214,11 +214,13 @@ class ExampleStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, manifest_dir: str, cfg: StreamConfig, rank: int, world: int, num_workers: int,
-                 graph_store: str | None = None, skip_batches: int = 0, compound_labels: dict | None = None):
+                 graph_store: str | None = None, skip_batches: int = 0, compound_labels: dict | None = None,
+                 molecule_table: str | None = None):
         super().__init__()
         self.manifest_dir, self.cfg, self.rank, self.world = manifest_dir, cfg, rank, world
         self.num_workers = max(num_workers, 1)
         self.graph_store, self.skip_batches = graph_store, skip_batches
+        self.molecule_table = molecule_table
         self.compound_labels = compound_labels or {}
 
     # ---- planning: metadata only, no pixel decoded
@@ -389,7 +391,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     # ---- materialising: decode, controls, augment, collate
     def _materialise(self, plans: list, prep: SitePreprocessor, bank: ControlBank | None, store,
-                     counts: Counts) -> dict:
+                     counts: Counts, table=None) -> dict:
         aug, needs = self.cfg.augment, self.cfg.needs
         views, controls, cids = [], [], []
         for example, seed in plans:
@@ -426,6 +428,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
             out["graphs"] = collate_graphs([store.get(c) for c in cids])
         if store is not None and needs.fingerprints:
             out["fingerprints"] = torch.from_numpy(store.fingerprints(cids))   # [B, n_bits] uint8
+        if table is not None:
+            out["vectors"] = torch.from_numpy(table.get(cids))               # [B, N] float32, frozen
         return out
 
     def __iter__(self):
@@ -442,9 +446,13 @@ class ExampleStream(torch.utils.data.IterableDataset):
         if self.cfg.needs.controls and not self.cfg.replicate_sets:
             bank = ControlBank(manifest.root, counts=counts)
         store = None
-        if self.graph_store and self.cfg.needs.molecules:
+        if self.graph_store and (self.cfg.needs.graphs or self.cfg.needs.fingerprints):
             from micon.chem.store import GraphStore
             store = GraphStore(self.graph_store)
+        table = None
+        if self.molecule_table and self.cfg.needs.vectors:
+            from micon.chem.table import MoleculeTable
+            table = MoleculeTable(self.molecule_table)
         plans_of = self._rset_plans if self.cfg.replicate_sets else self._plans
         base: dict = {}   # a resumed run's checkpoint holds the counts up to here: count only what follows
         for i, plans in enumerate(plans_of(manifest, slot, counts)):
@@ -452,7 +460,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 if i == skip - 1:
                     base = dict(counts)
                 continue
-            batch = self._materialise(plans, prep, bank, store, counts)
+            batch = self._materialise(plans, prep, bank, store, counts, table)
             batch["counts"] = counts.since(base)
             batch["worker"] = logical
             yield batch

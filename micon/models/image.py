@@ -2,7 +2,9 @@
 
 Two ways to read C channels: "multichannel" (one backbone with in_chans=C) and MICON's "per_channel"
 (every channel repeated to 3 and passed through one shared RGB backbone, features concatenated).
-Random initialisation by default; `pretrained=True` downloads timm weights, so tests never set it.
+Random initialisation by default; `weights=` names pretrained weights (micon.models.pretrained: timm's tag from
+the local cache, or a file), `input_norm="imagenet"` standardises each grey channel as an ImageNet RGB image on
+the device, and `set_trainable` freezes all but the last stage or the whole backbone (the official recipe).
 `use_channels_last()` feeds the backbone NHWC inputs (the same numbers in cuDNN's fast layout).
 """
 from __future__ import annotations
@@ -15,7 +17,14 @@ from torch import Tensor, nn
 # Named presets: timm model name + create_model kwargs. `img_size` marks backbones (ViTs) whose
 # position embeddings depend on the input size; dynamic_img_size lets them run at other sizes too.
 IMAGE_PRESETS: dict[str, dict[str, Any]] = {
+    # the official MICON encoder (torchvision's ImageNet ResNet-101; timm's keys are torchvision's)
+    "resnet101": {"timm_name": "resnet101", "kwargs": {}},
     "resnet50": {"timm_name": "resnet50", "kwargs": {}},
+    # DINOv2 ViTs (timm's LVD-142M weights; 518 px native, any multiple of 14 with dynamic_img_size)
+    "dinov2_vits14": {"timm_name": "vit_small_patch14_dinov2", "kwargs": {"dynamic_img_size": True},
+                      "img_size": True},
+    "dinov2_vitb14": {"timm_name": "vit_base_patch14_dinov2", "kwargs": {"dynamic_img_size": True},
+                      "img_size": True},
     "vit_small_patch16_224": {"timm_name": "vit_small_patch16_224", "kwargs": {"dynamic_img_size": True},
                               "img_size": True},
     # small ones for CPU demos and tests
@@ -27,11 +36,22 @@ IMAGE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 ImageMode = Literal["per_channel", "multichannel"]
+InputNorm = Literal["auto", "imagenet", "none"]
+Trainable = Literal["all", "last_stage", "head"]
+TRAINABLE: tuple[str, ...] = ("all", "last_stage", "head")
 
 
-def create_backbone(preset: str, in_chans: int, *, pretrained: bool = False, img_size: int | None = None,
-                    **timm_kwargs: Any) -> nn.Module:
-    """A timm feature extractor (num_classes=0: pooled features [N, num_features]) from a preset name."""
+def resolve_input_norm(input_norm: str, mode: str, pretrained: bool) -> str:
+    """auto: ImageNet mean and std when RGB-pretrained weights read grey channels repeated to 3 (per_channel
+    mode), else none (a multichannel network's adapted first convolution has no RGB statistics to match)."""
+    if input_norm != "auto":
+        return input_norm
+    return "imagenet" if pretrained and mode == "per_channel" else "none"
+
+
+def create_backbone(preset: str, in_chans: int, *, img_size: int | None = None, **timm_kwargs: Any) -> nn.Module:
+    """A randomly initialised timm feature extractor (num_classes=0: pooled features [N, num_features]) from a
+    preset name; timm never downloads here (weights come through micon.models.pretrained)."""
     import timm  # heavy import, deferred so `import micon.models` stays cheap
 
     if preset not in IMAGE_PRESETS:
@@ -42,7 +62,21 @@ def create_backbone(preset: str, in_chans: int, *, pretrained: bool = False, img
         if not spec.get("img_size"):
             raise ValueError(f"preset {preset!r} is convolutional and takes any image size; drop img_size")
         kwargs["img_size"] = img_size
-    return timm.create_model(spec["timm_name"], pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+    return timm.create_model(spec["timm_name"], pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+
+
+def last_stage_prefixes(backbone: nn.Module) -> tuple[str, ...]:
+    """The parameter-name prefixes of a backbone's last stage: a ResNet's `layer4` (timm's last feature stage),
+    a ViT's last quarter of blocks (3 of 12) and its final norm."""
+    blocks = getattr(backbone, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and len(blocks):
+        n = len(blocks)
+        return tuple(f"blocks.{i}." for i in range(n - max(1, n // 4), n)) + ("norm.", "fc_norm.", "head_drop.")
+    info = getattr(backbone, "feature_info", None)
+    if info:
+        last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+        return (f"{last}.",)
+    raise ValueError(f"{type(backbone).__name__}: no last stage known (no feature_info or blocks)")
 
 
 class ImageEncoder(nn.Module):
@@ -55,8 +89,8 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, preset: str = "resnet50", in_chans: int = 5, mode: ImageMode = "per_channel", *,
-                 pretrained: bool = False, img_size: int | None = None, per_channel_dim: int | None = None,
-                 **timm_kwargs: Any) -> None:
+                 weights: str = "", input_norm: str = "auto", trainable: str = "all", img_size: int | None = None,
+                 per_channel_dim: int | None = None, **timm_kwargs: Any) -> None:
         super().__init__()
         if mode not in ("per_channel", "multichannel"):
             raise ValueError(f"image encoder mode must be 'per_channel' or 'multichannel', got {mode!r}")
@@ -65,13 +99,52 @@ class ImageEncoder(nn.Module):
         if per_channel_dim is not None and mode != "per_channel":
             raise ValueError("per_channel_dim only applies to mode='per_channel'")
         self.mode, self.in_chans, self.preset = mode, in_chans, preset
-        self.backbone = create_backbone(preset, 3 if mode == "per_channel" else in_chans,
-                                        pretrained=pretrained, img_size=img_size, **timm_kwargs)
+        from micon.models.pretrained import is_pretrained, load_backbone_weights, resolve_weights
+
+        self.backbone = create_backbone(preset, 3 if mode == "per_channel" else in_chans, img_size=img_size,
+                                        **timm_kwargs)
+        self.weights_report = ""   # what the pretrained weights gave the backbone (for the log)
+        if is_pretrained(weights):
+            state, source = resolve_weights(weights, IMAGE_PRESETS[preset]["timm_name"])
+            self.weights_report = str(load_backbone_weights(self.backbone, state, source))
+        self.input_norm = resolve_input_norm(input_norm, mode, is_pretrained(weights))
+        if self.input_norm not in ("imagenet", "none"):
+            raise ValueError(f"input_norm must be auto, imagenet or none, got {input_norm!r}")
+        if self.input_norm == "imagenet" and mode != "per_channel":
+            raise ValueError("input_norm='imagenet' standardises grey channels repeated to RGB: per_channel mode only")
+        from micon.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+        # not in the state dict (persistent=False): a constant of the recipe, rebuilt from the record
+        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         feat = int(self.backbone.num_features)
         self.channel_proj = nn.Linear(feat, per_channel_dim) if per_channel_dim else nn.Identity()
         per_channel = per_channel_dim or feat
         self.out_dim = in_chans * per_channel if mode == "per_channel" else feat
         self.channels_last = False
+        self.trainable = "all"
+        self.set_trainable(trainable)
+
+    def set_trainable(self, trainable: str) -> "ImageEncoder":
+        """all: every parameter trains. last_stage (the official recipe, `finetune: true`): only the backbone's
+        last stage (ResNet layer4, a ViT's last blocks) and what follows it (the per-channel projection; the
+        method's heads are outside the encoder and always train). head: the backbone is frozen entirely. Frozen
+        parameters get requires_grad=False (the trainer leaves them out of the optimiser) and frozen batch norm
+        stays in eval mode (its running statistics are part of the pretrained weights)."""
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+        keep = () if trainable == "head" else last_stage_prefixes(self.backbone) if trainable == "last_stage" else None
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(keep is None or name.startswith(keep))
+        self.trainable = trainable
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+        return self
 
     def use_channels_last(self) -> "ImageEncoder":
         """Every input in channels_last (NHWC) memory: convolutions then run in the layout cuDNN's tensor cores
@@ -88,6 +161,8 @@ class ImageEncoder(nn.Module):
             return self.backbone(self._layout(images))
         b, c, h, w = images.shape
         rgb = images.reshape(b * c, 1, h, w).expand(b * c, 3, h, w)
+        if self.input_norm == "imagenet":
+            rgb = (rgb - self.rgb_mean.to(rgb.dtype)) / self.rgb_std.to(rgb.dtype)
         return self.channel_proj(self.backbone(self._layout(rgb))).reshape(b, -1)
 
     def _layout(self, x: Tensor) -> Tensor:
