@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = [measure(t, args.batch, args.size, args.repeats) for t in ("all", "last_stage", "head")]
     full = rows[0]
-    lines = ["| model.trainable | trainable parameters | AdamW state, measured (MB) | + DeepSpeed bf16 master "
-             "weights and fp32 grads, arithmetic (MB) | CPU step (s), measured | step vs all |",
+    lines = ["| model.trainable | trainable parameters | AdamW state, measured (MB) | with DeepSpeed bf16 master "
+             "weights and fp32 grads (16 B per trainable parameter), arithmetic (MB) | CPU step (s), measured | step vs all |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trainable']} | {r['train']:,} of {r['params']:,} ({100 * r['train'] / r['params']:.0f}%) "

@@ -38,7 +38,7 @@ OUTSIDE_THE_MATRIX = {
     "optim.kernel": "AdamW's implementation only (tests/test_train_step.py)",
     "deterministic": "trained twice in tests/test_deterministic.py",
 }
-# a choice that runs only beside another key's non-default choice, varied with it
+# a choice that is read only beside another key's non-default choice, varied with it
 COMPANIONS = {("model.input_norm", "imagenet"): {"model.mode": "per_channel"}}
 FINGERPRINT_BITS = 256   # not the featuriser's default 2048: the checkpoint must take the store's size
 BASE = ["steps=2", "micro_batch=4", "progress=false", "wandb.enabled=false", "resume=none", "data.augment.crop=16",

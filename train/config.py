@@ -141,10 +141,6 @@ class TrainConfig:
             out.append(f"model.per_channel_dim={model.per_channel_dim} with model.mode={model.mode}: the size of "
                        f"each channel's features applies to per_channel mode only; set model.mode=per_channel "
                        f"or model.per_channel_dim=0")
-        if model.input_norm == "imagenet" and model.mode != "per_channel":
-            out.append(f"model.input_norm=imagenet with model.mode={model.mode}: ImageNet's RGB statistics apply to "
-                       f"grey channels repeated to RGB (per_channel mode); set model.mode=per_channel or "
-                       f"model.input_norm=auto")
         if model.img_size and not IMAGE_PRESETS.get(model.preset, {}).get("img_size"):
             out.append(f"model.img_size={model.img_size} with model.preset={model.preset}: a convolutional preset "
                        f"takes any image size (img_size is for ViT presets); drop model.img_size")

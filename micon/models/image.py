@@ -43,7 +43,8 @@ TRAINABLE: tuple[str, ...] = ("all", "last_stage", "head")
 
 def resolve_input_norm(input_norm: str, mode: str, pretrained: bool) -> str:
     """auto: ImageNet mean and std when RGB-pretrained weights read grey channels repeated to 3 (per_channel
-    mode), else none (a multichannel network's adapted first convolution has no RGB statistics to match)."""
+    mode), else none (a multichannel network's first convolution is refitted to other channels; imagenet there
+    standardises channel c with RGB channel c % 3's statistics, the filters adapt_input_conv gave it)."""
     if input_norm != "auto":
         return input_norm
     return "imagenet" if pretrained and mode == "per_channel" else "none"
@@ -110,12 +111,15 @@ class ImageEncoder(nn.Module):
         self.input_norm = resolve_input_norm(input_norm, mode, is_pretrained(weights))
         if self.input_norm not in ("imagenet", "none"):
             raise ValueError(f"input_norm must be auto, imagenet or none, got {input_norm!r}")
-        if self.input_norm == "imagenet" and mode != "per_channel":
-            raise ValueError("input_norm='imagenet' standardises grey channels repeated to RGB: per_channel mode only")
         from micon.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
-        # not in the state dict (persistent=False): a constant of the recipe, rebuilt from the record
-        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # per_channel: the RGB statistics on each grey channel's three copies; multichannel: channel c takes RGB
+        # channel c % 3's, as timm's adapt_input_conv gives it that channel's filters. Not in the state dict
+        # (persistent=False): a constant of the recipe, rebuilt from the record
+        n = 3 if mode == "per_channel" else in_chans
+        self.register_buffer("rgb_mean", torch.tensor([IMAGENET_MEAN[c % 3] for c in range(n)]).view(1, n, 1, 1),
+                             persistent=False)
+        self.register_buffer("rgb_std", torch.tensor([IMAGENET_STD[c % 3] for c in range(n)]).view(1, n, 1, 1),
+                             persistent=False)
         feat = int(self.backbone.num_features)
         self.channel_proj = nn.Linear(feat, per_channel_dim) if per_channel_dim else nn.Identity()
         per_channel = per_channel_dim or feat
@@ -158,6 +162,8 @@ class ImageEncoder(nn.Module):
         if images.dim() != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected images [B, {self.in_chans}, H, W], got shape {tuple(images.shape)}")
         if self.mode == "multichannel":
+            if self.input_norm == "imagenet":
+                images = (images - self.rgb_mean.to(images.dtype)) / self.rgb_std.to(images.dtype)
             return self.backbone(self._layout(images))
         b, c, h, w = images.shape
         rgb = images.reshape(b * c, 1, h, w).expand(b * c, 3, h, w)
