@@ -2,7 +2,7 @@
 
     ./launch.sh slurm JOB [JOB ARGS ...] [--nodes N] [--gpus-per-node G] [--ntasks-per-node T]
                       [--cpus-per-task C] [--time T] [--mem M] [--partition P] [--account A]
-                      [--job-name NAME] [--site SITE.yaml] [--dry-run] [-- key=value ...]
+                      [--job-name NAME] [--site SITE.yaml] [--dry-run] [--wait] [-- key=value ...]
 
 JOB is train (DeepSpeed, one srun task per GPU) or a Ray job on Slurm: every job of the table in
 micon/cli.py that names a batch script (prep, rsets, featurize, embed, evaluate).
@@ -196,12 +196,35 @@ PATH_KEYS = {"out", "shards", "graphs", "dir", "path", "root", "ckpt", "checkpoi
              "compounds", "screen", "src", "weights", "export"}
 
 
+# embed's reference sources, KIND:ARG (evaluate/embed.py SOURCES; tests/test_slurm.py keeps the two equal): the
+# path inside is made absolute, the kind kept; pretrained:PRESET[:WEIGHTS] has its path after the preset
+SOURCE_KINDS = ("untrained", "truth", "pretrained")
+
+
+def _absolute(value: str, cwd: Path) -> str:
+    if "://" in value or value in ("timm",) or value.startswith("timm:"):
+        return value
+    return str((cwd / Path(value).expanduser()).resolve())
+
+
 def absolute_args(args: list[str], cwd: Path) -> list[str]:
     """Positional arguments (all paths for our jobs) and path-valued key=value made absolute; URLs
-    (s3://bucket/prefix: data in object storage) are left as they are."""
+    (s3://bucket/prefix: data in object storage), a featuriser's name (embed's CKPT: cellprofiler) and the
+    kind of a reference source (untrained:RUN, pretrained:PRESET:WEIGHTS) are left as they are."""
+    from micon.eval.featurisers import FEATURISERS
+
     out = []
     for a in args:
-        if "=" in a:
+        kind, _, rest = a.partition(":")
+        if kind in SOURCE_KINDS and rest and "=" not in kind:
+            if kind == "pretrained":
+                preset, _, weights = rest.partition(":")
+                a = f"{kind}:{preset}" + (f":{_absolute(weights, cwd)}" if weights else "")
+            else:
+                a = f"{kind}:{_absolute(rest, cwd)}"
+        elif a in FEATURISERS and not (cwd / a).exists():
+            pass
+        elif "=" in a:
             key, value = a.split("=", 1)
             last = key.rsplit(".", 1)[-1]
             if value and "://" not in value and (last in PATH_KEYS or last.endswith(("_dir", "_path"))) and value not in ("latest", "none"):
@@ -350,6 +373,33 @@ def sbatch(text: str, env: dict[str, str]) -> str:
     return job_id
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE")
+
+
+def wait_for(job_id: str, env: dict[str, str], poll_s: float = 10.0) -> tuple[str, str]:
+    """Poll `scontrol show job` until the job ends (a requeued job is followed through its restarts); returns
+    (state, exit code). A job Slurm has already forgotten (MinJobAge) is looked up in sacct."""
+    last = ""
+    while True:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env)
+        fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
+        state = fields.get("JobState", "")
+        if not fields:
+            acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State,ExitCode", "-j", job_id],
+                                  capture_output=True, text=True, env=env)
+            line = (acct.stdout.strip().splitlines() or ["UNKNOWN|?"])[-1]
+            state, _, code = line.partition("|")
+            return state.split()[0] if state else "UNKNOWN", code
+        if state != last:
+            print(f"  job {job_id}: {state}" + (f" (restart {fields.get('Restarts')})"
+                                               if fields.get("Restarts", "0") != "0" else ""), flush=True)
+            last = state
+        if state in FINAL_STATES:
+            return state, fields.get("ExitCode", "?")
+        time.sleep(poll_s)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     extra: list[str] = []
     if "--" in argv:
@@ -370,6 +420,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--job-name")
     p.add_argument("--site", help=f"site settings merged over {DEFAULT_SITE.relative_to(REPO)} (or $MICON_SITE)")
     p.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
+    p.add_argument("--wait", action="store_true", help="return when the job ends (through requeues): exit 0 if "
+                   "it COMPLETED, else 1; for scripts that run the next step after it")
     opts = p.parse_intermixed_args(argv)
     ours = {o for a in p._actions for o in a.option_strings if o.startswith("--")}
     misplaced = [a for a in extra if a.split("=", 1)[0] in ours]
@@ -420,6 +472,10 @@ def main(argv: list[str], environ: dict[str, str] | None = None, cwd: Path | Non
     if req.job == "train":
         out = next(a.split("=", 1)[1] for a in req.args if a.startswith("out="))
         print(f"  out:    {out} (resubmit with -- out={out} to continue from its newest checkpoint)")
+    if opts.wait:
+        state, code = wait_for(job_id, environ, float(environ.get("MICON_SLURM_POLL_S", "10")))
+        print(f"job {job_id} ended {state} (exit {code}); log: {log}", flush=True)
+        return 0 if state == "COMPLETED" else 1
     return 0
 
 

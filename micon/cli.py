@@ -49,7 +49,7 @@ JOBS: dict[str, Job] = {
                  slurm="train.sbatch", config="train.config:TrainConfig"),
     "embed": Job("evaluate.embed", "CKPT SHARDS OUT",
                  "Ray embedding of shards (CPU decode tasks feed one actor per GPU): a trained image encoder, a "
-                 "named featuriser (cellprofiler), untrained:CKPT or truth:SCREEN (the oracle)",
+                 "named featuriser (cellprofiler), untrained:CKPT, truth:SCREEN (the oracle) or pretrained:PRESET[:WEIGHTS]",
                  slurm="ray.sbatch",
                  config="evaluate.embed:EmbedConfig"),
     "evaluate": Job("evaluate.run", "",

@@ -322,3 +322,75 @@ def test_train_two_tasks_usr1_checkpoints_requeues_and_resumes(slurm, site, trai
     assert re.search(rf"resumed from {re.escape(str(out))}/checkpoints/\S+ at step {saved} ", log), log
     assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))  # each step once: none lost or repeated
     assert_trained(out, steps=steps, log=log)
+
+
+# --------------------------------------------------------------------------- the README's cpg0016 path
+
+def readme_path_commands() -> list[str]:
+    """The fenced block after `<!-- cpg0016-path -->` in README.md, one command per entry (continuations joined,
+    comments and blank lines dropped)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- cpg0016-path -->", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    joined = block.replace("\\\n", " ")
+    return [line for line in (re.sub(r"\s+#.*$", "", raw).strip() for raw in joined.splitlines())
+            if line and not line.startswith("#")]
+
+
+def make_small(command: str, site: Path, cpus: int) -> str:
+    """The README's command with what only a real cluster and a real screen need made small: node shapes and
+    time limits for the test cluster (one node, CPUs), the stored size, steps and batch (appended overrides win)."""
+    command = command.replace("./launch.sh ", f"{sys.executable} -m micon.cli ", 1)
+    command = re.sub(r"--time \S+", "--time 15:00", command)
+    command = re.sub(r"--nodes \d+", "--nodes 1", command)
+    if " slurm train " in command:
+        command = command.replace("--gpus-per-node 8", "--gpus-per-node 0 --ntasks-per-node 1")
+        command += " steps=2 micro_batch=2 data.num_workers=0 wandb.log_every=1 progress=false"
+    command = command.replace("--gpus-per-node 8", "--gpus-per-node 0")
+    command = command.replace("--wait", f"--wait --cpus-per-task {cpus} --site {site}")
+    if " slurm embed " in command:
+        command += " workers=1 batch_size=32"
+    return command.replace("image_size=224", "image_size=64")
+
+
+def test_reference_sources_and_featurisers_keep_their_kind_in_the_script(tmp_path):
+    from evaluate.embed import SOURCES
+
+    assert set(submit.SOURCE_KINDS) == set(SOURCES)
+    args = submit.absolute_args(["pretrained:resnet101:w/r101.safetensors", "pretrained:dinov2_vits14",
+                                 "pretrained:resnet18:s3://b/w.pth", "untrained:runs/a", "cellprofiler", "shards"],
+                                tmp_path)
+    assert args == [f"pretrained:resnet101:{tmp_path}/w/r101.safetensors", "pretrained:dinov2_vits14",
+                    "pretrained:resnet18:s3://b/w.pth", f"untrained:{tmp_path}/runs/a", "cellprofiler",
+                    f"{tmp_path}/shards"]
+
+
+def test_readme_cpg0016_path_runs_as_written(slurm, site, tiny_screen, tmp_path):
+    """README's whole path (prep on Slurm -> featurize -> the official recipe trained on Slurm from a weights file
+    -> embed the model and the reference rows on Slurm -> evaluate) on a synthetic screen in the cpg0016 layout."""
+    from safetensors.torch import save_file
+
+    from tests.test_pretrained import timm_weights
+
+    commands = readme_path_commands()
+    assert 8 <= len(commands) and len((REPO / "README.md").read_text().split("<!-- cpg0016-path -->")[1]
+                                      .split("```bash\n")[1].split("\n```")[0].splitlines()) <= 25
+    weights = tmp_path / "resnet101.safetensors"
+    save_file(timm_weights("resnet101"), weights)
+    run = tmp_path / "jump"
+    env = {**job_env(), "SLURM_CONF": str(slurm.conf), "MICON_SLURM_POLL_S": "1", "HF_HUB_OFFLINE": "1",
+           "SRC": str(tiny_screen), "RUN": str(run), "W": str(weights)}
+    assignments = [c for c in commands if re.fullmatch(r"(\w+=\S+\s*)+", c)]
+    assert {a.split("=")[0] for c in assignments for a in c.split()} == {"SRC", "RUN", "W"}
+    for command in commands:
+        if command in assignments:    # the user's paths: the test's screen, run directory and weights file
+            continue
+        small = make_small(command, site, slurm.cpus)
+        proc = subprocess.run(["bash", "-c", small], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{small}\nexited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        if " slurm " in command:
+            assert re.search(r"ended COMPLETED \(exit 0:0\)", proc.stdout), proc.stdout
+    final = json.loads((run / "official" / "final.json").read_text())
+    assert final["step"] == 2
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())["methods"]
+    assert set(metrics) == {"micon", "pretrained_resnet101", "cellprofiler"}
+    assert all(0 <= m["nsb_top1"] <= 1 and m["n_wells"] > 0 for m in metrics.values())
