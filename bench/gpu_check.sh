@@ -15,6 +15,7 @@
 #   embed      bench/gpu_check.py --only embed: the Ray embed job end to end, sites/s, and its bytes  130 s
 #   ingest     bench/bench_ingest.py: CPU-s per 1,080 px site, today's code beside the new           45 s
 #   retrieval  bench/bench_retrieval_scale.py --device cuda: NSB/NSS top-k and mAP, 50k-200k wells    90 s
+#   official   bench/bench_trainable.py: the official recipe's step, all vs last_stage vs head      120 s
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${MICON_PYTHON:-$ROOT/.venv/bin/python}"
@@ -90,6 +91,8 @@ else
     --table "$out/embed.md"
   part ingest 45 "$PY" bench/bench_ingest.py --sites 24 --repeats 3
   part retrieval 90 "$PY" bench/bench_retrieval_scale.py --device cuda --wells 50000 200000 --map --check
+  # the official recipe's step (ResNet-101 per channel, 224 px) with every parameter, the last stage, the heads
+  part official 120 "$PY" bench/bench_trainable.py --device cuda --size 224 --batch 32 --repeats 5 --write
 fi
 
 {

@@ -111,8 +111,8 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     t0 = time.perf_counter()
     fn = topk_hit_rate_ray if cfg.ray else topk_hit_rate
     ks = range(1, cfg.max_k + 1)
-    topk, per_query = fn(wells, prof, ks=ks, modes=("nsb", "nss", "nsp"), per_query=True)
-    curves = topk_curves(per_query, ("nsb", "nss", "nsp"), ks, n_boot=cfg.bootstrap)
+    topk, per_query = fn(wells, prof, ks=ks, modes=STRINGENCIES, per_query=True)
+    curves = topk_curves(per_query, STRINGENCIES, ks, n_boot=cfg.bootstrap)
     say(f"{name}: top-k: {len(per_query):,} query wells against {len(wells):,} wells, k <= {cfg.max_k}, "
         f"{cfg.bootstrap} bootstrap resamples, in {time.perf_counter() - t0:.1f} s")
 
@@ -128,7 +128,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
 
     point = curves.set_index(["mode", "k"])
     metrics = {}
-    for mode in ("nsb", "nss", "nsp"):
+    for mode in STRINGENCIES:
         for k in (1, cfg.max_k):
             r = point.loc[(mode, k)]
             metrics |= {f"{mode}_top{k}": float(r["value"]), f"{mode}_top{k}_lo": float(r["lo"]),
@@ -136,8 +136,8 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     metrics |= map_intervals(act_ap, act_map, n_boot=cfg.bootstrap)
     metrics |= dict(
         map_consistency=float(con_map["mean_average_precision"].mean()),
-        n_wells=int(len(wells)), n_queries_nss=int(topk["n_queries_nss"].iloc[0]),
-        n_queries_nsb=int(topk["n_queries_nsb"].iloc[0]), dim=int(emb.shape[1]), n_features_kept=int(kept.sum()),
+        n_wells=int(len(wells)), **{f"n_queries_{mode}": int(topk[f"n_queries_{mode}"].iloc[0]) for mode in STRINGENCIES},
+        dim=int(emb.shape[1]), n_features_kept=int(kept.sum()),
         n_negcon_wells=int((roles == schema.NEGCON).sum()), **null,
     )
     return dict(metrics=metrics, topk=topk.assign(method=name), curves=curves.assign(method=name),
@@ -145,6 +145,9 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
                 raw_names=list(names), kept_names=[n for n, k in zip(names, kept) if k])
 
 
+# replicate retrieval's stringencies (micon.eval.retrieval.MODES): no restriction, not same batch / source / plate,
+# not same layout position (MorphoHELM's NR, NSB, NSS, NSL; NSP the MICON paper's)
+STRINGENCIES = ("nr", "nsb", "nss", "nsp", "nsl")
 # ZCA fitted on fewer DMSO wells than this per feature biases mAP of activity (docs/results/ACTIVITY.md)
 WELLS_PER_FEATURE = 4
 NULL_REPEATS = 5        # random halvings of the DMSO wells averaged in the DMSO null

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -67,6 +67,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+Layout = Literal["random", "fixed"]
+
+
 @dataclass
 class SynthConfig:
     """What `./launch.sh synth OUT key=value ...` accepts."""
@@ -83,6 +86,10 @@ class SynthConfig:
     sites_per_well: PositiveInt = 2  # fields of view per well
     image_size: Annotated[int, Range(32)] = 64  # site size in pixels (square)
     wells_per_plate: int = 384     # plate format: 384 (16 x 24) or 96 (8 x 12)
+    layout: Layout = "random"      # random (every plate its own well positions) | fixed (plates share n_layouts
+                                   # maps, as cpg0016's Target-2 plates share one: a compound keeps its well
+                                   # position on every plate of a map, so position effects confound replicates)
+    n_layouts: PositiveInt = 1     # layout=fixed: how many shared maps (plate i uses map i % n_layouts)
     cells_per_site: PositiveFloat = 14.0  # mean cells per site (before density effects)
     active_fraction: Fraction = 0.3  # share of compounds with any phenotype
     strong_fraction: Fraction = 0.1  # share of compounds at full strength
@@ -112,6 +119,10 @@ class SynthConfig:
         if self.replicates > n_plates:
             raise ConfigError(f"replicates={self.replicates} but only {n_plates} plates: each replicate "
                               f"needs its own plate; lower replicates or add plates")
+        if self.layout == "fixed" and self.n_compounds + self.dmso_wells + self.poscon_wells > self.wells_per_plate:
+            raise ConfigError(f"layout=fixed gives every compound its own well position in each map: "
+                              f"{self.n_compounds} compounds + {self.dmso_wells} DMSO + {self.poscon_wells} positive "
+                              f"controls do not fit {self.wells_per_plate} wells; lower n_compounds or use layout=random")
         per_plate = self.dmso_wells + self.poscon_wells + -(-self.n_compounds * self.replicates // n_plates)
         if per_plate > self.wells_per_plate:
             raise ConfigError(
@@ -298,6 +309,8 @@ def make_layout(cfg: SynthConfig, plates: pd.DataFrame, compounds: pd.DataFrame,
             assignment[p].append(jcp)
     rows = []
     all_positions = [(r, c) for r in range(n_rows) for c in range(n_cols)]
+    if cfg.layout == "fixed":
+        return _fixed_layout(cfg, plates, assignment, poscons, all_positions, rng)
     for p, plate in plates.iterrows():
         content = ([schema.DMSO] * cfg.dmso_wells
                    + [poscons[i % len(poscons)] for i in range(cfg.poscon_wells)] + assignment[p])
@@ -305,6 +318,29 @@ def make_layout(cfg: SynthConfig, plates: pd.DataFrame, compounds: pd.DataFrame,
             raise ConfigError(f"plate {plate.Metadata_Plate} needs {len(content)} wells, has {len(all_positions)}")
         pos = rng.choice(len(all_positions), size=len(content), replace=False)
         for jcp, k in zip(rng.permutation(np.array(content, dtype=object)), sorted(pos)):
+            r, c = all_positions[k]
+            rows.append(dict(Metadata_Source=plate.Metadata_Source, Metadata_Plate=plate.Metadata_Plate,
+                             Metadata_Well=schema.well_name(r, c), Metadata_JCP2022=jcp))
+    return pd.DataFrame(rows)
+
+
+def _fixed_layout(cfg: SynthConfig, plates: pd.DataFrame, assignment: list[list[str]], poscons: list[str],
+                  all_positions: list[tuple[int, int]], rng: np.random.Generator) -> pd.DataFrame:
+    """layout=fixed: n_layouts maps drawn once; each gives DMSO and positive controls their wells and every
+    treated compound one well of its own. Plate i uses map i % n_layouts and fills the wells of the compounds it
+    holds (every compound, on a Target-2-like screen), leaving the others empty."""
+    treated = sorted({c for plate in assignment for c in plate})
+    kinds = [schema.DMSO] * cfg.dmso_wells + [poscons[i % len(poscons)] for i in range(cfg.poscon_wells)]
+    maps = []
+    for _ in range(cfg.n_layouts):
+        pos = rng.permutation(len(all_positions))
+        controls = list(zip(kinds, pos[:len(kinds)]))
+        maps.append((controls, dict(zip(treated, pos[len(kinds):len(kinds) + len(treated)]))))
+    rows = []
+    for p, plate in plates.iterrows():
+        controls, where = maps[p % cfg.n_layouts]
+        content = controls + [(jcp, where[jcp]) for jcp in assignment[p]]
+        for jcp, k in sorted(content, key=lambda t: t[1]):
             r, c = all_positions[k]
             rows.append(dict(Metadata_Source=plate.Metadata_Source, Metadata_Plate=plate.Metadata_Plate,
                              Metadata_Well=schema.well_name(r, c), Metadata_JCP2022=jcp))

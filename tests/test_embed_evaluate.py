@@ -130,6 +130,10 @@ def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedd
     for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "fraction_retrieved"):
         assert 0 <= m[key] <= 1
     assert m["nsb_top1"] <= m["nsb_top10"] and m["nss_top1"] <= m["nss_top10"]
+    # every stringency, each with its chance level: NR (no restriction) admits the most candidates
+    for mode in ("nr", "nsb", "nss", "nsp", "nsl"):
+        assert 0 <= m[f"{mode}_top1"] <= m[f"{mode}_top10"] <= 1 and 0 <= m[f"{mode}_top1_chance"] <= 1
+        assert m[f"n_queries_{mode}"] <= m["n_queries_nr"]
     for png in ("topk_nsb_nss.png", "map_fraction_retrieved.png", "profiles_pca_simclr.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
@@ -137,7 +141,7 @@ def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedd
     assert list((out / "wandb").glob("offline-run-*"))
     single = evaluate_method("simclr", str(embedded), EvalConfig(embeddings={"simclr": str(embedded)}, ray=False,
                                                                    null_size=500), None)["metrics"]
-    for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "nsp_top1", "map_activity"):
+    for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "nsp_top1", "nr_top1", "nsl_top10", "map_activity"):
         assert single[key] == pytest.approx(m[key]), key
 
 

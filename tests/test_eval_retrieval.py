@@ -1,4 +1,5 @@
-"""NSB / NSS / NSP top-k hit rate: blockwise vs brute force, planted structure, Ray == single process."""
+"""NR / NSB / NSS / NSP / NSL top-k hit rate: blockwise vs brute force, planted structure, a fixed layout's position
+confound, Ray == single process."""
 from __future__ import annotations
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_matches_brute_force(tables, two_tables):
         gm, gx = qm, qx
     ref = brute_force(qm, qx, gm, gx, list(KS))
     # small blocks and chunks so the two-stage merge and the block loop are exercised
-    got = topk_hit_rate(qm, qx, gm if two_tables else None, gx if two_tables else None,
+    got = topk_hit_rate(qm, qx, gm if two_tables else None, gx if two_tables else None, modes=tuple(MODES),
                         block_size=37, gallery_chunk=23, dtype=np.float64)
     for mode in MODES:
         np.testing.assert_allclose(got[mode].to_numpy(), ref[mode], rtol=0, atol=1e-12)
@@ -89,7 +90,7 @@ def test_gallery_negcon_option(tables):
     qm, qx, gm, gx = tables
     ref = brute_force(qm, qx, gm, gx, [1, 5], gallery_negcon=True)
     got = topk_hit_rate(qm, qx, gm, gx, ks=[1, 5], gallery_negcon=True, block_size=64, gallery_chunk=50,
-                        dtype=np.float64)
+                        dtype=np.float64, modes=tuple(MODES))
     for mode in MODES:
         np.testing.assert_allclose(got[mode].to_numpy(), ref[mode], atol=1e-12)
 
@@ -109,7 +110,7 @@ def test_masks_come_from_gallery_metadata():
     qm = random_wells(200, rng, n_compounds=15)
     qx = rng.normal(size=(200, 8)).astype(np.float32)
     gm, gx = qm.iloc[::-1].reset_index(drop=True), qx[::-1].copy()
-    _, rows, query_rows = topk_neighbours(qm, qx, gm, gx, k=5, block_size=32, gallery_chunk=29)
+    _, rows, query_rows = topk_neighbours(qm, qx, gm, gx, k=5, block_size=32, gallery_chunk=29, modes=tuple(MODES))
     for mode, cols in MODES.items():
         qkeys = qm.iloc[query_rows][list(cols)].astype(str).agg("|".join, axis=1).to_numpy()
         gkeys = gm[list(cols)].astype(str).agg("|".join, axis=1).to_numpy()
@@ -208,3 +209,45 @@ def test_topk_selection_is_exact_under_heavy_ties():
     np.testing.assert_array_equal(vals, expected)
     finite = expected > -np.inf
     np.testing.assert_array_equal(idx[finite], (order + 1000)[finite])
+
+
+def fixed_layout_screen(rng: np.random.Generator, n_compounds: int = 30, n_layouts: int = 2, plates: int = 12,
+                        position_effect: float = 1.5, dim: int = 24):
+    """Plates that share a few layouts (as Target-2 plates do): a compound sits at its layout's well on every
+    plate of that layout, and every well position carries its own offset (the position effect), so a replicate at
+    the same position is easier to find than one elsewhere."""
+    wells = [f"{r}{c:02d}" for r in "ABCDEFGHIJKLMNOP" for c in range(1, 25)]
+    layouts = [rng.permutation(len(wells))[:n_compounds] for _ in range(n_layouts)]
+    phenotype = rng.normal(size=(n_compounds, dim))
+    offset = {w: rng.normal(size=dim) * position_effect for w in wells}
+    rows, feats = [], []
+    for p in range(plates):
+        layout = layouts[p % n_layouts]
+        source, batch = p % 3, (p // 3) % 2
+        for c in range(n_compounds):
+            well = wells[layout[c]]
+            rows.append({schema.SOURCE: f"source_{source}", schema.BATCH: f"batch_{batch}",
+                         schema.PLATE: f"plate_{p:02d}", schema.WELL: well, schema.JCP: f"JCP2022_{c + 1:06d}"})
+            feats.append(0.6 * phenotype[c] + offset[well] + rng.normal(size=dim) * 1.5)
+    meta = pd.DataFrame(rows)
+    meta[schema.ROLE] = schema.TREATED
+    return meta, np.asarray(feats, np.float32)
+
+
+def test_nr_and_nsl_top1_equal_a_direct_numpy_computation_and_nsl_sees_the_position_confound():
+    rng = np.random.default_rng(11)
+    meta, x = fixed_layout_screen(rng)
+    got = topk_hit_rate(meta, x, ks=[1], modes=("nr", "nsl", "nsb"), block_size=50, gallery_chunk=61,
+                        dtype=np.float64).iloc[0]
+    # directly: cosine similarity, self removed (NR) or every well at the query's position removed (NSL)
+    xn = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    sims = xn @ xn.T
+    cpd, well = meta[schema.JCP].to_numpy(), meta[schema.WELL].to_numpy()
+    for mode, excluded in (("nr", np.eye(len(meta), dtype=bool)), ("nsl", well[:, None] == well[None, :])):
+        s = np.where(excluded, -np.inf, sims)
+        eligible = ((cpd[:, None] == cpd[None, :]) & ~excluded).any(axis=1)
+        top1 = s.argmax(axis=1)
+        expected = (cpd[top1] == cpd)[eligible].mean()
+        assert got[mode] == pytest.approx(expected, abs=1e-12), mode
+        assert got[f"n_queries_{mode}"] == eligible.sum()
+    assert got["nsl"] < got["nr"] - 0.2, got      # the position confound: same-position replicates are easy

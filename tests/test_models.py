@@ -221,7 +221,7 @@ def test_simclr_and_clip_baselines():
     assert clip(treated[:, 0], graph)["logit_scale"].item() == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("encoder", ["dmpnn", "fingerprint"])
+@pytest.mark.parametrize("encoder", ["dmpnn", "fingerprint", "table"])
 def test_each_method_asks_for_the_molecule_form_its_encoder_reads(encoder):
     from micon.methods import METHODS, LossConfig
     from micon.models.factory import MOLECULE_ENCODERS, ModelConfig
@@ -231,14 +231,15 @@ def test_each_method_asks_for_the_molecule_form_its_encoder_reads(encoder):
     for method in METHODS.values():
         needs = method.data_needs(cfg)
         reads = method.needs.molecules
-        assert (needs.graphs, needs.fingerprints) == (reads and encoder == "dmpnn", reads and encoder == "fingerprint")
+        assert (needs.graphs, needs.fingerprints, needs.vectors) == (
+            reads and encoder == "dmpnn", reads and encoder == "fingerprint", reads and encoder == "table")
         assert needs.molecules == reads and needs.pairs == method.needs.pairs and needs.controls == method.needs.controls
         if not needs.fingerprints:
             continue
         with pytest.raises(ValueError, match="n_bits"):
             method.feature_dims(cfg)                # the size comes from the store, never a constant
         dims = method.feature_dims(cfg, fingerprint_bits=96)
-        assert dims == {"atom_dim": 0, "bond_dim": 0, "fingerprint_bits": 96}
+        assert dims == {"atom_dim": 0, "bond_dim": 0, "fingerprint_bits": 96, "table_dim": 0}
         torch.manual_seed(0)
         model = method.build_model(cfg, 5, **dims)
         assert model.molecule_encoder.n_bits == 96

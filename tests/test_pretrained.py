@@ -15,6 +15,7 @@ from micon import schema
 from micon.checkpoint import load_checkpoint
 from micon.config import load_config
 from tests.conftest import REPO, run_job
+from tests.s3server import s3  # noqa: F401 (the fixture)
 
 BASE = ["steps=3", "micro_batch=2", "progress=false", "wandb.enabled=false", "resume=none", "data.augment.crop=32",
         "model.projection_dim=8", "model.molecule_dim=16", "optim.warmup_steps=1", "ckpt_every=3"]
@@ -209,6 +210,17 @@ def test_trainable_head_and_resume_keep_the_setting(tiny_shards, weights_files, 
     ck2 = load_checkpoint(out)
     assert ck2.record.step == 5 and (trainable2, in_optimizer2) == (trainable, in_optimizer)
     assert all(torch.equal(v, state[k[len(prefix):]]) for k, v in ck2.weights.items() if k.startswith(prefix))
+    # model.init from that run, with the official setting: its encoder is the start, and only layer4 trains
+    out3 = tmp_path / "from-init"
+    _, in_optimizer3, _ = _train_in_process([f"data.shards={args[0].split('=', 1)[1]}", f"out={out3}",
+                                             "method=simclr", "model.preset=resnet18", "model.mode=per_channel",
+                                             f"model.init={out}", "model.trainable=last_stage", *BASE])
+    ck3 = load_checkpoint(out3)
+    layer4 = sum(v.numel() for k, v in ck3.build_model().named_parameters() if ".layer4." in k)
+    assert in_optimizer3 == trainable + layer4      # the projection head (all `head` trained) and layer4
+    assert ck3.record.model["input_norm"] == "imagenet"     # the inputs the started-from encoder was trained on
+    assert all(torch.equal(v, state[k[len(prefix):]]) for k, v in ck3.weights.items()
+               if k.startswith(prefix) and ".layer4." not in f".{k[len(prefix):]}")
 
 
 @pytest.fixture(scope="module")
@@ -307,10 +319,49 @@ def test_pretrained_reference_row_is_embedded_and_scored(tiny_shards, weights_fi
     import zarr
     z = zarr.open_array(str(emb / "embeddings.zarr"), mode="r")
     assert z.shape == (len(meta), 5 * 512) and np.isfinite(z[:64]).all()
-    run_job("evaluate.run", f"embeddings.pretrained_resnet18={emb}", f"out={tmp_path / 'eval'}")
+    run_job("evaluate.run", f"embeddings.pretrained_resnet18={emb}", f"out={tmp_path / 'eval'}", "ray=false",
+            "bootstrap=50")
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())["methods"]["pretrained_resnet18"]
     assert 0 <= m["nsb_top1"] <= m["nsb_top10"] <= 1 and m["n_wells"] > 0
     bad = run_job("evaluate.embed", f"pretrained:resnet18:{tmp_path / 'absent.pth'}", tiny_shards, tmp_path / "e2",
                   "ray=false", check=False)
     assert bad.returncode != 0 and "no weights file at" in bad.stderr and "Traceback" not in bad.stderr
     del proc
+
+
+def test_weights_and_molecule_table_from_object_storage(s3, weights_files, unimol_like_table):
+    """A cluster keeps weights and vector tables in a bucket: both read from the S3 API server on localhost."""
+    from micon import storage
+    from micon.chem.table import MoleculeTable
+    from micon.models.image import ImageEncoder
+
+    s3.bucket("weights-and-tables")
+    storage.put_file(weights_files["resnet18"]["pth"], storage.path("s3://weights-and-tables/w/resnet18.pth"))
+    path, table = unimol_like_table
+    storage.put_file(path, storage.path("s3://weights-and-tables/t/unimol.parquet"))
+    enc = ImageEncoder("resnet18", in_chans=5, mode="multichannel", weights="s3://weights-and-tables/w/resnet18.pth")
+    assert "from s3://weights-and-tables/w/resnet18.pth; missing 0; unexpected 0" in enc.weights_report
+    assert torch.equal(enc.backbone.layer4[1].conv2.weight, weights_files["resnet18"]["state"]["layer4.1.conv2.weight"])
+    remote = MoleculeTable("s3://weights-and-tables/t/unimol.parquet")
+    ids = list(table[schema.JCP][:4])
+    assert np.array_equal(remote.get(ids), table.set_index(schema.JCP).loc[ids].to_numpy(np.float32))
+
+
+def test_dinov2_weights_load_at_another_size_and_its_last_blocks_train(tmp_path):
+    """A DINOv2 ViT-S/14 file (timm names, 518 px position embeddings) into the dinov2_vits14 preset at 56 px:
+    timm's own checkpoint filter resamples the position embeddings; last_stage trains the last 3 of 12 blocks."""
+    from safetensors.torch import save_file
+
+    from micon.models.image import ImageEncoder
+
+    state = timm_weights("vit_small_patch14_dinov2")
+    save_file(state, tmp_path / "dinov2.safetensors")
+    enc = ImageEncoder("dinov2_vits14", in_chans=5, mode="per_channel", img_size=56, trainable="last_stage",
+                       weights=str(tmp_path / "dinov2.safetensors"))
+    assert "missing 0; unexpected 0" in enc.weights_report
+    assert enc.backbone.pos_embed.shape[1] == 1 + (56 // 14) ** 2
+    assert torch.equal(enc.backbone.blocks[5].attn.qkv.weight, state["blocks.5.attn.qkv.weight"])
+    trains = {n.split(".")[1] for n, p in enc.backbone.named_parameters() if p.requires_grad and n.startswith("blocks.")}
+    assert trains == {"9", "10", "11"} and enc.backbone.norm.weight.requires_grad
+    assert not enc.backbone.patch_embed.proj.weight.requires_grad
+    assert enc.eval()(torch.rand(2, 5, 56, 56)).shape == (2, 5 * 384)

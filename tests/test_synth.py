@@ -152,3 +152,31 @@ def test_presets_resolve_and_fit():
         assert cfg.preset == name and cfg.n_plates >= cfg.replicates
     with pytest.raises(ConfigError):
         resolve_config(["preset=tiny", "wells_per_plate=100"])
+
+
+def test_fixed_layouts_keep_each_compound_at_one_position_per_map():
+    """layout=fixed: plates share n_layouts maps (Target-2 plates share one): within a map every compound and the
+    controls sit at the same wells on every plate, the maps differ, and the metadata still follows cpg0016."""
+    from micon.synth import make_compounds, make_layout, make_plates
+
+    cfg = resolve_config(["preset=calibrated_small", "layout=fixed", "n_layouts=2"])
+    rng = np.random.default_rng(0)
+    compounds, _ = make_compounds(cfg, rng)
+    plates = make_plates(cfg)
+    wells = make_layout(cfg, plates, compounds, rng)
+    assert not wells.duplicated([schema.PLATE, schema.WELL]).any()
+    plate_map = {p: i % 2 for i, p in enumerate(plates[schema.PLATE])}
+    wells["map"] = wells[schema.PLATE].map(plate_map)
+    treated = wells[~wells[schema.JCP].isin([schema.DMSO, *schema.POSITIVE_CONTROLS.values()])]
+    per_map = treated.groupby(["map", schema.JCP])[schema.WELL].nunique()
+    assert (per_map == 1).all()                                      # one position per compound per map
+    positions = treated.groupby(["map", schema.JCP])[schema.WELL].first().unstack(0)
+    assert (positions[0] != positions[1]).mean() > 0.9              # the maps differ
+    dmso = wells[wells[schema.JCP] == schema.DMSO].groupby("map")[schema.WELL].apply(frozenset)
+    assert wells[wells[schema.JCP] == schema.DMSO].groupby(schema.PLATE)[schema.WELL].apply(frozenset).map(
+        lambda s: s in set(dmso)).all()
+    # every plate of the random layout has its own positions (the default is unchanged)
+    rand = make_layout(resolve_config(["preset=calibrated_small"]), plates, compounds, np.random.default_rng(0))
+    assert (rand[~rand[schema.JCP].isin([schema.DMSO])].groupby(schema.JCP)[schema.WELL].nunique() > 1).mean() > 0.9
+    with pytest.raises(ConfigError, match="layout=fixed gives every compound its own well position"):
+        resolve_config(["preset=calibrated_small", "layout=fixed", "n_compounds=380"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from micon import atomic, distributed, schema
-from micon.checkpoint import InferenceRecord, find_latest, tag_of
+from micon.checkpoint import InferenceRecord, find_latest, model_config, tag_of
 from micon.config import ConfigError, describe, dump, save_config, to_dict
 from micon.data.preprocess import Preprocessing
 from micon.methods import get_method
@@ -352,14 +352,26 @@ class Trainer:
                 log.warning("model.trainable=%s with model.pretrained=%s and no model.init: the frozen part of the "
                             "backbone keeps its random weights", cfg.model.trainable, cfg.model.pretrained)
         # the input normalisation as resolved (auto -> imagenet or none), so embed applies exactly this one
-        model_record = {**to_dict(cfg.model), "input_norm": resolve_input_norm(
-            cfg.model.input_norm, cfg.model.mode, is_pretrained(cfg.model.pretrained))}
+        model_record = {**to_dict(cfg.model), "input_norm": self._input_norm()}
         self.record = InferenceRecord(method=self.method.name, model=model_record,
                                       channels=list(self.manifest.channels),
                                       **self.method.feature_dims(cfg.model, fingerprint_bits, table_dim),
                                       preprocessing=Preprocessing(normalize=cfg.data.normalize).to_dict())
         self._build_engine()
         return self
+
+    def _input_norm(self) -> str:
+        """model.input_norm resolved: as set; for auto, what the run that model.init starts from used (its encoder
+        was trained on those inputs), else ImageNet's for pretrained weights per channel (resolve_input_norm)."""
+        from micon.checkpoint import CheckpointError, load_checkpoint
+
+        m = self.cfg.model
+        if m.input_norm == "auto" and m.init:
+            try:
+                return load_checkpoint(m.init).record.model.get("input_norm", "none")
+            except CheckpointError:
+                pass   # load_image_encoder names the problem when the weights are read
+        return resolve_input_norm(m.input_norm, m.mode, is_pretrained(m.pretrained))
 
     def _check_crop(self) -> None:
         """data.augment.crop must fit the stored sites (the stream has no resize: a larger crop would be no crop)."""
@@ -378,7 +390,9 @@ class Trainer:
         # model.init and pretrained weights start a fresh run only: a resumed one continues from its own checkpoint
         resuming = cfg.resume != "none" and (cfg.resume not in ("latest", "force") or find_latest(self.ckpt_root))
         try:
-            model = self.method.build_model(cfg.model, len(self.manifest.channels), self.record.atom_dim,
+            # the recorded settings (input normalisation resolved), so training builds what embed rebuilds
+            model = self.method.build_model(model_config(self.record.model), len(self.manifest.channels),
+                                            self.record.atom_dim,
                                             self.record.bond_dim, self.record.fingerprint_bits, self.record.table_dim,
                                             load_weights=not resuming)
         except WeightsError as e:

@@ -21,8 +21,9 @@ from micon import schema
 __all__ = ["bootstrap_ratio", "topk_curves", "map_intervals", "pca_2d", "pca", "robust_limits",
            "plot_topk_curves", "plot_map_summary", "plot_profiles_pca"]
 
-_LABELS = {"nsb": "NSB: replicates in other batches", "nss": "NSS: replicates in other sources",
-           "nsp": "NSP: replicates on other plates"}
+_LABELS = {"nr": "NR: any other well", "nsb": "NSB: replicates in other batches",
+           "nss": "NSS: replicates in other sources", "nsp": "NSP: replicates on other plates",
+           "nsl": "NSL: replicates at other well positions"}
 _YLABELS = {"map_activity": "mAP, activity vs same-plate DMSO",
             "fraction_retrieved": "fraction retrieved (BH p < 0.05)",
             "map_consistency": "mAP, replicates vs other compounds",

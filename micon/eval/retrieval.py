@@ -1,8 +1,9 @@
-"""Replicate retrieval across technical boundaries: NSB / NSS / NSP top-k hit rate (MICON paper).
+"""Replicate retrieval across technical boundaries: NR / NSB / NSS / NSP / NSL top-k hit rate (= Recall@k; MICON
+paper, MorphoHELM).
 
 A query well scores a hit at k when a gallery well of the same compound is among its k most
-cosine-similar *eligible* gallery wells, eligible meaning from another batch (NSB), source (NSS) or
-plate (NSP). Computed blockwise (query blocks x gallery chunks, exact two-stage top-k merge), never
+cosine-similar *eligible* gallery wells, eligible meaning any other well (NR), or from another batch (NSB),
+source (NSS) or plate (NSP), or at another well position (NSL: not same layout position). Computed blockwise (query blocks x gallery chunks, exact two-stage top-k merge), never
 an N x N matrix; exclusion masks are always built from gallery metadata against query metadata.
 `device="cuda"` (the default "auto" when torch sees a GPU) computes the same blocks in torch there, with
 the same results. No I/O; the Ray variant uses an already-running Ray (the caller owns `ray.init`).
@@ -36,10 +37,14 @@ __all__ = ["MODES", "topk_hit_rate", "topk_hit_rate_ray", "topk_neighbours", "su
 
 # Exclusion key of each mode: the candidate is dropped when it shares the key with the query.
 # Batch and plate keys include the source so that names reused by two sources cannot collide.
+# nr: no restriction (only the query's own well is dropped); nsl: not same layout position (every candidate at the
+# query's well position, on any plate, is dropped: the position confound of plates that share one layout)
 MODES: dict[str, tuple[str, ...]] = {
+    "nr": (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL),
     "nsb": (schema.SOURCE, schema.BATCH),
     "nss": (schema.SOURCE,),
     "nsp": (schema.SOURCE, schema.BATCH, schema.PLATE),
+    "nsl": (schema.WELL,),
 }
 DEFAULT_QUERY_ROLES = (schema.TREATED, schema.POSCON)
 
@@ -110,13 +115,21 @@ def _chunk_topk(masked, c0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _topk(vals, cols + c0, k)
 
 
+def restarts(modes: Sequence[str]) -> list[bool]:
+    """For modes in computation order: True where a mode's exclusions do not contain the previous mode's (its key
+    is not a subset of the previous key), so its mask starts again from the unmasked similarities instead of
+    continuing in place (nsl after nss: same position does not contain same source)."""
+    return [i > 0 and not set(MODES[m]) <= set(MODES[modes[i - 1]]) for i, m in enumerate(modes)]
+
+
 def _gallery_topk(q_feats: np.ndarray, q_keys: np.ndarray, gallery: dict, k: int, lo: int, hi: int,
                   chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k eligible gallery rows in [lo, hi) for each query row and each mode.
 
     q_keys: (modes, B) exclusion codes of the queries; gallery["keys"]: (modes, G), modes ordered
-    from the smallest excluded set to the largest (nsp, nsb, nss: same plate implies same batch
-    implies same source), so the exclusions are applied in place, one after another. Returns values
+    from the smallest excluded set to the largest (nr, nsp, nsb, nss: same well implies same plate implies same
+    batch implies same source), so the exclusions are applied in place, one after another; a mode whose set does
+    not contain the previous one (gallery["restart"]: nsl) starts from a copy of the unmasked block. Returns values
     and global gallery indices of shape (modes, B, k); missing candidates have value -inf.
     Similarities are computed in float64 and rounded to the features' dtype before ranking: a float32
     product's last bits depend on the BLAS thread count and the block's shape (a Ray worker and the
@@ -130,11 +143,15 @@ def _gallery_topk(q_feats: np.ndarray, q_keys: np.ndarray, gallery: dict, k: int
     best = [None] * n_modes
     q_keys_t = torch.from_numpy(np.ascontiguousarray(q_keys))
     q64 = q_feats.astype(np.float64)
+    restart = gallery.get("restart") or [False] * n_modes
     for c0 in range(lo, hi, chunk):
         c1 = min(c0 + chunk, hi)
         sims = torch.from_numpy((q64 @ g_feats[c0:c1].astype(np.float64).T).astype(q_feats.dtype))
+        raw = sims.clone() if any(restart) else None
         g_keys_t = torch.from_numpy(np.ascontiguousarray(g_keys[:, c0:c1]))
         for m in range(n_modes):
+            if restart[m]:
+                sims = raw.clone()
             sims.masked_fill_(q_keys_t[m][:, None] == g_keys_t[m][None, :], float("-inf"))
             best[m] = _merge_topk(best[m], _chunk_topk(sims, c0, k), k)
     if not best or best[0] is None:
@@ -201,10 +218,14 @@ def _gallery_topk_t(q_feats: np.ndarray, q_keys: np.ndarray, gallery_t: dict, k:
     q_keys_t = torch.from_numpy(np.ascontiguousarray(q_keys)).to(dev)
     tdtype = torch.from_numpy(np.zeros(0, dtype)).dtype
     best = [None] * n_modes
+    restart = gallery_t.get("restart") or [False] * n_modes
     for c0 in range(lo, hi, chunk):
         c1 = min(c0 + chunk, hi)
         sims = (q64 @ g64[c0:c1].T).to(tdtype)
+        raw = sims.clone() if any(restart) else None
         for m in range(n_modes):
+            if restart[m]:
+                sims = raw.clone()
             sims.masked_fill_(q_keys_t[m][:, None] == g_keys[m, c0:c1][None, :], float("-inf"))
             v, i = _chunk_topk_t(sims, c0, k)
             best[m] = (v, i) if best[m] is None else _lexsort_topk_t(torch.cat([best[m][0], v], 1),
@@ -225,7 +246,8 @@ def _gallery_on_device(gallery: dict, device: str) -> dict:
 
     dev = torch.device("cpu" if device == "torch:cpu" else device)
     return {"feats64": torch.from_numpy(gallery["feats"]).to(dev, torch.float64),
-            "keys": torch.from_numpy(np.ascontiguousarray(gallery["keys"])).to(dev)}
+            "keys": torch.from_numpy(np.ascontiguousarray(gallery["keys"])).to(dev),
+            "restart": gallery.get("restart")}
 
 
 def _shard_topk(q_feats, q_keys, gallery, k, lo, hi, chunk):
@@ -340,7 +362,7 @@ def _prepare(query_meta, query_feats, gallery_meta, gallery_feats, modes, compou
     eligible = np.stack([_eligible(q_compound, q_keys[m], g_compound, g_keys[m]) for m in range(len(modes))]) \
         if modes else np.zeros((0, len(q)), bool)
     gallery = {"feats": l2_normalize(np.asarray(gallery_feats)[gallery_rows], dtype), "keys": g_keys,
-               "compound": g_compound}
+               "compound": g_compound, "restart": restarts(modes)}
     return _Prepared(query_rows, l2_normalize(np.asarray(query_feats)[query_rows], dtype), q_keys, q_compound,
                      gallery, gallery_rows, eligible, tuple(modes))
 
@@ -365,7 +387,7 @@ def summarise_first_hits(first_hit: np.ndarray, eligible: np.ndarray, modes: Seq
     for m, mode in enumerate(modes):
         frame[f"n_queries_{mode}"] = int(eligible[m].sum())
         frame[f"n_ineligible_{mode}"] = int((~eligible[m]).sum())
-    ordered = [mode for mode in MODES if mode in modes]  # nsb, nss, nsp whatever the computation order
+    ordered = [mode for mode in MODES if mode in modes]  # nr, nsb, nss, nsp, nsl whatever the computation order
     return frame[["k", *ordered, *(f"n_{what}_{mode}" for what in ("queries", "ineligible") for mode in ordered)]]
 
 
