@@ -181,6 +181,7 @@ def test_last_stage_trains_layer4_and_keeps_the_rest_bit_for_bit(tiny_shards, we
     assert changed, "layer4 did not train"
     # the optimiser holds exactly the trainable parameters: layer4 and the projection head
     model = ck.build_model()
+    assert model.image_encoder.input_norm == "imagenet"    # what embed rebuilds applies the same inputs
     expected = sum(v.numel() for k, v in model.named_parameters() if k.startswith(("image_encoder.backbone.layer4.",
                                                                                       "projector.")))
     assert trainable == expected and in_optimizer == expected
