@@ -135,6 +135,7 @@ def test_timm_weights_come_from_the_local_cache(weights_files, tmp_path, monkeyp
     assert torch.equal(enc.backbone.layer3[1].conv2.weight, weights_files["resnet18"]["state"]["layer3.1.conv2.weight"])
 
 
+@pytest.mark.slow
 def test_timm_without_a_cache_stops_training_with_one_line(tiny_shards, tmp_path):
     proc = run_job("train.run", "-", f"data.shards={tiny_shards}", f"out={tmp_path / 'run'}", "method=simclr",
                    "model.preset=resnet18", "model.mode=per_channel", "model.pretrained=timm", *BASE, check=False,
@@ -160,6 +161,7 @@ def _train_in_process(overrides):
     return cfg, in_optimizer, trainable
 
 
+@pytest.mark.slow
 def test_last_stage_trains_layer4_and_keeps_the_rest_bit_for_bit(tiny_shards, weights_files, tmp_path, one_rank,
                                                                  caplog):
     state = weights_files["resnet18"]["state"]
@@ -190,6 +192,7 @@ def test_last_stage_trains_layer4_and_keeps_the_rest_bit_for_bit(tiny_shards, we
     assert frozen_values == sum(p.numel() for p in model.parameters()) - expected > 2_500_000
 
 
+@pytest.mark.slow
 def test_trainable_head_and_resume_keep_the_setting(tiny_shards, weights_files, tmp_path, one_rank):
     out = tmp_path / "run"
     args = [f"data.shards={tiny_shards}", f"out={out}", "method=simclr", "model.preset=resnet18",
@@ -237,6 +240,7 @@ def unimol_like_table(tiny_screen, tmp_path_factory):
     return path, table
 
 
+@pytest.mark.slow
 def test_molecule_table_trains_and_predicts(tiny_screen, tiny_shards, unimol_like_table, tmp_path, one_rank):
     from train.config import TrainConfig
     from train.trainer import EXIT_OK, train
@@ -266,6 +270,7 @@ def test_molecule_table_trains_and_predicts(tiny_screen, tiny_shards, unimol_lik
     assert "JCP2022_NOTINTABLE" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_table_missing_training_compounds_is_refused_naming_them(tiny_shards, unimol_like_table, tmp_path):
     from micon.data.shards import Manifest
 
@@ -289,6 +294,7 @@ def test_a_table_missing_training_compounds_is_refused_naming_them(tiny_shards, 
     assert not (out / "checkpoints").exists()     # refused before any step
 
 
+@pytest.mark.slow
 def test_official_recipe_trains_at_a_reduced_size(tiny_shards, tiny_graphs, weights_files, tmp_path, one_rank):
     """train/configs/official.yaml (ResNet-101 per channel, ImageNet weights, last stage, fingerprint MLP,
     temperature 1.0, lr 5e-3) trains 2 steps on CPU with the image size, batch and steps overridden."""
@@ -310,6 +316,7 @@ def test_official_recipe_trains_at_a_reduced_size(tiny_shards, tiny_graphs, weig
     assert [m["step"] for m in metrics] == [1, 2]
 
 
+@pytest.mark.slow
 def test_pretrained_reference_row_is_embedded_and_scored(tiny_shards, weights_files, tmp_path):
     emb = tmp_path / "emb"
     proc = run_job("evaluate.embed", f"pretrained:resnet18:{weights_files['resnet18']['safetensors']}", tiny_shards,

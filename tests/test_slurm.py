@@ -181,7 +181,9 @@ def site(slurm, tmp_path_factory) -> Path:
     path = d / "site.yaml"
     path.write_text(yaml.safe_dump({
         "python": sys.executable, "log_dir": str(d / "logs"), "signal_seconds": 60,
-        "ray": {"start_args": "--object-store-memory=100000000", "port_first": 30000 + os.getpid() % 20 * 1000,
+        # below Linux's ephemeral range (32768-60999): a port another test's Ray or client picked at random
+        # once took this block's ray_client_server port, and the head went down with it
+        "ray": {"start_args": "--object-store-memory=100000000", "port_first": 20000 + os.getpid() % 12 * 1000,
                 "port_blocks": 1, "tmp_dir": str(ray_tmp)},
     }))
     yield path
