@@ -251,3 +251,13 @@ def test_nr_and_nsl_top1_equal_a_direct_numpy_computation_and_nsl_sees_the_posit
         assert got[mode] == pytest.approx(expected, abs=1e-12), mode
         assert got[f"n_queries_{mode}"] == eligible.sum()
     assert got["nsl"] < got["nr"] - 0.2, got      # the position confound: same-position replicates are easy
+
+
+def test_every_stringency_on_the_device_path_equals_the_numpy_path():
+    """The torch blocks (what runs on a GPU) restart NSL's mask from the unmasked block as the NumPy ones do."""
+    meta, x = fixed_layout_screen(np.random.default_rng(5))
+    kw = dict(ks=range(1, 11), modes=tuple(MODES), block_size=40, gallery_chunk=53, per_query=True)
+    a, pa = topk_hit_rate(meta, x, device="cpu", **kw)
+    b, pb = topk_hit_rate(meta, x, device="torch:cpu", **kw)
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pa, pb)
