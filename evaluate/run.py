@@ -42,9 +42,15 @@ class EvalConfig:
     embeddings: dict[str, str] = field(default_factory=dict)   # method name -> embed output directory
     predictions: dict[str, str] = field(default_factory=dict)  # label -> predict output (zero-shot scores)
     aggregate: str = "mean"          # site -> well: mean | median
-    normalize: bool = True           # per-plate robust MAD against DMSO
-    spherize: bool = True            # ZCA-cor fitted on DMSO wells
+    profiles: dict[str, str] = field(default_factory=dict)     # method name -> well-level profile table (parquet/CSV)
+    features: dict[str, str] = field(default_factory=dict)     # method name -> its feature columns (names or globs, comma-separated)
+    recipe: str = "micon"            # micon | jump | morphohelm (micon.eval.recipes)
+    normalize: bool = True           # recipe=micon: per-plate robust MAD against DMSO
+    spherize: bool = True            # recipe=micon: ZCA-cor fitted on DMSO wells
     epsilon: PositiveFloat = 1e-6    # ZCA regulariser
+    harmony_key: str = "Metadata_Source"   # recipe=jump: the batch Harmony corrects (JUMP: the source)
+    harmony_clusters: Annotated[int, Range(0, why="0: JUMP's 300")] = 0  # recipe=jump (0: 300, at most one per 30 wells)
+    n_pcs: PositiveInt = 64          # recipe=morphohelm: principal components kept
     max_k: PositiveInt = 10          # top-k retrieval for k = 1..max_k
     compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
     shards: str = ""                 # manifest dir (for compounds=heldout)
@@ -57,8 +63,16 @@ class EvalConfig:
     wandb_project: str = "micon"     # wandb project
 
     def validate(self) -> None:
-        if not self.embeddings and not self.predictions:
-            raise ConfigError("no embeddings to evaluate: pass embeddings.NAME=DIR (one per method)")
+        if not self.embeddings and not self.predictions and not self.profiles:
+            raise ConfigError("nothing to evaluate: pass embeddings.NAME=DIR (one per method) or "
+                              "profiles.NAME=FILE (a well-level table)")
+        from micon.eval.recipes import RECIPES
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe: one of {', '.join(RECIPES)}")
+        if both := sorted(set(self.embeddings) & set(self.profiles)):
+            raise ConfigError(f"{both[0]} names both embeddings and profiles: give each method one name")
+        if extra := sorted(set(self.features) - set(self.profiles)):
+            raise ConfigError(f"features.{extra[0]} names no profiles.{extra[0]}=FILE")
         if self.aggregate not in ("mean", "median"):
             raise ConfigError("aggregate: mean or median")
         if self.compounds not in ("all", "heldout"):
@@ -85,28 +99,55 @@ def _say(msg: str) -> None:
     print(f"evaluate: {msg}", flush=True)
 
 
-def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None, say=_say) -> dict:
-    """One method: well profiles, top-k (with per-query hits, curves with intervals and chance) and mAP;
-    `say` gets one line per stage with its counts and seconds."""
+def recipe_options(cfg: EvalConfig) -> dict:
+    """`apply_recipe`'s keyword arguments from the configuration."""
+    return dict(normalize=cfg.normalize, whiten=cfg.spherize, epsilon=cfg.epsilon,
+                plates_without_dmso=cfg.plates_without_dmso, harmony_key=cfg.harmony_key,
+                harmony_clusters=cfg.harmony_clusters, n_pcs=cfg.n_pcs)
+
+
+def load_method(name: str, path: str, cfg: EvalConfig) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """A method's site (or well) rows, features and feature names: an embed output directory
+    (embeddings.NAME=DIR) or a well-level profile table (profiles.NAME=FILE)."""
+    if name in cfg.profiles:
+        from micon.eval.profiles import read_profile_table
+        return read_profile_table(path, cfg.features.get(name) or None)
     from micon.embeddings import load_embeddings, read_feature_names
-    from micon.eval import map as mapm
-    from micon.eval.plots import map_intervals, topk_curves
-    from micon.eval.profiles import informative_features, well_profiles
-    from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
 
     check_label(name, path)
-    t0 = time.perf_counter()
     meta, emb = load_embeddings(path)
-    names = read_feature_names(path) or [f"{name}_{i:04d}" for i in range(emb.shape[1])]
-    wells, raw, prof = well_profiles(meta, emb, aggregate=cfg.aggregate, normalize=cfg.normalize,
-                                     whiten=cfg.spherize, epsilon=cfg.epsilon,
-                                     plates_without_dmso=cfg.plates_without_dmso)
-    kept = informative_features(wells, raw)
+    return meta, emb, read_feature_names(path) or [f"{name}_{i:04d}" for i in range(emb.shape[1])]
+
+
+def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set | None, say=_say) -> dict:
+    """One method: well profiles under `cfg.recipe`, top-k (with per-query hits, curves with intervals and
+    chance) and mAP; `say` gets one line per stage (and per recipe step) with its counts and seconds."""
+    from micon.eval import map as mapm
+    from micon.eval.plots import map_intervals, topk_curves
+    from micon.eval.profiles import aggregate_wells, check_finite
+    from micon.eval.recipes import apply_recipe
+    from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
+
+    t0 = time.perf_counter()
+    meta, emb, names = load_method(name, path, cfg)
+    if name in cfg.profiles:        # a CellProfiler table's NaN columns are dropped, as JUMP's recipe does
+        finite = np.isfinite(emb).all(axis=0)
+        if not finite.all():
+            say(f"{name}: {int((~finite).sum())} feature(s) with NaN or inf dropped, e.g. "
+                f"{[n for n, f in zip(names, finite) if not f][:3]}")
+            emb, names = emb[:, finite], [n for n, f in zip(names, finite) if f]
+    check_finite(meta, emb, "site embeddings" if name in cfg.embeddings else "profiles",
+                 "as embedded" if name in cfg.embeddings else "as read")
+    wells, raw = aggregate_wells(meta, np.asarray(emb).astype(np.float32), method=cfg.aggregate)
+    say(f"{name}: {len(meta):,} {'sites' if len(meta) > len(wells) else 'rows'} -> {len(wells):,} wells x "
+        f"{raw.shape[1]} features in {time.perf_counter() - t0:.1f} s; recipe={cfg.recipe}")
+    rec = apply_recipe(cfg.recipe, wells, raw, names, say=lambda m: say(f"{name}: {m}"), **recipe_options(cfg))
+    wells, raw, prof = rec.wells, rec.raw, rec.prof
     if keep_compounds is not None:
         keep = (wells[schema.ROLE] == schema.NEGCON).to_numpy() | wells[schema.JCP].isin(keep_compounds).to_numpy()
         wells, raw, prof = wells[keep].reset_index(drop=True), raw[keep], prof[keep]
-    say(f"{name}: profiles: {len(meta):,} sites -> {len(wells):,} wells x {raw.shape[1]} features "
-        f"({int(kept.sum())} vary across DMSO, kept) in {time.perf_counter() - t0:.1f} s")
+    say(f"{name}: profiles: {len(wells):,} wells x {prof.shape[1]} features (recipe={cfg.recipe}) in "
+        f"{time.perf_counter() - t0:.1f} s")
 
     t0 = time.perf_counter()
     fn = topk_hit_rate_ray if cfg.ray else topk_hit_rate
@@ -124,7 +165,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size)
     say(f"{name}: mAP: {len(act_map):,} compounds (activity) and {len(con_map):,} (consistency), null size "
         f"{cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
-    null = activity_null(name, wells, raw, cfg, int(kept.sum()), say) if cfg.activity_null else {}
+    null = activity_null(name, wells, raw, cfg, len(rec.names), say, names) if cfg.activity_null else {}
 
     point = curves.set_index(["mode", "k"])
     metrics = {}
@@ -137,12 +178,12 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     metrics |= dict(
         map_consistency=float(con_map["mean_average_precision"].mean()),
         n_wells=int(len(wells)), **{f"n_queries_{mode}": int(topk[f"n_queries_{mode}"].iloc[0]) for mode in STRINGENCIES},
-        dim=int(emb.shape[1]), n_features_kept=int(kept.sum()),
+        dim=int(emb.shape[1]), n_features_kept=len(rec.names),
         n_negcon_wells=int((roles == schema.NEGCON).sum()), **null,
     )
     return dict(metrics=metrics, topk=topk.assign(method=name), curves=curves.assign(method=name),
-                map=act_map.assign(method=name), wells=wells, raw=raw, prof=prof,
-                raw_names=list(names), kept_names=[n for n, k in zip(names, kept) if k])
+                map=act_map.assign(method=name), wells=wells, raw=raw, prof=prof, recipe=rec,
+                raw_names=list(names), kept_names=list(rec.names))
 
 
 # replicate retrieval's stringencies (micon.eval.retrieval.MODES): no restriction, not same batch / source / plate,
@@ -153,17 +194,17 @@ WELLS_PER_FEATURE = 4
 NULL_REPEATS = 5        # random halvings of the DMSO wells averaged in the DMSO null
 
 
-def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConfig, n_features: int, say=_say) -> dict:
+def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConfig, n_features: int, say=_say,
+                  names: list[str] | None = None) -> dict:
     """mAP of activity's DMSO null (micon.eval.activity.negcon_null, the evaluation's own recipe) as metrics;
     says, with a warning, when the screen has too few DMSO wells per feature to read mAP against chance."""
     from micon.eval.activity import negcon_null, null_summary
 
+    names = names or [f"f{i:04d}" for i in range(raw.shape[1])]
     t0 = time.perf_counter()
     try:
         compounds, null = negcon_null(wells, raw, repeats=NULL_REPEATS, null_size=cfg.null_size,
-                                      normalize=cfg.normalize,
-                                      whiten=cfg.spherize, epsilon=cfg.epsilon,
-                                      plates_without_dmso=cfg.plates_without_dmso)
+                                      normalise=lambda w, r: recipe_profiles(cfg, w, r, names))
     except ValueError as e:         # too few DMSO wells for one pseudo-compound: no null, the metrics say n/a
         say(f"{name}: no DMSO null for mAP of activity: {e}")
         return dict(map_activity_null=float("nan"), map_activity_over_null=float("nan"))
@@ -173,12 +214,20 @@ def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConf
         f"({NULL_REPEATS} random halvings) reach mAP of activity "
         f"{out['map_activity_null']:.3f}; compounds under the same fit {out['map_activity_over_null']:+.3f} "
         f"above it, in {time.perf_counter() - t0:.1f} s")
-    if cfg.spherize and n_neg < WELLS_PER_FEATURE * n_features:
+    if cfg.recipe == "micon" and cfg.spherize and n_neg < WELLS_PER_FEATURE * n_features:
         say(f"{name}: warning: ZCA is fitted on {n_neg:,} DMSO wells for {n_features:,} features (fewer than "
             f"{WELLS_PER_FEATURE} per feature): a compound without effect does not reach mAP of activity's "
             f"random-ranking chance here but the DMSO null; read map_activity_over_null, not map_activity "
             f"against chance (docs/results/ACTIVITY.md)")
     return out
+
+
+def recipe_profiles(cfg: EvalConfig, wells: pd.DataFrame, raw: np.ndarray, names: list[str]):
+    """(wells, raw, normalised profiles) under the configured recipe: what `negcon_null` refits."""
+    from micon.eval.recipes import apply_recipe
+
+    rec = apply_recipe(cfg.recipe, wells, raw, names, **recipe_options(cfg))
+    return rec.wells, rec.raw, rec.prof
 
 
 def score_predictions(name: str, path: str, keep_compounds: set | None, max_k: int) -> dict:
@@ -205,22 +254,37 @@ def score_predictions(name: str, path: str, keep_compounds: set | None, max_k: i
 def write_profiles(out: Path, name: str, result: dict) -> tuple[Path, Path]:
     """Two tables per method, as the field reads them (pycytominer, copairs: no mapping step):
     `profiles_{name}_raw.parquet`, the well averages before normalisation (every feature), and
-    `profiles_{name}.parquet`, the normalised profiles the metrics were computed on (the features that
-    vary across DMSO, after per-plate MAD and ZCA-cor). Metadata as JUMP spells it, the role as
+    `profiles_{name}.parquet`, the normalised profiles the metrics were computed on (under the recipe, whose
+    account is the file's `micon.recipe` key-value metadata; every fitted parameter is in `recipe_{name}.npz`;
+    recipe=micon keeps the features that vary across DMSO, after per-plate MAD and ZCA-cor). Metadata as JUMP spells it, the role as
     `Metadata_pert_type` (trt / negcon / poscon). Feature columns keep the featuriser's names (embed.json
     `feature_names`, e.g. CellProfiler's) or are `{name}_{i:04d}`. In the normalised file each column keeps
     its input feature's name although whitening mixes features, as pycytominer's Spherize does: column j
     is the whitened variable paired with input feature j, and ZCA-cor is the whitening that keeps those
     pairs most alike (it maximises the sum over j of corr(whitened j, input j), Kessy et al. 2018); it is
     not feature j itself."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from micon import atomic
     from micon.eval.profiles import profile_table
 
+    rec = result["recipe"]
+    summary = json.dumps(strict_json(rec.summary())).encode()
     paths = []
     for suffix, feats, names in (("_raw", result["raw"], result["raw_names"]), ("", result["prof"], result["kept_names"])):
         path = out / f"profiles_{name}{suffix}.parquet"
-        atomic.write_parquet(path, profile_table(result["wells"], feats, names))
+        table = pa.Table.from_pandas(profile_table(result["wells"], feats, names), preserve_index=False)
+        if not suffix:      # the recipe travels with the profiles it made
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"micon.recipe": summary})
+        with atomic.atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         paths.append(path)
+    # every fitted parameter (per-plate medians and MADs, the whitening or PCA), beside the profiles
+    with atomic.atomic_path(out / f"recipe_{name}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, features_in=np.asarray(result["raw_names"], dtype=str),
+                                features_out=np.asarray(result["kept_names"], dtype=str), **rec.arrays)
     return paths[0], paths[1]
 
 
@@ -369,9 +433,10 @@ def main(argv: list[str]) -> int:
             return 1
     results = {}
     t_all = time.perf_counter()
-    for i, (name, path) in enumerate(cfg.embeddings.items()):
+    methods = {**cfg.embeddings, **cfg.profiles}
+    for i, (name, path) in enumerate(methods.items()):
         t0 = time.perf_counter()
-        _say(f"method {i + 1}/{len(cfg.embeddings)}: {name} ({path})")
+        _say(f"method {i + 1}/{len(methods)}: {name} ({path})")
         try:
             results[name] = evaluate_method(name, path, cfg, keep)
         except (EmbeddingError, ProfileError) as e:
@@ -401,6 +466,8 @@ def main(argv: list[str]) -> int:
                  f"{z['n_wells']} wells: top-1% {z['zs_well_top1pct']:.3f} (chance {z['zs_well_top1pct_chance']:.3f}), "
                  f"compound top-1 {z['zs_compound_top1']:.3f} (chance {z['zs_compound_top1_chance']:.3f})")
     doc = strict_json({"methods": {n: r["metrics"] for n, r in results.items()}, "zero_shot": zero_shot,
+                       "recipe": cfg.recipe,
+                       "recipes": {n: {**r["recipe"].summary(), "fitted": f"recipe_{n}.npz"} for n, r in results.items()},
                        "config": to_dict(cfg)})
     atomic.write_json(out / "metrics.json", doc, indent=1, allow_nan=False)
     t0 = time.perf_counter()

@@ -25,11 +25,11 @@ NAMES = [f"{compartment}_{measure}" for compartment in ("Nuclei", "Cells", "Cyto
 CONSTANT = {"Cells_AreaShape_Eccentricity", "Cytoplasm_Granularity_1_Mito"}    # dropped by feature selection
 
 
-def cp_embedding(path, seed=0, n_cpd=16, dmso=8, sites=2):
+def cp_embedding(path, seed=0, n_cpd=16, dmso=8, sites=2, names=NAMES):
     """A CellProfiler-style site table: 2 sources x 2 batches x 1 plate, every compound once per plate,
     half the compounds shifted, per-plate offsets and scales (what MAD removes), `feature_names` in embed.json."""
     rng = np.random.default_rng(seed)
-    d = len(NAMES)
+    d = len(names)
     dirs = rng.normal(size=(n_cpd, d))
     rows, feats = [], []
     for p in range(4):
@@ -46,10 +46,10 @@ def cp_embedding(path, seed=0, n_cpd=16, dmso=8, sites=2):
                              schema.ROLE: schema.role_of(jcp)})
                 feats.append((rng.normal(size=d) + shift) * scale + offset)
     x = np.array(feats, np.float32)
-    for name in CONSTANT:
-        x[:, NAMES.index(name)] = 7.0
+    for name in CONSTANT & set(names):
+        x[:, names.index(name)] = 7.0
     path.mkdir(parents=True)
-    write_consolidated(path, x, pd.DataFrame(rows), {"featuriser": "cellprofiler_test", "feature_names": NAMES})
+    write_consolidated(path, x, pd.DataFrame(rows), {"featuriser": "cellprofiler_test", "feature_names": names})
     return path
 
 
@@ -240,3 +240,74 @@ def test_the_null_warns_when_the_dmso_wells_are_few_per_feature_and_says_why_it_
     said = []
     out = activity_null("x", one, rng.normal(size=(len(one), 4)), cfg, 4, said.append)
     assert np.isnan(out["map_activity_null"]) and "too few DMSO wells for one pseudo-compound" in said[0]
+
+
+def test_jump_and_morphohelm_recipes_run_end_to_end_and_record_themselves(tmp_path):
+    """recipe=jump and recipe=morphohelm through the whole job: every stringency's metrics, the recipe's
+    account in metrics.json and in the profiles' parquet metadata, its fitted arrays beside them, and 64
+    principal components from a 96-feature embedding."""
+    import pyarrow.parquet as pq
+
+    from evaluate.run import main
+
+    wide = [f"Cells_Feature_{j:03d}" for j in range(96)]
+    emb = cp_embedding(tmp_path / "emb", names=wide, n_cpd=40, dmso=16)
+    for recipe in ("jump", "morphohelm"):
+        out = tmp_path / recipe
+        assert main([f"out={out}", f"embeddings.cellprofiler={emb}", f"recipe={recipe}", "ray=false",
+                     "wandb=false", "null_size=200", "bootstrap=100"]) == 0
+        doc = json.loads((out / "metrics.json").read_text())
+        m = doc["methods"]["cellprofiler"]
+        assert doc["recipe"] == recipe and {f"{s}_top1" for s in ("nr", "nsb", "nss", "nsp", "nsl")} <= set(m)
+        account = doc["recipes"]["cellprofiler"]
+        assert account["recipe"] == recipe and account["fitted"] == "recipe_cellprofiler.npz"
+        table = pq.read_table(out / "profiles_cellprofiler.parquet")
+        assert json.loads(table.schema.metadata[b"micon.recipe"]) == {k: v for k, v in account.items() if k != "fitted"}
+        fitted = np.load(out / "recipe_cellprofiler.npz")
+        assert {"mad_median", "mad_mad", "features_out"} <= set(fitted.files)
+        feats = [c for c in table.column_names if not c.startswith("Metadata_")]
+        assert list(fitted["features_out"]) == feats == [c for c in table.column_names if c in feats]
+        if recipe == "morphohelm":
+            assert len(feats) == m["n_features_kept"] == 64 and feats[0] == "PC01"
+            assert fitted["pca_components"].shape == (64, 96)
+            assert [s["step"] for s in account["steps"]][-1].startswith("per-plate MAD against DMSO")
+        else:
+            assert [s["step"] for s in account["steps"]][-1] == "Harmony"
+            assert account["steps"][-1]["key"] == schema.SOURCE and account["steps"][-1]["batches"] == 2
+
+
+def test_evaluate_scores_a_table_pycytominer_normalised_and_feature_selected(evaluated, tmp_path):
+    """profiles.NAME=FILE: a well-level table from pycytominer (normalize per plate, feature_select) is
+    scored like an embedding; the raw well table read back this way gives exactly the embedding's metrics;
+    a table without the batch is refused by name."""
+    from evaluate.run import main
+
+    raw = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler_raw.parquet")
+    feats = infer_cp_features(raw)
+    meta = infer_cp_features(raw, metadata=True)
+    normalised = pd.concat([pycytominer.normalize(g, features=feats, meta_features=meta,
+                                                  samples=f"{PERT} == 'negcon'", method="mad_robustize")
+                            for _, g in raw.groupby(schema.PLATE, sort=False)])
+    selected = pycytominer.feature_select(normalised, features=feats,
+                                          operation=["variance_threshold", "correlation_threshold"])
+    kept = infer_cp_features(selected)
+    assert 0 < len(kept) < len(feats)
+    selected.to_csv(tmp_path / "pycytominer.csv.gz", index=False)
+    raw.to_parquet(tmp_path / "raw.parquet")
+    common = ["ray=false", "wandb=false", "null_size=200", "bootstrap=100"]
+    assert main([f"out={tmp_path / 'eval'}", f"profiles.cp={tmp_path / 'pycytominer.csv.gz'}",
+                 f"profiles.again={tmp_path / 'raw.parquet'}", *common]) == 0
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    cp = doc["methods"]["cp"]
+    assert cp["dim"] == len(kept) and cp["n_wells"] == len(raw) and 0 <= cp["nr_top1"] <= 1
+    reference = json.loads((evaluated / "eval" / "metrics.json").read_text())["methods"]["cellprofiler"]
+    again = doc["methods"]["again"]
+    for key in ("nr_top1", "nsb_top1", "nss_top1", "nsl_top1", "map_activity", "map_consistency"):
+        assert again[key] == pytest.approx(reference[key], abs=1e-6), key
+    # features by glob
+    assert main([f"out={tmp_path / 'nuclei'}", f"profiles.cp={tmp_path / 'raw.parquet'}",
+                 "features.cp=Nuclei_*", *common]) == 0
+    nuclei = json.loads((tmp_path / "nuclei" / "metrics.json").read_text())["methods"]["cp"]
+    assert nuclei["dim"] == sum(n.startswith("Nuclei_") for n in feats)
+    raw.drop(columns=[schema.BATCH]).to_parquet(tmp_path / "nobatch.parquet")
+    assert main([f"out={tmp_path / 'bad'}", f"profiles.cp={tmp_path / 'nobatch.parquet'}", *common]) == 1

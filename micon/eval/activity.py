@@ -45,7 +45,7 @@ NULL_PREFIX = "NULL_"
 
 
 def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, seed: int = 0, repeats: int = 1,
-                replicates: int | None = None, null_size: int = 10000,
+                replicates: int | None = None, null_size: int = 10000, normalise=None,
                 **recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The mAP of activity that DMSO itself reaches on this screen, beside the compounds' under the same fit.
 
@@ -59,8 +59,9 @@ def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, see
 
     Here a `share` of each plate's DMSO wells (drawn with `seed`) become pseudo-compounds of as many wells
     as a compound has (`replicates`, by default the median), each well on a different plate, as a
-    compound's replicates are (`pseudo_compounds`). The profiles are normalised again (`normalise_wells`, `recipe`: its keyword
-    arguments) on the remaining DMSO wells alone, so a pseudo-compound's wells and a compound's wells are
+    compound's replicates are (`pseudo_compounds`). The profiles are normalised again (`normalise_wells`,
+    `recipe`: its keyword arguments; or `normalise(wells, raw) -> (wells, raw, profiles)`, another profile
+    recipe) on the remaining DMSO wells alone, so a pseudo-compound's wells and a compound's wells are
     both out of the fit: for a compound without effect the two are exchangeable, and the pseudo-compounds'
     mAP is the level an inactive compound reaches. `wells`, `raw`: aggregated wells (`aggregate_wells`).
     `repeats` > 1 draws that many splits (seeds `seed`, `seed` + 1, ...), so that a screen with few DMSO
@@ -72,8 +73,8 @@ def negcon_null(wells: pd.DataFrame, raw: np.ndarray, *, share: float = 0.5, see
 
     comps, nulls = [], []
     for r in range(repeats):
-        w, _, prof = normalise_wells(pseudo_compounds(wells, share=share, seed=seed + r, replicates=replicates),
-                                     raw, **recipe)
+        pseudo = pseudo_compounds(wells, share=share, seed=seed + r, replicates=replicates)
+        w, _, prof = normalise(pseudo, raw) if normalise is not None else normalise_wells(pseudo, raw, **recipe)
         keep = w[schema.ROLE].isin([schema.TREATED, schema.NEGCON]).to_numpy()
         _, m = phenotypic_activity(w[keep].reset_index(drop=True), prof[keep], null_size=null_size, seed=seed + r)
         m = m[m[schema.JCP] != schema.DMSO].assign(repeat=r)

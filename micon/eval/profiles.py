@@ -36,6 +36,7 @@ __all__ = [
     "PERT_TYPE",
     "PERT_TYPES",
     "profile_table",
+    "read_profile_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -417,3 +418,72 @@ def profile_table(wells: pd.DataFrame, feats: np.ndarray, names: Sequence[str]) 
     first = [c for c in _JUMP_ORDER if c in meta.columns]
     meta = meta[first + [c for c in meta.columns if c not in first]]
     return pd.concat([meta, pd.DataFrame(feats.astype(np.float32), columns=names)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# a user's own profiles
+# ---------------------------------------------------------------------------------------------
+
+# what a profile table must carry to be scored (NSB needs the batch, NSS the source, NSL the well)
+TABLE_REQUIRED = (schema.SOURCE, schema.BATCH, schema.PLATE, schema.WELL, schema.JCP)
+# pycytominer's infer_cp_features: CellProfiler's compartments
+CP_PREFIXES = ("Cells_", "Nuclei_", "Cytoplasm_")
+
+
+def read_profile_table(path: str, features: str | None = None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """A well-level profile table (parquet, or CSV, .csv.gz; local or s3://) with JUMP's `Metadata_*`
+    columns, such as pycytominer writes -> (metadata with the library's role column, float32 features,
+    feature names). Features: `features`, comma-separated names or globs (`Cells_*,Nuclei_*`), else
+    pycytominer's inference (columns starting Cells_, Nuclei_ or Cytoplasm_), else every numeric column
+    not named Metadata_*. The role comes from `Metadata_Role`, else `Metadata_pert_type`
+    (trt / negcon / poscon), else the JCP2022 id (DMSO is negcon)."""
+    import fnmatch
+    import io
+
+    from micon import storage
+
+    p = storage.path(path)
+    if not p.is_file():
+        raise ProfileError(f"profiles: {p} does not exist (a well-level parquet or CSV with Metadata_* columns)")
+    data = storage.read_bytes(p)
+    name = str(p).lower()
+    try:
+        table = pd.read_csv(io.BytesIO(data), compression="infer" if not name.endswith(".gz") else "gzip") \
+            if ".csv" in name else pd.read_parquet(io.BytesIO(data))
+    except Exception as e:      # noqa: BLE001 - a file of the wrong kind: say which
+        raise ProfileError(f"profiles: cannot read {p} as {'CSV' if '.csv' in name else 'parquet'}: {e}") from None
+    missing = [c for c in TABLE_REQUIRED if c not in table.columns]
+    if missing:
+        raise ProfileError(f"profiles: {p} lacks {', '.join(missing)} (JUMP's metadata names; NSB needs "
+                           f"{schema.BATCH}, NSS {schema.SOURCE}, NSL {schema.WELL})")
+    meta_cols = [c for c in table.columns if str(c).startswith("Metadata_")]
+    if features:
+        patterns = [f.strip() for f in str(features).split(",") if f.strip()]
+        names = [c for c in table.columns if c not in meta_cols and any(fnmatch.fnmatchcase(str(c), f) for f in patterns)]
+        how = f"features={features}"
+    else:
+        names = [c for c in table.columns if str(c).startswith(CP_PREFIXES)]
+        how = "CellProfiler's compartments (Cells_, Nuclei_, Cytoplasm_)"
+        if not names:
+            names = [c for c in table.columns if c not in meta_cols and pd.api.types.is_numeric_dtype(table[c])]
+            how = "every numeric column not named Metadata_*"
+    if not names:
+        raise ProfileError(f"profiles: no feature columns in {p} by {how}; name them with features.NAME=...")
+    bad = [c for c in names if not pd.api.types.is_numeric_dtype(table[c])]
+    if bad:
+        raise ProfileError(f"profiles: feature column(s) {bad[:3]} of {p} are not numeric")
+    meta = table[meta_cols].copy()
+    for col in TABLE_REQUIRED:
+        meta[col] = meta[col].astype(str)
+    if schema.ROLE not in meta.columns:
+        if PERT_TYPE in meta.columns:
+            roles = {v: k for k, v in PERT_TYPES.items()}
+            meta[schema.ROLE] = meta[PERT_TYPE].map(roles).fillna(schema.TREATED)
+        else:
+            meta[schema.ROLE] = meta[schema.JCP].map(schema.role_of)
+    # the role is written back as Metadata_pert_type, and wells are recounted (n_sites) on aggregation
+    meta = meta.drop(columns=[c for c in (PERT_TYPE, "Metadata_n_sites") if c in meta.columns])
+    if not (meta[schema.ROLE] == schema.NEGCON).any():
+        raise ProfileError(f"profiles: {p} has no negative-control (DMSO, {schema.DMSO}) well to normalise against")
+    log.info("profiles %s: %d rows x %d features by %s", p, len(table), len(names), how)
+    return meta.reset_index(drop=True), table[names].to_numpy(np.float32), [str(c) for c in names]
