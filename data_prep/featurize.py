@@ -161,7 +161,7 @@ def run_chunk(items, opts: FeaturizeOptions, path: str) -> dict:
 def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) -> dict[str, float]:
     """Run the chunk tasks; returns seconds spent starting Ray, featurising and stopping Ray."""
     import ray
-    from tqdm import tqdm
+    from micon.progress import bar as progress_bar
 
     t0 = time.perf_counter()
     init_ray(cfg.num_workers, object_store_mb=200)
@@ -172,7 +172,7 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
         chunk_of = {task.remote(items, opts, str(path)): path for path, items in pending}
         refs = list(chunk_of)
         failed, cpu = 0, 0.0
-        with tqdm(total=sum(len(items) for _, items in pending), unit="cpd", desc="featurize",
+        with progress_bar(total=sum(len(items) for _, items in pending), unit="cpd", desc="featurize",
                   mininterval=1.0, file=sys.stderr) as bar:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)

@@ -145,6 +145,8 @@ def ingest_plate(src: "str | Screen", out: str, plate: str, cfg: IngestConfig, p
     if os.environ.get(DELAY_ENV):   # tests: slow a plate down so that a kill lands mid-run
         time.sleep(float(os.environ[DELAY_ENV]))
     sites, problems = plate_sites(screen, plate, schema.CHANNELS, cfg.on_error)
+    if progress is not None:
+        progress.start.remote(len(sites))
     for leftover in (out_p / "shards").glob(f"{plate}-*.tar*"):
         leftover.unlink()   # a half-finished earlier attempt: redo the plate from scratch
     atomic.remove_leftovers(out_p / "shards", rf"{re.escape(plate)}-\d+\.tar")
@@ -325,7 +327,7 @@ def meta_dir(src, cfg: IngestConfig):
 
 
 def run(src, out, cfg: IngestConfig) -> int:
-    from tqdm import tqdm
+    from micon.progress import bar as progress_bar
 
     screen = read_screen(src, cfg.allow_outside_root, cfg.metadata)
     plates = cfg.plates or screen.plates[screen.plates[schema.PLATE_TYPE].isin(cfg.plate_types)][schema.PLATE].tolist()
@@ -352,14 +354,20 @@ def run(src, out, cfg: IngestConfig) -> int:
 
         @ray.remote
         class Progress:
+            """Sites written, and the sites of the plates started so far (each task reports its count)."""
+
             def __init__(self):
-                self.n = 0
+                self.n, self.known, self.started = 0, 0, 0
+
+            def start(self, n_sites):
+                self.known += n_sites
+                self.started += 1
 
             def update(self, k):
                 self.n += k
 
             def value(self):
-                return self.n
+                return self.n, self.known, self.started
 
         progress = Progress.remote()
         task = ray.remote(num_cpus=1, max_retries=0)(ingest_plate)
@@ -367,11 +375,13 @@ def run(src, out, cfg: IngestConfig) -> int:
         # through the object store, never the screen's tables
         refs = {p: ray.put(sub) for p, sub in screen.subsets(todo).items()}
         pending = {task.remote(refs[p], str(out), p, cfg, progress): p for p in todo}
-        plate_bar = tqdm(total=len(todo), desc="prep plates", unit="plate", position=0)
-        site_bar = tqdm(desc="prep sites", unit="site", position=1)
+        plate_bar = progress_bar(total=len(todo), desc="prep plates", unit="plate", position=0)
+        site_bar = progress_bar(desc="prep sites", unit="site", position=1)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            site_bar.n = ray.get(progress.value.remote())
+            site_bar.n, known, started = ray.get(progress.value.remote())
+            if started:     # the started plates' sites, and as many per plate for those not started yet
+                site_bar.total = known + round(known / started * (len(todo) - started))
             site_bar.refresh()
             for ref in done:
                 plate = pending.pop(ref)

@@ -66,7 +66,7 @@ def site_index(root, manifest: Manifest, ray) -> pd.DataFrame:
 
 def build(root, cfg: ReplicateSetConfig, workers: int = 0, progress: bool = True) -> dict:
     """Build (or finish) the replicate-set shards of the shard set at `root`; returns their manifest."""
-    from tqdm import tqdm
+    from micon.progress import bar as progress_bar
 
     t0 = time.perf_counter()
     manifest = Manifest.load(root)
@@ -103,7 +103,7 @@ def build(root, cfg: ReplicateSetConfig, workers: int = 0, progress: bool = True
           f"{len(report)} compounds left out (see {root / REPORT_FILE})", flush=True)
     task = ray.remote(num_cpus=1, max_retries=0)(write_shard)
     pending = {task.remote(resolve(shards[i], index), root / "shards", out / names[i]): i for i in todo}
-    bar = tqdm(total=len(todo), desc="rsets shards", unit="shard", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="rsets shards", unit="shard", disable=not progress)
     checksums = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

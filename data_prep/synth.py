@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-from tqdm import tqdm
+from micon.progress import bar as progress_bar
 
 from micon import schema
 from micon.config import ConfigError, help_or_usage, save_config
@@ -125,7 +125,7 @@ def write_screen(cfg, out: Path, progress: bool = True) -> dict:
     workers = cfg.workers or os.cpu_count() or 1
     plates = screen.plates.Metadata_Plate.tolist()
     n_sites = 0
-    bar = tqdm(total=len(plates), desc="synth plates", unit="plate", disable=not progress)
+    bar = progress_bar(total=len(plates), desc="synth plates", unit="plate", disable=not progress)
     if workers == 1:
         for p in plates:
             n_sites += write_plate(screen, p, str(out))[1]

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or len(argv) > 1:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from tqdm import tqdm
+    from micon.progress import bar as progress_bar
 
     path = Path(argv[0])
     roots = artefact_roots(path) if path.is_dir() else []
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     print(f"verify: {len(checks)} objects in {len(roots)} artefacts under {path}: "
           + ", ".join(f"{kind} {root}" for kind, root in roots), flush=True)
     report = Report()
-    with tqdm(total=sum(c.nbytes for c in checks), unit="B", unit_scale=True, desc="verify") as bar:
+    with progress_bar(total=sum(c.nbytes for c in checks), unit="B", unit_scale=True, desc="verify") as bar:
         for c in checks:
             problem = c.run()
             report.checked.append((c, problem))

@@ -152,7 +152,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     t0 = time.perf_counter()
     fn = topk_hit_rate_ray if cfg.ray else topk_hit_rate
     ks = range(1, cfg.max_k + 1)
-    topk, per_query = fn(wells, prof, ks=ks, modes=STRINGENCIES, per_query=True)
+    topk, per_query = fn(wells, prof, ks=ks, modes=STRINGENCIES, per_query=True, progress=True)
     curves = topk_curves(per_query, STRINGENCIES, ks, n_boot=cfg.bootstrap)
     say(f"{name}: top-k: {len(per_query):,} query wells against {len(wells):,} wells, k <= {cfg.max_k}, "
         f"{cfg.bootstrap} bootstrap resamples, in {time.perf_counter() - t0:.1f} s")
@@ -161,8 +161,8 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     roles = wells[schema.ROLE].to_numpy()
     used = np.isin(roles, [schema.TREATED, schema.POSCON, schema.NEGCON])
     act_wells, act_prof = wells[used].reset_index(drop=True), prof[used]
-    act_ap, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size)
-    _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size)
+    act_ap, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size, progress=True)
+    _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size, progress=True)
     say(f"{name}: mAP: {len(act_map):,} compounds (activity) and {len(con_map):,} (consistency), null size "
         f"{cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
     null = activity_null(name, wells, raw, cfg, len(rec.names), say, names) if cfg.activity_null else {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -123,9 +124,13 @@ def test_blob_eccentricity_matches_scikit_image_on_random_blobs():
 
 def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedded, tmp_path):
     out = tmp_path / "eval"
-    run_job("evaluate.run", f"out={out}", f"embeddings.simclr={embedded}", "null_size=500")
+    proc = run_job("evaluate.run", f"out={out}", f"embeddings.simclr={embedded}", "null_size=500")
     doc = json.loads((out / "metrics.json").read_text())
     assert set(doc["methods"]) == {"simclr"}
+    # progress inside the stages, as plain lines in a log (blocks done / total, rate, elapsed)
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+    assert re.search(r"top-k query blocks: (\d+)/\1 blocks \(100%\), [\d.]+ blocks/s", proc.stderr), proc.stderr
+    assert re.search(r"average precision blocks: (\d+)/\1 blocks \(100%\)", proc.stderr)
     m = doc["methods"]["simclr"]
     for key in ("nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity", "fraction_retrieved"):
         assert 0 <= m[key] <= 1

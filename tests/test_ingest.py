@@ -28,9 +28,27 @@ from tests.synth_features import load_data_frames
 @pytest.fixture(scope="module")
 def prepped(tiny_screen, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "shards"
-    run_job("data_prep.ingest", tiny_screen, out, "workers=2", "shard_mb=0.2", "heldout_sources=0",
-            "heldout_batches=1")
+    proc = run_job("data_prep.ingest", tiny_screen, out, "workers=2", "shard_mb=0.2", "heldout_sources=0",
+                   "heldout_batches=1")
+    (out.parent / "prep.err").write_text(proc.stderr)
     return out
+
+
+def test_progress_in_a_log_is_plain_lines_and_the_sites_bar_has_its_total(prepped):
+    """stderr is a pipe here, as in a Slurm .out: plain progress lines, no carriage returns or cursor codes,
+    and the sites line knows the total (the started plates' sites, extrapolated to the rest)."""
+    import re
+
+    err = (prepped.parent / "prep.err").read_text()
+    assert "\r" not in err and "\x1b" not in err
+    n_sites = Manifest.load(prepped).data["n_sites"] if "n_sites" in Manifest.load(prepped).data else None
+    sites = re.findall(r"prep sites: ([\d,]+)/([\d,]+) sites \((\d+)%\)", err)
+    assert sites, err[-2000:]
+    done, total, pct = sites[-1]
+    assert done == total and pct == "100"
+    if n_sites is not None:
+        assert int(total.replace(",", "")) == n_sites
+    assert re.search(r"prep plates: (\d+)/\1 plates \(100%\), [\d.]+ plates/s", err)
 
 
 def all_samples(out):

@@ -591,8 +591,8 @@ class Trainer:
                                   name=cfg.wandb.name or None, id=run_id, resume="allow" if run_id else None)
             run_id_file.write_text(self.run.id)
         if self.rank == 0 and cfg.progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=cfg.steps, initial=self.state.step, desc=f"train {self.method.name}", unit="step",
+            from micon.progress import bar as progress_bar
+            self.bar = progress_bar(total=cfg.steps, initial=self.state.step, desc=f"train {self.method.name}", unit="step",
                             dynamic_ncols=True)
 
     # ------------------------------------------------------------------ one step

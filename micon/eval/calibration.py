@@ -102,15 +102,15 @@ def simulate_baseline(cfg, workers: int = 0, featuriser: str = "cellprofiler",
     screen = design_screen(cfg)
     plates = screen.plates.Metadata_Plate.tolist()
     workers = workers or min(len(plates), os.cpu_count() or 1)
-    from tqdm import tqdm
+    from micon.progress import bar as progress_bar
 
     jobs = [(screen, p, featuriser) for p in plates]
     bar = dict(total=len(plates), desc=f"{featuriser} features", unit="plate", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            parts = list(tqdm(pool.map(_plate_features, jobs), **bar))
+            parts = list(progress_bar(pool.map(_plate_features, jobs), **bar))
     else:
-        parts = [_plate_features(j) for j in tqdm(jobs, **bar)]
+        parts = [_plate_features(j) for j in progress_bar(jobs, **bar)]
     meta = pd.DataFrame([r for rows, _ in parts for r in rows])
     feats = np.concatenate([f for _, f in parts])
     return well_profiles(meta, feats)

@@ -302,8 +302,8 @@ def _device_average_precision(x: np.ndarray, pos: tuple, neg: tuple, ties: Ties,
     rows = max(1, DEVICE_BLOCK_SIMS // max(n, 1))
     bounds = [(b0, min(b0 + rows, n)) for b0 in range(0, n, rows)]
     if progress:
-        from tqdm import tqdm
-        bounds = tqdm(bounds, desc=f"average precision blocks ({device})")
+        from micon.progress import bar as progress_bar
+        bounds = progress_bar(bounds, desc=f"average precision blocks ({device})", unit="block")
     ap_sum = np.zeros(n)
     n_pos = np.zeros(n, dtype=np.int64)
     n_total = np.zeros(n, dtype=np.int64)
@@ -379,8 +379,8 @@ def average_precision(meta: pd.DataFrame, feats: np.ndarray, pos_sameby: Sequenc
         bounds.append((b0, min(b1, n)))
         b0 = min(b1, n)
     if progress:
-        from tqdm import tqdm
-        bounds = tqdm(bounds, desc="average precision blocks")
+        from micon.progress import bar as progress_bar
+        bounds = progress_bar(bounds, desc="average precision blocks", unit="block")
 
     ap_sum = np.zeros(n)
     n_pos = np.zeros(n, dtype=np.int64)

@@ -411,8 +411,8 @@ def _search(prep: _Prepared, k: int, block_size: int, dtype, progress: bool, blo
     idx = np.full((len(prep.modes), n_q, k), -1, dtype=np.int64)
     starts = range(0, n_q, block_size)
     if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="top-k query blocks", total=len(starts))
+        from micon.progress import bar as progress_bar
+        starts = progress_bar(starts, desc="top-k query blocks", unit="block", total=len(starts))
     for b0 in starts:
         b1 = min(b0 + block_size, n_q)
         vals[:, b0:b1], idx[:, b0:b1] = block_topk(b0, b1)
