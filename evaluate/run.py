@@ -55,6 +55,9 @@ class EvalConfig:
     compounds: str = "all"           # all | heldout (held-out compounds of the shard manifest only)
     shards: str = ""                 # manifest dir (for compounds=heldout)
     null_size: PositiveInt = 10000   # random rankings in mAP's null distribution
+    annotation: str = ""             # a compound annotation column (e.g. Metadata_Target): consistency mAP on consensus profiles
+    annotations: str = ""            # a table (parquet/CSV) of Metadata_JCP2022 + the annotation column, joined onto the wells
+    well_consistency: bool = True    # mAP of each well against other compounds' wells (cost: wells^2; off at consortium size)
     activity_null: bool = True       # mAP of activity of DMSO itself (half of each plate's DMSO as pseudo-compounds)
     bootstrap: Annotated[int, Range(2, why="1000 for the report")] = 1000  # resamples of compounds for the report's intervals
     ray: bool = True                 # top-k over Ray tasks (same numbers as single-process)
@@ -162,9 +165,16 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
     used = np.isin(roles, [schema.TREATED, schema.POSCON, schema.NEGCON])
     act_wells, act_prof = wells[used].reset_index(drop=True), prof[used]
     act_ap, act_map = mapm.phenotypic_activity(act_wells, act_prof, null_size=cfg.null_size, progress=True)
-    _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size, progress=True)
-    say(f"{name}: mAP: {len(act_map):,} compounds (activity) and {len(con_map):,} (consistency), null size "
-        f"{cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
+    consistency = {"map_consistency": float("nan")}
+    if cfg.well_consistency:
+        _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size, progress=True)
+        consistency["map_consistency"] = float(con_map["mean_average_precision"].mean())
+    if cfg.annotation:
+        consistency |= target_consistency(name, act_wells, act_prof, cfg, say)
+    say(f"{name}: mAP: {len(act_map):,} compounds (activity, against their plates' DMSO)"
+        + (f", {len(con_map):,} (well consistency)" if cfg.well_consistency else "")
+        + (f", {consistency.get('n_annotations', 0):,} annotations (consistency on consensus profiles)"
+           if cfg.annotation else "") + f", null size {cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
     null = activity_null(name, wells, raw, cfg, len(rec.names), say, names) if cfg.activity_null else {}
 
     point = curves.set_index(["mode", "k"])
@@ -175,8 +185,8 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
             metrics |= {f"{mode}_top{k}": float(r["value"]), f"{mode}_top{k}_lo": float(r["lo"]),
                         f"{mode}_top{k}_hi": float(r["hi"]), f"{mode}_top{k}_chance": float(r["chance"])}
     metrics |= map_intervals(act_ap, act_map, n_boot=cfg.bootstrap)
+    metrics |= consistency
     metrics |= dict(
-        map_consistency=float(con_map["mean_average_precision"].mean()),
         n_wells=int(len(wells)), **{f"n_queries_{mode}": int(topk[f"n_queries_{mode}"].iloc[0]) for mode in STRINGENCIES},
         dim=int(emb.shape[1]), n_features_kept=len(rec.names),
         n_negcon_wells=int((roles == schema.NEGCON).sum()), **null,
@@ -220,6 +230,24 @@ def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConf
             f"random-ranking chance here but the DMSO null; read map_activity_over_null, not map_activity "
             f"against chance (docs/results/ACTIVITY.md)")
     return out
+
+
+def target_consistency(name: str, wells: pd.DataFrame, prof: np.ndarray, cfg: EvalConfig, say=_say) -> dict:
+    """Consistency mAP on consensus profiles (micon.eval.map.target_consistency) by `cfg.annotation`, from
+    the wells' own column or the `cfg.annotations` table: `map_target_consistency`, `n_annotations`."""
+    from micon.eval import map as mapm
+
+    col = cfg.annotation
+    if cfg.annotations:
+        from micon.eval.profiles import read_annotations
+        table = read_annotations(cfg.annotations, col)
+        wells = wells.drop(columns=[col], errors="ignore").merge(table, on=schema.JCP, how="left")
+    if col not in wells.columns or not wells[col].notna().any():
+        say(f"{name}: no {col} annotation on any well: no consistency on consensus profiles (pass annotations=FILE)")
+        return dict(map_target_consistency=float("nan"), n_annotations=0)
+    _, tmap = mapm.target_consistency(wells, prof, col, null_size=cfg.null_size)
+    return dict(map_target_consistency=float(tmap["mean_average_precision"].mean()) if len(tmap) else float("nan"),
+                n_annotations=int(len(tmap)))
 
 
 def recipe_profiles(cfg: EvalConfig, wells: pd.DataFrame, raw: np.ndarray, names: list[str]):

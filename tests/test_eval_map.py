@@ -186,3 +186,39 @@ def test_planted_activity_is_retrieved():
     assert maps.loc[active, "below_corrected_p"].all()
     assert maps.loc[~active, "below_corrected_p"].mean() < 0.2
     assert maps.loc[active, "mean_average_precision"].min() > 0.9
+
+
+def test_target_consistency_is_copairs_on_pandas_consensus_profiles(tmp_path):
+    """Consistency on consensus profiles: the median of each compound's wells (pandas), then copairs with
+    positives = compounds sharing a target, on random profiles with planted target directions; a compound
+    with two targets counts for each, DMSO and unannotated compounds stay out."""
+    from micon.eval.map import target_consistency
+
+    rng = np.random.default_rng(5)
+    meta, x = random_plates(900, rng, n_compounds=60, d=16)
+    compounds = sorted(set(meta[schema.JCP]) - {schema.DMSO})
+    target = {c: f"T{i % 7}" for i, c in enumerate(compounds)}
+    target[compounds[0]] = "T1|T2"
+    target[compounds[1]] = ""
+    meta["Metadata_Target"] = meta[schema.JCP].map(target).fillna("")
+    centres = rng.normal(size=(7, 16))
+    planted = meta["Metadata_Target"].str[:2].map(lambda t: int(t[1]) if t else -1).to_numpy()
+    x = x + np.where(planted[:, None] >= 0, 1.5 * centres[np.maximum(planted, 0)], 0)
+    # the two-target compound ties with itself (a positive and a negative row): break ties as copairs does
+    ap, maps = target_consistency(meta, x, "Metadata_Target", null_size=500, ties="positives_first")
+    # the reference: pandas consensus, exploded targets, copairs
+    keep = (meta[schema.ROLE] != schema.NEGCON) & (meta["Metadata_Target"] != "")
+    frame = pd.concat([meta[keep].reset_index(drop=True), pd.DataFrame(x[keep.to_numpy()])], axis=1)
+    cons = frame.groupby(schema.JCP, sort=False)[list(range(16))].median()
+    ref_meta = pd.DataFrame({schema.JCP: cons.index, "Metadata_Target": cons.index.map(target)})
+    ref_meta = ref_meta.assign(Metadata_Target=ref_meta["Metadata_Target"].str.split("|")).explode("Metadata_Target")
+    ref_x = cons.loc[ref_meta[schema.JCP]].to_numpy()
+    ref = copairs_map.average_precision(ref_meta.reset_index(drop=True), ref_x, pos_sameby=["Metadata_Target"],
+                                        pos_diffby=[schema.JCP], neg_sameby=[],
+                                        neg_diffby=["Metadata_Target", schema.JCP], progress_bar=False)
+    mine = ap.set_index([schema.JCP, "Metadata_Target"]).sort_index()
+    theirs = ref.set_index([schema.JCP, "Metadata_Target"]).sort_index()
+    assert len(mine) == len(theirs) == len(compounds) - 1 + 1      # one unannotated out, one compound twice
+    assert_same_ap(mine, theirs)
+    assert set(maps["Metadata_Target"]) == {f"T{i}" for i in range(7)}
+    assert maps["mean_average_precision"].mean() > 0.5         # planted targets are retrieved

@@ -311,3 +311,25 @@ def test_evaluate_scores_a_table_pycytominer_normalised_and_feature_selected(eva
     assert nuclei["dim"] == sum(n.startswith("Nuclei_") for n in feats)
     raw.drop(columns=[schema.BATCH]).to_parquet(tmp_path / "nobatch.parquet")
     assert main([f"out={tmp_path / 'bad'}", f"profiles.cp={tmp_path / 'nobatch.parquet'}", *common]) == 1
+
+
+def test_consistency_on_consensus_profiles_from_an_annotation_table(evaluated, tmp_path):
+    """annotations=FILE annotation=COLUMN: consistency mAP on consensus profiles of the normalised wells
+    equals target_consistency run on the written profiles; well_consistency=false leaves the wells^2 one out."""
+    from evaluate.run import main
+    from micon.eval.map import target_consistency
+
+    raw = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler_raw.parquet")
+    compounds = sorted(set(raw[schema.JCP]) - {schema.DMSO})
+    table = pd.DataFrame({schema.JCP: compounds, "Metadata_Target": [f"T{i % 4}" for i in range(len(compounds))]})
+    table.to_csv(tmp_path / "targets.csv", index=False)
+    assert main([f"out={tmp_path / 'eval'}", f"embeddings.cellprofiler={evaluated / 'emb'}", "ray=false",
+                 "wandb=false", "null_size=200", "bootstrap=100", f"annotations={tmp_path / 'targets.csv'}",
+                 "annotation=Metadata_Target", "well_consistency=false"]) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())["methods"]["cellprofiler"]
+    assert m["map_consistency"] is None and m["n_annotations"] == 4
+    prof = pd.read_parquet(tmp_path / "eval" / "profiles_cellprofiler.parquet")
+    prof = prof[prof[PERT].isin(["trt", "poscon", "negcon"])].merge(table, on=schema.JCP, how="left")
+    prof[schema.ROLE] = prof[PERT].map({"trt": schema.TREATED, "poscon": schema.POSCON, "negcon": schema.NEGCON})
+    _, ref = target_consistency(prof, prof[infer_cp_features(prof)].to_numpy(), "Metadata_Target", null_size=200)
+    assert m["map_target_consistency"] == pytest.approx(ref["mean_average_precision"].mean(), abs=1e-6)

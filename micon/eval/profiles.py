@@ -37,6 +37,7 @@ __all__ = [
     "PERT_TYPES",
     "profile_table",
     "read_profile_table",
+    "read_annotations",
 ]
 
 log = logging.getLogger(__name__)
@@ -487,3 +488,25 @@ def read_profile_table(path: str, features: str | None = None) -> tuple[pd.DataF
         raise ProfileError(f"profiles: {p} has no negative-control (DMSO, {schema.DMSO}) well to normalise against")
     log.info("profiles %s: %d rows x %d features by %s", p, len(table), len(names), how)
     return meta.reset_index(drop=True), table[names].to_numpy(np.float32), [str(c) for c in names]
+
+
+def read_annotations(path: str, column: str) -> pd.DataFrame:
+    """A compound annotation table (parquet or CSV; local or s3://): Metadata_JCP2022 and `column` (e.g. a
+    target; several per compound joined by '|'), one row per compound."""
+    import io
+
+    from micon import storage
+
+    p = storage.path(path)
+    if not p.is_file():
+        raise ProfileError(f"annotations: {p} does not exist (a table of {schema.JCP} and {column})")
+    data = io.BytesIO(storage.read_bytes(p))
+    table = pd.read_csv(data) if ".csv" in str(p).lower() else pd.read_parquet(data)
+    missing = [c for c in (schema.JCP, column) if c not in table.columns]
+    if missing:
+        raise ProfileError(f"annotations: {p} lacks {', '.join(missing)}; it has {list(table.columns)[:8]}")
+    table = table[[schema.JCP, column]].dropna()
+    dup = table[schema.JCP].duplicated()
+    if dup.any():       # several rows per compound: join them as one multi-annotation
+        table = table.groupby(schema.JCP, as_index=False)[column].agg(lambda v: "|".join(sorted(set(map(str, v)))))
+    return table.astype({schema.JCP: str})
