@@ -32,7 +32,7 @@ from micon.tables import markdown_table
 
 def headline(max_k: int, null: bool = True) -> tuple[str, ...]:
     """The report's columns; top-k columns are named by their k; `null`: with mAP of activity over the DMSO null."""
-    return ("nsb_top1", f"nsb_top{max_k}", "nss_top1", f"nss_top{max_k}", "map_activity",
+    return ("nr_top1", "nsb_top1", f"nsb_top{max_k}", "nss_top1", f"nss_top{max_k}", "nsl_top1", "map_activity",
             *(("map_activity_over_null",) if null else ()), "fraction_retrieved")
 
 
@@ -176,6 +176,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
         + (f", {consistency.get('n_annotations', 0):,} annotations (consistency on consensus profiles)"
            if cfg.annotation else "") + f", null size {cfg.null_size:,}, in {time.perf_counter() - t0:.1f} s")
     null = activity_null(name, wells, raw, cfg, len(rec.names), say, names) if cfg.activity_null else {}
+    null_reason = null.pop("null_reason", "")
 
     point = curves.set_index(["mode", "k"])
     metrics = {}
@@ -192,7 +193,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
         n_negcon_wells=int((roles == schema.NEGCON).sum()), **null,
     )
     return dict(metrics=metrics, topk=topk.assign(method=name), curves=curves.assign(method=name),
-                map=act_map.assign(method=name), wells=wells, raw=raw, prof=prof, recipe=rec,
+                map=act_map.assign(method=name), wells=wells, raw=raw, prof=prof, recipe=rec, null_reason=null_reason,
                 raw_names=list(names), kept_names=list(rec.names))
 
 
@@ -215,9 +216,9 @@ def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConf
     try:
         compounds, null = negcon_null(wells, raw, repeats=NULL_REPEATS, null_size=cfg.null_size,
                                       normalise=lambda w, r: recipe_profiles(cfg, w, r, names))
-    except ValueError as e:         # too few DMSO wells for one pseudo-compound: no null, the metrics say n/a
+    except ValueError as e:         # too few DMSO wells for one pseudo-compound, or to refit on: no null, n/a
         say(f"{name}: no DMSO null for mAP of activity: {e}")
-        return dict(map_activity_null=float("nan"), map_activity_over_null=float("nan"))
+        return dict(map_activity_null=float("nan"), map_activity_over_null=float("nan"), null_reason=str(e))
     out = null_summary(compounds, null, n_boot=cfg.bootstrap)
     n_neg = int((wells[schema.ROLE] == schema.NEGCON).sum())
     say(f"{name}: DMSO null: {out['n_null_compounds']} pseudo-compounds from half of each plate's DMSO "
@@ -360,30 +361,39 @@ def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | No
     curves.to_csv(out / "topk_curves.csv", index=False)
     summary = pd.DataFrame([dict(method=n, **r["metrics"]) for n, r in results.items()])
     summary.to_csv(out / "summary.csv", index=False)
-    pngs = [plots.plot_topk_curves(curves, out / "topk_nsb_nss.png", modes=("nsb", "nss")),
+    pngs = [plots.plot_topk_curves(curves, out / "topk_curves.png", modes=("nr", "nsb", "nss", "nsl")),
             plots.plot_map_summary(summary, out / "map_fraction_retrieved.png",
                                    columns=("map_activity", "fraction_retrieved")
                                    + (("map_activity_over_null",) if cfg.activity_null else ()))]
     for name, r in results.items():
         pngs.append(plots.plot_profiles_pca(r["wells"], r["raw"], r["prof"], out / f"profiles_pca_{name}.png",
                                             titles=(f"{name}: raw well profiles (features z-scored)",
-                                                    f"{name}: normalised + whitened")))
+                                                    f"{name}: normalised (recipe={cfg.recipe})")))
     k = cfg.max_k
     cols = headline(k, cfg.activity_null)
     rows = [{"method": n, **{c: _cell(r["metrics"], c) for c in cols}} for n, r in results.items()]
     chance = [{"method": n, **{c: _cell(r["metrics"], f"{c}_chance") for c in cols}}
               for n, r in results.items()]
+    if all({k_: v for k_, v in row.items() if k_ != "method"} == {k_: v for k_, v in chance[0].items() if k_ != "method"}
+           for row in chance):      # the methods share their wells: one chance row for all
+        chance = [{"method": "every method", **{c: v for c, v in chance[0].items() if c != "method"}}]
+    recipe = {"micon": (f"{'per-plate robust MAD vs DMSO, ' if cfg.normalize else ''}"
+                        f"{'ZCA-cor whitening fitted on DMSO (epsilon ' + str(cfg.epsilon) + '), ' if cfg.spherize else ''}"),
+              "jump": ("JUMP's recipe (variant features, per-plate MAD vs DMSO, rank-based inverse normal transform, "
+                       f"feature selection, Harmony on {cfg.harmony_key}), "),
+              "morphohelm": (f"MorphoHELM's recipe (per-plate centre-scale, PCA to {cfg.n_pcs}, per-plate MAD vs "
+                             "DMSO, no sphering), ")}[cfg.recipe]
     lines = ["# Replicate retrieval report", "",
-             f"Well profiles ({cfg.aggregate} of sites), {'per-plate robust MAD vs DMSO, ' if cfg.normalize else ''}"
-             f"{'ZCA-cor whitening fitted on DMSO (epsilon ' + str(cfg.epsilon) + '), ' if cfg.spherize else ''}"
-             f"cosine similarity. NSB/NSS/NSP: share of treated query wells with a well of the same compound among "
-             f"the k nearest wells, candidates from the query's own batch / source / plate removed. mAP: copairs "
-             f"semantics, activity = replicate wells vs same-plate DMSO; fraction retrieved = share of compounds "
-             f"with BH-corrected p < 0.05. In brackets: 95% bootstrap interval over compounds ({cfg.bootstrap} "
-             f"resamples); n/a: undefined (e.g. NSS with a single source).", "", markdown_table(rows), "",
-             "Chance (a random ranking of each query's candidates; fraction retrieved: the test's level; mAP over "
-             "the DMSO null: 0, what a compound without effect reaches):", "",
-             markdown_table(chance), ""]
+             f"Well profiles ({cfg.aggregate} of sites), recipe={cfg.recipe}: {recipe}cosine similarity. Top-k: "
+             f"share of treated query wells with a well of the same compound among the k nearest wells (MorphoHELM's "
+             f"Recall@k): NR with no restriction; NSB / NSS / NSP with candidates from the query's own batch / source "
+             f"/ plate removed; NSL with candidates at the query's well position removed. mAP: copairs semantics, "
+             f"activity = replicate wells vs their plates' DMSO; fraction retrieved = share of compounds with "
+             f"BH-corrected p < 0.05. In brackets: 95% bootstrap interval over compounds ({cfg.bootstrap} "
+             f"resamples); n/a: undefined (e.g. NSS with a single source).", "", markdown_table(rows), ""]
+    lines += coincident_stringencies(results)
+    lines += ["Chance (a random ranking of each query's candidates; fraction retrieved: the test's level; mAP over "
+              "the DMSO null: 0, what a compound without effect reaches):", "", markdown_table(chance), ""]
     if cfg.activity_null:
         lines += [null_section(results), ""]
     lines += ["Profiles: `profiles_{method}_raw.parquet` (well averages) and `profiles_{method}.parquet` (normalised), "
@@ -396,6 +406,22 @@ def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | No
     return report
 
 
+def coincident_stringencies(results: dict) -> list[str]:
+    """Report lines for stringencies that exclude the same candidates here (NSP = NSB when every batch
+    has one plate), so a reader does not take two equal columns for two findings."""
+    lines = []
+    for a, b, why in (("nsp", "nsb", "every batch holds one plate"), ("nsb", "nss", "every source holds one batch"),
+                      ("nsl", "nr", "removing the candidates at the query's well position changes no result")):
+        same = [n for n, r in results.items()
+                if r["metrics"].get(f"n_queries_{a}") == r["metrics"].get(f"n_queries_{b}")
+                and np.allclose(r["curves"].query("mode == @a")["value"], r["curves"].query("mode == @b")["value"],
+                                equal_nan=True)]
+        if same and len(same) == len(results):
+            lines += [f"{a.upper()} equals {b.upper()} on this screen for every method: {why}, so the two exclude "
+                      f"the same candidates.", ""]
+    return lines
+
+
 def null_section(results: dict) -> str:
     """The report's paragraph on mAP of activity's DMSO null, with its table."""
     rows = []
@@ -404,7 +430,8 @@ def null_section(results: dict) -> str:
         per = m["n_negcon_wells"] / max(m["n_features_kept"], 1)
         rows.append({"method": n, "map_activity_null": _cell(m, "map_activity_null"),
                      "map_activity_over_null": _cell(m, "map_activity_over_null"),
-                     "DMSO wells per feature": f"{per:.1f}" + (" (few)" if per < WELLS_PER_FEATURE else "")})
+                     "DMSO wells per feature": f"{per:.1f}" + (" (few)" if per < WELLS_PER_FEATURE else ""),
+                     **({"why n/a": r["null_reason"]} if r.get("null_reason") else {})})
     return ("mAP of activity against DMSO itself: half of each plate's DMSO wells become pseudo-compounds and the "
             "profiles are fitted on the other half; `map_activity_null` is what those pseudo-compounds reach (a "
             "compound without effect reaches the same), `map_activity_over_null` the compounds' mAP under that fit "
@@ -473,9 +500,12 @@ def main(argv: list[str]) -> int:
         write_profiles(out, name, results[name])
         m = results[name]["metrics"]
         k = cfg.max_k
-        _say(f"{name}: NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "
-             f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | mAP {m['map_activity']:.3f}"
-             + (f" ({m['map_activity_over_null']:+.3f} over the DMSO null)" if "map_activity_over_null" in m else "")
+        _say(f"{name}: NR top-1 {m['nr_top1']:.3f} | NSB top-1 {m['nsb_top1']:.3f} top-{k} {m[f'nsb_top{k}']:.3f} | NSS top-1 "
+             f"{m['nss_top1']:.3f} top-{k} {m[f'nss_top{k}']:.3f} | NSL top-1 {m['nsl_top1']:.3f} | mAP "
+             f"{m['map_activity']:.3f}"
+             + ((f" ({m['map_activity_over_null']:+.3f} over the DMSO null)" if np.isfinite(m["map_activity_over_null"])
+                 else f" (no DMSO null: {results[name]['null_reason'] or 'undefined'})")
+                if "map_activity_over_null" in m else "")
              + " | retrieved "
              f"{m['fraction_retrieved']:.3f} ({m['n_wells']} wells, {time.perf_counter() - t0:.1f} s; "
              f"{time.perf_counter() - t_all:.0f} s so far)")

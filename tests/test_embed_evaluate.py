@@ -139,10 +139,10 @@ def test_evaluate_job_writes_metrics_report_and_ray_equals_single_process(embedd
     for mode in ("nr", "nsb", "nss", "nsp", "nsl"):
         assert 0 <= m[f"{mode}_top1"] <= m[f"{mode}_top10"] <= 1 and 0 <= m[f"{mode}_top1_chance"] <= 1
         assert m[f"n_queries_{mode}"] <= m["n_queries_nr"]
-    for png in ("topk_nsb_nss.png", "map_fraction_retrieved.png", "profiles_pca_simclr.png"):
+    for png in ("topk_curves.png", "map_fraction_retrieved.png", "profiles_pca_simclr.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "| simclr |" in report and "](topk_nsb_nss.png)" in report
+    assert "| simclr |" in report and "](topk_curves.png)" in report
     assert list((out / "wandb").glob("offline-run-*"))
     single = evaluate_method("simclr", str(embedded), EvalConfig(embeddings={"simclr": str(embedded)}, ray=False,
                                                                    null_size=500), None)["metrics"]

@@ -240,6 +240,7 @@ def test_the_null_warns_when_the_dmso_wells_are_few_per_feature_and_says_why_it_
     said = []
     out = activity_null("x", one, rng.normal(size=(len(one), 4)), cfg, 4, said.append)
     assert np.isnan(out["map_activity_null"]) and "too few DMSO wells for one pseudo-compound" in said[0]
+    assert "too few DMSO wells for one pseudo-compound" in out["null_reason"]     # the report names the cause
 
 
 def test_jump_and_morphohelm_recipes_run_end_to_end_and_record_themselves(tmp_path):
@@ -263,6 +264,9 @@ def test_jump_and_morphohelm_recipes_run_end_to_end_and_record_themselves(tmp_pa
         assert account["recipe"] == recipe and account["fitted"] == "recipe_cellprofiler.npz"
         table = pq.read_table(out / "profiles_cellprofiler.parquet")
         assert json.loads(table.schema.metadata[b"micon.recipe"]) == {k: v for k, v in account.items() if k != "fitted"}
+        report = (out / "report.md").read_text()
+        assert f"recipe={recipe}" in report and "| every method |" in report    # one chance row: shared wells
+        assert "NSP equals NSB on this screen for every method: every batch holds one plate" in report
         fitted = np.load(out / "recipe_cellprofiler.npz")
         assert {"mad_median", "mad_mad", "features_out"} <= set(fitted.files)
         feats = [c for c in table.column_names if not c.startswith("Metadata_")]

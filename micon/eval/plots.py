@@ -21,7 +21,7 @@ from micon import schema
 __all__ = ["bootstrap_ratio", "topk_curves", "map_intervals", "pca_2d", "pca", "robust_limits",
            "plot_topk_curves", "plot_map_summary", "plot_profiles_pca"]
 
-_LABELS = {"nr": "NR: any other well", "nsb": "NSB: replicates in other batches",
+_LABELS = {"nr": "NR: no restriction (any other well)", "nsb": "NSB: replicates in other batches",
            "nss": "NSS: replicates in other sources", "nsp": "NSP: replicates on other plates",
            "nsl": "NSL: replicates at other well positions"}
 _YLABELS = {"map_activity": "mAP, activity vs same-plate DMSO",
@@ -151,8 +151,12 @@ def plot_topk_curves(curves: pd.DataFrame, path, modes: Sequence[str] = ("nsb", 
     modes = [m for m in modes if m in set(curves["mode"])]
     if not modes:
         raise ValueError(f"plot_topk_curves: no curve of modes {list(modes)}; the frame has {sorted(set(curves['mode']))}")
-    fig = Figure(figsize=(4.6 * len(modes), 3.8))
-    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    n_cols = min(2, len(modes))
+    n_rows = -(-len(modes) // n_cols)
+    fig = Figure(figsize=(4.8 * n_cols, 3.7 * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(modes):]:
+        ax.set_visible(False)
     methods = list(dict.fromkeys(curves[method_col])) if method_col in curves.columns else [None]
     for ax, mode in zip(axes, modes):
         top = 0.0
@@ -181,24 +185,46 @@ def plot_topk_curves(curves: pd.DataFrame, path, modes: Sequence[str] = ("nsb", 
         ax.set_ylabel("queries with a replicate in the top k (%)")
         ax.set_title(_LABELS.get(mode, mode), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="upper left")
+    axes[len(modes) - 1].legend(fontsize=7, loc="upper left")
     fig.text(0.01, -0.02, f"bands: {LEVEL:.0%} bootstrap interval over compounds; dashed: expected hit rate of a "
                           f"random ranking of each query's candidates", fontsize=7, ha="left", va="top")
     fig.tight_layout()
     return _save(fig, path)
 
 
+_TITLES = {"map_activity": "mAP of activity (replicates vs their plates' DMSO)",
+           "fraction_retrieved": "fraction retrieved (compounds with BH-corrected p < 0.05)",
+           "map_consistency": "mAP of consistency (replicates vs other compounds)",
+           "map_activity_over_null": "mAP of activity over the DMSO null"}
+# what each column's `{column}_chance` level means, as the legend says it
+_CHANCE_LABELS = {"fraction_retrieved": "BH level 0.05 (what inactive compounds reach at most)"}
+# a second reference level drawn per method: column -> (its column, label)
+_REFERENCES = {"map_activity": ("map_activity_null", "DMSO null: what a compound without effect reaches")}
+
+
+def _caption(text: str, width_in: float) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width=max(40, int(width_in * 17))))
+
+
 def plot_map_summary(frame: pd.DataFrame, path, method_col: str = "method",
                      columns: Sequence[str] = ("map_activity", "fraction_retrieved")) -> Path:
-    """Bar charts per method, one panel per summary column, with `{column}_lo` / `{column}_hi` as the
-    interval (clipped to [0, 1]) and `{column}_chance` as the chance level, when present.
+    """Bar charts per method, one panel per summary column (at most two panels a row, readable where the
+    report embeds them), with `{column}_lo` / `{column}_hi` as the interval (clipped to [0, 1]),
+    `{column}_chance` as the chance level, and for mAP of activity each method's DMSO null when present.
 
     A missing summary column is an error, never a panel silently left out."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"plot_map_summary: frame lacks the summary column(s) {missing}; it has {list(frame.columns)}")
-    fig = Figure(figsize=(0.9 * len(frame) * len(columns) + 3.0 * len(columns), 3.8))
-    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    n_cols = min(2, len(columns))
+    n_rows = -(-len(columns) // n_cols)
+    width = max(5.0, 0.7 * len(frame) + 2.6) * n_cols
+    fig = Figure(figsize=(width, 3.9 * n_rows + 0.9))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(columns):]:
+        ax.set_visible(False)
     labels = frame[method_col].astype(str).tolist()
     x = np.arange(len(labels))
     for ax, col in zip(axes, columns):
@@ -217,33 +243,50 @@ def plot_map_summary(frame: pd.DataFrame, path, method_col: str = "method",
         ax.bar(x, value, yerr=yerr, capsize=4, color=[f"C{i % 10}" for i in range(len(labels))], alpha=0.85)
         if signed:
             ax.axhline(0, color="0.2", ls="--", lw=1.2, label=SIGNED[col])
-            ax.legend(fontsize=7, loc="upper right")
-        if f"{col}_chance" in frame.columns:
+        elif f"{col}_chance" in frame.columns:
             chance = frame[f"{col}_chance"].to_numpy(dtype=float)
             for i, c in enumerate(chance):
                 if np.isfinite(c):
                     ax.hlines(c, i - 0.45, i + 0.45, colors="0.2", linestyles="--", lw=1.2,
-                              label="chance" if i == 0 else None)
+                              label=_CHANCE_LABELS.get(col, "chance (random ranking)") if i == 0 else None)
                     top = max(top, float(c))
-            ax.legend(fontsize=7, loc="upper right")
+        ref_col, ref_label = _REFERENCES.get(col, (None, None))
+        if ref_col in frame.columns:
+            ref = frame[ref_col].to_numpy(dtype=float)
+            for i, c in enumerate(ref):
+                if np.isfinite(c):
+                    ax.hlines(c, i - 0.45, i + 0.45, colors="C3", linestyles=":", lw=2.0,
+                              label=ref_label if i == 0 else None)
+                    top = max(top, float(c))
+            if f"{col}_over_null" in frame.columns:     # the compounds under the null's own fit, beside it
+                same_fit = ref + frame[f"{col}_over_null"].to_numpy(dtype=float)
+                ok = np.isfinite(same_fit)
+                ax.scatter(x[ok], same_fit[ok], marker="D", s=28, color="C3", edgecolors="black", linewidths=0.6,
+                           zorder=5, label="compounds under the null's fit (half the DMSO)")
+                top = max(top, _finite_max(same_fit))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
         ceiling = value if yerr is None else value + yerr[1]
         for i, (v, c) in enumerate(zip(value, ceiling)):
             ax.text(i, (c if np.isfinite(c) else 0) + 0.01 * max(top, 0.05), f"{v:.3f}" if np.isfinite(v) else "n/a",
-                    ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, labels, rotation=30, ha="right")
+                    ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=9)
         span = max(top - bottom, 0.05)
-        ax.set_ylim(bottom - (0.1 * span if signed and bottom < 0 else 0), min(1.0, top + 0.25 * span + 0.02))
-        ax.set_ylabel(_YLABELS.get(col, col.replace("_", " ")))
-        ax.set_xlabel("method")
-        ax.set_title(col.replace("_", " "), fontsize=10)
+        ax.set_ylim(bottom - (0.1 * span if signed and bottom < 0 else 0), min(1.0, top + 0.35 * span + 0.02))
+        ax.set_ylabel(_YLABELS.get(col, col.replace("_", " ")), fontsize=9)
+        ax.set_title(_TITLES.get(col, col.replace("_", " ")), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.text(0.01, -0.02, f"error bars: {LEVEL:.0%} bootstrap interval over compounds; dashed: chance\n(mAP: expected "
-                          f"AP of a random ranking; fraction retrieved: the test's level, a bound on what "
-                          f"inactive compounds reach)" + ("; mAP - DMSO null: the compounds' mAP with half of each "
-                          "plate's DMSO wells as pseudo-compounds and the profiles fitted on the other half, minus "
-                          "the pseudo-compounds'" if any(c in SIGNED for c in columns) else ""),
-             fontsize=7, ha="left", va="top")
-    fig.tight_layout()
+    caption = (f"Error bars: {LEVEL:.0%} bootstrap interval over compounds. Dashed: the chance level (mAP: the "
+               f"expected AP of a random ranking; fraction retrieved: the test's level, 0.05)."
+               + (" Dotted: each method's DMSO null, the mAP that pseudo-compounds made of half of each plate's "
+                  "DMSO wells reach when the profiles are fitted on the other half; diamonds: the compounds' mAP "
+                  "under that same fit. Read activity as the diamond's height over the dotted line (the fit on "
+                  "DMSO moves a compound without effect away from the random-ranking chance)."
+                  if "map_activity_null" in frame.columns else "")
+               + (" mAP of activity over the DMSO null: the compounds' mAP minus that null (0: no better than a "
+                  "compound without effect)." if any(c in SIGNED for c in columns) else ""))
+    fig.tight_layout(rect=(0, 0.9 / (3.9 * n_rows + 0.9), 1, 1))
+    fig.text(0.01, 0.01, _caption(caption, width), fontsize=8, ha="left", va="bottom")
     return _save(fig, path)
 
 
@@ -278,7 +321,8 @@ def plot_profiles_pca(meta: pd.DataFrame, before: np.ndarray, after: np.ndarray,
                       color_by: str = schema.SOURCE, titles: Sequence[str] = ("before normalisation",
                                                                                "after normalisation"),
                       standardize_before: bool = True) -> Path:
-    """Two PCA scatter panels of the same wells (before / after), coloured by `color_by` (the source).
+    """Two PCA scatter panels of the same wells (before / after), coloured by `color_by` (the source, drawn
+    in a shuffled order so that none hides the others), DMSO wells marked with a black x.
 
     Axis labels give each PC's share of the variance; limits are robust (`robust_limits`: the 5th-95th
     percentiles with a margin) and the title counts the wells outside them. With `standardize_before`, the raw features are
@@ -286,7 +330,10 @@ def plot_profiles_pca(meta: pd.DataFrame, before: np.ndarray, after: np.ndarray,
     feature alone would make PC1)."""
     if len(meta) != len(before) or len(meta) != len(after):
         raise ValueError(f"plot_profiles_pca: {len(meta)} metadata rows but {len(before)} / {len(after)} profiles")
+    from micon.eval.profiles import negcon_mask
+
     groups = meta[color_by].astype(str).to_numpy()
+    neg = negcon_mask(meta) if (schema.ROLE in meta.columns or schema.JCP in meta.columns) else np.zeros(len(meta), bool)
     fig = Figure(figsize=(10, 4.4))
     axes = fig.subplots(1, 2)
     raw = np.asarray(before, dtype=np.float64)
@@ -297,10 +344,16 @@ def plot_profiles_pca(meta: pd.DataFrame, before: np.ndarray, after: np.ndarray,
         xy, ratio = pca(feats, 2)
         (x0, x1), (y0, y1) = robust_limits(xy[:, 0]), robust_limits(xy[:, 1])
         outside = int(((xy[:, 0] < x0) | (xy[:, 0] > x1) | (xy[:, 1] < y0) | (xy[:, 1] > y1)).sum())
-        for i, g in enumerate(sorted(set(groups))):
-            sel = groups == g
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=7, alpha=0.6, color=f"C{i % 10}", label=f"{g} ({int(sel.sum())})",
-                       linewidths=0)
+        # one scatter call in a shuffled order, so no source is drawn over all the others
+        names = sorted(set(groups))
+        colour = {g: f"C{i % 10}" for i, g in enumerate(names)}
+        order = np.random.default_rng(0).permutation(len(xy))
+        ax.scatter(xy[order, 0], xy[order, 1], s=7, alpha=0.6, c=[colour[g] for g in groups[order]], linewidths=0)
+        for g in names:         # legend entries only
+            ax.scatter([], [], s=7, color=colour[g], label=f"{g} ({int((groups == g).sum())})")
+        if neg.any():
+            ax.scatter(xy[neg, 0], xy[neg, 1], s=14, marker="x", color="black", linewidths=0.7,
+                       label=f"DMSO ({int(neg.sum())})")
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
         ax.set_title(f"{title}\n{len(xy)} wells" + (f", {outside} outside the view (robust limits)" if outside else ""),

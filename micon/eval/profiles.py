@@ -228,8 +228,11 @@ def fit_spherize(feats: np.ndarray, epsilon: float = 1e-6,
     tol = (sigma.max() if sigma.size else 0.0) * max(n, d) * np.finfo(np.float64).eps
     rank = int((sigma > tol).sum())
     if not (rank == d or rank == n - 1):
-        raise ValueError(f"fit_spherize: the fitting matrix is not full rank (n = {n}, d = {d}, rank = {rank}); "
-                         "check for linearly dependent features")
+        why = (f"{n} fitting wells for {d} features, and after per-plate MAD a plate's DMSO wells span one "
+               f"dimension fewer than their count (a plate with a single DMSO well adds nothing): too few DMSO wells "
+               f"to whiten; evaluate with spherize=false, or recipe=morphohelm" if n <= d else
+               "check for linearly dependent features")
+        raise ValueError(f"fit_spherize: the fitting matrix is not full rank (n = {n}, d = {d}, rank = {rank}): {why}")
     if n <= d:
         sigma = np.concatenate([sigma[:rank], np.repeat(sigma[rank - 1], d - rank)])
     sigma = sigma + epsilon
