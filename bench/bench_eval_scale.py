@@ -245,18 +245,21 @@ def main() -> int:
     # consistency grows with the annotated compounds squared (the same share annotated: x (550k / N)^2)
     ratio = TARGET_WELLS / args.wells
     lines = []
-    total = 0.0
+    parallel = 0.0
     for r in rows:
         if r["mode"] != "in-process":
             continue
         quad = r["stage"].startswith("top-k") or r["stage"].startswith("consistency")
         cpu = r["cpu_s"] * (ratio ** 2 if quad else ratio)
-        total += cpu
+        spread = r["stage"].startswith(("top-k", "mAP"))     # blocks that share nothing
+        parallel += cpu if spread else 0.0
+        where = (f"{cpu / NODE_CORES / 60:.1f} min on a {NODE_CORES}-core node (its blocks share nothing)" if spread
+                 else f"{r['wall_s'] * (ratio ** 2 if quad else ratio) / 60:.1f} min of wall in the driver at this "
+                      f"machine's rate (not spread over cores)")
         lines.append(f"* {r['stage'].split(' (')[0]}: {r['cpu_s']:,} CPU-s x {ratio:.2f}{'^2' if quad else ''} = "
-                     f"{cpu:,.0f} CPU-s at 550k wells; on a {NODE_CORES}-core node {cpu / NODE_CORES / 60:.1f} min")
-    lines.append(f"* every stage: {total:,.0f} CPU-s, {total / NODE_CORES / 60:.1f} min on a {NODE_CORES}-core "
-                 f"node if every core runs at this machine's rate (top-k's query blocks and the mAP blocks share "
-                 f"nothing; the recipe's steps are per plate or per feature)")
+                     f"{cpu:,.0f} CPU-s at 550k wells; {where}")
+    lines.append("* evaluate's DMSO null refits the recipe 5 times (NULL_REPEATS): five times the line above; at "
+                 "consortium size pass activity_null=false or read it from a subset of plates")
     print("\n".join(lines))
     if not args.no_write:
         body = (f"A screen of {len(meta):,} wells x {args.dim} features ({meta[schema.PLATE].nunique():,} plates of "
