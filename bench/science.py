@@ -395,7 +395,7 @@ def plot(summary: pd.DataFrame, path: Path, subject: str = SUBJECT,
             ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color="#c0392b", label=f"{subject} and its variants"), Patch(color="#2980b9", label="other learned"),
                Patch(color="#7f8c8d", label="CellProfiler-grade"),
-               *[Patch(color=refs[m], label=lab) for m, lab in (("untrained", "untrained (the floor)"),
+               *[Patch(color=colour(m), label=lab) for m, lab in (("untrained", "untrained (the floor)"),
                                                                ("oracle", "oracle (the ceiling)")) if m in methods],
                plt.Line2D([], [], color="0.15", ls="--", lw=1, label="chance (random ranking; source kNN: largest source)")]
     if no_interval:

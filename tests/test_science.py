@@ -198,3 +198,16 @@ def test_a_variant_that_starts_from_another_run_is_paired_with_that_run_not_the_
          for s in range(4)]
     assert f"source {np.mean(d):+.3f}" in lines["micon_simclr_init"]
     assert science.starting_point("micon") == "untrained" and science.starting_point("micon_simclr_init") == "simclr"
+
+
+def test_the_comparison_plot_draws_with_the_untrained_and_oracle_rows(tmp_path):
+    """plot() on a summary holding the reference rows (the floor and the ceiling get their legend patches):
+    it used to index the module-level function `refs` as if it were a dict of colours and crash."""
+    rng = np.random.default_rng(2)
+    runs = {f"{m}@{s}": {split: {k: float(rng.uniform(0, 0.3)) for k in science.METRICS} for split in science.SPLITS}
+            for m in ("micon", "paclr") for s in range(2)}
+    for ref in ("untrained", "oracle", "cellprofiler"):
+        runs[ref] = {split: {k: float(rng.uniform(0, 0.3)) for k in science.METRICS} for split in science.SPLITS}
+    png = tmp_path / "comparison.png"
+    science.plot(science.summarise(runs), png)
+    assert png.stat().st_size > 10_000
