@@ -59,7 +59,7 @@ def featurize_options(checkpoint):
 
 def read_molecules(path: Path, opts) -> tuple[pd.DataFrame, object, pd.DataFrame]:
     """The compound table -> (valid compounds' Metadata_* rows, their RaggedGraphs, invalid rows with a reason)."""
-    from data_prep.featurize import plan_items, read_compounds
+    from micon.chem.compound_table import plan_items, read_compounds
     from micon.chem.compound import featurize_chunk
     from micon.chem.store import OK
 

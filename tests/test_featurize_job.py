@@ -216,7 +216,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_manifest_compounds_are_read(tmp_path):
-    from data_prep.featurize import plan_items, read_compounds
+    from micon.chem.compound_table import plan_items, read_compounds
 
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"compounds": [

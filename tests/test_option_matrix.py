@@ -103,7 +103,7 @@ MATRIX = _matrix()
 @pytest.fixture(scope="module")
 def fingerprint_store(tiny_screen, tmp_path_factory):
     """The tiny screen's compounds featurised in-process (no Ray) with FINGERPRINT_BITS-bit fingerprints."""
-    from data_prep.featurize import plan_items, read_compounds
+    from micon.chem.compound_table import plan_items, read_compounds
     from micon.chem.compound import FeaturizeOptions, featurize_chunk
     from micon.chem.store import INDEX_COLUMNS, write_store
 

@@ -20,7 +20,7 @@ BASE = ["steps=2", "micro_batch=4", "progress=false", "wandb.enabled=false", "re
 @pytest.fixture(scope="module")
 def graph_store(tiny_screen, tmp_path_factory):
     """The tiny screen's compounds featurised in-process (no Ray)."""
-    from data_prep.featurize import plan_items, read_compounds
+    from micon.chem.compound_table import plan_items, read_compounds
     from micon.chem.compound import FeaturizeOptions, featurize_chunk
     from micon.chem.store import INDEX_COLUMNS, write_store
 
