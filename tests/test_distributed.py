@@ -54,3 +54,17 @@ def test_without_a_group_collectives_are_the_identity():
 def test_launchers_are_detected(env, launcher):
     info = distributed.detect(dict(env))
     assert info.launcher == launcher
+
+
+def test_torch_extensions_live_in_the_environment(monkeypatch):
+    """DeepSpeed's JIT op is built once per Python environment, not in the shared ~/.cache that two
+    checkouts' environments would rebuild in turn; a directory the user set is kept."""
+    import sys
+    from pathlib import Path
+
+    from micon.distributed import environment_extensions
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert environment_extensions() == str(Path(sys.prefix) / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
+    assert environment_extensions() == "/somewhere/else"

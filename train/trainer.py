@@ -382,6 +382,9 @@ class Trainer:
                               f"most {min(shape[1:])} (0 = the whole field) or rerun prep with a larger image_size")
 
     def _build_engine(self) -> None:
+        from micon.distributed import environment_extensions
+
+        environment_extensions()        # before DeepSpeed JIT-builds its shm op: once per environment
         import deepspeed
 
         cfg = self.cfg
