@@ -310,9 +310,8 @@ def field_meanings(cls: type) -> dict[str, str]:
         words = [comments[n][1] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
         if not words:
             continue
-        column = comments[max(n for n in range(node.lineno, node.end_lineno + 1) if n in comments)][0]
         n = node.end_lineno + 1
-        while n in comments and lines[n - 1].strip().startswith("#") and comments[n][0] >= column > node.col_offset:
+        while n in comments and lines[n - 1].strip().startswith("#") and comments[n][0] > node.col_offset + 4:
             words.append(comments[n][1])
             n += 1
         out[node.target.id] = " ".join(words)

@@ -63,6 +63,7 @@ class EngineConfig:
     dist_timeout_s: PositiveFloat = 120.0  # a dead rank fails the others after this long
     channels_last: Switch = "auto"   # image encoder inputs in NHWC: auto = on GPUs (cuDNN's fast layout); on
                                      # CPU 1.5x faster at 1 thread, mixed at 2 (docs/BENCHMARKS.md): set on
+                                     # or off to choose there
     compile: bool = False            # torch.compile the image encoder (pays on GPUs for long runs; minutes to
                                      # compile, and no gain measured on CPU)
 
