@@ -10,7 +10,7 @@ into OUT/graphs.zarr + OUT/index.parquet (built aside, then renamed in) and OUT/
 the store complete. Compounds that cannot be featurised get status "error" and a reason in the index.
 OUT (and COMPOUNDS) may be in object storage (s3://bucket/prefix, any fsspec URL): parts are uploaded
 whole, the store is built locally and uploaded, and the marker is written last.
-Ray runs locally (num_workers CPUs) unless RAY_ADDRESS names a running cluster.
+Ray runs locally (workers CPUs) unless RAY_ADDRESS names a running cluster.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,8 @@ class FeaturizeConfig:
     tautomers: bool = False  # canonicalise tautomers before featurising
     max_atoms: PositiveInt = DEFAULT_MAX_ATOMS  # heavier molecules get status error
     chunk_size: PositiveInt = 1000  # compounds per Ray task and per part file
-    num_workers: NonNegativeInt = 0  # Ray CPUs for a local cluster; 0 = every core of this machine
+    workers: NonNegativeInt = 0      # Ray CPUs for a local cluster; 0 = every core of this machine (as prep, embed)
+    ALIASES: ClassVar[dict] = {"num_workers": "workers"}    # the old key, still read
     seed: NonNegativeInt = 0  # order in which compounds are dealt into chunks; the store itself is sorted by id
 
     def validate(self) -> None:
@@ -115,7 +116,7 @@ def run_chunks_with_ray(pending: list[tuple[Path, list]], cfg: FeaturizeConfig) 
     from micon.progress import bar as progress_bar
 
     t0 = time.perf_counter()
-    init_ray(cfg.num_workers, object_store_mb=200)
+    init_ray(cfg.workers, object_store_mb=200)
     t1 = time.perf_counter()
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(run_chunk)

@@ -267,7 +267,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
         data = _merge(data, loaded)
     data = _merge(data, parse_overrides(overrides))
-    return _build(cls, data)
+    return _build(cls, _renamed(cls, data))
+
+
+def _renamed(cls: type, data: dict) -> dict:
+    """Old key names a class still accepts (`ALIASES = {"old": "new"}`, a ClassVar): renamed, with a notice."""
+    import sys
+
+    for old, new in getattr(cls, "ALIASES", {}).items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{old}= and {new}= name the same setting; pass {new}= only")
+            print(f"notice: {old}= is now {new}= (one key for worker counts across jobs); {old}= still works",
+                  file=sys.stderr)
+            data[new] = data.pop(old)
+    return data
 
 
 def dump(cfg: Any) -> str:

@@ -49,7 +49,7 @@ def tiny_shards(tiny_screen, tmp_path_factory) -> Path:
 def tiny_graphs(tiny_screen, tmp_path_factory) -> Path:
     """Molecular graphs of the tiny screen's compounds."""
     out = tmp_path_factory.mktemp("graphs") / "tiny"
-    run_job("data_prep.featurize", tiny_screen / "metadata" / "compound.csv.gz", out, "num_workers=1")
+    run_job("data_prep.featurize", tiny_screen / "metadata" / "compound.csv.gz", out, "workers=1")
     return out
 
 

@@ -106,7 +106,7 @@ def test_featurize_killed_midway_reruns_to_the_same_store(tiny_screen, tiny_grap
     import zarr
 
     out = tmp_path / "graphs"
-    args = ["data_prep.featurize", str(tiny_screen / "metadata" / "compound.csv.gz"), str(out), "num_workers=1",
+    args = ["data_prep.featurize", str(tiny_screen / "metadata" / "compound.csv.gz"), str(out), "workers=1",
             "chunk_size=2"]
     n_chunks = -(-len(pd.read_csv(tiny_screen / "metadata" / "compound.csv.gz")) // 2)
     kill_midway(args, lambda: len(list((out / "parts").glob("part-*.npz"))), n_chunks, SEED + 1,
@@ -119,7 +119,7 @@ def test_featurize_killed_midway_reruns_to_the_same_store(tiny_screen, tiny_grap
     for name, arr in zb.arrays():
         np.testing.assert_array_equal(za[name][:], arr[:], err_msg=name)
     # changed options into the same output: every chunk redone (none reused), equal to a clean run of them
-    radius3 = [str(tiny_screen / "metadata" / "compound.csv.gz"), "num_workers=1", "chunk_size=2", "radius=3"]
+    radius3 = [str(tiny_screen / "metadata" / "compound.csv.gz"), "workers=1", "chunk_size=2", "radius=3"]
     proc = run_job("data_prep.featurize", radius3[0], str(out), *radius3[1:])
     assert f"{n_chunks} chunks (0 already done)" in proc.stderr, proc.stderr[-2000:]
     run_job("data_prep.featurize", radius3[0], str(tmp_path / "clean3"), *radius3[1:])

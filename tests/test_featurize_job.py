@@ -142,13 +142,13 @@ def test_failed_compound_has_a_clear_error(job):
 def test_rerun_does_nothing_and_changes_nothing(job):
     out = job["out"]
     before = tree_digest(out)
-    proc = run_featurize(job["table"], out, "num_workers=2", "chunk_size=40")
+    proc = run_featurize(job["table"], out, "workers=2", "chunk_size=40")
     assert "up to date, nothing to do" in proc.stdout
     assert "Ray" not in proc.stderr  # Ray was not even started
     assert tree_digest(out) == before
     # with the completion marker gone the store is rebuilt from the parts alone: no chunk is redone
     (out / "featurize.json").unlink()
-    proc = run_featurize(job["table"], out, "num_workers=2", "chunk_size=40")
+    proc = run_featurize(job["table"], out, "workers=2", "chunk_size=40")
     assert "0 of 6 chunks featurised, 6 reused" in proc.stdout
     after = tree_digest(out)
     assert after.keys() == before.keys()
@@ -176,7 +176,7 @@ def test_killed_job_resumes_and_matches_a_clean_run(job):
     out = job["root"] / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", MICON_FEATURIZE_TEST_DELAY_S="0.3")
     proc = subprocess.Popen([sys.executable, "-m", "data_prep.featurize", str(job["table"]), str(out),
-                             "num_workers=2", "chunk_size=10"], cwd=REPO, env=env, start_new_session=True,
+                             "workers=2", "chunk_size=10"], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
@@ -189,7 +189,7 @@ def test_killed_job_resumes_and_matches_a_clean_run(job):
         proc.wait(timeout=30)
     survivors = len(list((out / "parts").glob("part-*.npz")))
     assert 3 <= survivors < 21 and not (out / "featurize.json").exists()
-    resumed = run_featurize(job["table"], out, "num_workers=2", "chunk_size=10")
+    resumed = run_featurize(job["table"], out, "workers=2", "chunk_size=10")
     reused = int(resumed.stdout.rsplit(" reused", 1)[0].rsplit(", ", 1)[1])
     assert reused >= survivors and f"{21 - reused} of 21 chunks featurised" in resumed.stdout
     assert not list((out / "parts").glob(".*tmp*"))
@@ -234,8 +234,20 @@ def test_a_store_with_no_graph_exits_non_zero(tmp_path):
     table = tmp_path / "compound.csv"
     pd.DataFrame(dict(Metadata_JCP2022=["JCP2022_000001", "JCP2022_000002"], Metadata_InChIKey=["", ""],
                       Metadata_InChI=["", ""], Metadata_SMILES=["not a smiles", "C1CC"])).to_csv(table, index=False)
-    proc = run_featurize(table, tmp_path / "out", "num_workers=1", check=False)
+    proc = run_featurize(table, tmp_path / "out", "workers=1", check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "featurize: no compound of" in proc.stderr and "could be featurised (2 failed" in proc.stderr
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
     assert (index.status != "ok").all() and index.reason.str.len().gt(0).all()
+
+
+def test_the_old_worker_key_still_works_with_a_notice(job):
+    """featurize's worker count is workers=, as prep's and embed's; num_workers= (the fixture's run) is read
+    as it with one notice, and passing both is refused."""
+    assert "notice: num_workers= is now workers= (one key for worker counts across jobs)" in job["proc"].stderr
+    from data_prep.featurize import FeaturizeConfig
+    from micon.config import ConfigError, load_config
+
+    assert load_config(FeaturizeConfig, overrides=["num_workers=3"]).workers == 3
+    with pytest.raises(ConfigError, match="name the same setting"):
+        load_config(FeaturizeConfig, overrides=["num_workers=3", "workers=2"])

@@ -33,7 +33,7 @@ def easy(tmp_path_factory):
             "source_effect=0.0", "seed=1")
     run_job("data_prep.ingest", root / "screen", root / "shards", "workers=1", "shard_mb=0.2",
             "heldout_compound_fraction=0")
-    run_job("data_prep.featurize", root / "screen" / "metadata" / "compound.csv.gz", root / "graphs", "num_workers=1")
+    run_job("data_prep.featurize", root / "screen" / "metadata" / "compound.csv.gz", root / "graphs", "workers=1")
     return root
 
 

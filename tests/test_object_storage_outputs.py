@@ -79,7 +79,7 @@ def test_featurize_into_a_bucket_killed_and_rerun_equals_featurize_to_disk(s3, t
     storage.filesystem(table)[0].pipe_file(f"{name}/metadata/compound.csv.gz",
                                            (tiny_screen / "metadata" / "compound.csv.gz").read_bytes())
     out = f"s3://{name}/graphs"
-    args = ["data_prep.featurize", table, out, "num_workers=1", "chunk_size=2"]
+    args = ["data_prep.featurize", table, out, "workers=1", "chunk_size=2"]
     n_chunks = -(-len(pd.read_csv(tiny_screen / "metadata" / "compound.csv.gz")) // 2)
     fs, key = storage.filesystem(out)
     seen = kill_midway(args, lambda: len(fs.glob(f"{key}/parts/part-*.npz")), n_chunks, 31,

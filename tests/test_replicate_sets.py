@@ -184,7 +184,7 @@ def test_end_to_end_on_a_jump_structured_screen(tmp_path):
     report = pd.read_csv(shards / "replicate_sets_report.csv")
     assert lone and set(report[schema.JCP]) == lone, (sorted(lone), report)
     assert report["reason"].str.fullmatch(r"1 usable well \(needs 2\)").all()
-    run_job("data_prep.featurize", screen / "metadata" / "compound.csv.gz", graphs, "num_workers=1")
+    run_job("data_prep.featurize", screen / "metadata" / "compound.csv.gz", graphs, "workers=1")
     proc = run_job("train.run", "-", "method=micon", f"data.shards={shards}", f"data.graphs={graphs}", f"out={out}",
                    "steps=6", "micro_batch=8", "progress=false", "wandb.enabled=false", "data.num_workers=2",
                    "data.shuffle_buffer=8")

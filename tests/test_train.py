@@ -242,7 +242,7 @@ def test_compound_without_graph_is_refused(tiny_screen, tiny_shards, tmp_path):
     table.loc[table.Metadata_JCP2022 == train_cpd, "Metadata_SMILES"] = "C1CC"
     table.loc[table.Metadata_JCP2022 == train_cpd, "Metadata_InChI"] = ""
     table.to_csv(tmp_path / "compound.csv.gz", index=False)
-    run_job("data_prep.featurize", tmp_path / "compound.csv.gz", tmp_path / "graphs", "num_workers=1")
+    run_job("data_prep.featurize", tmp_path / "compound.csv.gz", tmp_path / "graphs", "workers=1")
     proc = run_job("train.run", *train_args(tiny_shards, tmp_path / "graphs", tmp_path / "run", "micon", 2),
                    check=False)
     assert proc.returncode == 1
