@@ -148,6 +148,7 @@ def stages(meta, feats, names, recipe: str, query_fraction: float, ray_mode: boo
     """(name, callable) per stage, in evaluate's order; each callable returns a short result string."""
     from micon.eval import map as mapm
     from micon.eval.activity import negcon_null
+    from micon.eval.consistency import target_consistency
     from micon.eval.recipes import apply_recipe
     from micon.eval.retrieval import topk_hit_rate, topk_hit_rate_ray
 
@@ -172,7 +173,7 @@ def stages(meta, feats, names, recipe: str, query_fraction: float, ray_mode: boo
 
     def consistency_stage():
         w, x = state["wells"], state["prof"]
-        _, m = mapm.target_consistency(w, x, "Metadata_Target", null_size=null_size)
+        _, m = target_consistency(w, x, "Metadata_Target", null_size=null_size)
         return f"mAP {m['mean_average_precision'].mean():.3f} over {len(m):,} targets"
 
     def null_stage():

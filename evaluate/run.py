@@ -236,7 +236,7 @@ def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConf
 def target_consistency(name: str, wells: pd.DataFrame, prof: np.ndarray, cfg: EvalConfig, say=_say) -> dict:
     """Consistency mAP on consensus profiles (micon.eval.map.target_consistency) by `cfg.annotation`, from
     the wells' own column or the `cfg.annotations` table: `map_target_consistency`, `n_annotations`."""
-    from micon.eval import map as mapm
+    from micon.eval.consistency import target_consistency as consensus_consistency
 
     col = cfg.annotation
     if cfg.annotations:
@@ -246,7 +246,7 @@ def target_consistency(name: str, wells: pd.DataFrame, prof: np.ndarray, cfg: Ev
     if col not in wells.columns or not wells[col].notna().any():
         say(f"{name}: no {col} annotation on any well: no consistency on consensus profiles (pass annotations=FILE)")
         return dict(map_target_consistency=float("nan"), n_annotations=0)
-    _, tmap = mapm.target_consistency(wells, prof, col, null_size=cfg.null_size)
+    _, tmap = consensus_consistency(wells, prof, col, null_size=cfg.null_size)
     return dict(map_target_consistency=float(tmap["mean_average_precision"].mean()) if len(tmap) else float("nan"),
                 n_annotations=int(len(tmap)))
 

@@ -192,7 +192,7 @@ def test_target_consistency_is_copairs_on_pandas_consensus_profiles(tmp_path):
     """Consistency on consensus profiles: the median of each compound's wells (pandas), then copairs with
     positives = compounds sharing a target, on random profiles with planted target directions; a compound
     with two targets counts for each, DMSO and unannotated compounds stay out."""
-    from micon.eval.map import target_consistency
+    from micon.eval.consistency import target_consistency
 
     rng = np.random.default_rng(5)
     meta, x = random_plates(900, rng, n_compounds=60, d=16)

@@ -321,7 +321,7 @@ def test_consistency_on_consensus_profiles_from_an_annotation_table(evaluated, t
     """annotations=FILE annotation=COLUMN: consistency mAP on consensus profiles of the normalised wells
     equals target_consistency run on the written profiles; well_consistency=false leaves the wells^2 one out."""
     from evaluate.run import main
-    from micon.eval.map import target_consistency
+    from micon.eval.consistency import target_consistency
 
     raw = pd.read_parquet(evaluated / "eval" / "profiles_cellprofiler_raw.parquet")
     compounds = sorted(set(raw[schema.JCP]) - {schema.DMSO})
