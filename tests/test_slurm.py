@@ -355,7 +355,7 @@ def make_small(command: str, site: Path, cpus: int) -> str:
 
 
 def test_reference_sources_and_featurisers_keep_their_kind_in_the_script(tmp_path):
-    from evaluate.embed import SOURCES
+    from micon.encoders import SOURCES
 
     assert set(submit.SOURCE_KINDS) == set(SOURCES)
     args = submit.absolute_args(["pretrained:resnet101:w/r101.safetensors", "pretrained:dinov2_vits14",
