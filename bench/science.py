@@ -52,7 +52,7 @@ from micon import atomic, schema  # noqa: E402
 
 METHODS = ("micon", "paclr", "clip", "simclr")
 SUBJECT = "micon"                        # the method the comparison asks about (--subject)
-LR = {"clip": 1e-3}                      # CLIP's learnable temperature collapses at 3e-3 (README)
+LR = {"clip": 1e-3}                      # CLIP's learnable temperature collapses at 3e-3 (seen in the comparison runs)
 ABLATIONS = {                            # variant -> train overrides of the subject (first seed), run as SUBJECT_variant
     # pairs across sources first, as the replicate sets were built (the recipe pairs within a source first)
     "cross_source": ["data.pair_within_source=false"],

@@ -326,12 +326,12 @@ def test_train_two_tasks_usr1_checkpoints_requeues_and_resumes(slurm, site, trai
     assert_trained(out, steps=steps, log=log)
 
 
-# --------------------------------------------------------------------------- the README's cpg0016 path
+# --------------------------------------------------------------------------- the cpg0016 path (docs/DATA.md)
 
-def readme_path_commands() -> list[str]:
-    """The fenced block after `<!-- cpg0016-path -->` in README.md, one command per entry (continuations joined,
-    comments and blank lines dropped)."""
-    text = (REPO / "README.md").read_text()
+def guide_path_commands() -> list[str]:
+    """The fenced block after `<!-- cpg0016-path -->` in docs/DATA.md (the README links it), one command per
+    entry (continuations joined, comments and blank lines dropped)."""
+    text = (REPO / "docs" / "DATA.md").read_text()
     block = text.split("<!-- cpg0016-path -->", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
     joined = block.replace("\\\n", " ")
     return [line for line in (re.sub(r"\s+#.*$", "", raw).strip() for raw in joined.splitlines())
@@ -339,7 +339,7 @@ def readme_path_commands() -> list[str]:
 
 
 def make_small(command: str, site: Path, cpus: int) -> str:
-    """The README's command with what only a real cluster and a real screen need made small: node shapes and
+    """The guide's command with what only a real cluster and a real screen need made small: node shapes and
     time limits for the test cluster (one node, CPUs), the stored size, steps and batch (appended overrides win)."""
     command = command.replace("./launch.sh ", f"{sys.executable} -m micon.cli ", 1)
     command = re.sub(r"--time \S+", "--time 15:00", command)
@@ -366,15 +366,15 @@ def test_reference_sources_and_featurisers_keep_their_kind_in_the_script(tmp_pat
                     f"{tmp_path}/shards"]
 
 
-def test_readme_cpg0016_path_runs_as_written(slurm, site, tiny_screen, tmp_path):
-    """README's whole path (prep on Slurm -> featurize -> the official recipe trained on Slurm from a weights file
+def test_the_cpg0016_guide_runs_as_written(slurm, site, tiny_screen, tmp_path):
+    """The cpg0016 guide's whole path (prep on Slurm -> featurize -> the official recipe trained on Slurm from a weights file
     -> embed the model and the reference rows on Slurm -> evaluate) on a synthetic screen in the cpg0016 layout."""
     from safetensors.torch import save_file
 
     from tests.test_pretrained import timm_weights
 
-    commands = readme_path_commands()
-    assert 8 <= len(commands) and len((REPO / "README.md").read_text().split("<!-- cpg0016-path -->")[1]
+    commands = guide_path_commands()
+    assert 8 <= len(commands) and len((REPO / "docs" / "DATA.md").read_text().split("<!-- cpg0016-path -->")[1]
                                       .split("```bash\n")[1].split("\n```")[0].splitlines()) <= 25
     weights = tmp_path / "resnet101.safetensors"
     save_file(timm_weights("resnet101"), weights)

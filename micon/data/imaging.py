@@ -1,6 +1,6 @@
 """From 16-bit TIFFs to the 8-bit site stored in shards: read, illumination-correct, scale, resize.
 
-The scaling rule (documented in the README): per image and channel, after dividing by the
+The scaling rule (documented in docs/DATA.md, "Preparing shards"): per image and channel, after dividing by the
 illumination function (multiplying by its precomputed inverse), intensities are clipped to the [p_low, p_high] percentiles of that image
 (default 0.1 and 99.9, as common JUMP downloaders do) and mapped linearly to 0..255.
 """
