@@ -2,283 +2,41 @@
 
 Its state (step, samples seen, data position, seeds, skipped batches) is one `TrainState`, saved with
 every checkpoint and restored on resume; the run's identity (data, method, model: train.identity) is
-fixed at its first step, and a resume with another one is refused unless resume=force. The method (micon.methods) builds the model and computes the
-loss; the Trainer never looks at the method's name. Collectives go through micon.distributed.
-Works in-process with one rank (tests) as under torchrun or srun with many.
+fixed at its first step, and a resume with another one is refused unless resume=force. The method
+(micon.methods) builds the model and computes the loss; the Trainer never looks at the method's name.
+Collectives go through micon.distributed. Works in-process with one rank (tests) as under torchrun or srun.
+
+Its parts live beside it: train.state (TrainState, the loss window, stop signals), train.engine (DeepSpeed's
+config, the optimiser kernel, the schedule, determinism), train.inputs (graphs, the molecule table, a started-
+from encoder, checked before the first step) and train.run_checkpoints (resume, the run record, saving).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import resource
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from micon import atomic, distributed, schema
+from micon import atomic, distributed
 from micon.checkpoint import InferenceRecord, find_latest, model_config, tag_of
-from micon.config import ConfigError, describe, dump, save_config, to_dict
+from micon.config import ConfigError, describe, to_dict
 from micon.data.preprocess import Preprocessing
 from micon.methods import get_method
 from micon.models.image import resolve_input_norm
 from micon.models.pretrained import WeightsError, is_pretrained
+# the Trainer's parts, each in its own module; their names stay importable from here
+from train.engine import (ds_config, lr_lambda, memory_mb, optimizer_kernel,  # noqa: F401
+                          restore_determinism, set_deterministic)
+from train.inputs import check_graphs, check_molecule_table, compound_labels, load_image_encoder  # noqa: F401
+from train.run_checkpoints import RunCheckpoints, model_settings  # noqa: F401  (model_settings: re-exported)
+from train.state import DataStopped, LossWindow, SignalFlag, TrainingStopped, TrainState  # noqa: F401
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
 log = logging.getLogger("micon.train")
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
-
-    step: int = 0                    # optimizer steps taken (a skipped batch is not a step)
-    samples_seen: int = 0            # examples that went into optimizer steps, all ranks
-    seed: int = 0                    # model initialisation seed
-    data_seed: int = 0               # the stream's shuffle seed (changes when the layout changes on resume)
-    data_position: int = 0           # batches consumed by this rank's loader, skipped ones included
-    data_workers: int = 0
-    world_size: int = 1
-    skipped_nonfinite: int = 0       # batches dropped for a non-finite loss
-    data_counts: dict = field(default_factory=dict)   # the stream's counters up to this checkpoint
-
-
-class LossWindow:
-    """The steps since metrics were last logged, kept on the device: loss parts summed, and the first step whose
-    loss was not finite. Reading them (`read`) is the only device sync of a step, once per wandb.log_every."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.micro_steps = self.steps = 0
-        self.first_bad: torch.Tensor | None = None   # -1, or the first step with a non-finite loss
-        self.bad_loss: torch.Tensor | None = None
-        self.data_time = 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, parts: dict, step: int) -> None:
-        for k, v in parts.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.micro_steps += 1
-        loss = parts["loss"].detach().float()
-        bad = ~torch.isfinite(loss)
-        if self.first_bad is None:
-            self.first_bad, self.bad_loss = torch.full_like(loss, -1.0), torch.zeros_like(loss)
-        new = bad & (self.first_bad < 0)
-        self.first_bad = torch.where(new, torch.full_like(loss, float(step)), self.first_bad)
-        self.bad_loss = torch.where(new, loss, self.bad_loss)
-
-    def read(self) -> tuple[dict[str, float], int, float]:
-        """(mean of each loss part over the window, first non-finite step or -1, that loss); waits for the device."""
-        keys = list(self.sums)
-        if not keys:
-            return {}, -1, float("nan")
-        values = torch.stack([self.sums[k] for k in keys] + [self.first_bad, self.bad_loss]).tolist()
-        means = {k: v / self.micro_steps for k, v in zip(keys, values)}
-        return means, int(values[-2]), values[-1]
-
-
-class TrainingStopped(RuntimeError):
-    """A run that must stop with a message for a person (exit code 1)."""
-
-
-class DataStopped(TrainingStopped):
-    """A rank's data stream cannot go on; every rank stops with that rank's message."""
-
-
-class SignalFlag:
-    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit or preemption) ask for a checkpoint."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
-def ds_config(cfg, world_size: int, bf16: bool) -> dict:
-    """DeepSpeed's configuration. bf16: bf16 weights and activations, DeepSpeed's fp32 master weights and AdamW
-    state, and gradients summed over the ranks in fp32 (one rounding to bf16 at the end instead of one per
-    hop, which grows with the number of ranks; twice the bytes of a bf16 reduction, ~100 MB a step for
-    ResNet-50, hidden behind backward). docs/BENCHMARKS.md ("ZeRO stage and precision") says why ZeRO 1."""
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.engine.grad_accum,
-        "train_batch_size": cfg.micro_batch * cfg.engine.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
-        "bf16": {"enabled": bf16},
-        "communication_data_type": "fp32",
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def optimizer_kernel(kernel: str, device: torch.device) -> dict:
-    """torch AdamW's implementation flags for optim.kernel: fused (one kernel for every tensor; CUDA and CPU) or
-    foreach (one kernel per operation over all tensors); auto = fused on GPUs, foreach on CPU. The three give
-    the same update within float rounding. Under ZeRO 1/2 the optimizer sees DeepSpeed's flat fp32 partitions
-    (one tensor per group), so the choice matters most with engine.zero_stage=0."""
-    if kernel == "auto":
-        kernel = "fused" if device.type == "cuda" else "foreach"
-    return {"fused": kernel == "fused", "foreach": kernel == "foreach"}
-
-
-def set_deterministic(on: bool) -> tuple[bool, bool, bool, bool]:
-    """deterministic=true: torch's deterministic algorithms everywhere (an op without one fails with its name)
-    and cuDNN without autotuning; cuBLAS needs its workspace fixed before its first use. CPU runs then repeat
-    bit for bit at the same thread count (intra-op reductions are split by thread). Returns the previous
-    settings, for `restore_determinism`."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-                torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory)
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
-    # torch then also fills every uninitialised tensor (torch.empty) with NaN, a memory pass per allocation
-    # that tripled the CPU step here; it only guards against reading uninitialised memory
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = not on and torch.cuda.is_available()
-    return previous
-
-
-def restore_determinism(previous: tuple[bool, bool, bool, bool]) -> None:
-    torch.use_deterministic_algorithms(previous[0])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[1], previous[2]
-    torch.utils.deterministic.fill_uninitialized_memory = previous[3]
-
-
-def load_image_encoder(model: torch.nn.Module, path: str, channels: list[str], model_cfg) -> str:
-    """model.init: copy another run's image encoder (read through micon.checkpoint: a run directory, a step
-    directory or a model.pt) into `model`; refuses one of another architecture, channel list or size with one
-    line naming both. Returns what was loaded, for the log."""
-    from micon.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        ck = load_checkpoint(path)
-    except CheckpointError as e:
-        raise TrainingStopped(f"model.init={path}: {e}") from None
-    prefix = "image_encoder."
-    there = {k[len(prefix):]: v for k, v in ck.weights.items() if k.startswith(prefix)}
-    here = model.image_encoder.state_dict()
-    arch = ("preset", "mode", "per_channel_dim", "img_size")
-    mine = {k: getattr(model_cfg, k) for k in arch}
-    theirs = {k: ck.record.model.get(k, mine[k]) for k in arch}
-    same_arch = {**theirs, "preset": _timm_name(theirs["preset"])} == {**mine, "preset": _timm_name(mine["preset"])}
-
-    def describe(cfg: dict, chans: list) -> str:
-        return " ".join([cfg["preset"], cfg["mode"]] + [f"{k}={cfg[k]}" for k in arch[2:] if cfg[k]]
-                        + [f"channels {','.join(chans)}"])
-
-    differ = sorted(set(there) ^ set(here)) or [k for k in here if there[k].shape != here[k].shape]
-    if not same_arch or list(ck.record.channels) != list(channels) or differ:
-        first = ""
-        if differ:
-            k = differ[0]
-            first = (f"; first difference {k}: {list(there[k].shape) if k in there else 'absent'} there, "
-                     f"{list(here[k].shape) if k in here else 'absent'} here")
-        raise TrainingStopped(f"model.init={path}: its image encoder ({describe(theirs, ck.record.channels)}) is not "
-                              f"this run's ({describe(mine, channels)}){first}; start from a run with the same "
-                              f"model.preset, model.mode, sizes and channels, or drop model.init")
-    model.image_encoder.load_state_dict({k: v.to(here[k].dtype) for k, v in there.items()})
-    return (f"image encoder from {ck.path} ({ck.record.method}, step {ck.record.step}, {len(there)} tensors, "
-            f"{sum(v.numel() for v in there.values()):,} values)")
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up then cosine decay to min_ratio of the base rate (a picklable closure target)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        t = min(1.0, (step - warmup) / max(total - warmup, 1))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
-
-
-def _timm_name(preset: str) -> str:
-    from micon.models.image import IMAGE_PRESETS
-
-    return IMAGE_PRESETS.get(preset, {}).get("timm_name", preset)
-
-
-def model_settings(model: dict) -> dict:
-    """The model settings that make a run what it is: model.init says where its weights started, which a
-    resumed run's checkpoint replaces, so it is neither part of the identity nor compared on resume."""
-    return {k: v for k, v in model.items() if k != "init"}
-
-
-def _comparable(key: str, value):
-    return model_settings(value) if key == "model" else value
-
-
-def compound_labels(manifest) -> dict[str, int]:
-    ids = sorted(c[schema.JCP] for c in manifest.data["compounds"])
-    return {c: i for i, c in enumerate(ids)}
-
-
-def check_graphs(manifest, store_dir: str) -> int:
-    """Refuse to start when a training compound has no graph, naming them and the reason; returns the store's
-    fingerprint size (what a fingerprint encoder reads)."""
-    from micon.chem.store import GraphStore, StoreError
-
-    try:
-        store = GraphStore(store_dir)
-    except StoreError as e:
-        raise TrainingStopped(str(e)) from None
-    missing = []
-    for c in manifest.data["compounds"]:
-        if c["Metadata_Role"] in (schema.TREATED, schema.POSCON) and c[schema.JCP] not in manifest.data["splits"][
-                "heldout_compounds"] and c[schema.JCP] not in store:
-            reason = "not featurised"
-            if c[schema.JCP] in set(store.index[schema.JCP]):
-                reason = store.index.set_index(schema.JCP).loc[c[schema.JCP], "reason"]
-            missing.append(f"{c[schema.JCP]} ({reason})")
-    if missing:
-        raise TrainingStopped(f"{len(missing)} training compound(s) have no graph in {store_dir}: "
-                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Fix their structures "
-                              f"and rerun ./launch.sh featurize, or drop them from the screen.")
-    return store.n_bits
-
-
-def check_molecule_table(manifest, table_path: str, out: Path) -> int:
-    """Refuse to start when a training compound has no row in the vector table: one message with the count, the
-    first few and a file listing all of them (OUT/missing_from_molecule_table.txt); returns the table's width."""
-    from micon.chem.table import MoleculeTable, TableError, write_missing
-
-    try:
-        table = MoleculeTable(table_path)
-    except TableError as e:
-        raise TrainingStopped(str(e)) from None
-    wanted = [c[schema.JCP] for c in manifest.data["compounds"]
-              if c["Metadata_Role"] in (schema.TREATED, schema.POSCON)
-              and c[schema.JCP] not in manifest.data["splits"]["heldout_compounds"]]
-    if missing := sorted(table.missing(wanted)):
-        listing = write_missing(out, missing)
-        raise TrainingStopped(f"{len(missing)} of {len(wanted)} training compound(s) have no row in "
-                              f"model.molecule_table={table_path}: {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''} (all of them: {listing}). Compute their vectors "
-                              f"and add them to the table, or drop them from the screen.")
-    log.info("molecule table: %d compounds x %d frozen values from %s", len(table), table.dim, table_path)
-    return table.dim
-
-
-def memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Trainer:
@@ -307,6 +65,7 @@ class Trainer:
         self.record: InferenceRecord | None = None
         self.engine = self.optimizer = self.scheduler = None
         self.determinism_before: tuple[bool, bool, bool, bool] | None = None   # the process's settings, restored at the end
+        self.checkpoints = RunCheckpoints(self)     # resume, the run record, saving (train.run_checkpoints)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
@@ -431,105 +190,11 @@ class Trainer:
             config=ds_config(cfg, self.world, self.bf16), dist_init_required=False)
 
     def resume(self) -> None:
-        from train import checkpoint
-
-        cfg = self.cfg
-        tag = checkpoint.resolve_resume(self.ckpt_root, cfg.resume, self.rank)
-        # rank 0 compares the run's identity; every rank gets its verdict (none waits for one that stopped)
-        problem = self._check_identity(tag) if self.rank == 0 else None
-        problem = distributed.broadcast_object(problem, src=0)
-        if problem:
-            raise TrainingStopped(problem)
-        if tag is None:
-            self._write_run_record(None, 0)
-            return
-        if cfg.resume != "force":
-            self._check_same_model(tag)
-        try:
-            _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
-        except RuntimeError as e:   # resume=force into a model the saved weights do not fit
-            raise TrainingStopped(f"{self.ckpt_root / tag} cannot be loaded into this model "
-                                  f"({str(e).strip().splitlines()[0][:300]}); resume=force continues a run with "
-                                  f"other data or settings only where the saved weights fit") from None
-        saved = TrainState(**{k: v for k, v in client.items() if k in TrainState.__dataclass_fields__})
-        if saved.data_workers != cfg.data.num_workers or saved.world_size != self.world:
-            log.warning("resuming with %d workers x %d ranks (saved with %d x %d): the data stream continues "
-                        "from a new order, not exactly where it stopped", cfg.data.num_workers, self.world,
-                        saved.data_workers, saved.world_size)
-            saved.data_position, saved.data_workers, saved.world_size = 0, cfg.data.num_workers, self.world
-            saved.data_seed = cfg.seed + saved.step
-        self.state = saved
-        self.counts_at_start = dict(saved.data_counts)
-        self._write_run_record(tag, saved.step)
-        log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
-                 saved.samples_seen)
+        """Continue the run in out= if there is one (train.run_checkpoints)."""
+        self.checkpoints.resume()
 
     def identity(self) -> dict:
-        """This run's identity: its shard set's fingerprint, its method and its model settings."""
-        from train import identity
-
-        return identity.identity(self.method.name, model_settings(to_dict(self.cfg.model)),
-                                 identity.data_fingerprint(self.manifest.data, self.manifest.replicate_sets))
-
-    def _check_identity(self, tag: str | None) -> str | None:
-        """Rank 0, before anything is loaded or written: why this run may not continue the one in out= (its
-        identity differs and resume is not force), or None."""
-        from train import identity
-
-        record = identity.load(self.out)
-        if tag is None or record is None or self.cfg.resume == "force":
-            return None
-        diff = identity.differences(record["identity"], self.identity())
-        if not diff:
-            return None
-        return (f"{self.out} is a run of other data or settings: its identity is {record['short']} (shards "
-                f"{record.get('shards')}), this one's is {identity.short(self.identity())} (shards "
-                f"{self.cfg.data.shards}); {'; '.join(diff)}. Resume with the same data and settings, write to "
-                f"another out=, pass resume=force to continue this run with the change (logged in "
-                f"{self.out / identity.RECORD}), or pass resume=none to start over in it")
-
-    def _write_run_record(self, tag: str | None, step: int) -> None:
-        """Rank 0, once resuming succeeded (or a fresh run starts): the run record (OUT/run.json) holds the
-        identity and any forced change, earlier configs are kept under OUT/configs/, config.yaml is this one."""
-        from train import identity
-
-        if self.rank != 0:
-            return
-        ident, shards = self.identity(), self.cfg.data.shards
-        record = identity.load(self.out) if tag is not None else None
-        if tag is None:
-            record = identity.start(self.out, ident, shards)
-        elif record is None:
-            log.warning("%s has no run record (written before runs had one): its data cannot be compared with "
-                        "this run's; recording this run's identity from step %d on", self.out, step)
-            record = identity.start(self.out, ident, shards, step, note="recorded on a resume; earlier steps unknown")
-        elif diff := identity.differences(record["identity"], ident):   # only resume=force gets here with one
-            log.warning("resume=force: continuing %s at step %d with %s", self.out, step, "; ".join(diff))
-            record = identity.record_change(self.out, record, ident, shards, step, diff)
-        if tag is not None and (kept := identity.keep_config(self.out, record, dump(self.cfg), step)):
-            log.info("config changed on resume: the one used up to step %d is kept as %s", step, self.out / kept)
-        save_config(self.cfg, self.out / identity.CONFIG)
-
-    def _check_same_model(self, tag: str) -> None:
-        """Resuming continues a run; a checkpoint of another method, model or channel order is refused
-        (every rank reads the record; the options that may change between resumes, such as steps or the
-        learning rate, are not compared)."""
-        from micon.checkpoint import NoRecordError, load_checkpoint
-
-        try:
-            saved = load_checkpoint(self.ckpt_root / tag).record
-        except NoRecordError:
-            log.warning("%s was written before checkpoints described themselves: its model settings cannot be "
-                        "compared with this run's; resuming, and the next checkpoint writes the record",
-                        self.ckpt_root / tag)
-            return
-        diff = [f"{k}: {getattr(saved, k)!r} there, {getattr(self.record, k)!r} now"
-                for k in ("method", "model", "channels", "atom_dim", "bond_dim", "fingerprint_bits", "preprocessing")
-                if _comparable(k, getattr(saved, k)) != _comparable(k, getattr(self.record, k))]
-        if diff:
-            raise TrainingStopped(f"{self.ckpt_root / tag} was trained with other model settings ({'; '.join(diff)}). "
-                                  f"Resume with the same settings, write to another out=, or pass resume=none to "
-                                  f"start over in this one")
+        return self.checkpoints.identity()
 
     def start_stream(self) -> None:
         from micon.data.pipeline import ExampleStream, StreamConfig, collate_identity, ignore_stop_signals
@@ -712,11 +377,7 @@ class Trainer:
                                  data=f"{metrics['data_wait_share']:.0%}")
 
     def checkpoint(self) -> Path:
-        from train import checkpoint
-
-        self.state.data_counts = self.data_counts()
-        return checkpoint.save(self.engine, self.ckpt_root, self.state.step, asdict(self.state), to_dict(self.cfg),
-                               self.record, self.cfg.keep_ckpts, self.rank)
+        return self.checkpoints.save()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
