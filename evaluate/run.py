@@ -395,7 +395,7 @@ def write_report(out: Path, results: dict, cfg: EvalConfig, zero_shot: dict | No
     lines += ["Chance (a random ranking of each query's candidates; fraction retrieved: the test's level; mAP over "
               "the DMSO null: 0, what a compound without effect reaches):", "", markdown_table(chance), ""]
     if cfg.activity_null:
-        lines += [null_section(results), ""]
+        lines += [null_section(results, whitened=cfg.recipe == "micon" and cfg.spherize), ""]
     lines += ["Profiles: `profiles_{method}_raw.parquet` (well averages) and `profiles_{method}.parquet` (normalised), "
              "Metadata_* as JUMP spells them, role in `Metadata_pert_type`.", ""]
     if zero_shot:
@@ -422,15 +422,16 @@ def coincident_stringencies(results: dict) -> list[str]:
     return lines
 
 
-def null_section(results: dict) -> str:
-    """The report's paragraph on mAP of activity's DMSO null, with its table."""
+def null_section(results: dict, whitened: bool = True) -> str:
+    """The report's paragraph on mAP of activity's DMSO null, with its table; `whitened`: the recipe fits a
+    whitening on DMSO (recipe=micon with spherize), where few DMSO wells per feature are flagged."""
     rows = []
     for n, r in results.items():
         m = r["metrics"]
         per = m["n_negcon_wells"] / max(m["n_features_kept"], 1)
         rows.append({"method": n, "map_activity_null": _cell(m, "map_activity_null"),
                      "map_activity_over_null": _cell(m, "map_activity_over_null"),
-                     "DMSO wells per feature": f"{per:.1f}" + (" (few)" if per < WELLS_PER_FEATURE else ""),
+                     "DMSO wells per feature": f"{per:.1f}" + (" (few)" if whitened and per < WELLS_PER_FEATURE else ""),
                      **({"why n/a": r["null_reason"]} if r.get("null_reason") else {})})
     return ("mAP of activity against DMSO itself: half of each plate's DMSO wells become pseudo-compounds and the "
             "profiles are fitted on the other half; `map_activity_null` is what those pseudo-compounds reach (a "
