@@ -16,7 +16,6 @@ work spreads over nodes and what that costs here, not a speed-up (a 2-core machi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time

@@ -34,9 +34,7 @@ from micon.data.codecs import decode
 from micon.data.shards import Manifest, ManifestError, read_tar_encoded
 from micon.embeddings import (META_COLUMNS, EmbeddingError, describe_identity, identity_difference, identity_key,
                               part_path, read_part, write_consolidated, write_part)
-# the encoder sources live in the library (micon.encoders); their names stay importable from the job
-from micon.encoders import (SOURCES, CheckpointEncoder, FeaturiserEncoder, PretrainedEncoder,  # noqa: F401
-                            TruthSource, UntrainedEncoder, check_channels, open_encoder, site_rows)
+from micon.encoders import open_encoder
 from micon.raycluster import JobError, UnitFailed, describe_failure, init_ray
 
 

@@ -170,7 +170,7 @@ def evaluate_method(name: str, path: str, cfg: EvalConfig, keep_compounds: set |
         _, con_map = mapm.phenotypic_consistency(act_wells, act_prof, null_size=cfg.null_size, progress=True)
         consistency["map_consistency"] = float(con_map["mean_average_precision"].mean())
     if cfg.annotation:
-        consistency |= target_consistency(name, act_wells, act_prof, cfg, say)
+        consistency |= annotation_consistency(name, act_wells, act_prof, cfg, say)
     say(f"{name}: mAP: {len(act_map):,} compounds (activity, against their plates' DMSO)"
         + (f", {len(con_map):,} (well consistency)" if cfg.well_consistency else "")
         + (f", {consistency.get('n_annotations', 0):,} annotations (consistency on consensus profiles)"
@@ -233,10 +233,10 @@ def activity_null(name: str, wells: pd.DataFrame, raw: np.ndarray, cfg: EvalConf
     return out
 
 
-def target_consistency(name: str, wells: pd.DataFrame, prof: np.ndarray, cfg: EvalConfig, say=_say) -> dict:
-    """Consistency mAP on consensus profiles (micon.eval.map.target_consistency) by `cfg.annotation`, from
+def annotation_consistency(name: str, wells: pd.DataFrame, prof: np.ndarray, cfg: EvalConfig, say=_say) -> dict:
+    """Consistency mAP on consensus profiles (micon.eval.consistency.target_consistency) by `cfg.annotation`, from
     the wells' own column or the `cfg.annotations` table: `map_target_consistency`, `n_annotations`."""
-    from micon.eval.consistency import target_consistency as consensus_consistency
+    from micon.eval.consistency import target_consistency
 
     col = cfg.annotation
     if cfg.annotations:
@@ -246,7 +246,7 @@ def target_consistency(name: str, wells: pd.DataFrame, prof: np.ndarray, cfg: Ev
     if col not in wells.columns or not wells[col].notna().any():
         say(f"{name}: no {col} annotation on any well: no consistency on consensus profiles (pass annotations=FILE)")
         return dict(map_target_consistency=float("nan"), n_annotations=0)
-    _, tmap = consensus_consistency(wells, prof, col, null_size=cfg.null_size)
+    _, tmap = target_consistency(wells, prof, col, null_size=cfg.null_size)
     return dict(map_target_consistency=float(tmap["mean_average_precision"].mean()) if len(tmap) else float("nan"),
                 n_annotations=int(len(tmap)))
 
@@ -410,15 +410,15 @@ def coincident_stringencies(results: dict) -> list[str]:
     """Report lines for stringencies that exclude the same candidates here (NSP = NSB when every batch
     has one plate), so a reader does not take two equal columns for two findings."""
     lines = []
-    for a, b, why in (("nsp", "nsb", "every batch holds one plate"), ("nsb", "nss", "every source holds one batch"),
+    for a, b, why in (("nsp", "nsb", "every batch holds one plate, so the two exclude the same candidates"),
+                      ("nsb", "nss", "every source holds one batch, so the two exclude the same candidates"),
                       ("nsl", "nr", "removing the candidates at the query's well position changes no result")):
         same = [n for n, r in results.items()
                 if r["metrics"].get(f"n_queries_{a}") == r["metrics"].get(f"n_queries_{b}")
                 and np.allclose(r["curves"].query("mode == @a")["value"], r["curves"].query("mode == @b")["value"],
                                 equal_nan=True)]
         if same and len(same) == len(results):
-            lines += [f"{a.upper()} equals {b.upper()} on this screen for every method: {why}, so the two exclude "
-                      f"the same candidates.", ""]
+            lines += [f"{a.upper()} equals {b.upper()} on this screen for every method: {why}.", ""]
     return lines
 
 

@@ -27,16 +27,6 @@ class DistEnv:
     launcher: str   # torchrun | slurm | single
 
 
-def environment_extensions() -> str:
-    """Keep torch's JIT-built extensions (DeepSpeed's shm op) inside this Python environment:
-    TORCH_EXTENSIONS_DIR defaults to <sys.prefix>/torch_extensions. In the shared ~/.cache/torch_extensions,
-    two checkouts' environments rebuild the op in turn (its hash holds the source path), about a minute each
-    time. Torch serialises a build with an OS-level lock that a killed build releases. Returns the directory."""
-    import sys
-
-    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +69,6 @@ def backend_for(cuda: bool) -> str:
 
 def init(timeout_s: float = 300.0) -> DistEnv:
     """Process group with a bounded timeout, so a dead rank makes the others fail instead of hanging."""
-    environment_extensions()
     info = detect()
     cuda = torch.cuda.is_available()
     if cuda:

@@ -158,7 +158,6 @@ def init_ray(num_cpus: int = 0, object_store_mb: int = 256):
         # reads as a fault. It is the setting we want, so that logger is quieted here, for the private cluster
         # only (where Ray turns token auth on whenever RAY_AUTH_MODE is unset); RAY_AUTH_MODE=disabled, set
         # by the user, still wins.
-        import logging
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # address="local": never attach to somebody else's cluster on a shared machine. Ray gives its node a
         # fixed start-up time; on a busy machine (a login node, a CI box running other jobs) it can miss it:

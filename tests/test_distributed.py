@@ -62,7 +62,7 @@ def test_torch_extensions_live_in_the_environment(monkeypatch):
     import sys
     from pathlib import Path
 
-    from micon.distributed import environment_extensions
+    from train.engine import environment_extensions
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     assert environment_extensions() == str(Path(sys.prefix) / "torch_extensions")

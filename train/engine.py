@@ -1,10 +1,11 @@
 """The DeepSpeed engine's settings: its JSON config, the AdamW kernel, the learning-rate schedule,
-determinism switches, and the device memory a log line reports."""
+determinism switches, the device memory a log line reports, and where torch builds DeepSpeed's JIT op."""
 from __future__ import annotations
 
 import math
 import os
 import resource
+import sys
 
 import torch
 
@@ -78,3 +79,11 @@ def memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment_extensions() -> str:
+    """Keep torch's JIT-built extensions (DeepSpeed's shm op) inside this Python environment:
+    TORCH_EXTENSIONS_DIR defaults to <sys.prefix>/torch_extensions. In the shared ~/.cache/torch_extensions,
+    two checkouts' environments rebuild the op in turn (its hash holds the source path), about a minute each
+    time. Torch serialises a build with an OS-level lock that a killed build releases. Returns the directory."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))

@@ -29,10 +29,10 @@ from micon.methods import get_method
 from micon.models.image import resolve_input_norm
 from micon.models.pretrained import WeightsError, is_pretrained
 # the Trainer's parts, each in its own module; their names stay importable from here
-from train.engine import (ds_config, lr_lambda, memory_mb, optimizer_kernel,  # noqa: F401
-                          restore_determinism, set_deterministic)
+from train.engine import (ds_config, environment_extensions, lr_lambda, memory_mb,  # noqa: F401
+                          optimizer_kernel, restore_determinism, set_deterministic)
 from train.inputs import check_graphs, check_molecule_table, compound_labels, load_image_encoder  # noqa: F401
-from train.run_checkpoints import RunCheckpoints, model_settings  # noqa: F401  (model_settings: re-exported)
+from train.run_checkpoints import RunCheckpoints
 from train.state import DataStopped, LossWindow, SignalFlag, TrainingStopped, TrainState  # noqa: F401
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
@@ -141,8 +141,6 @@ class Trainer:
                               f"most {min(shape[1:])} (0 = the whole field) or rerun prep with a larger image_size")
 
     def _build_engine(self) -> None:
-        from micon.distributed import environment_extensions
-
         environment_extensions()        # before DeepSpeed JIT-builds its shm op: once per environment
         import deepspeed
 

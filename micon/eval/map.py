@@ -570,4 +570,3 @@ def phenotypic_consistency(meta: pd.DataFrame, feats: np.ndarray, *, sameby: Seq
     ap = average_precision(data, np.asarray(feats)[keep], pos_sameby=list(sameby), pos_diffby=[],
                            neg_sameby=list(neg_sameby), neg_diffby=list(sameby), ties=ties, **kwargs)
     return ap, mean_average_precision(ap, list(sameby), null_size=null_size, threshold=threshold, seed=seed)
-

@@ -150,7 +150,7 @@ def negcon_mask(meta: pd.DataFrame) -> np.ndarray:
 
 
 def mad_robustize(meta: pd.DataFrame, feats: np.ndarray, by: Sequence[str] = (schema.PLATE,),
-                  negcon: np.ndarray | None = None, epsilon: float = 1e-18) -> np.ndarray:
+                  negcon: np.ndarray | None = None, epsilon: float = 1e-18, stats: dict | None = None) -> np.ndarray:
     """Per-plate robust MAD normalisation against DMSO: (x - median_negcon) / (1.4826 * MAD_negcon + eps).
 
     The same as running pycytominer `normalize(method="mad_robustize", samples="Metadata_Role ==
@@ -158,7 +158,8 @@ def mad_robustize(meta: pd.DataFrame, feats: np.ndarray, by: Sequence[str] = (sc
     `scipy.stats.median_abs_deviation(scale=1/1.4826)`, i.e. 1.4826 x the raw MAD, default eps 1e-18).
     `by` names the grouping (one plate by default); `negcon` overrides the DMSO rows (bool mask).
     A constant DMSO feature gives a near-zero denominator exactly as in pycytominer: remove such
-    features first. Every group must hold at least one negcon row.
+    features first. Every group must hold at least one negcon row. `stats`, when given, receives what was
+    fitted: `groups` (each group's first `by` value), `median` and the raw `mad` (groups x features).
     """
     feats = _check_features(meta, feats, "mad_robustize")
     negcon = negcon_mask(meta) if negcon is None else np.asarray(negcon, dtype=bool)
@@ -175,6 +176,10 @@ def mad_robustize(meta: pd.DataFrame, feats: np.ndarray, by: Sequence[str] = (sc
     median = _group_median(x[negcon], codes[negcon], n_groups)
     mad = _group_median(np.abs(x[negcon] - median[codes[negcon]]), codes[negcon], n_groups)
     out = (x - median[codes]) / (MAD_NORMAL_SCALE * mad[codes] + epsilon)
+    if stats is not None:
+        first = np.full(n_groups, -1, dtype=np.int64)
+        first[codes[::-1]] = np.arange(len(codes))[::-1]
+        stats |= {"groups": meta[list(by)[0]].to_numpy()[first].astype(str), "median": median, "mad": mad}
     out_dtype = feats.dtype if np.issubdtype(feats.dtype, np.floating) else np.float32
     return out.astype(out_dtype)
 
@@ -324,14 +329,15 @@ def handle_plates_without_dmso(wells: pd.DataFrame, raw: np.ndarray, policy: str
     return wells, raw, missing
 
 
-def mad_robustize_with_fallback(wells: pd.DataFrame, x: np.ndarray, fallback: Sequence[str]) -> np.ndarray:
+def mad_robustize_with_fallback(wells: pd.DataFrame, x: np.ndarray, fallback: Sequence[str],
+                                stats: dict | None = None) -> np.ndarray:
     """`mad_robustize` per plate; the plates in `fallback` (no DMSO of their own) against the DMSO wells
-    of their batch, else of their source."""
+    of their batch, else of their source. `stats`: the plates with DMSO of their own (`mad_robustize`)."""
     if not len(fallback):
-        return mad_robustize(wells, x)
+        return mad_robustize(wells, x, stats=stats)
     out = np.empty_like(x)
     own = ~wells[schema.PLATE].isin(fallback).to_numpy()
-    out[own] = mad_robustize(wells[own].reset_index(drop=True), x[own])
+    out[own] = mad_robustize(wells[own].reset_index(drop=True), x[own], stats=stats)
     neg = negcon_mask(wells)
     for plate, rows in wells[~own].groupby(schema.PLATE).groups.items():
         first = wells.loc[rows[0]]
@@ -367,19 +373,32 @@ def well_profiles(meta: pd.DataFrame, emb: np.ndarray, *, aggregate: Literal["me
 
 
 def normalise_wells(wells: pd.DataFrame, raw: np.ndarray, *, normalize: bool = True, whiten: bool = True,
-                    epsilon: float = 1e-6, plates_without_dmso: str = "stop"
+                    epsilon: float = 1e-6, plates_without_dmso: str = "stop", fitted: dict | None = None
                     ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Well rows -> (well metadata, raw, normalised profiles): `well_profiles` after its aggregation.
+    """Well rows -> (well metadata, raw, normalised profiles): `well_profiles` after its aggregation (the
+    `micon` recipe of micon.eval.recipes).
 
     Every statistic (the per-plate median and MAD, the whitening) is fitted on the rows whose role is
     negcon, so relabelling wells changes what is fitted (`micon.eval.activity.negcon_null` relies on it).
+    `fitted`, when given, receives the kept-feature mask (`kept`), the plates normalised against their
+    batch (`fallback`), the per-plate DMSO medians and MADs (`mad_plates`, `mad_median`, `mad_mad`) and the
+    whitening (`zca_mean`, `zca_scale`, `zca_W`).
     """
     wells, raw, fallback = handle_plates_without_dmso(wells, raw, plates_without_dmso, normalize)
-    x = raw[:, informative_features(wells, raw)].astype(np.float64)
+    kept = informative_features(wells, raw)
+    x = raw[:, kept].astype(np.float64)
+    record = fitted if fitted is not None else {}
+    record |= {"kept": kept, "fallback": list(fallback)}
     if normalize:
-        x = mad_robustize_with_fallback(wells, x, fallback)
+        stats = {} if fitted is not None else None
+        x = mad_robustize_with_fallback(wells, x, fallback, stats=stats)
+        if stats:
+            record |= {"mad_plates": stats["groups"], "mad_median": stats["median"].astype(np.float32),
+                       "mad_mad": stats["mad"].astype(np.float32)}
     if whiten:
-        x = spherize(x, negcon_mask(wells), epsilon=epsilon)
+        sph = fit_spherize(x[negcon_mask(wells)], epsilon=epsilon)
+        x = sph.transform(x)
+        record |= {"zca_mean": sph.mean, "zca_scale": sph.scale, "zca_W": sph.W.astype(np.float32)}
     check_finite(wells, x, "well profiles", "after " + ("MAD normalisation and " if normalize else "")
                  + ("ZCA whitening" if whiten else "feature selection"))
     return wells, raw, x.astype(np.float32)

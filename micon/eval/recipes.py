@@ -15,7 +15,6 @@ MADs, PCA components, ...), which `evaluate` writes beside the profiles.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -25,9 +24,7 @@ import pandas as pd
 
 from micon import schema
 from micon.eval.profiles import (ProfileError, check_finite, group_codes, handle_plates_without_dmso,
-                                 informative_features, mad_robustize_with_fallback, negcon_mask, spherize)
-
-log = logging.getLogger(__name__)
+                                 mad_robustize_with_fallback, negcon_mask, normalise_wells)
 
 RECIPES = ("micon", "jump", "morphohelm")
 
@@ -107,7 +104,7 @@ def rank_int(x: np.ndarray, c: float = INT_BLOM, seed: int = 0) -> np.ndarray:
     perm = np.random.default_rng(seed).permutation(n)
     order = np.argsort(x[perm], axis=0, kind="stable")
     ranks = np.empty(x.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, np.arange(1, n + 1, dtype=np.float64)[:, None].repeat(x.shape[1], 1), axis=0)
+    np.put_along_axis(ranks, order, np.arange(1, n + 1, dtype=np.float64)[:, None], axis=0)
     out = np.empty_like(ranks)
     out[perm] = ranks
     return ndtri((out - c) / (n - 2 * c + 1))
@@ -220,11 +217,13 @@ def fit_pca(x: np.ndarray, n_components: int) -> PCA:
 # recipes
 # ---------------------------------------------------------------------------------------------
 
-def _mad_step(wells, x, fallback, arrays, prefix) -> np.ndarray:
-    plates, median, mad = plate_negcon_stats(wells, x)
-    arrays |= {f"{prefix}_plates": plates.astype(str), f"{prefix}_median": median.astype(np.float32),
-               f"{prefix}_mad": mad.astype(np.float32)}
-    return mad_robustize_with_fallback(wells, x, fallback).astype(np.float64)
+def _mad_step(wells, x, fallback, arrays) -> np.ndarray:
+    """Per-plate MAD against DMSO, its fitted medians and MADs recorded in `arrays` (as `normalise_wells`)."""
+    stats: dict = {}
+    out = mad_robustize_with_fallback(wells, x, fallback, stats=stats)
+    arrays |= {"mad_plates": stats["groups"], "mad_median": stats["median"].astype(np.float32),
+               "mad_mad": stats["mad"].astype(np.float32)}
+    return out.astype(np.float64)
 
 
 def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Sequence[str], *,
@@ -242,7 +241,6 @@ def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Seque
     raw = np.asarray(raw)
     if raw.shape[1] != len(names):
         raise ValueError(f"apply_recipe: {raw.shape[1]} features but {len(names)} names")
-    wells, raw, fallback = handle_plates_without_dmso(wells, raw, plates_without_dmso, normalize or recipe != "micon")
     steps: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
     clock = [time.perf_counter()]
@@ -258,20 +256,18 @@ def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Seque
         say(f"{recipe}: {name}: {len(wells):,} wells x {len(names):,} features ({now - clock[0]:.1f} s)")
         clock[0] = now
 
-    if recipe == "micon":
-        keep = informative_features(wells, raw)
-        x = raw[:, keep].astype(np.float64)
-        step("features that vary across DMSO", keep)
+    if recipe == "micon":       # normalise_wells is this recipe; it reports what it fitted
+        wells, raw, x = normalise_wells(wells, raw, normalize=normalize, whiten=whiten, epsilon=epsilon,
+                                        plates_without_dmso=plates_without_dmso, fitted=arrays)
+        step("features that vary across DMSO", arrays.pop("kept"))
+        fallback = arrays.pop("fallback")
         if normalize:
-            x = _mad_step(wells, x, fallback, arrays, "mad")
             step("per-plate MAD against DMSO", scale=1.4826, fallback_plates=len(fallback))
         if whiten:
-            from micon.eval.profiles import fit_spherize
-            sph = fit_spherize(x[negcon_mask(wells)], epsilon=epsilon)
-            x = sph.transform(x)
-            arrays |= {"zca_mean": sph.mean, "zca_scale": sph.scale, "zca_W": sph.W.astype(np.float32)}
             step("ZCA-cor fitted on DMSO", epsilon=epsilon, fit_wells=int(negcon_mask(wells).sum()))
-    elif recipe == "jump":
+        return Profiles(wells=wells, raw=raw, prof=x, names=names, recipe=recipe, steps=steps, arrays=arrays)
+    wells, raw, fallback = handle_plates_without_dmso(wells, raw, plates_without_dmso)
+    if recipe == "jump":
         keep = finite_features(raw)
         x = raw[:, keep].astype(np.float64)
         step("features without NaN or inf", keep)
@@ -281,7 +277,7 @@ def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Seque
              min_coef_var=JUMP_MIN_COEF_VAR)
         if not len(names):
             raise ProfileError("recipe=jump: no feature varies across the DMSO wells of every plate")
-        x = _mad_step(wells, x, fallback, arrays, "mad")
+        x = _mad_step(wells, x, fallback, arrays)
         step("per-plate MAD against DMSO", scale=1.4826, fallback_plates=len(fallback))
         x = rank_int(x, seed=seed)
         step("rank-based inverse normal transform", c=INT_BLOM, ties="random", seed=seed)
@@ -311,7 +307,7 @@ def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Seque
                    "pca_explained_variance_ratio": pca.explained_variance_ratio}
         step(f"PCA to {x.shape[1]}", n_components=int(x.shape[1]), fit_wells=len(x),
              explained_variance=float(pca.explained_variance_ratio.sum()))
-        x = _mad_step(wells, x, fallback, arrays, "mad")
+        x = _mad_step(wells, x, fallback, arrays)
         step("per-plate MAD against DMSO (no sphering)", scale=1.4826, fallback_plates=len(fallback))
     check_finite(wells, x, "well profiles", f"after recipe={recipe}")
     return Profiles(wells=wells, raw=raw, prof=x.astype(np.float32), names=names, recipe=recipe, steps=steps,
