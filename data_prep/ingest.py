@@ -6,6 +6,7 @@ One Ray task per plate (local Ray, or the cluster at RAY_ADDRESS). A plate is fi
 record `OUT/plates/{plate}.json` exists; it is written last, after the plate's shards and control
 array were renamed into place (uploaded whole, in object storage), so a rerun skips finished plates and
 redoes the rest. SRC and OUT may be local paths or object-storage URLs (s3://bucket/prefix; micon.storage).
+One prep at a time per OUT (micon.locks): a second is refused (exit 2) naming the first's host, pid and start.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from micon.config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeIn
 from micon.data.codecs import CODECS, DEFAULT_CODEC
 from micon.data.jump import IngestError, Screen, plate_sites, read_screen
 from micon.data.replicate_sets import ReplicateSetConfig
+from micon.locks import LockHeld, run_lock
 from micon.raycluster import JobError, describe_failure, init_ray, root_cause
 from micon.data.shards import FORMAT_VERSION, ShardWriter, assign_splits
 
@@ -442,7 +444,11 @@ def main(argv: list[str]) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        rc = run(src, out, cfg)
+        with run_lock(out, job="prep"):     # one prep per OUT: a second run is refused, naming the first
+            rc = run(src, out, cfg)
+    except LockHeld as e:
+        print(e, file=sys.stderr)
+        return 2
     except (IngestError, JobError) as e:
         print(e if isinstance(e, JobError) else f"prep: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,125 @@
+"""Issue 32, the data side: each fault a user meets gets one clear message naming the cause and the fix, the
+jobs' exit code (2 = bad configuration or input), no traceback, and finished work left intact. Two runs in
+one output (micon.locks), duplicated or tabbed YAML, a collapsed encoder, an empty CSV, `verify s3://`, a
+deleted shard counted at once, a stalled upload.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, job_env
+
+HOLD = ("import sys, time\nfrom micon.locks import run_lock\n"
+        "with run_lock(sys.argv[1], job=sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+def hold_lock(out: Path, job: str = "prep") -> subprocess.Popen:
+    """Another process holding the lock on `out` (until it is killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), job], cwd=REPO, env=job_env(),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+# ----------------------------------------------------------------------------------------- 6: one writer per OUT
+
+def test_a_second_run_is_refused_naming_the_holder_and_the_lock_is_freed_after(tmp_path):
+    from micon.locks import LOCK_NAME, LockHeld, holder, run_lock
+
+    out = tmp_path / "out"
+    proc = hold_lock(out)
+    try:
+        assert holder(out).pid == proc.pid
+        with pytest.raises(LockHeld) as e:
+            with run_lock(out, job="prep"):
+                pass
+        msg = str(e.value)
+        assert f"prep: {out} is in use by another prep run (pid {proc.pid} on host " in msg
+        assert "started 20" in msg and "Wait for it to finish, stop it, or write to another output" in msg
+        assert str(out / LOCK_NAME) in msg and e.value.holder.pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+    # the kernel freed the dead holder's lock: taken over, with a notice naming the dead run
+    notices = []
+    with run_lock(out, job="prep", notice=notices.append) as me:
+        assert me.pid == os.getpid() and holder(out).pid == os.getpid()
+        with run_lock(out, job="prep"):     # re-entrant within one process
+            pass
+        assert (out / LOCK_NAME).is_file()
+    assert len(notices) == 1 and f"left by a prep run (pid {proc.pid} on host" in notices[0]
+    assert "no longer running" in notices[0]
+    assert not (out / LOCK_NAME).exists() and holder(out) is None
+    with run_lock(out, job="prep", notice=notices.append):      # a clean release leaves nothing to take over
+        pass
+    assert len(notices) == 1
+
+
+def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
+    from micon.locks import LOCK_NAME, run_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"job": "prep", "host": socket.gethostname(), "pid": dead.pid,
+                                                  "start": time.time() - 3600}))
+    notices = []
+    with run_lock(tmp_path, job="prep", notice=notices.append):
+        pass
+    assert notices and f"pid {dead.pid}" in notices[0] and "60 min ago), no longer running" in notices[0]
+
+
+def test_prep_into_an_out_another_prep_holds_exits_2_and_touches_nothing(tmp_path, capsys):
+    from data_prep.ingest import main
+
+    src, out = tmp_path / "screen", tmp_path / "shards"
+    (src / "metadata").mkdir(parents=True)
+    (out / "plates").mkdir(parents=True)
+    (out / "plates" / "P1.json").write_text('{"finished": true}')
+    (out / "manifest.json").write_text('{"n_sites": 3}')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = hold_lock(out)
+    try:
+        assert main([str(src), str(out), "workers=1"]) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert f"prep: {out} is in use by another prep run (pid {proc.pid}" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".micon-lock.json"} == before
+
+
+def test_a_lock_object_in_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_one(s3, tmp_path):
+    from micon import storage
+    from micon.locks import LOCK_NAME, LockHeld, run_lock
+
+    url = f"s3://{s3.bucket('locks')}/shards"
+    proc = hold_lock(url)
+    try:
+        with pytest.raises(LockHeld, match=rf"prep: {url} is in use by another prep run \(pid {proc.pid}"):
+            with run_lock(url, job="prep"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    notices = []
+    with run_lock(url, job="prep", notice=notices.append):
+        assert storage.path(f"{url}/{LOCK_NAME}").is_file()
+    assert notices and f"pid {proc.pid}" in notices[0]
+    assert not storage.path(f"{url}/{LOCK_NAME}").exists()
+
+
+from tests.s3server import s3  # noqa: E402,F401 (the fixture)
