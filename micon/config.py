@@ -262,12 +262,52 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
         data = _merge(data, loaded)
     data = _merge(data, parse_overrides(overrides))
     return _build(cls, _renamed(cls, data))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config file's data; ConfigError in one line for what PyYAML would let through or bury in a
+    traceback: a key given twice in one mapping (PyYAML keeps the last silently, so a second `optim:` block
+    drops the first's keys), a syntax error (a tab, a bad indent), with its line."""
+    p = Path(path)
+    text = p.read_text()
+    try:
+        _refuse_duplicates(yaml.compose(text, Loader=yaml.SafeLoader), p)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        hint = ("; YAML indents with spaces only: replace the tab with spaces" if "\\t" in problem or "\t" in line
+                else "; check the indentation and the colons there")
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}{hint}") from None
+
+
+def _refuse_duplicates(node, path: Path, prefix: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+            dotted = f"{prefix}{key}"
+            if key in seen:
+                raise ConfigError(
+                    f"config file {path}: key {dotted} is given twice (line {seen[key]} and line "
+                    f"{key_node.start_mark.line + 1}); YAML would keep only the last and drop the first silently. "
+                    + (f"Keep one {key}: line" if isinstance(value_node, yaml.ScalarNode)
+                       else f"Merge the two {key}: blocks into one"))
+            seen[key] = key_node.start_mark.line + 1
+            _refuse_duplicates(value_node, path, dotted + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, path, f"{prefix.rstrip('.')}[{i}].")
 
 
 def _renamed(cls: type, data: dict) -> dict:

@@ -37,7 +37,8 @@ class Holder:
     argv: str = ""
 
     def describe(self) -> str:
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.start)) if self.start else "at an unknown time"
+        started = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.start)) if self.start
+                   else "at an unknown time")
         age = f", {_age(time.time() - self.start)} ago" if self.start else ""
         return f"{self.job} run (pid {self.pid} on host {self.host}, started {started}{age})"
 
@@ -208,7 +209,8 @@ def _object(out, job: str, say) -> Iterator[Holder]:
             say(f"{job}: taking over the lock object {lock} left by a {previous.describe()}, no longer running; "
                 f"its finished work is kept and the rest is redone")
         else:
-            hint = "" if previous.here() else f", or, if that run is no longer running, remove the lock: aws s3 rm {lock}"
+            hint = ("" if previous.here()
+                    else f", or, if that run is no longer running, remove the lock: aws s3 rm {lock}")
             raise LockHeld(_held_message(out, job, previous, str(lock), hint), previous, str(lock))
     me = _me(job)
     fs, key = storage.filesystem(str(lock))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, job_env
+from tests.s3server import s3  # noqa: F401 (the fixture)
 
 HOLD = ("import sys, time\nfrom micon.locks import run_lock\n"
         "with run_lock(sys.argv[1], job=sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
@@ -122,4 +122,36 @@ def test_a_lock_object_in_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_o
     assert not storage.path(f"{url}/{LOCK_NAME}").exists()
 
 
-from tests.s3server import s3  # noqa: E402,F401 (the fixture)
+
+
+# ----------------------------------------------------------------------------------------- 1: YAML configs
+
+@pytest.mark.parametrize("text, expected", [
+    ("steps: 5\nmicro_batch: 4\nsteps: 500\n",
+     "key steps is given twice (line 1 and line 3); YAML would keep only the last and drop the first silently. "
+     "Keep one steps: line"),
+    ("optim:\n  lr: 0.01\nsteps: 5\noptim:\n  warmup_steps: 3\n",
+     "key optim is given twice (line 1 and line 4); YAML would keep only the last and drop the first silently. "
+     "Merge the two optim: blocks into one"),
+    ("optim:\n  lr: 0.01\n  lr: 0.02\n", "key optim.lr is given twice (line 2 and line 3)"),
+    ("steps: 5\noptim:\n\tlr: 0.01\n",
+     "is not valid YAML at line 3, column 1: found character '\\t' that cannot start any token; YAML indents with "
+     "spaces only: replace the tab with spaces"),
+], ids=["scalar", "block", "nested", "tab"])
+def test_a_duplicated_key_or_a_tab_in_a_training_config_exits_2_in_one_line(tmp_path, capsys, text, expected):
+    from train.run import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main([str(config), f"out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert expected in err and err.startswith(f"train: config file {config}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()       # nothing started
+
+
+def test_a_config_without_duplicates_still_loads_with_yaml_merge_keys(tmp_path):
+    from micon.config import read_yaml
+
+    (tmp_path / "c.yaml").write_text("base: &b {lr: 0.1, warmup_steps: 2}\noptim:\n  <<: *b\n  lr: 0.5\n")
+    assert read_yaml(tmp_path / "c.yaml")["optim"] == {"lr": 0.5, "warmup_steps": 2}
