@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, job_env
-from tests.s3server import s3  # noqa: F401 (the fixture)
+from tests import s3server
+
+s3 = s3server.s3       # the local S3 server fixture (moto)
 
 HOLD = ("import sys, time\nfrom micon.locks import run_lock\n"
         "with run_lock(sys.argv[1], job=sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
@@ -155,3 +157,60 @@ def test_a_config_without_duplicates_still_loads_with_yaml_merge_keys(tmp_path):
 
     (tmp_path / "c.yaml").write_text("base: &b {lr: 0.1, warmup_steps: 2}\noptim:\n  <<: *b\n  lr: 0.5\n")
     assert read_yaml(tmp_path / "c.yaml")["optim"] == {"lr": 0.5, "warmup_steps": 2}
+
+
+# ----------------------------------------------------------------------------------------- 2: a collapsed encoder
+
+def screen_wells(n_sources: int = 2, plates: int = 2, wells: int = 16, sites: int = 2):
+    """Site metadata of a small screen: every plate with 6 DMSO wells and the same 10 compounds."""
+    import pandas as pd
+
+    from micon import schema
+    rows = []
+    for s in range(n_sources):
+        for p in range(plates):
+            for w in range(wells):
+                for site in range(1, sites + 1):
+                    rows.append({schema.SOURCE: f"source_{s}", schema.BATCH: f"b{s}_{p}", schema.PLATE: f"P{s}{p}",
+                                 schema.WELL: f"A{w + 1:02d}", schema.SITE: str(site),
+                                 schema.JCP: schema.DMSO if w < 6 else f"JCP2022_{w:06d}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("recipe", ["micon", "jump", "morphohelm"])
+def test_evaluate_on_collapsed_embeddings_says_so_in_one_line_and_keeps_earlier_results(tmp_path, capsys, recipe):
+    import numpy as np
+
+    from evaluate.run import main
+    from micon.embeddings import write_consolidated
+
+    meta = screen_wells()
+    emb_dir, out = tmp_path / "emb", tmp_path / "eval"
+    emb_dir.mkdir()
+    write_consolidated(emb_dir, np.ones((len(meta), 8), np.float32), meta, {"method": "micon"})
+    out.mkdir()
+    (out / "metrics.json").write_text('{"methods": {"earlier": {}}}')
+    embedded = {p: p.read_bytes() for p in emb_dir.rglob("*") if p.is_file()}
+    rc = main([f"out={out}", f"embeddings.micon={emb_dir}", "ray=false", f"recipe={recipe}", "wandb=false"])
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith("evaluate: micon: all 8 features are constant over all 64 wells (every value is 1): the "
+                          "embeddings carry no information, as a collapsed encoder's do"), err
+    assert "Check the run that made them (its loss, its learning rate, the checkpoint given to embed)" in err
+    assert (out / "metrics.json").read_text() == '{"methods": {"earlier": {}}}'
+    assert {p: p.read_bytes() for p in emb_dir.rglob("*") if p.is_file()} == embedded
+
+
+def test_the_group_median_of_no_features_is_empty_and_dmso_without_variance_is_named():
+    import numpy as np
+
+    from micon.eval.profiles import ProfileError, _group_median, aggregate_wells, normalise_wells
+
+    assert _group_median(np.ones((6, 0)), np.array([0, 0, 1, 1, 2, 2]), 3).shape == (3, 0)
+    wells, raw = aggregate_wells(screen_wells(), np.ones((128, 4), np.float32))
+    raw[:, 0] = np.arange(len(raw))
+    from micon import schema
+    raw[(wells[schema.JCP] == schema.DMSO).to_numpy(), 0] = 5.0     # varies, but never across DMSO
+    with pytest.raises(ProfileError, match="none of the 4 features varies across the 24 DMSO wells, so recipe=micon"):
+        normalise_wells(wells, raw)

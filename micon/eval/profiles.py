@@ -97,6 +97,8 @@ def _group_median(values: np.ndarray, codes: np.ndarray, n_groups: int, max_byte
     two middle values, as pandas and NumPy do)."""
     order, starts, sizes = _sorted_groups(codes)
     out = np.full((n_groups, values.shape[1]), np.nan, dtype=np.float64)
+    if values.shape[1] == 0:        # no features (all dropped as constant): nothing to reduce
+        return out
     for size in np.unique(sizes[sizes > 0]):
         groups = np.flatnonzero(sizes == size)
         step = max(1, max_bytes // int(size * values.shape[1] * 8))
@@ -304,6 +306,25 @@ def informative_features(wells: pd.DataFrame, raw: np.ndarray, tol: float = 1e-8
     return (mad > tol) & (ref.std(axis=0) > tol)
 
 
+def no_informative_features(wells: pd.DataFrame, raw: np.ndarray, recipe: str = "micon",
+                            otherwise: str = "") -> ProfileError:
+    """The error for profiles with no feature left to rank wells by: a collapsed encoder (every value the same
+    everywhere), else `otherwise` (default: features that vary somewhere but never across the DMSO wells)."""
+    raw = np.asarray(raw)
+    n, neg = raw.shape[1], negcon_mask(wells)
+    finite = raw[:, np.isfinite(raw).all(axis=0)]
+    if raw.size == 0 or (finite.size and finite.shape[1] == n and np.ptp(finite, axis=0).max() <= 1e-8):
+        value = f" (every value is {raw.flat[0]:g})" if raw.size and np.all(raw == raw.flat[0]) else ""
+        return ProfileError(
+            f"all {n} features are constant over all {len(raw):,} wells{value}: the embeddings carry no information, "
+            f"as a collapsed encoder's do (every image mapped to one point), so retrieval could only score chance. "
+            f"Check the run that made them (its loss, its learning rate, the checkpoint given to embed) and embed again")
+    return ProfileError(otherwise or
+        f"none of the {n} features varies across the {int(neg.sum()):,} DMSO wells, so recipe={recipe} has nothing to "
+        f"normalise against DMSO: the encoder maps every DMSO image to one point. Check the run that made them, or "
+        f"evaluate another recipe")
+
+
 def handle_plates_without_dmso(wells: pd.DataFrame, raw: np.ndarray, policy: str = "stop",
                                normalize: bool = True) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """Plates with no DMSO well cannot be normalised per plate: stop naming them (`policy="stop"`), drop
@@ -386,6 +407,8 @@ def normalise_wells(wells: pd.DataFrame, raw: np.ndarray, *, normalize: bool = T
     """
     wells, raw, fallback = handle_plates_without_dmso(wells, raw, plates_without_dmso, normalize)
     kept = informative_features(wells, raw)
+    if not kept.any():
+        raise no_informative_features(wells, raw)
     x = raw[:, kept].astype(np.float64)
     record = fitted if fitted is not None else {}
     record |= {"kept": kept, "fallback": list(fallback)}

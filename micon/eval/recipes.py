@@ -24,7 +24,7 @@ import pandas as pd
 
 from micon import schema
 from micon.eval.profiles import (ProfileError, check_finite, group_codes, handle_plates_without_dmso,
-                                 mad_robustize_with_fallback, negcon_mask, normalise_wells)
+                                 mad_robustize_with_fallback, negcon_mask, no_informative_features, normalise_wells)
 
 RECIPES = ("micon", "jump", "morphohelm")
 
@@ -276,7 +276,8 @@ def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Seque
         step("variant features (DMSO MAD > 0 and |MAD/median| > 1e-3 on every plate)", keep,
              min_coef_var=JUMP_MIN_COEF_VAR)
         if not len(names):
-            raise ProfileError("recipe=jump: no feature varies across the DMSO wells of every plate")
+            raise no_informative_features(wells, raw, recipe,
+                                          "recipe=jump: no feature varies across the DMSO wells of every plate")
         x = _mad_step(wells, x, fallback, arrays)
         step("per-plate MAD against DMSO", scale=1.4826, fallback_plates=len(fallback))
         x = rank_int(x, seed=seed)
@@ -297,6 +298,8 @@ def apply_recipe(recipe: str, wells: pd.DataFrame, raw: np.ndarray, names: Seque
         keep = finite_features(raw) & (np.asarray(raw).std(axis=0) > 0)
         x = raw[:, keep].astype(np.float64)
         step("finite, non-constant features", keep)
+        if not keep.any():
+            raise no_informative_features(wells, raw, recipe)
         x, means, stds = center_scale_per_plate(wells, x)
         arrays |= {"center_scale_mean": means.astype(np.float32), "center_scale_std": stds.astype(np.float32)}
         step("per-plate centre-scale on all wells")
