@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from micon import distributed
+from micon import atomic, distributed
 from micon.config import dump, save_config, to_dict
 from train.state import TrainingStopped, TrainState
 
@@ -18,6 +18,16 @@ def model_settings(model: dict) -> dict:
     """The model settings that make a run what it is: model.init says where its weights started, which a
     resumed run's checkpoint replaces, so it is neither part of the identity nor compared on resume."""
     return {k: v for k, v in model.items() if k != "init"}
+
+
+def _row_step(line: str) -> int | None:
+    """A metrics.jsonl row's step; None for a row cut short by a kill."""
+    import json
+
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _comparable(key: str, value):
@@ -45,15 +55,11 @@ class RunCheckpoints:
             raise TrainingStopped(problem)
         if tag is None:
             self.write_run_record(None, 0)
+            self.trim_metrics(0)
             return
         if cfg.resume != "force":
             self.check_same_model(tag)
-        try:
-            _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
-        except RuntimeError as e:   # resume=force into a model the saved weights do not fit
-            raise TrainingStopped(f"{self.ckpt_root / tag} cannot be loaded into this model "
-                                  f"({str(e).strip().splitlines()[0][:300]}); resume=force continues a run with "
-                                  f"other data or settings only where the saved weights fit") from None
+        client = self.load(tag)
         saved = TrainState(**{k: v for k, v in client.items() if k in TrainState.__dataclass_fields__})
         if saved.data_workers != cfg.data.num_workers or saved.world_size != self.world:
             log.warning("resuming with %d workers x %d ranks (saved with %d x %d): the data stream continues "
@@ -62,10 +68,47 @@ class RunCheckpoints:
             saved.data_position, saved.data_workers, saved.world_size = 0, cfg.data.num_workers, self.world
             saved.data_seed = cfg.seed + saved.step
         self.trainer.state = saved
-        self.trainer.counts_at_start = dict(saved.data_counts)
+        self.trainer.metrics.counts_at_start = dict(saved.data_counts)
         self.write_run_record(tag, saved.step)
+        self.trim_metrics(saved.step)
         log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
                  saved.samples_seen)
+
+    def load(self, tag: str) -> dict:
+        """DeepSpeed's state of `tag` into the engine; returns the client state saved with it."""
+        from train import checkpoint
+
+        try:
+            _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+            return client
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0].split(". ")[0][:300]
+            if "state_dict" in str(e) or "size mismatch" in str(e):   # resume=force into a model the weights do not fit
+                raise TrainingStopped(f"{self.ckpt_root / tag} cannot be loaded into this model ({first}); "
+                                      f"resume=force continues a run with other data or settings only where the "
+                                      f"saved weights fit") from None
+            cause = f"{type(e).__name__}: {first}"
+        except (AssertionError, OSError, EOFError, ValueError) as e:   # a file missing or cut short
+            cause = f"{type(e).__name__}: {str(e).strip()[:300] or 'a file is missing'}"
+        earlier = [t for t in reversed(checkpoint.complete_tags(self.ckpt_root)) if t < tag
+                   and checkpoint.damage(self.ckpt_root, t) is None]
+        advice = (f"pass resume={earlier[0]} to resume from the newest whole one before it" if earlier
+                  else "pass resume=none to start over")
+        raise TrainingStopped(f"checkpoint {self.ckpt_root / tag} could not be read ({cause}); it is damaged: "
+                              f"{advice}") from None
+
+    def trim_metrics(self, step: int) -> None:
+        """Rank 0: the rows of OUT/metrics.jsonl past `step` (logged after the checkpoint a rerun resumes from, or
+        by a run that left none) are dropped, so the file holds each step once; rewritten whole (atomically)."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
+            log.info("metrics.jsonl: %d rows past step %d (logged after that checkpoint) dropped; the rerun logs "
+                     "those steps again", len(lines) - len(kept), step)
 
     def identity(self) -> dict:
         """This run's identity: its shard set's fingerprint, its method and its model settings."""

@@ -1,0 +1,118 @@
+"""Issue 32, training's faults: each one ends with one clear line naming the cause and the fix, the right exit
+code (75 checkpointed, requeue; 2 bad configuration; 1 stopped), and the finished work intact and resumable.
+
+In-process runs use one rank (conftest's one_rank); the cases that need two ranks, a signal or Slurm run jobs
+as a user would and are marked slow."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from micon.config import load_config
+from train.config import TrainConfig
+from train.trainer import EXIT_OK, EXIT_STOPPED, train
+
+
+def _cfg(shards, out, *extra):
+    return load_config(TrainConfig, None, [f"data.shards={shards}", f"out={out}", "method=simclr", "micro_batch=4",
+                                           "progress=false", "wandb.enabled=false", "optim.lr=1e-3",
+                                           "optim.warmup_steps=2", "ckpt_every=10", *extra])
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tags(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").glob("step*"))
+
+
+@pytest.fixture(scope="module")
+def trained_20(tiny_shards, tmp_path_factory):
+    """A finished 20-step run with checkpoints at 10 and 20 (copied by each test that damages it)."""
+    import os
+
+    from micon.distributed import free_port
+
+    out = tmp_path_factory.mktemp("faults") / "run20"
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert train(_cfg(tiny_shards, out, "steps=20")) == EXIT_OK
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return out
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- 2. metrics after a rerun
+
+def test_a_rerun_after_a_kill_logs_each_step_once(tiny_shards, trained_20, tmp_path, one_rank, caplog):
+    """A run killed at step 15 (its last checkpoint at 10, rows 1-15 logged) reruns from 10: metrics.jsonl holds
+    each step once, the rows past the checkpoint rewritten by the rerun."""
+    out = _copy(trained_20, tmp_path / "run")
+    shutil.rmtree(out / "checkpoints" / "step00000020")
+    (out / "checkpoints" / "latest").write_text("step00000010")
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(rows[:15]) + '\n{"step": 16, "loss/lo')   # cut mid-row by the kill
+    (out / "final.json").unlink()
+    with caplog.at_level(logging.INFO, logger="micon.train"):
+        assert train(_cfg(tiny_shards, out, "steps=20")) == EXIT_OK
+    assert _steps(out) == list(range(1, 21))
+    assert "metrics.jsonl: 6 rows past step 10 (logged after that checkpoint) dropped" in caplog.text
+
+
+# --------------------------------------------------------------------------- 3. a damaged newest checkpoint
+
+def test_a_deleted_model_file_in_the_newest_checkpoint_falls_back_to_the_one_before(
+        tiny_shards, trained_20, tmp_path, one_rank, caplog):
+    out = _copy(trained_20, tmp_path / "run")
+    (out / "checkpoints" / "step00000020" / "mp_rank_00_model_states.pt").unlink()
+    with caplog.at_level(logging.INFO, logger="micon.train"):
+        assert train(_cfg(tiny_shards, out, "steps=25")) == EXIT_OK
+    assert ("checkpoint step00000020 is damaged (" in caplog.text and "mp_rank_00_model_states.pt is missing): "
+            "resuming from step00000010, the newest whole one, instead" in caplog.text)
+    assert "resumed from" in caplog.text and "at step 10 " in caplog.text
+    assert _steps(out) == list(range(1, 26))
+    assert json.loads((out / "final.json").read_text())["step"] == 25
+
+
+def test_a_truncated_optimiser_state_named_is_refused_naming_the_whole_one_before(
+        tiny_shards, trained_20, tmp_path, one_rank, capsys):
+    out = _copy(trained_20, tmp_path / "run")
+    optim = out / "checkpoints" / "step00000020" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+    assert train(_cfg(tiny_shards, out, "steps=25", "resume=step00000020")) == EXIT_STOPPED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert (f"checkpoint {out}/checkpoints/step00000020 is damaged: {optim} is truncated or changed" in err[0]
+            and "pass resume=step00000010 to resume from the newest whole one before it" in err[0]), err
+    assert "resume=force" not in err[0]
+    # the whole one resumes exactly where the message says
+    assert train(_cfg(tiny_shards, out, "steps=25", "resume=step00000010")) == EXIT_OK
+    assert _steps(out) == list(range(1, 26))
+
+
+def test_a_damaged_checkpoint_without_a_file_list_names_the_file_not_a_traceback(
+        tiny_shards, trained_20, tmp_path, one_rank, capsys):
+    """A checkpoint written before tags listed their files: the loader's error becomes one line with the advice."""
+    out = _copy(trained_20, tmp_path / "run")
+    tag = out / "checkpoints" / "step00000020"
+    (tag / "files.json").unlink()
+    optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:1000])
+    assert train(_cfg(tiny_shards, out, "steps=25")) == EXIT_STOPPED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {tag} could not be read (" in err[0], err
+    assert "it is damaged: pass resume=step00000010" in err[0] and "resume=force" not in err[0], err
