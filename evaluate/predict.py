@@ -57,13 +57,14 @@ def featurize_options(checkpoint):
     return opts
 
 
-def read_molecules(path: Path, opts) -> tuple[pd.DataFrame, object, pd.DataFrame]:
-    """The compound table -> (valid compounds' Metadata_* rows, their RaggedGraphs, invalid rows with a reason)."""
+def read_molecules(path, opts, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, object, pd.DataFrame]:
+    """The compound table (read from `path` unless given as `table`) -> (valid compounds' Metadata_* rows, their
+    RaggedGraphs, invalid rows with a reason)."""
     from micon.chem.compound_table import plan_items, read_compounds
     from micon.chem.compound import featurize_chunk
     from micon.chem.store import OK
 
-    table = read_compounds(path)
+    table = read_compounds(path) if table is None else table
     items, problems = plan_items(table)
     columns, graphs = featurize_chunk(items, opts)
     status = pd.DataFrame({k: columns[k] for k in (schema.JCP, "status", "reason")})
@@ -156,13 +157,15 @@ def feature_table(meta: pd.DataFrame, feats: np.ndarray, prefix: str) -> pd.Data
     return pd.concat([meta.reset_index(drop=True), pd.DataFrame(feats.astype(np.float32), columns=names)], axis=1)
 
 
-def run(ckpt: str, compounds: Path, out: Path, cfg: PredictConfig) -> dict:
+def run(ckpt: str, compounds, out: Path, cfg: PredictConfig) -> dict:
     import torch
 
     from micon.checkpoint import load_checkpoint, model_config
+    from micon.chem.compound_table import read_compounds
     from micon.methods import METHODS, get_method
 
     t0 = time.perf_counter()
+    table = read_compounds(compounds)       # a missing, empty or unreadable table is refused before any loading
     checkpoint = load_checkpoint(ckpt)
     method = get_method(checkpoint.record.method)
     if not method.predicts:
@@ -175,7 +178,7 @@ def run(ckpt: str, compounds: Path, out: Path, cfg: PredictConfig) -> dict:
                            f"whose control bank to use)")
     out.mkdir(parents=True, exist_ok=True)
     opts = featurize_options(checkpoint)
-    valid, graphs, invalid = read_molecules(compounds, opts)
+    valid, graphs, invalid = read_molecules(compounds, opts, table)
     vectors = None
     if needs.vectors:   # frozen per-compound vectors: a compound without a row cannot be predicted, and is named
         from micon.chem.table import MoleculeTable, TableError
@@ -235,7 +238,7 @@ def main(argv: list[str]) -> int:
 
     if (rc := help_or_usage(argv, __doc__, PredictConfig, positional=3)) is not None:
         return rc
-    ckpt, compounds, out = argv[0], Path(argv[1]), Path(argv[2])
+    ckpt, compounds, out = argv[0], argv[1], Path(argv[2])     # COMPOUNDS may be an object URL (s3://...)
     try:
         cfg = load_config(PredictConfig, overrides=argv[3:])
     except ConfigError as e:
@@ -247,7 +250,10 @@ def main(argv: list[str]) -> int:
 
     try:
         run(ckpt, compounds, out, cfg)
-    except (PredictError, CheckpointError, ManifestError, EmbeddingError, ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:        # bad input: the compound table (missing, empty, unreadable, no such columns)
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    except (PredictError, CheckpointError, ManifestError, EmbeddingError, FileNotFoundError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return 1
     return 0

@@ -214,3 +214,40 @@ def test_the_group_median_of_no_features_is_empty_and_dmso_without_variance_is_n
     raw[(wells[schema.JCP] == schema.DMSO).to_numpy(), 0] = 5.0     # varies, but never across DMSO
     with pytest.raises(ProfileError, match="none of the 4 features varies across the 24 DMSO wells, so recipe=micon"):
         normalise_wells(wells, raw)
+
+
+# ----------------------------------------------------------------------------------------- 3: an empty compound CSV
+
+def test_predict_with_a_zero_byte_csv_exits_2_naming_it_and_keeps_an_earlier_prediction(tmp_path, capsys):
+    from evaluate import predict
+
+    (tmp_path / "model.pt").write_bytes(b"not read: the table is checked before the checkpoint is loaded")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predict.json").write_text('{"n_predicted": 7}')
+    (tmp_path / "c.csv").write_bytes(b"")
+    assert predict.main([str(tmp_path / "model.pt"), str(tmp_path / "c.csv"), str(out)]) == 2
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert err == (f"predict: compound table {tmp_path / 'c.csv'} is empty (0 bytes); expected a CSV table with "
+                   f"columns Metadata_JCP2022 and Metadata_SMILES (or Metadata_InChI): was it cut short by a failed "
+                   f"download or copy? Write it again, or point at another table\n")
+    assert sorted(p.name for p in out.iterdir()) == ["predict.json"]
+    assert (out / "predict.json").read_text() == '{"n_predicted": 7}'
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty (0 bytes)"),
+    (b"\n\n", "holds no text (no header row)"),
+    (b"Metadata_JCP2022,Metadata_SMILES\n", "holds no compounds (its columns, no rows)"),
+    (b"\x1f\x8b\x08garbage", "cannot read compound table"),
+], ids=["zero-bytes", "blank", "header-only", "damaged-gzip"])
+def test_featurize_refuses_an_empty_or_damaged_compound_table_with_exit_2(tmp_path, capsys, content, expected):
+    from data_prep.featurize import main
+
+    table = tmp_path / ("c.csv.gz" if content.startswith(b"\x1f") else "c.csv")
+    table.write_bytes(content)
+    assert main([str(table), str(tmp_path / "graphs"), "workers=1"]) == 2
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert err.startswith("featurize: ") and expected in err and err.count("\n") == 1, err

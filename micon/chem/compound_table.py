@@ -33,18 +33,38 @@ def read_compounds(path) -> pd.DataFrame:
                               f"{'none' if compounds is None else type(compounds).__name__}. Pass the JUMP "
                               f"compound table metadata/compound.csv.gz instead")
         table = pd.DataFrame(compounds)
-    elif path.suffix == ".parquet":
-        table = pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
     else:
-        table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False,
-                            compression=atomic.COMPRESSION.get(path.suffix))
+        table = _read_table(path)
     if schema.JCP not in table.columns or not ({schema.SMILES, schema.INCHI} & set(table.columns)):
         raise ConfigError(f"{path}: needs columns {schema.JCP} and {schema.SMILES} and/or {schema.INCHI}; "
                           f"found {', '.join(map(str, table.columns)) or 'no columns'}")
+    if not len(table):
+        raise ConfigError(f"compound table {path} holds no compounds (its columns, no rows): give a table with at "
+                          f"least one row of {schema.JCP} and {schema.SMILES}")
     table = table.reindex(columns=[schema.JCP, schema.INCHIKEY, schema.SMILES, schema.INCHI])
     table = table.astype(object).where(table.notna(), "").astype(str).apply(lambda col: col.str.strip())
     table.insert(0, "row", np.arange(1, len(table) + 1))
     return table
+
+
+def _read_table(path) -> pd.DataFrame:
+    """A CSV (.gz) or parquet compound table; ConfigError in one line for an empty or unreadable file."""
+    data = storage.read_bytes(path)
+    kind = "parquet" if path.suffix == ".parquet" else "CSV"
+    expected = (f"expected a {kind} table with columns {schema.JCP} and {schema.SMILES} (or {schema.INCHI}): was "
+                f"it cut short by a failed download or copy? Write it again, or point at another table")
+    if not data:
+        raise ConfigError(f"compound table {path} is empty (0 bytes); {expected}")
+    try:
+        if kind == "parquet":
+            return pd.read_parquet(io.BytesIO(data))
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
+                           compression=atomic.COMPRESSION.get(path.suffix))
+    except pd.errors.EmptyDataError:     # a compressed file holding nothing, or only blank lines
+        raise ConfigError(f"compound table {path} holds no text (no header row); {expected}") from None
+    except Exception as e:      # noqa: BLE001 - a damaged gzip, a parquet that is not one, bad bytes: say which
+        raise ConfigError(f"cannot read compound table {path} as {kind} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}); {expected}") from None
 
 
 def plan_items(table: pd.DataFrame) -> tuple[list[tuple[str, str, list[Structure]]], list[str]]:
