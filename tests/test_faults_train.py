@@ -116,3 +116,33 @@ def test_a_damaged_checkpoint_without_a_file_list_names_the_file_not_a_traceback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"checkpoint {tag} could not be read (" in err[0], err
     assert "it is damaged: pass resume=step00000010" in err[0] and "resume=force" not in err[0], err
+
+
+# --------------------------------------------------------------------------- 4. disk full while a checkpoint is written
+
+def test_a_full_disk_while_checkpointing_names_enospc_and_keeps_the_previous_checkpoint(
+        tiny_shards, trained_20, tmp_path, one_rank, capsys, monkeypatch):
+    import deepspeed
+
+    out = _copy(trained_20, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step00000020").iterdir()}
+    real = deepspeed.DeepSpeedEngine.save_checkpoint
+
+    def full(self, save_dir, tag=None, **kw):
+        real(self, save_dir, tag=tag, **kw)     # the files start, then the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(save_dir) / tag / "model.pt"))
+
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", full)
+    assert train(_cfg(tiny_shards, out, "steps=30")) == EXIT_STOPPED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"train: checkpoint step 30 could not be written: no space left on device writing "
+                             f"{out}/checkpoints/.staging/step00000030/model.pt (")
+    assert f"MB free on {out}/checkpoints); the previous checkpoint {out}/checkpoints/step00000020 is intact" in err[0]
+    assert _tags(out) == ["step00000010", "step00000020"]          # the half-written one is gone
+    assert not list((out / "checkpoints" / ".staging").glob("step*"))
+    assert (out / "checkpoints" / "latest").read_text() == "step00000020"
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints" / "step00000020").iterdir()} == before
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", real)
+    assert train(_cfg(tiny_shards, out, "steps=30")) == EXIT_OK      # space freed: it resumes from 20
+    assert _steps(out) == list(range(1, 31))
