@@ -3,7 +3,8 @@
     ./launch.sh verify PATH      (micon verify PATH)
 
 PATH is a prep output (plate shards, control bank, replicate sets), a replicate-set directory, a graph
-store, an embedding directory, or any directory holding some of them (a demo's OUT). Exit status 0 when
+store, an embedding directory, or any directory holding some of them (a demo's OUT); local, or an object
+storage URL (s3://bucket/prefix, the endpoint and credentials as for the other jobs: micon.storage). Exit status 0 when
 everything is whole, 1 when anything is damaged or missing (each named, with what to rerun), 2 when PATH
 holds none of them. Objects written before checksums were recorded are counted as unverified, not damaged.
 """
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
+from micon import storage
 from micon.verify import Report, artefact_roots, checks_under
 
 REPAIR = {"plate shard": "rerun prep for its plate (delete OUT/plates/PLATE.json, then the same prep command)",
@@ -26,26 +27,45 @@ REPAIR = {"plate shard": "rerun prep for its plate (delete OUT/plates/PLATE.json
           "embedding part": "delete the part and rerun the same embed command"}
 
 
+def unreachable(path: str, e: OSError) -> int:
+    print(f"verify: cannot read {storage.redact(path)}: {storage.redact(str(e))}; check that the path exists, the "
+          f"endpoint ({storage.redact(storage._endpoint() or 'AWS')}) answers and your credentials, then rerun",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or len(argv) > 1:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from micon.progress import bar as progress_bar
 
-    path = Path(argv[0])
-    roots = artefact_roots(path) if path.is_dir() else []
+    try:
+        path = storage.path(argv[0])        # an s3:// URL stays a URL (a Path would fold it to s3:/...)
+        roots = artefact_roots(path) if path.is_dir() else []
+    except ValueError as e:                 # credentials in the URL
+        print(f"verify: {storage.redact(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:                    # the object store cannot be reached (after the retries)
+        return unreachable(argv[0], e)
     if not roots:
         print(f"verify: {path} holds no shard set, replicate sets, graph store or embeddings (looked for "
               f"manifest.json, graphs.zarr and embed.json at and under it)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    checks = checks_under(path)
+    try:
+        checks = checks_under(path)
+    except OSError as e:
+        return unreachable(argv[0], e)
     print(f"verify: {len(checks)} objects in {len(roots)} artefacts under {path}: "
           + ", ".join(f"{kind} {root}" for kind, root in roots), flush=True)
     report = Report()
     with progress_bar(total=sum(c.nbytes for c in checks), unit="B", unit_scale=True, desc="verify") as bar:
         for c in checks:
-            problem = c.run()
+            try:
+                problem = c.run()
+            except OSError as e:        # an object that cannot be read (after the retries): named as damaged
+                problem = f"unreadable ({storage.redact(str(e))[:200]})"
             report.checked.append((c, problem))
             bar.update(c.nbytes)
             if problem not in (None, "unverified"):

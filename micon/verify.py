@@ -1,9 +1,11 @@
 """Check stored outputs against the checksums recorded when they were written: plate shards, replicate
 sets, control bank, graph store, embeddings, whichever a directory (or the directories under it) holds.
+Local paths and object storage (s3://..., through micon.storage) alike.
 Reading only: nothing is repaired or removed here; the `verify` job prints what is damaged.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from micon import integrity, schema
+from micon import integrity, schema, storage
 
 # an artefact's root, recognised by the file its writer puts there last
 MARKERS = (("manifest.json", "shard set"), ("graphs.zarr", "graph store"), ("embed.json", "embeddings"))
@@ -45,10 +47,27 @@ class Report:
 UNVERIFIED = "unverified"
 
 
-def _size(path: Path) -> int:
+def _size(path) -> int:
+    """Bytes of a file or object, or of everything under a directory or prefix (0 when nothing is there)."""
+    if isinstance(path, storage.ObjectPath):
+        fs, key = storage.filesystem(str(path))
+        try:
+            return int(storage.call(lambda: fs.du(key, total=True), str(path)) or 0)
+        except FileNotFoundError:
+            return 0
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _zarr(path, group: bool = False):
+    import zarr
+    store = storage.zarr_store(path, read_only=True)
+    return zarr.open_group(store, mode="r") if group else zarr.open_array(store, mode="r")
+
+
+def _read_json(path) -> dict:
+    return json.loads(storage.path(path).read_text())
 
 
 def _compare(expected: str | None, actual_of: Callable[[str], str]) -> str | None:
@@ -64,7 +83,7 @@ def _file_check(kind: str, path: Path, expected: str | None, size: int | None = 
             return "missing"
         if size is not None and path.stat().st_size != size:
             return f"{path.stat().st_size} bytes, the manifest records {size} (truncated or extended)"
-        return _compare(expected, lambda like: integrity.of_file(path, like))
+        return _compare(expected, lambda like: storage.checksum(path, like))
     return Check(kind, path, size if size is not None else _size(path), run)
 
 
@@ -72,7 +91,7 @@ def _file_check(kind: str, path: Path, expected: str | None, size: int | None = 
 
 def shard_set_checks(root: Path) -> list[Check]:
     """Plate shards, controls.parquet, every DMSO site of the control bank, and the replicate sets."""
-    m = json.loads((root / "manifest.json").read_text())
+    m = _read_json(root / "manifest.json")
     if m.get("format") == "micon-replicate-sets":       # the replicate-set directory itself
         return replicate_set_checks(root, m)
     checks = [_file_check("plate shard", root / "shards" / s["name"], s.get("checksum"), s.get("bytes"))
@@ -81,7 +100,7 @@ def shard_set_checks(root: Path) -> list[Check]:
     checks.append(_file_check("control table", table_path, m.get("checksums", {}).get("controls.parquet")))
     if table_path.is_file():
         try:
-            table = pd.read_parquet(table_path)
+            table = pd.read_parquet(io.BytesIO(storage.read_bytes(table_path)))
         except Exception:               # reported by the control table's own check
             table = None
         if table is not None:
@@ -89,15 +108,14 @@ def shard_set_checks(root: Path) -> list[Check]:
                 checks.append(_control_plate_check(root / "control_bank.zarr", str(plate), rows))
     rs = root / "replicate_sets" / "manifest.json"
     if rs.is_file():
-        checks += replicate_set_checks(rs.parent, json.loads(rs.read_text()))
+        checks += replicate_set_checks(rs.parent, _read_json(rs))
     return checks
 
 
 def _control_plate_check(bank: Path, plate: str, rows: pd.DataFrame) -> Check:
     def run() -> str | None:
-        import zarr
         try:
-            arr = np.asarray(zarr.open_array(str(bank / plate), mode="r")[:])
+            arr = np.asarray(_zarr(bank / plate)[:])
         except Exception as e:
             return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
         if "checksum" not in rows.columns or rows["checksum"].isna().any():
@@ -116,22 +134,17 @@ def replicate_set_checks(directory: Path, m: dict) -> list[Check]:
 def graph_store_checks(root: Path) -> list[Check]:
     from micon.chem.store import INDEX_NAME, ZARR_NAME
 
-    def attrs() -> dict:
-        import zarr
-        return dict(zarr.open_group(str(root / ZARR_NAME), mode="r").attrs)
-
     try:
-        recorded = attrs().get("checksums")
-    except Exception as e:
-        return [Check("graph store", root / ZARR_NAME, _size(root / ZARR_NAME),
-                      lambda: f"unreadable ({type(e).__name__}: {str(e)[:120]})")]
+        recorded = dict(_zarr(root / ZARR_NAME, group=True).attrs).get("checksums")
+    except Exception as e:      # the message is kept: `e` itself is unbound once the except block ends
+        problem = f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+        return [Check("graph store", root / ZARR_NAME, _size(root / ZARR_NAME), lambda: problem)]
     recorded = recorded or {}
     checks = [_file_check("graph index", root / INDEX_NAME, recorded.get(INDEX_NAME))]
     for name in sorted(n for n in (p.name for p in (root / ZARR_NAME).iterdir() if p.is_dir())):
         def run(name=name) -> str | None:
-            import zarr
             try:
-                arr = np.asarray(zarr.open_group(str(root / ZARR_NAME), mode="r")[name][:])
+                arr = np.asarray(_zarr(root / ZARR_NAME, group=True)[name][:])
             except Exception as e:
                 return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
             return _compare(recorded.get(name), lambda like: integrity.of_array(arr, like))
@@ -142,12 +155,11 @@ def graph_store_checks(root: Path) -> list[Check]:
 def embedding_checks(root: Path) -> list[Check]:
     from micon.embeddings import EmbeddingError, array_checksum, read_part
 
-    info = json.loads((root / "embed.json").read_text())
+    info = _read_json(root / "embed.json")
 
     def consolidated() -> str | None:
-        import zarr
         try:
-            emb = np.asarray(zarr.open_array(str(root / "embeddings.zarr"), mode="r")[:])
+            emb = np.asarray(_zarr(root / "embeddings.zarr")[:])
         except Exception as e:
             return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
         return _compare(info.get("checksum", info.get("sha256")), lambda like: array_checksum(emb, like))
@@ -168,9 +180,10 @@ def embedding_checks(root: Path) -> list[Check]:
 KINDS = {"shard set": shard_set_checks, "graph store": graph_store_checks, "embeddings": embedding_checks}
 
 
-def artefact_roots(path: Path) -> list[tuple[str, Path]]:
-    """(kind, root) of every artefact at or under `path`, found by its writer's last file; the insides of
-    an artefact (shards/, parts/, zarr stores) are not searched."""
+def artefact_roots(path) -> list[tuple[str, Path]]:
+    """(kind, root) of every artefact at or under `path` (a local path, or an object URL or ObjectPath),
+    found by its writer's last file; the insides of an artefact (shards/, parts/, zarr stores) are not searched."""
+    path = storage.path(path)
     found = []
     for marker, kind in MARKERS:
         if (path / marker).exists():
@@ -184,5 +197,5 @@ def artefact_roots(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def checks_under(path: Path) -> list[Check]:
-    return [c for kind, root in artefact_roots(Path(path)) for c in KINDS[kind](root)]
+def checks_under(path) -> list[Check]:
+    return [c for kind, root in artefact_roots(storage.path(path)) for c in KINDS[kind](root)]

@@ -251,3 +251,77 @@ def test_featurize_refuses_an_empty_or_damaged_compound_table_with_exit_2(tmp_pa
     err = capsys.readouterr().err
     no_traceback(err)
     assert err.startswith("featurize: ") and expected in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------------------- 4: verify s3://
+
+def small_artefacts(root: Path) -> None:
+    """A shard set (two shards, the control table), a graph store and an embedding directory under `root`,
+    each with the checksums its writer records: what verify reads, without running prep."""
+    import numpy as np
+    import pandas as pd
+
+    from micon import integrity
+    from micon.chem.featurizer import N_ATOM_CODES, N_BOND_CODES, EncodedMol
+    from micon.chem.store import INDEX_COLUMNS, RaggedGraphs, write_store
+    from micon.embeddings import part_path, write_consolidated, write_part
+
+    shards = root / "shards"
+    (shards / "shards").mkdir(parents=True)
+    entries = []
+    for i in range(2):
+        f = shards / "shards" / f"P1-{i:06d}.tar"
+        f.write_bytes(bytes(range(256)) * (20 + i))
+        entries.append({"name": f.name, "bytes": f.stat().st_size, "checksum": integrity.of_file(f)})
+    pd.DataFrame({"Metadata_Plate": pd.Series([], dtype=str), "row": pd.Series([], dtype=int),
+                  "checksum": pd.Series([], dtype=str)}).to_parquet(shards / "controls.parquet")
+    (shards / "manifest.json").write_text(json.dumps({"shards": entries, "checksums": {
+        "controls.parquet": integrity.of_file(shards / "controls.parquet")}}))
+    rng = np.random.default_rng(0)
+    mols = [EncodedMol(rng.integers(0, 3, (3, N_ATOM_CODES), dtype=np.uint8), rng.random((3, 1), np.float32),
+                       np.array([[0, 1], [1, 2]], np.int32), rng.integers(0, 3, (2, N_BOND_CODES), dtype=np.uint8))
+            for _ in range(2)]
+    graphs = RaggedGraphs.from_encoded(mols, [rng.integers(0, 2, 64, dtype=np.uint8) for _ in range(2)], 64)
+    index = pd.DataFrame({"Metadata_JCP2022": ["JCP2022_000001", "JCP2022_000002"], "Metadata_InChIKey": ["A", "B"],
+                          "status": ["ok", "ok"], "reason": ["", ""], "flags": ["", ""], "n_atoms": [3, 3],
+                          "n_bonds": [2, 2]})
+    write_store(root / "graphs", index[list(INDEX_COLUMNS)], graphs, radius=2, n_bits=64)
+    emb = rng.normal(size=(6, 4)).astype(np.float32)
+    rows = [{"Metadata_Plate": "P1", "Metadata_Well": f"A{i:02d}"} for i in range(6)]
+    (root / "emb" / "parts").mkdir(parents=True)
+    write_part(part_path(root / "emb", "P1-000000.tar"), emb, rows, "k")
+    write_consolidated(root / "emb", emb, pd.DataFrame(rows), {"identity": "k"})
+
+
+def test_verify_takes_an_s3_url_and_names_a_damaged_object_by_its_url(s3, tmp_path, capsys):
+    from data_prep.verify import main
+    from micon import storage
+
+    small_artefacts(tmp_path / "outb")
+    url = f"s3://{s3.bucket('verify-outb')}/outb"
+    storage.put_tree(tmp_path / "outb", storage.path(url))
+
+    def verify(path: str) -> tuple[int, str, str]:
+        rc = main([path])
+        cap = capsys.readouterr()
+        no_traceback(cap.out + cap.err)
+        return rc, cap.out, cap.err
+
+    rc, out, err = verify(f"{url}/shards")
+    assert rc == 0 and f"verify: 3 objects in 1 artefacts under {url}/shards: shard set {url}/shards" in out, out + err
+    assert "verify: all 3 checked objects whole" in out and "s3:/verify" not in out + err
+    rc, out, err = verify(url)
+    assert rc == 0 and f"shard set {url}/shards" in out and f"graph store {url}/graphs" in out
+    assert f"embeddings {url}/emb" in out, out + err
+    # a damaged object is named by its URL, with what to rerun; every other object is still whole
+    fs, key = storage.filesystem(f"{url}/shards/shards/P1-000001.tar")
+    data = bytearray(fs.cat_file(key))
+    data[100] ^= 0x10
+    fs.pipe_file(key, bytes(data))
+    rc, out, err = verify(url)
+    assert rc == 1, out + err
+    damaged = [line for line in err.splitlines() if line.startswith("  ")]
+    assert damaged == [f"  plate shard {url}/shards/shards/P1-000001.tar: checksum mismatch (recorded "
+                       + damaged[0].split("(recorded ", 1)[1]] and "rerun prep for its plate" in damaged[0]
+    rc, out, err = verify("s3://verify-outb/nothing")
+    assert rc == 2 and err.startswith("verify: s3://verify-outb/nothing holds no shard set"), err
