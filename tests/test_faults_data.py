@@ -325,3 +325,14 @@ def test_verify_takes_an_s3_url_and_names_a_damaged_object_by_its_url(s3, tmp_pa
                        + damaged[0].split("(recorded ", 1)[1]] and "rerun prep for its plate" in damaged[0]
     rc, out, err = verify("s3://verify-outb/nothing")
     assert rc == 2 and err.startswith("verify: s3://verify-outb/nothing holds no shard set"), err
+
+
+def test_verify_names_a_graph_store_whose_attributes_cannot_be_read(tmp_path, capsys):
+    from data_prep.verify import main
+
+    (tmp_path / "graphs" / "graphs.zarr").mkdir(parents=True)
+    (tmp_path / "graphs" / "graphs.zarr" / "zarr.json").write_text("{not json")
+    assert main([str(tmp_path / "graphs")]) == 1
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert f"  graph store {tmp_path / 'graphs' / 'graphs.zarr'}: unreadable (" in err, err
