@@ -70,7 +70,7 @@ def test_a_rerun_after_a_kill_logs_each_step_once(tiny_shards, trained_20, tmp_p
     with caplog.at_level(logging.INFO, logger="micon.train"):
         assert train(_cfg(tiny_shards, out, "steps=20")) == EXIT_OK
     assert _steps(out) == list(range(1, 21))
-    assert "metrics.jsonl: 6 rows past step 10 (logged after that checkpoint) dropped" in caplog.text
+    assert "metrics.jsonl: dropped 6 row(s) logged after step 10" in caplog.text
 
 
 # --------------------------------------------------------------------------- 3. a damaged newest checkpoint
@@ -146,3 +146,59 @@ def test_a_full_disk_while_checkpointing_names_enospc_and_keeps_the_previous_che
     monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", real)
     assert train(_cfg(tiny_shards, out, "steps=30")) == EXIT_OK      # space freed: it resumes from 20
     assert _steps(out) == list(range(1, 31))
+
+
+# --------------------------------------------------------------------------- 1. two trainings into one out=
+
+HOLD = ("import sys, time\nfrom micon.locks import run_lock\n"
+        "with run_lock(sys.argv[1], job='train'):\n    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+def test_a_second_training_into_a_live_runs_out_is_refused_and_leaves_it_whole(
+        tiny_shards, trained_20, tmp_path, one_rank, capsys):
+    """Another live training holds out= (its lock, as train takes it): this one exits 2 in one line naming that
+    run, before writing anything; the first run's checkpoints, config and metrics are untouched."""
+    import os
+    import subprocess
+    import sys
+
+    out = _copy(trained_20, tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert train(_cfg(tiny_shards, out, "steps=30", "seed=1")) == 2
+    finally:
+        other.kill()
+        other.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train: {out} is in use by another train run (pid {other.pid} on "
+                                               f"host {os.uname().nodename}, started "), err
+    assert "Wait for it to finish, stop it, or write to another output" in err[0]
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".micon-lock.json"}
+    assert after == before
+    # the holder gone (killed), the lock is taken over and the run resumes
+    assert train(_cfg(tiny_shards, out, "steps=30")) == EXIT_OK
+    assert _steps(out) == list(range(1, 31)) and not (out / ".micon-lock.json").exists()
+
+
+# --------------------------------------------------------------------------- 10. a read-only out=
+
+def test_resuming_into_a_read_only_out_is_refused_before_loading(tiny_shards, trained_20, tmp_path, one_rank,
+                                                                   capsys):
+    import subprocess
+
+    out = _copy(trained_20, tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    made = subprocess.run(["mount", "--bind", "-o", "ro", str(out), str(out)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here: {made.stderr.strip()}")
+    try:
+        assert train(_cfg(tiny_shards, out, "steps=30")) == 2
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train: out={out} cannot be written ({out}"), err
+    assert "Read-only file system); nothing was changed in it. Make it writable" in err[0], err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -3,12 +3,14 @@ identity, the saved model settings, DeepSpeed's state and the TrainState), the r
 earlier configs kept), and saving. The Trainer's loop calls `resume` once and `save` at each checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 from micon import atomic, distributed
-from micon.config import dump, save_config, to_dict
+from micon.config import ConfigError, dump, save_config, to_dict
 from train.state import TrainingStopped, TrainState
 
 log = logging.getLogger("micon.train")
@@ -18,6 +20,20 @@ def model_settings(model: dict) -> dict:
     """The model settings that make a run what it is: model.init says where its weights started, which a
     resumed run's checkpoint replaces, so it is neither part of the identity nor compared on resume."""
     return {k: v for k, v in model.items() if k != "init"}
+
+
+def _probe_writable(directory) -> None:
+    """Create and remove a file in `directory` where it exists (os.access trusts the permission bits, which do not
+    stop root, nor tell a read-only mount); raises the OSError a write would meet."""
+    if not directory.is_dir():
+        return
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as e:
+        e.filename = e.filename or str(directory)
+        raise
+    probe.unlink()
 
 
 def _row_step(line: str) -> int | None:
@@ -39,6 +55,34 @@ class RunCheckpoints:
 
     def __init__(self, trainer):
         self.trainer = trainer
+        self.held = contextlib.ExitStack()     # the run lock on out= (rank 0)
+
+    def lock(self) -> None:
+        """Before anything is written: rank 0 holds the lock on out= for the whole run (micon.locks: a second live
+        run into it is refused naming the first; a dead run's lock is taken over) and checks that out= and its
+        checkpoints can be written. Every rank stops alike (exit 2), none waits in a collective."""
+        from micon.locks import LockHeld, run_lock
+
+        problem = None
+        if self.rank == 0:
+            try:
+                self.held.enter_context(run_lock(self.out, job="train"))
+                for d in (self.out, self.ckpt_root, self.out / "configs"):
+                    _probe_writable(d)
+            except LockHeld as e:
+                problem = str(e).removeprefix("train: ")
+            except OSError as e:
+                where = e.filename or self.out
+                problem = (f"out={self.out} cannot be written ({where}: {e.strerror or e}); nothing was changed in it. "
+                           f"Make it writable (a read-only mount, a full disk or missing permissions), or write to "
+                           f"another out= (a resume needs its checkpoints there: copy them)")
+                self.unlock()
+        problem = distributed.broadcast_object(problem, src=0)
+        if problem:
+            raise ConfigError(problem)
+
+    def unlock(self) -> None:
+        self.held.close()
 
     def __getattr__(self, name):        # the trainer's attributes (cfg, engine, out, ckpt_root, rank, ...)
         return getattr(self.trainer, name)
@@ -107,8 +151,8 @@ class RunCheckpoints:
         kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
         if len(kept) != len(lines):
             atomic.write_text(path, "".join(line + "\n" for line in kept))
-            log.info("metrics.jsonl: %d rows past step %d (logged after that checkpoint) dropped; the rerun logs "
-                     "those steps again", len(lines) - len(kept), step)
+            log.info("metrics.jsonl: dropped %d row(s) logged after step %d, the checkpoint this run resumes "
+                     "from (those steps run again)", len(lines) - len(kept), step)
 
     def identity(self) -> dict:
         """This run's identity: its shard set's fingerprint, its method and its model settings."""

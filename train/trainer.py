@@ -100,6 +100,7 @@ class Trainer:
         problem, fingerprint_bits, table_dim = distributed.broadcast_object((problem, fingerprint_bits, table_dim))
         if problem:
             raise TrainingStopped(problem)
+        self.checkpoints.lock()   # one run per out= (exit 2 naming the other), and out= writable
         if self.rank == 0:   # config.yaml is written once the run's identity is checked (resume)
             self.out.mkdir(parents=True, exist_ok=True)
             log.info("training %s on %d process(es) via %s, %s, %s, ZeRO %d; config %s", self.method.name, self.world,
@@ -436,6 +437,7 @@ class Trainer:
         if self.determinism_before is not None:
             restore_determinism(self.determinism_before)
         distributed.shutdown()
+        self.checkpoints.unlock()
         return exit_code
 
 
@@ -464,4 +466,5 @@ def train(cfg) -> int:
         if trainer.determinism_before is not None:
             restore_determinism(trainer.determinism_before)
         distributed.shutdown()
+        trainer.checkpoints.unlock()
     return code
