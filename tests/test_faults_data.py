@@ -336,3 +336,44 @@ def test_verify_names_a_graph_store_whose_attributes_cannot_be_read(tmp_path, ca
     err = capsys.readouterr().err
     no_traceback(err)
     assert f"  graph store {tmp_path / 'graphs' / 'graphs.zarr'}: unreadable (" in err, err
+
+
+# ----------------------------------------------------------------------------------------- 7: a deleted shard
+
+def test_a_deleted_shard_is_counted_lost_when_the_stream_reaches_it_not_at_the_epochs_end(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from micon.data.pipeline import Counts, ExampleStream, StreamConfig, shard_slot
+    from micon.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(tmp_path, "P1", "npy", 9_000)
+    for i in range(12):
+        writer.write(f"P1_A{i:02d}_1", rng.integers(0, 255, (5, 32, 32), dtype=np.uint8), {"i": i})
+    written = writer.close()
+    assert len(written) == 6 and all(s["n_samples"] == 2 for s in written)
+    urls = [str(tmp_path / s["name"]) for s in written]
+    expected = {s["name"]: s["n_samples"] for s in written}
+    first = shard_slot(urls, 0, 0, 0, 1, False)[0]
+    Path(first).unlink()                  # listed in the manifest, gone from storage
+    stream = ExampleStream(str(tmp_path), StreamConfig(shuffle_buffer=1), rank=0, world=1, num_workers=1)
+    counts = Counts()
+    gen = stream._epochs(urls, expected, 0, counts, ExampleStream._parse_site, lambda s: True,
+                         checksums={s["name"]: s["checksum"] for s in written})
+    with caplog.at_level(logging.WARNING, logger="micon.data"):
+        sample = next(gen)                # from the next shard: the epoch is far from its end
+    assert sample["key"].startswith("P1_") and counts["images_read"] < sum(expected.values()) - expected[Path(first).name]
+    assert counts["samples_lost"] == expected[Path(first).name] and counts["shards_missing"] == 1
+    assert counts["shards_damaged"] == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"shard {Path(first).name} is listed in the manifest but missing: its {expected[Path(first).name]} "
+               f"samples are lost" in line for line in lines), lines
+    # the rest of the epoch counts it once, not again at the epoch's end
+    rest = sum(expected.values()) - expected[Path(first).name]
+    for _ in range(rest - 1):
+        next(gen)
+    next(gen)                             # the next epoch's first sample (its first shard's two): epoch 0 settled
+    again = shard_slot(urls, 1, 0, 0, 1, False)[0] == first      # epoch 1 starts with the missing shard
+    assert counts["samples_lost"] == (2 if again else 1) * expected[Path(first).name]

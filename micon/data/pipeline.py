@@ -244,8 +244,19 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 counts.add("shards_failed_checksum")
                 tally.finish([url])
 
+            def unopened(url: str, e: OSError) -> None:     # deleted, or unreadable: lost, and counted now
+                name, missing = Path(url).name, isinstance(e, FileNotFoundError)
+                damaged.append(name)
+                counts.add("corrupt_reads")
+                counts.add("shards_missing" if missing else "shards_unreadable")
+                log.warning("shard %s %s: its %d samples are lost (./launch.sh verify SHARDS lists every damaged "
+                            "shard; rerun prep for its plate to rewrite it)", name,
+                            "is listed in the manifest but missing" if missing
+                            else f"cannot be read ({str(e).splitlines()[0][:200]})", expected.get(name, 0))
+                tally.finish([url])
+
             for s in verified_samples(urls, checksums or {}, handler, lost,
-                                      on_retry=lambda e: counts.add("read_retries")):
+                                      on_retry=lambda e: counts.add("read_retries"), on_unopened=unopened):
                 counts.add("bytes_read", tar_bytes(*(v for k, v in s.items() if not k.startswith("__"))))
                 sample = parse(s, counts)
                 if sample is None:
@@ -288,8 +299,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         names = ", ".join(Path(u).name for u in urls[:5]) + (" ..." if len(urls) > 5 else "")
         where = f"epoch {epoch} of data stream {slot} (rank {self.rank})"
         if readable == 0:
-            failed = (f"; {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} failed their checksum"
-                      if damaged else "")
+            failed = (f"; {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} are missing or failed their "
+                      f"checksum" if damaged else "")
             raise DataStreamError(f"{where} read no usable sample from its {len(urls)} shards ({names}): they are "
                                   f"unreadable, truncated or damaged{failed}. Rerun prep to rewrite them (list "
                                   f"them with ./launch.sh verify), or remove them from the shard set")

@@ -106,13 +106,16 @@ def open_hashed(url: str, like: str | None = None, on_retry=None):
     return io.BufferedReader(raw, 1 << 20), raw
 
 
-def verified_samples(urls: list[str], checksums: dict[str, str | None], handler, on_damaged, on_retry=None):
+def verified_samples(urls: list[str], checksums: dict[str, str | None], handler, on_damaged, on_retry=None,
+                     on_unopened=None):
     """WebDataset samples of each shard in turn. A shard with a recorded checksum is hashed as its bytes
     stream past and its samples are held back until the whole file matched, so nothing of a damaged
     (altered or truncated) shard is ever used; such a shard is skipped, logged with its name and passed
     to `on_damaged(url)`. Holding back costs one shard's samples in memory per loader worker (about
     shard_mb). Unreadable data goes to `handler` (webdataset's error handler); a shard that stays
-    unreadable after the retries (`on_retry` is told of each) is handled as a truncated one."""
+    unreadable after the retries (`on_retry` is told of each) is handled as a truncated one. A shard that
+    cannot be opened at all (deleted, no permission) goes to `on_unopened(url, error)` when given (so it
+    is counted at once), else to `handler`."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     for url in urls:
@@ -120,6 +123,9 @@ def verified_samples(urls: list[str], checksums: dict[str, str | None], handler,
         try:
             fh, hashed = open_hashed(url, like=expected, on_retry=on_retry)
         except OSError as e:
+            if on_unopened is not None:
+                on_unopened(url, e)
+                continue
             if handler(e):
                 continue
             raise
