@@ -202,3 +202,58 @@ def test_resuming_into_a_read_only_out_is_refused_before_loading(tiny_shards, tr
     assert len(err) == 1 and err[0].startswith(f"train: out={out} cannot be written ({out}"), err
     assert "Read-only file system); nothing was changed in it. Make it writable" in err[0], err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# --------------------------------------------------------------------------- 5. another number of ranks
+
+def _torchrun(*args: str, nproc: int = 2, timeout: float = 300):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, job_env
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "train.run", "-", *args], cwd=REPO, env=job_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _args(shards, out, *extra):
+    return [f"data.shards={shards}", f"out={out}", "method=simclr", "micro_batch=4", "progress=false",
+            "wandb.enabled=false", "optim.lr=1e-3", "optim.warmup_steps=2", "ckpt_every=10", *extra]
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back_on_two(tiny_shards, tmp_path, one_rank, caplog):
+    """ZeRO-1 optimizer state saved by 2 ranks continues on 1 (DeepSpeed's universal form, resharded): weights,
+    AdamW moments and the schedule exactly as saved; and a 1-rank checkpoint continues on 2."""
+    import torch
+
+    from micon.checkpoint import load_checkpoint
+    from train.trainer import Trainer
+
+    out = tmp_path / "run"
+    first = _torchrun(*_args(tiny_shards, out, "steps=10"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    tag = out / "checkpoints" / "step00000010"
+    parts = [torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+             ["optimizer_state_dict"]["base_optimizer_state"]["state"][0] for r in (0, 1)]
+    with caplog.at_level(logging.INFO, logger="micon.train"):
+        trainer = Trainer(_cfg(tiny_shards, out, "steps=12")).setup()
+        trainer.resume()
+    assert f"{tag} was saved by 2 ranks, this run has 1: converting it to DeepSpeed's universal" in caplog.text
+    assert trainer.state.step == 10 and trainer.engine.global_steps == 10
+    assert trainer.scheduler.last_epoch == 10
+    state = next(iter(trainer.engine.optimizer.optimizer.state.values()))
+    for k in ("exp_avg", "exp_avg_sq"):
+        merged = torch.cat([p[k] for p in parts])[: state[k].numel()]
+        assert torch.equal(state[k], merged), k
+    saved = load_checkpoint(tag).weights
+    for k, v in trainer.engine.module.state_dict().items():
+        assert torch.equal(v.float(), saved[k]), k
+    code = trainer.fit()     # resumes (and converts) again, then trains
+    assert trainer.finish(code) == EXIT_OK and trainer.state.step == 12
+    assert not list((out / "checkpoints" / ".staging" / "universal").glob("step*"))   # the conversion is removed
+    back = _torchrun(*_args(tiny_shards, out, "steps=14"))
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "step00000012 was saved by 1 ranks, this run has 2" in back.stderr
+    assert json.loads((out / "final.json").read_text())["step"] == 14 and _steps(out) == list(range(1, 15))

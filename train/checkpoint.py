@@ -17,6 +17,8 @@ import errno
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from micon import atomic, distributed, integrity
@@ -137,6 +139,36 @@ def export(model_file: Path, final: dict, dest: str) -> str:
         shutil.copyfile(model_file, tmp)
     atomic.write_json(dest / "final.json", final)
     return str(dest / "model.pt")
+
+
+def partitioned_world(root: Path, tag: str) -> int:
+    """The number of ranks whose ZeRO optimizer partitions `tag` holds (0: none, the state is not partitioned)."""
+    return len(list((root / tag).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+
+
+def to_universal(root: Path, tag: str) -> Path:
+    """Rank 0: DeepSpeed's universal form of `tag` (weights and optimizer state per parameter, loadable on any
+    number of ranks; DeepSpeed's ds_to_universal) under checkpoints/.staging/universal/; returns that root. A
+    conversion already there is reused; one cut short is redone."""
+    dest_root = root / ".staging" / "universal"
+    dest = dest_root / tag
+    if (dest / "zero").is_dir():
+        return dest_root
+    tmp = dest_root / f".{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(root / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        raise TrainingStopped(f"{root / tag} was saved by {partitioned_world(root, tag)} ranks and could not be "
+                              f"converted for another number of ranks ({last}); resume it on that many ranks, or "
+                              f"pass resume=none to start over")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest_root
 
 
 def complete_tags(root: Path) -> list[str]:

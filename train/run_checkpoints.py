@@ -123,6 +123,9 @@ class RunCheckpoints:
         from train import checkpoint
 
         try:
+            saved_world = checkpoint.partitioned_world(self.ckpt_root, tag)
+            if saved_world and saved_world != self.world:
+                return self.load_resharded(tag, saved_world)
             _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
             return client
         except RuntimeError as e:
@@ -140,6 +143,40 @@ class RunCheckpoints:
                   else "pass resume=none to start over")
         raise TrainingStopped(f"checkpoint {self.ckpt_root / tag} could not be read ({cause}); it is damaged: "
                               f"{advice}") from None
+
+    def load_resharded(self, tag: str, saved_world: int) -> dict:
+        """A checkpoint whose ZeRO optimizer state is split over another number of ranks: rank 0 converts it to
+        DeepSpeed's universal form (per parameter), every rank loads its own partition from there (weights, AdamW
+        moments, step counts and schedule exactly as saved); the module's buffers (batch-norm statistics, which
+        the universal form leaves out) come from the tag's model.pt. The conversion is removed afterwards."""
+        from micon.checkpoint import load_checkpoint
+        from train import checkpoint
+
+        if self.rank == 0:
+            log.warning("%s was saved by %d ranks, this run has %d: converting it to DeepSpeed's universal "
+                        "checkpoint form and resharding the optimizer state (weights and AdamW state continue "
+                        "exactly; the data order restarts, below)", self.ckpt_root / tag, saved_world, self.world)
+        problem, universal = None, None
+        if self.rank == 0:
+            try:
+                universal = checkpoint.to_universal(self.ckpt_root, tag)
+            except TrainingStopped as e:
+                problem = str(e)
+        problem, universal = distributed.broadcast_object((problem, universal), src=0)
+        if problem:
+            raise TrainingStopped(problem)
+        config = self.engine._config
+        config.load_universal_checkpoint = True
+        try:
+            _, client = self.engine.load_checkpoint(str(universal), tag=tag)
+        finally:
+            config.load_universal_checkpoint = False
+        self.engine.module.load_state_dict(load_checkpoint(self.ckpt_root / tag).weights)
+        distributed.barrier()
+        if self.rank == 0:
+            import shutil
+            shutil.rmtree(universal / tag, ignore_errors=True)
+        return client
 
     def trim_metrics(self, step: int) -> None:
         """Rank 0: the rows of OUT/metrics.jsonl past `step` (logged after the checkpoint a rerun resumes from, or
