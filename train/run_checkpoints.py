@@ -112,7 +112,7 @@ class RunCheckpoints:
             saved.data_position, saved.data_workers, saved.world_size = 0, cfg.data.num_workers, self.world
             saved.data_seed = cfg.seed + saved.step
         self.trainer.state = saved
-        self.trainer.metrics.counts_at_start = dict(saved.data_counts)
+        self.trainer.counts_at_start = dict(saved.data_counts)
         self.write_run_record(tag, saved.step)
         self.trim_metrics(saved.step)
         log.info("resumed from %s at step %d (%d samples seen)", self.ckpt_root / tag, saved.step,
