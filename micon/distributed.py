@@ -67,23 +67,73 @@ def backend_for(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
+_timeout_s: float | None = None    # the configured timeout, for messages
+_peer_lost = False                 # a collective failed on a lost rank: no barrier at shutdown
+
+
+def set_default_timeout(timeout_s: float) -> None:
+    """Every process group made from now on waits at most `timeout_s`, not torch's default (30 min on gloo, 10
+    on NCCL): DeepSpeed makes its own groups (a clone of the world group for the gradient all-reduce) with
+    `new_group()` and no timeout, and a hung rank would hold the others there that long. torch reads these
+    module defaults whenever a group is made without a timeout."""
+    from torch.distributed import distributed_c10d as c10d
+
+    global _timeout_s
+    _timeout_s = timeout_s
+    td = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = td
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = td
+
+
 def init(timeout_s: float = 300.0) -> DistEnv:
-    """Process group with a bounded timeout, so a dead rank makes the others fail instead of hanging."""
+    """Process group with a bounded timeout, so a dead rank makes the others fail instead of hanging; every
+    group made later (DeepSpeed's too) gets the same timeout."""
+    global _peer_lost
     info = detect()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    set_default_timeout(timeout_s)
+    _peer_lost = False
     if not dist.is_initialized():
         dist.init_process_group(backend=backend_for(cuda), rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return info
 
 
+def peer_failure(e: BaseException) -> str | None:
+    """What a collective's error means for people, when it means another rank was lost: 'timeout' (no answer
+    within the timeout: a rank stopped or hangs) or 'lost' (its connection closed: a rank died); else None."""
+    if not isinstance(e, RuntimeError) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(e).lower()
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    if any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                               "connection refused", "socket closed")):
+        return "lost"
+    return None
+
+
+def peer_failure_message(kind: str, rank: int, step: int, where: str) -> str:
+    """One line for a rank that lost its peers (and marks the group unusable: shutdown skips its barrier)."""
+    global _peer_lost
+    _peer_lost = True
+    wait = f"engine.dist_timeout_s={_timeout_s:g}" if _timeout_s is not None else "the process group's timeout"
+    cause = (f"no answer from another rank within {wait} (a rank stopped, hangs or its node is unreachable)"
+             if kind == "timeout" else "another rank's connection closed (that rank died or was killed)")
+    return (f"rank {rank} at step {step}: {cause}; stopping every rank. The last checkpoint is in {where}: rerun "
+            f"the same command to resume from it (raise engine.dist_timeout_s if a rank is only slow)")
+
+
 def shutdown() -> None:
-    """Barrier then destroy: without it gloo runs sometimes abort at exit."""
+    """Barrier then destroy: without it gloo runs sometimes abort at exit. After a lost rank, destroy only (a
+    barrier would wait for the lost rank once more)."""
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if not _peer_lost:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
             _forget_deepspeed_groups()

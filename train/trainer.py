@@ -458,6 +458,12 @@ def train(cfg) -> int:
         if trainer.rank == 0:
             print(f"train: {e}", file=sys.stderr)
         code = EXIT_STOPPED
+    except RuntimeError as e:       # a collective on a rank that stopped or died: one line on every rank left
+        if not (kind := distributed.peer_failure(e)):
+            raise
+        print(f"train: {distributed.peer_failure_message(kind, trainer.rank, trainer.state.step, str(trainer.ckpt_root))}",
+              file=sys.stderr)
+        code = EXIT_STOPPED
     if trainer.engine is not None:
         code = trainer.finish(code)
     else:
