@@ -8,13 +8,13 @@ Collectives go through micon.distributed. Works in-process with one rank (tests)
 
 Its parts live beside it: train.state (TrainState, the loss window, stop signals), train.engine (DeepSpeed's
 config, the optimiser kernel, the schedule, determinism), train.inputs (graphs, the molecule table, a started-
-from encoder, checked before the first step) and train.run_checkpoints (resume, the run record, saving).
+from encoder, checked before the first step), train.run_checkpoints (resume, the run record, saving) and
+train.run_metrics (wandb, metrics.jsonl, the progress bar).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +33,7 @@ from train.engine import (ds_config, environment_extensions, lr_lambda, memory_m
                           optimizer_kernel, restore_determinism, set_deterministic)
 from train.inputs import check_graphs, check_molecule_table, compound_labels, load_image_encoder  # noqa: F401
 from train.run_checkpoints import RunCheckpoints
+from train.run_metrics import RunMetrics
 from train.state import DataStopped, LossWindow, SignalFlag, TrainingStopped, TrainState  # noqa: F401
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
@@ -47,10 +48,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.state = TrainState(seed=cfg.seed, data_seed=cfg.seed, data_workers=cfg.data.num_workers)
-        self.run = self.bar = self.batches = None
-        self.counts_by_worker: dict[int, dict] = {}
-        self.counts_at_start: dict[str, int] = {}
-        self.reported_lost = 0
+        self.batches = None
         self.last_losses: dict[str, float] = {}
         self.window = LossWindow()     # the steps since metrics were last logged (fit() starts a fresh one)
         # set by setup(): the process group, the device, the shard set, the model's record and the engine
@@ -66,6 +64,7 @@ class Trainer:
         self.engine = self.optimizer = self.scheduler = None
         self.determinism_before: tuple[bool, bool, bool, bool] | None = None   # the process's settings, restored at the end
         self.checkpoints = RunCheckpoints(self)     # resume, the run record, saving (train.run_checkpoints)
+        self.metrics = RunMetrics(self)             # wandb, metrics.jsonl, the progress bar (train.run_metrics)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
@@ -245,23 +244,6 @@ class Trainer:
                         "rebuild them with ./launch.sh rsets %s include_poscon=true", self.manifest.root)
         return use
 
-    def start_logging(self) -> None:
-        cfg = self.cfg
-        if self.rank == 0 and cfg.wandb.enabled:
-            import wandb
-
-            os.environ.setdefault("WANDB_MODE", "offline")
-            run_id_file = self.out / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-            self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, dir=str(self.out),
-                                  mode=cfg.wandb.mode or os.environ.get("WANDB_MODE", "offline"), config=to_dict(cfg),
-                                  name=cfg.wandb.name or None, id=run_id, resume="allow" if run_id else None)
-            run_id_file.write_text(self.run.id)
-        if self.rank == 0 and cfg.progress:
-            from micon.progress import bar as progress_bar
-            self.bar = progress_bar(total=cfg.steps, initial=self.state.step, desc=f"train {self.method.name}", unit="step",
-                            dynamic_ncols=True)
-
     # ------------------------------------------------------------------ one step
     def _next_batch(self) -> dict:
         from micon.data.pipeline import DataStreamError
@@ -276,7 +258,7 @@ class Trainer:
         if failed > 0:
             raise DataStopped(distributed.broadcast_object(problem, src=int(self.world - failed)))
         self.state.data_position += 1
-        self.counts_by_worker[batch["worker"]] = batch["counts"]
+        self.metrics.note_batch(batch)
         return batch
 
     def step(self) -> None:
@@ -349,31 +331,16 @@ class Trainer:
         return float(norm) if norm is not None else float("nan")
 
     def data_counts(self) -> dict[str, int]:
-        """The rank's data counters, summed over its loader workers, cumulative over the run (resumes too)."""
-        counts: dict[str, int] = dict(self.counts_at_start)
-        for c in self.counts_by_worker.values():
-            for k, v in c.items():
-                counts[k] = counts.get(k, 0) + v
-        return counts
+        return self.metrics.data_counts()
 
-    def report(self, metrics: dict) -> None:
-        counts = self.data_counts()
-        lost = counts.get("samples_lost", 0)
-        if lost > self.reported_lost:
-            self.reported_lost = lost
-            logging.getLogger("micon.data").warning(
-                "rank %d: %d samples lost to unreadable, truncated or damaged shards so far (%d shard passes damaged)",
-                self.rank, lost, counts.get("shards_damaged", 0))
-        if self.rank != 0:
-            return
-        metrics = metrics | {f"data/{k}": v for k, v in counts.items()}
-        if self.run is not None:
-            self.run.log(metrics, step=self.state.step)
-        with open(self.out / "metrics.jsonl", "a") as fh:   # plain-text twin of the wandb history
-            fh.write(atomic.dumps({"step": self.state.step, **metrics}) + "\n")   # NaN as null
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{self.last_losses.get('loss', float('nan')):.4f}",
-                                 data=f"{metrics['data_wait_share']:.0%}")
+    @property
+    def counts_at_start(self) -> dict[str, int]:
+        """The data counters of the checkpoint resumed from (the run's counters continue from them)."""
+        return self.metrics.counts_at_start
+
+    @counts_at_start.setter
+    def counts_at_start(self, counts: dict[str, int]) -> None:
+        self.metrics.counts_at_start = counts
 
     def checkpoint(self) -> Path:
         return self.checkpoints.save()
@@ -384,17 +351,16 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         self.start_stream()
-        self.start_logging()
+        self.metrics.start()
         self.window = LossWindow()
         while self.state.step < cfg.steps:
             self.step()
-            if self.bar is not None:
-                self.bar.update(1)
+            self.metrics.step_done()
             # agree on a requested stop: Slurm may signal only some ranks first (a CPU vote: no device sync)
             stop = distributed.max_vote(self.flag.signum)
             save = stop > 0 or self.state.step % cfg.ckpt_every == 0 or self.state.step == cfg.steps
             if save or self.state.step % cfg.wandb.log_every == 0:
-                self.report(self.flush())   # on_nonfinite=stop stops here, before a checkpoint of bad weights
+                self.metrics.report(self.flush())   # on_nonfinite=stop stops here, before a checkpoint of bad weights
                 if save:
                     self.checkpoint()
                 self.window = LossWindow()
@@ -405,8 +371,7 @@ class Trainer:
         return EXIT_OK
 
     def finish(self, exit_code: int) -> int:
-        if self.bar is not None:
-            self.bar.close()
+        self.metrics.close_bar()
         final_path = self.out / "final.json"
         if self.rank == 0 and exit_code == EXIT_OK and (self.last_losses or not final_path.is_file()):
             final = dict(method=self.method.name, step=self.state.step, samples_seen=self.state.samples_seen,
@@ -429,9 +394,7 @@ class Trainer:
                 print(f"train: exporting the model to {self.cfg.export} failed ({e}); the run is complete in "
                       f"{self.out}: rerun the same command to export it", file=sys.stderr)
                 exit_code = EXIT_STOPPED
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        self.metrics.finish(exit_code)
         self.batches = None   # stops the loader workers
         self.flag.restore()
         if self.determinism_before is not None:
