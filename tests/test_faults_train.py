@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from micon.config import load_config
+from tests.test_slurm import site, slurm, train_data   # the real Slurm test cluster's fixtures
 from train.config import TrainConfig
 from train.trainer import EXIT_OK, EXIT_STOPPED, train
+
+SLURM_FIXTURES = (site, slurm, train_data)
 
 
 def _cfg(shards, out, *extra):
@@ -306,3 +309,74 @@ def test_a_stopped_rank_ends_the_other_within_the_configured_timeout(tiny_shards
     from train.checkpoint import damage, find_latest
     tag = find_latest(out / "checkpoints")
     assert tag and damage(out / "checkpoints", tag) is None
+
+
+# --------------------------------------------------------------------------- 7. TERM to a Slurm training job
+
+@pytest.mark.slow
+def test_scancel_full_term_checkpoints_requeues_and_resumes(slurm, site, train_data, tmp_path):
+    """`scancel --full --signal=TERM` (the batch shell and the ranks, as a preemption sends it): the ranks
+    checkpoint and exit 75, the batch script lives through the TERM, requeues the job, and the rerun resumes and
+    finishes with each step once."""
+    import re
+
+    from tests.slurm_cluster import FINAL, read_log
+    from tests.test_slurm import metrics, submit_train, train_args
+
+    out = tmp_path / "run"
+    steps = 12
+    job_id = submit_train(slurm, site, out, train_args(train_data, out, steps, "ckpt_every=1000"))
+    job = slurm.wait(job_id, until=lambda j: len(metrics(out)) >= 2 or j["JobState"] in FINAL, timeout=240, poll=0.1)
+    assert job["JobState"] == "RUNNING", f"training ended before TERM was sent\n{read_log(job)}"
+    slurm.run("scancel", "--full", "--signal=TERM", job_id)
+    job = slurm.wait(job_id, timeout=300)
+    log = read_log(job)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", log
+    assert f"job {job_id} got SIGTERM: passing it to the ranks" in log
+    saved = int(re.search(r"signal 15: checkpointed step (\d+)", log).group(1))
+    assert "checkpointed (exit 75): requeueing job" in log and f"job {job_id} (restart 1)" in log
+    assert re.search(rf"resumed from {re.escape(str(out))}/checkpoints/\S+ at step {saved} ", log), log
+    assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))
+    assert json.loads((out / "final.json").read_text())["step"] == steps
+
+
+# --------------------------------------------------------------------------- 9. online wandb that cannot reach its server
+
+SECRET = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_online_wandb_without_a_server_falls_back_to_offline_within_seconds(
+        tiny_shards, tmp_path, one_rank, monkeypatch, caplog, capfd):
+    import time
+
+    from micon.distributed import free_port
+
+    port = free_port()      # nothing listens there
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    out = tmp_path / "run"
+    t0 = time.time()
+    with caplog.at_level(logging.INFO, logger="micon.train"):
+        assert train(_cfg(tiny_shards, out, "steps=2", "wandb.enabled=true")) == EXIT_OK
+    took = time.time() - t0
+    assert (f"WANDB_MODE=online but the wandb server 127.0.0.1:{port} cannot be reached (Connection refused): "
+            f"logging offline instead; upload the run later with `wandb sync {out}/wandb/offline-run-*`") in caplog.text
+    assert list(out.glob("wandb/offline-run-*")) and _steps(out) == [1, 2]
+    assert took < 40, took
+    captured = capfd.readouterr()
+    assert SECRET not in caplog.text + captured.out + captured.err
+    for path in [p for p in out.rglob("*") if p.is_file()]:
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_online_wandb_demanded_in_the_config_without_a_key_exits_2(tiny_shards, tmp_path, one_rank, monkeypatch,
+                                                                     capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))       # no ~/.netrc: no wandb login
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    assert train(_cfg(tiny_shards, tmp_path / "run", "steps=2", "wandb.enabled=true", "wandb.mode=online")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train: wandb.mode=online but no API key (WANDB_API_KEY unset and no wandb login for 127.0.0.1); "
+                   "set WANDB_API_KEY (or wandb login) and check that the server is reachable from this node, or "
+                   "drop wandb.mode to log offline"], err

@@ -4,6 +4,11 @@ At the start it opens the wandb run (offline unless told otherwise; a resumed ru
 run) and the progress bar; at each logging step it adds the data counters, writes one row to wandb and to
 metrics.jsonl (its plain-text twin), and warns once per new loss of samples to damaged shards; at the end it
 closes both. (A resumed run's rows past its checkpoint are dropped on resume: train.run_checkpoints.)
+
+wandb never stops a run: online without a key or a reachable server falls back to offline with one warning
+within seconds (wandb.mode=online demanded in the config exits 2 instead), and a wandb that fails later (its
+service killed by a signal meant for the ranks) is dropped with one warning while metrics.jsonl goes on. The
+API key is never printed.
 """
 from __future__ import annotations
 
@@ -12,9 +17,37 @@ import os
 from pathlib import Path
 
 from micon import atomic
-from micon.config import to_dict
+from micon.config import ConfigError, to_dict
 
 log = logging.getLogger("micon.train")
+
+
+WANDB_INIT_TIMEOUT_S = 20.0     # wandb's own default is 90 s of silence
+WANDB_REACH_TIMEOUT_S = 5.0
+
+
+def online_problem() -> str | None:
+    """Why online wandb cannot work from here (no API key; the server unreachable within a few seconds), or None.
+    Names the server, never the key."""
+    import netrc
+    import socket
+    from urllib.parse import urlparse
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    url = urlparse(base if "://" in base else f"https://{base}")
+    host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            known = netrc.netrc().authenticators(host) is not None
+        except (OSError, netrc.NetrcParseError):
+            known = False
+        if not known:
+            return f"no API key (WANDB_API_KEY unset and no wandb login for {host})"
+    try:
+        socket.create_connection((host, port), timeout=WANDB_REACH_TIMEOUT_S).close()
+    except OSError as e:
+        return f"the wandb server {host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
 
 
 class RunMetrics:
@@ -36,19 +69,48 @@ class RunMetrics:
         if t.rank != 0:
             return
         if cfg.wandb.enabled:
-            import wandb
-
-            os.environ.setdefault("WANDB_MODE", "offline")
-            run_id_file = t.out / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-            self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, dir=str(t.out),
-                                  mode=cfg.wandb.mode or os.environ.get("WANDB_MODE", "offline"), config=to_dict(cfg),
-                                  name=cfg.wandb.name or None, id=run_id, resume="allow" if run_id else None)
-            run_id_file.write_text(self.run.id)
+            self.run = self.open_wandb()
         if cfg.progress:
             from micon.progress import bar as progress_bar
             self.bar = progress_bar(total=cfg.steps, initial=t.state.step, desc=f"train {t.method.name}",
                                     unit="step", dynamic_ncols=True)
+
+    def open_wandb(self):
+        """The wandb run: online where asked and possible, else offline (a resumed run continues its run id)."""
+        import wandb
+
+        t, cfg = self.trainer, self.trainer.cfg
+        os.environ.setdefault("WANDB_MODE", "offline")
+        mode = cfg.wandb.mode or os.environ.get("WANDB_MODE", "offline")
+        demanded = cfg.wandb.mode == "online"
+        run_id_file = t.out / "wandb_run_id"
+        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+        if mode == "online" and (problem := online_problem()):
+            mode = self._offline_instead(problem, demanded)
+
+        def init(mode: str):
+            return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, dir=str(t.out), mode=mode,
+                              config=to_dict(cfg), name=cfg.wandb.name or None, id=run_id,
+                              resume="allow" if run_id else None,
+                              settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+        try:
+            run = init(mode)
+        except Exception as e:     # wandb's CommError, UsageError, a timeout: never the run's end
+            if mode != "online":
+                raise
+            cause = f"wandb.init failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+            run = init(self._offline_instead(cause, demanded))
+        run_id_file.write_text(run.id)
+        return run
+
+    def _offline_instead(self, problem: str, demanded: bool) -> str:
+        if demanded:
+            raise ConfigError(f"wandb.mode=online but {problem}; set WANDB_API_KEY (or wandb login) and check that "
+                              f"the server is reachable from this node, or drop wandb.mode to log offline")
+        log.warning("WANDB_MODE=online but %s: logging offline instead; upload the run later with `wandb sync "
+                    "%s/wandb/offline-run-*`", problem, self.trainer.out)
+        os.environ["WANDB_MODE"] = "offline"
+        return "offline"
 
     def note_batch(self, batch: dict) -> None:
         self.counts_by_worker[batch["worker"]] = batch["counts"]
@@ -76,7 +138,10 @@ class RunMetrics:
             return
         metrics = metrics | {f"data/{k}": v for k, v in counts.items()}
         if self.run is not None:
-            self.run.log(metrics, step=t.state.step)
+            try:
+                self.run.log(metrics, step=t.state.step)
+            except Exception as e:       # its service gone (killed by a signal meant for the ranks, a full disk)
+                self._drop_wandb(e)
         with open(self.path, "a") as fh:
             fh.write(atomic.dumps({"step": t.state.step, **metrics}) + "\n")   # NaN as null
         if self.bar is not None and "data_wait_share" in metrics:
@@ -95,6 +160,14 @@ class RunMetrics:
     def finish(self, exit_code: int) -> None:
         self.close_bar()
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:
+                self._drop_wandb(e)
             self.run = None
+
+    def _drop_wandb(self, e: Exception) -> None:
+        log.warning("wandb stopped working (%s: %s); continuing without it, metrics.jsonl keeps every row",
+                    type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
+        self.run = None
 
