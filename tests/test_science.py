@@ -1,4 +1,5 @@
-"""The comparison's arithmetic (bench/science.py) and the first-pass activity call (micon.eval.activity)."""
+"""The comparison's arithmetic (bench/comparison, the driver behind bench/science.py) and the first-pass
+activity call (micon.eval.activity)."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import science  # noqa: E402
+from bench.comparison import design, diagnosis, plots, scoring, verdict  # noqa: E402
 from micon import schema  # noqa: E402
 from micon.eval.activity import activity_call, weights_table  # noqa: E402
 from micon.eval.retrieval import topk_hit_rate  # noqa: E402
@@ -54,8 +55,8 @@ def test_score_top_k_agrees_with_the_retrieval_module_and_has_intervals():
     splits = {"heldout_compounds": [f"JCP{c:03d}" for c in range(0, 30, 3)], "heldout_sources": ["s2"],
               "heldout_batches": ["b1", "b3"]}
     raw = x
-    out = science.score(meta, raw, x, splits, n_boot=200)
-    assert set(out) == set(science.SPLITS)
+    out = scoring.score(meta, raw, x, splits, n_boot=200)
+    assert set(out) == set(design.SPLITS)
     # held-out compounds: the same numbers as topk_hit_rate over those queries against every well
     q = meta[schema.JCP].isin(splits["heldout_compounds"]).to_numpy()
     ref = topk_hit_rate(meta[q].reset_index(drop=True), x[q], meta, x, ks=(1, 10), modes=("nsb", "nss"))
@@ -72,8 +73,8 @@ def test_summary_interval_is_the_t_interval_over_seeds():
     rng = np.random.default_rng(0)
     runs = {}
     for s in range(3):
-        runs[f"micon@{s}"] = {split: {m: float(rng.uniform()) for m in science.METRICS} for split in science.SPLITS}
-    summ = science.summarise(runs).set_index(["split", "metric"])
+        runs[f"micon@{s}"] = {split: {m: float(rng.uniform()) for m in design.METRICS} for split in design.SPLITS}
+    summ = scoring.summarise(runs).set_index(["split", "metric"])
     vals = [runs[f"micon@{s}"]["heldout_source"]["map_activity"] for s in range(3)]
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
     row = summ.loc[("heldout_source", "map_activity")]
@@ -84,11 +85,11 @@ def test_summary_interval_is_the_t_interval_over_seeds():
 def test_results_json_holds_the_tables_numbers_with_clipped_intervals_and_seed_counts():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(1)
-    runs = {f"paclr@{s}": {split: {m: float(rng.uniform(0, 0.05)) for m in science.METRICS} for split in science.SPLITS}
+    runs = {f"paclr@{s}": {split: {m: float(rng.uniform(0, 0.05)) for m in design.METRICS} for split in design.SPLITS}
             for s in range(3)}
-    runs["untrained"] = {split: {m: 0.5 for m in science.METRICS} | {"nsb_top10_boot": (0.4, 0.6)}
-                         for split in science.SPLITS}
-    out = science.results_json(science.summarise(runs))
+    runs["untrained"] = {split: {m: 0.5 for m in design.METRICS} | {"nsb_top10_boot": (0.4, 0.6)}
+                         for split in design.SPLITS}
+    out = scoring.results_json(scoring.summarise(runs))
     vals = [runs[f"paclr@{s}"]["heldout_compounds"]["nsb_top10"] for s in range(3)]
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
     r = out["heldout_compounds"]["paclr"]["nsb_top10"]
@@ -104,9 +105,9 @@ def test_loss_curve_reads_metrics_jsonl_and_the_tail_ratio_is_against_chance(tmp
 
     lines = [{"step": i + 1, "loss/loss": 4.0 - 0.02 * i, "loss/chance": 4.0} for i in range(50)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    c = science.loss_curve(tmp_path)
+    c = diagnosis.loss_curve(tmp_path)
     assert list(c.step) == list(range(1, 51)) and c.ratio.iloc[0] == pytest.approx(1.0)
-    assert science.tail_ratio(c) == pytest.approx(np.mean([(4.0 - 0.02 * i) / 4.0 for i in range(40, 50)]))
+    assert diagnosis.tail_ratio(c) == pytest.approx(np.mean([(4.0 - 0.02 * i) / 4.0 for i in range(40, 50)]))
 
 
 def test_learning_curves_plot_every_split_with_the_reference_rows(tmp_path):
@@ -116,7 +117,7 @@ def test_learning_curves_plot_every_split_with_the_reference_rows(tmp_path):
 
     (tmp_path / "curves").mkdir()
     split_scores = lambda v: {s: {"nsb_top10": v, "nsb_top10_boot": [v - 0.02, v + 0.02], "nsb_top10_chance": 0.05}  # noqa: E731
-                              for s in ("training", *science.SPLITS)}
+                              for s in ("training", *design.SPLITS)}
     run = {"scores": {str(s): split_scores(0.1 + s / 1e4) for s in (0, 250, 500)},
            "curve": {"step": [1, 2, 3], "loss": [4.0, 3.9, 3.8], "ratio": [1.0, 0.97, 0.95]}}
     (tmp_path / "curves" / "a.json").write_text(json.dumps(run))
@@ -124,7 +125,7 @@ def test_learning_curves_plot_every_split_with_the_reference_rows(tmp_path):
     (tmp_path / "curves" / "refs.json").write_text(json.dumps({"oracle": split_scores(0.4),
                                                              "cellprofiler": split_scores(0.15)}))
     png = tmp_path / "curves.png"
-    science.plot_learning_curves(tmp_path, ["a", "b"], png)
+    plots.plot_learning_curves(tmp_path, ["a", "b"], png)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,10 +135,10 @@ def test_verdict_names_the_methods_whose_interval_clears_the_untrained_network()
     runs = {}
     for s, (hi_m, lo_m, u) in enumerate([(0.30, 0.16, 0.10), (0.31, 0.19, 0.11), (0.29, 0.13, 0.12)]):
         for name, v in (("paclr", hi_m), ("clip", lo_m), ("untrained", u)):
-            runs[f"{name}@{s}"] = {split: {m: v for m in science.METRICS} for split in science.SPLITS}
-    runs["oracle"] = {split: {m: 0.9 for m in science.METRICS} | {"nsb_top10_boot": (0.85, 0.95)}
-                      for split in science.SPLITS}
-    lines = science.verdict(science.summarise(runs), subject="clip")
+            runs[f"{name}@{s}"] = {split: {m: v for m in design.METRICS} for split in design.SPLITS}
+    runs["oracle"] = {split: {m: 0.9 for m in design.METRICS} | {"nsb_top10_boot": (0.85, 0.95)}
+                      for split in design.SPLITS}
+    lines = verdict.verdict(scoring.summarise(runs), subject="clip")
     clears, paired = lines[-2:]
     assert "paclr (0.300" in clears and "clip (" not in clears, clears
     assert all("vs paclr" in ln and "ceiling 0.900" in ln for ln in lines[:-2]), lines
@@ -151,11 +152,11 @@ def test_verdict_names_the_methods_whose_interval_clears_the_untrained_network()
 def test_summary_keeps_metrics_only_some_methods_have():
     """Zero-shot scores exist only for the methods that predict from molecules: the summary has them for those
     methods and skips them for the others instead of failing."""
-    runs = {f"{m}@{s}": {split: {"nsb_top10": 0.1 + s / 100} for split in science.SPLITS}
+    runs = {f"{m}@{s}": {split: {"nsb_top10": 0.1 + s / 100} for split in design.SPLITS}
             for m in ("clip", "simclr") for s in range(3)}
     for s in range(3):
         runs[f"clip@{s}"]["heldout_compounds"]["zs_well_top1pct"] = 0.2
-    summ = science.summarise(runs)
+    summ = scoring.summarise(runs)
     zs = summ[summ.metric == "zs_well_top1pct"]
     assert list(zs.method) == ["clip"] and int(zs.seeds.iloc[0]) == 3
 
@@ -166,10 +167,10 @@ def test_the_recorded_settings_resolve_to_what_train_reads():
     keys = ["data.pair_within_source", "data.augment.crop", "deterministic", "wandb.log_every", "model.name"]
     for _ in range(50):
         settings = [f"{keys[i]}={rng.integers(0, 5)}" for i in rng.integers(0, len(keys), size=rng.integers(1, 12))]
-        once = science.merged(settings)
+        once = design.merged(settings)
         assert parse_overrides(once) == parse_overrides(settings)          # the same configuration
         assert len({x.split("=")[0] for x in once}) == len(once)           # each key once
-    assert science.merged([*science.RECIPE, *science.RECIPE]) == science.RECIPE
+    assert design.merged([*design.RECIPE, *design.RECIPE]) == design.RECIPE
 
 
 def test_an_ablation_that_starts_from_another_run_names_it_per_seed_and_refuses_an_unfinished_one(tmp_path):
@@ -178,11 +179,11 @@ def test_an_ablation_that_starts_from_another_run_names_it_per_seed_and_refuses_
     run = tmp_path / "train" / "simclr_seed3"
     run.mkdir(parents=True)
     with pytest.raises(SystemExit, match="simclr_seed3, which has not finished"):
-        science.overrides("simclr_init", tmp_path, 3)
+        design.overrides("simclr_init", tmp_path, 3)
     (run / "final.json").write_text("{}")
-    assert science.overrides("simclr_init", tmp_path, 3) == [f"model.init={run}"]
-    assert science.overrides("cf0", tmp_path, 3) == ["loss.counterfactual_weight=0"]
-    assert "simclr_init" in science.NEEDS_RUNS       # left out of the default ablations: it needs the comparison's runs
+    assert design.overrides("simclr_init", tmp_path, 3) == [f"model.init={run}"]
+    assert design.overrides("cf0", tmp_path, 3) == ["loss.counterfactual_weight=0"]
+    assert "simclr_init" in design.NEEDS_RUNS       # left out of the default ablations: it needs the comparison's runs
 
 
 def test_a_variant_that_starts_from_another_run_is_paired_with_that_run_not_the_untrained_network():
@@ -190,24 +191,24 @@ def test_a_variant_that_starts_from_another_run_is_paired_with_that_run_not_the_
     runs = {}
     for s in range(4):
         for m in ("micon", "simclr", "untrained", "micon_simclr_init"):
-            runs[f"{m}@{s}"] = {split: {"nsb_top10": float(rng.uniform())} for split in science.SPLITS}
-    summary = science.summarise(runs)
-    lines = {line.split(" (")[0]: line for line in science.paired_gains(summary)}
+            runs[f"{m}@{s}"] = {split: {"nsb_top10": float(rng.uniform())} for split in design.SPLITS}
+    summary = scoring.summarise(runs)
+    lines = {line.split(" (")[0]: line for line in verdict.paired_gains(summary)}
     assert "against simclr" in lines["micon_simclr_init"] and "against" not in lines["micon"]
     d = [runs[f"micon_simclr_init@{s}"]["heldout_source"]["nsb_top10"] - runs[f"simclr@{s}"]["heldout_source"]["nsb_top10"]
          for s in range(4)]
     assert f"source {np.mean(d):+.3f}" in lines["micon_simclr_init"]
-    assert science.starting_point("micon") == "untrained" and science.starting_point("micon_simclr_init") == "simclr"
+    assert verdict.starting_point("micon") == "untrained" and verdict.starting_point("micon_simclr_init") == "simclr"
 
 
 def test_the_comparison_plot_draws_with_the_untrained_and_oracle_rows(tmp_path):
     """plot() on a summary holding the reference rows (the floor and the ceiling get their legend patches):
     it used to index the module-level function `refs` as if it were a dict of colours and crash."""
     rng = np.random.default_rng(2)
-    runs = {f"{m}@{s}": {split: {k: float(rng.uniform(0, 0.3)) for k in science.METRICS} for split in science.SPLITS}
+    runs = {f"{m}@{s}": {split: {k: float(rng.uniform(0, 0.3)) for k in design.METRICS} for split in design.SPLITS}
             for m in ("micon", "paclr") for s in range(2)}
     for ref in ("untrained", "oracle", "cellprofiler"):
-        runs[ref] = {split: {k: float(rng.uniform(0, 0.3)) for k in science.METRICS} for split in science.SPLITS}
+        runs[ref] = {split: {k: float(rng.uniform(0, 0.3)) for k in design.METRICS} for split in design.SPLITS}
     png = tmp_path / "comparison.png"
-    science.plot(science.summarise(runs), png)
+    plots.plot(scoring.summarise(runs), png)
     assert png.stat().st_size > 10_000
