@@ -168,6 +168,10 @@ case "$cmd" in
         exec "$PY" -m pytest -n "${MICON_TEST_WORKERS:-2}" --dist loadscope tests "$@" ;;
   demo) setup; cd "$ROOT"; demo "${1:-runs/demo}" "${@:2}" ;;
   compare) setup; cd "$ROOT"; exec "$PY" bench/science.py "$@" ;;
+  # train --nproc N: the ranks through torchrun with training's own exit code kept (75 when they checkpointed on
+  # a stop signal, not torchrun's 1); train/launch.py
+  train) setup; if [[ " $* " == *" --nproc "* ]]; then exec "$PY" -m train.launch "$@"; fi
+         exec "$PY" -m micon.cli train "$@" ;;
   calibrate) setup; cd "$ROOT"; exec "$PY" bench/calibrate.py "$@" ;;
   *)
     # a job of micon/cli.py (train --nproc N: N processes through torchrun), run from the caller's directory

@@ -380,3 +380,68 @@ def test_online_wandb_demanded_in_the_config_without_a_key_exits_2(tiny_shards, 
     assert err == ["train: wandb.mode=online but no API key (WANDB_API_KEY unset and no wandb login for 127.0.0.1); "
                    "set WANDB_API_KEY (or wandb login) and check that the server is reachable from this node, or "
                    "drop wandb.mode to log offline"], err
+
+
+# --------------------------------------------------------------------------- 8. stop signals: one rank, or too early
+
+def _wait_for_rows(out: Path, n: int, proc, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not ((out / "metrics.jsonl").is_file() and len(_steps(out)) >= n):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no metrics rows"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_of_nproc_2_checkpoints_and_the_launcher_exits_75(tiny_shards, tmp_path):
+    import signal
+    import subprocess
+
+    import psutil
+
+    from tests.conftest import REPO, job_env
+
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(["./launch.sh", "train", "--nproc", "2", "-", *_args(tiny_shards, out, "steps=400",
+                                                                                 "ckpt_every=1000")],
+                                cwd=REPO, env=job_env(OMP_NUM_THREADS="1"), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    try:
+        _wait_for_rows(out, 2, launcher)
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train.run" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        ranks[1].send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 75, err[-3000:]
+    assert "train: the 2 ranks checkpointed on a stop signal and exited 75 (rerun the same command to resume)" in err
+    assert "FAILED" not in err
+    from train.checkpoint import damage, find_latest
+    tag = find_latest(out / "checkpoints")
+    assert tag and damage(out / "checkpoints", tag) is None and int(tag[4:]) == _steps(out)[-1]
+
+
+@pytest.mark.slow
+def test_sigusr1_during_start_up_is_kept_and_the_run_checkpoints_at_its_first_step(tiny_shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, job_env
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "train.run", "-", *_args(tiny_shards, out, "steps=50")], cwd=REPO,
+                            env=job_env(OMP_NUM_THREADS="1"), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(1.0)        # importing torch and DeepSpeed: seconds before the Trainer exists
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "signal 10: checkpointed step 1 in " in err
+    assert (out / "checkpoints" / "latest").read_text() == "step00000001"

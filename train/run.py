@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from train import signals
+
+signals.install_early()    # before any heavy import: a SIGTERM / SIGUSR1 in the first seconds is kept, not fatal
+
 
 def main(argv: list[str]) -> int:
     from micon.config import ConfigError, help_or_usage, load_config

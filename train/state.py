@@ -71,8 +71,10 @@ class SignalFlag:
     """SIGTERM / SIGUSR1 (Slurm's warning before the time limit or preemption) ask for a checkpoint."""
 
     def __init__(self):
-        self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        from train import signals
+
+        self._previous = {s: signal.signal(s, self._handle) for s in signals.STOP_SIGNALS}
+        self.signum = signals.take_early()    # one received during start-up (train.run installs that handler)
 
     def _handle(self, signum, frame):
         self.signum = signum
