@@ -360,6 +360,43 @@ def check_no_secrets(text: str, environ: dict[str, str]) -> None:
 
 # --------------------------------------------------------------------------- submission
 
+def check_fits(req: Request, env: dict[str, str]) -> None:
+    """Refuse a job no node of its partition can ever run (it would stay pending forever, e.g. the default
+    --cpus-per-task on a small node): CPUs per node and the number of nodes, from sinfo. Best effort: without
+    sinfo, or with output it cannot read, the job is submitted as asked."""
+    if shutil.which("sinfo", path=env.get("PATH")) is None:
+        return
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c"], capture_output=True, text=True, env=env,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return
+    rows = [line.split("|") for line in proc.stdout.split() if line.count("|") == 2]
+    if proc.returncode != 0 or not rows:
+        return
+    wanted = set(req.partition.split(",")) if req.partition else {p for _, p, _ in rows if p.endswith("*")}
+    cpus: dict[str, int] = {}
+    for node, part, count in rows:
+        if part.rstrip("*") in {w.rstrip("*") for w in wanted} and count.isdigit():
+            cpus[node] = max(cpus.get(node, 0), int(count))
+    if not cpus:
+        return
+    where = f"partition {','.join(sorted(w.rstrip('*') for w in wanted))}"
+    need = req.cpus_per_task * req.ntasks_per_node
+    fitting = [n for n, c in cpus.items() if c >= need]
+    if len(fitting) < req.nodes:
+        most = max(cpus.values())
+        fix = (f"pass --cpus-per-task {max(most // req.ntasks_per_node, 1)}" if most >= req.ntasks_per_node
+               else f"pass --ntasks-per-node {most} --cpus-per-task 1")
+        if len(cpus) < req.nodes:
+            fix = f"pass --nodes {len(cpus)} (or another --partition)"
+        raise ConfigError(f"{req.job} asks for {req.nodes} node(s) with {req.ntasks_per_node} task(s) x "
+                          f"--cpus-per-task {req.cpus_per_task} = {need} CPUs each, but {where} has "
+                          f"{len(fitting)} such node(s) ({len(cpus)} node(s), at most {most} CPUs each, says sinfo): "
+                          f"the job would stay pending forever. {fix[0].upper() + fix[1:]}, or set "
+                          f"jobs.{req.job}.cpus_per_task in the site config")
+
+
 def sbatch(text: str, env: dict[str, str]) -> str:
     """Submit the script on stdin (Slurm keeps its own copy, which a requeued job runs again)."""
     if shutil.which("sbatch", path=env.get("PATH")) is None:
@@ -454,6 +491,11 @@ def main(argv: list[str], environ: dict[str, str] | None = None, cwd: Path | Non
               f"not submitted", file=sys.stderr)
         return 0
 
+    try:
+        check_fits(req, environ)
+    except ConfigError as e:
+        print(f"slurm: {e}", file=sys.stderr)
+        return 2
     log_dir = repo_path(site.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
     try:

@@ -445,3 +445,48 @@ def test_sigusr1_during_start_up_is_kept_and_the_run_checkpoints_at_its_first_st
     assert proc.returncode == 75, err[-3000:]
     assert "signal 10: checkpointed step 1 in " in err
     assert (out / "checkpoints" / "latest").read_text() == "step00000001"
+
+
+# --------------------------------------------------------------------------- 11. a Slurm job no node can run
+
+def test_a_slurm_job_asking_more_cpus_than_any_node_has_is_refused_before_sbatch(tmp_path, capsys):
+    import os
+
+    from cluster import submit
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sinfo").write_text("#!/bin/sh\nprintf 'vm|micon*|2\\nvm|micon2|2\\nvm-n2|micon2|2\\n'\n")
+    (fake / "sbatch").write_text("#!/bin/sh\necho submitted >> \"$0.log\"; echo 42\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"log_dir: {tmp_path / 'logs'}\n")
+    rc = submit.main(["featurize", "a.csv", "out", "--site", str(site)], environ=env, cwd=tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    default = submit.load_site().jobs.featurize.cpus_per_task     # the shipped default (cluster/site.yaml)
+    assert err[0] == (f"slurm: featurize asks for 1 node(s) with 1 task(s) x --cpus-per-task {default} = {default} "
+                      f"CPUs each, but "
+                      "partition micon has 0 such node(s) (1 node(s), at most 2 CPUs each, says sinfo): the job would "
+                      "stay pending forever. Pass --cpus-per-task 2, or set jobs.featurize.cpus_per_task in the site "
+                      "config"), err
+    assert not (fake / "sbatch.log").exists()
+    rc = submit.main(["train", "-", "--nodes", "3", "--partition", "micon2", "--gpus-per-node", "0",
+                      "--ntasks-per-node", "1", "--cpus-per-task", "1", "--site", str(site)], environ=env, cwd=tmp_path)
+    assert rc == 2 and "Pass --nodes 2 (or another --partition)" in capsys.readouterr().err
+    rc = submit.main(["featurize", "a.csv", "out", "--cpus-per-task", "2", "--site", str(site)], environ=env,
+                     cwd=tmp_path)
+    assert rc == 0 and (fake / "sbatch.log").read_text() == "submitted\n"
+
+
+@pytest.mark.slow
+def test_the_default_cpus_per_task_on_the_real_test_slurm_is_refused(slurm, site, tmp_path, capsys):
+    from cluster import submit
+
+    env = {**slurm.env}
+    rc = submit.main(["featurize", "a.csv", "out", "--cpus-per-task", str(slurm.cpus + 10), "--site", str(site)],
+                     environ=env, cwd=tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and "the job would stay pending forever. Pass --cpus-per-task" in err, err
