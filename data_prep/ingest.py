@@ -49,6 +49,7 @@ class StorageConfig:
     anon: str = "auto"            # auto (anonymous for the public cellpainting-gallery bucket), true or false
     retries: PositiveInt = 5      # attempts per object read or write before a transient error is final
     backoff_s: NonNegativeFloat = 0.5  # first wait between attempts, doubled each time (with jitter), at most 20 s
+    timeout_s: PositiveFloat = 60.0  # deadline of one request (an upload: 1 s more per MB); then it is retried
 
     def validate(self) -> None:
         try:
@@ -449,6 +450,10 @@ def main(argv: list[str]) -> int:
     except LockHeld as e:
         print(e, file=sys.stderr)
         return 2
+    except OSError as e:        # storage that stopped answering (its endpoint named), a full disk: one line
+        print(f"prep: {storage.redact(str(e))}; finished plates are kept: rerun the same command to finish the "
+              f"rest{' once it answers' if isinstance(e, storage.StorageTimeout) else ''}", file=sys.stderr)
+        return 1
     except (IngestError, JobError) as e:
         print(e if isinstance(e, JobError) else f"prep: {e}", file=sys.stderr)
         return 1

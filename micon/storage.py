@@ -3,7 +3,9 @@
 `path(x)` gives a pathlib.Path for a local path and an `ObjectPath` (the same few methods: `/`, name,
 is_file, read_bytes, stat, glob, ...) for a URL. Reads go through fsspec with bounded retries and backoff on
 transient errors (throttling, dropped connections, timeouts), each retry counted; a missing object raises
-FileNotFoundError naming its key. Writes of whole objects only (micon.atomic stages them locally and puts
+FileNotFoundError naming its key. Every request has a deadline (`$MICON_STORAGE_TIMEOUT_S`, default 60 s: to
+connect, for each read, and for an upload plus a second per MB), so a server that stops answering (frozen,
+partitioned) costs retries x deadline and ends in an error naming the endpoint, never a hang. Writes of whole objects only (micon.atomic stages them locally and puts
 them complete), so an object store never holds half an object. Never logs or stores credentials.
 """
 from __future__ import annotations
@@ -25,11 +27,14 @@ log = logging.getLogger("micon.storage")
 PUBLIC_BUCKETS = ("cellpainting-gallery",)      # anonymous reads (the JUMP images)
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 RETRIES_ENV, BACKOFF_ENV, ANON_ENV = "MICON_STORAGE_RETRIES", "MICON_STORAGE_BACKOFF_S", "MICON_STORAGE_ANON"
+TIMEOUT_ENV = "MICON_STORAGE_TIMEOUT_S"     # seconds a request may wait on the server (see the module's docstring)
+UPLOAD_MB_PER_S = 1.0                       # the slowest upload rate an upload's deadline allows for
 # what every process counts: retries of transient errors, by kind (the data stream reports its own share)
 RETRIES: Counter = Counter()
 
 
-def check_settings(endpoint: str = "", anon: str = "auto", retries: int = 5, backoff_s: float = 0.5) -> None:
+def check_settings(endpoint: str = "", anon: str = "auto", retries: int = 5, backoff_s: float = 0.5,
+                   timeout_s: float = 60.0) -> None:
     """ValueError naming the key when a storage setting cannot work (a job's config words it as its own)."""
     if anon not in ("auto", "true", "false"):
         raise ValueError(f"storage.anon={anon!r}: choose auto, true or false")
@@ -37,13 +42,15 @@ def check_settings(endpoint: str = "", anon: str = "auto", retries: int = 5, bac
         check_url(endpoint, "storage.endpoint")
 
 
-def configure(endpoint: str = "", anon: str = "auto", retries: int = 5, backoff_s: float = 0.5) -> None:
+def configure(endpoint: str = "", anon: str = "auto", retries: int = 5, backoff_s: float = 0.5,
+              timeout_s: float = 60.0) -> None:
     """Make these settings this process's and its children's (Ray workers, loader workers inherit the
     environment): the endpoint through the standard AWS variable, the retry policy through ours. Values
     left at their defaults leave the environment's as they are."""
     if endpoint:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    for env, value, default in ((RETRIES_ENV, retries, 5), (BACKOFF_ENV, backoff_s, 0.5), (ANON_ENV, anon, "auto")):
+    for env, value, default in ((RETRIES_ENV, retries, 5), (BACKOFF_ENV, backoff_s, 0.5), (ANON_ENV, anon, "auto"),
+                                (TIMEOUT_ENV, timeout_s, 60.0)):
         if value != default:
             os.environ[env] = str(value)
 
@@ -93,6 +100,31 @@ def _endpoint() -> str | None:
 _filesystems: dict = {}
 
 
+def timeout_s() -> float:
+    """The deadline of one request in seconds ($MICON_STORAGE_TIMEOUT_S, default 60)."""
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, 60))
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: give seconds, e.g. 60") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: must be more than 0 seconds")
+    return value
+
+
+def upload_deadline(nbytes: int) -> float:
+    """Seconds one upload of `nbytes` may take before it counts as stalled: the request deadline, plus the
+    time the bytes take at UPLOAD_MB_PER_S."""
+    return timeout_s() + nbytes / (UPLOAD_MB_PER_S * 1e6)
+
+
+def endpoint_name(url: str = "s3://") -> str:
+    """Where requests for `url` go, for messages: the configured endpoint, else the provider's default."""
+    protocol = url.partition("://")[0]
+    if protocol in ("s3", "s3a"):
+        return redact(_endpoint() or "AWS S3 (the default endpoint)")
+    return f"{protocol}://"
+
+
 def _options(url: str) -> dict:
     """fsspec options for `url`: for S3 the anonymous switch, the endpoint and timeouts."""
     protocol, _, rest = url.partition("://")
@@ -100,7 +132,7 @@ def _options(url: str) -> dict:
         return {}
     anon = os.environ.get(ANON_ENV, "auto")
     options = dict(anon=(rest.split("/", 1)[0] in PUBLIC_BUCKETS) if anon == "auto" else anon == "true",
-                   config_kwargs={"connect_timeout": 10, "read_timeout": 60},
+                   config_kwargs={"connect_timeout": min(10.0, timeout_s()), "read_timeout": timeout_s()},
                    use_listings_cache=False)     # other processes (Ray tasks) write: never trust a cached listing
     if _endpoint():
         options["endpoint_url"] = _endpoint()
@@ -123,9 +155,31 @@ def filesystem(url: str):
         fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         if hasattr(fs, "retries"):
             fs.retries = 1          # s3fs's own retry loop: off, `call` retries (and counts)
+        _bound_uploads(fs)
         _filesystems[key] = fs
     fs = _filesystems[key]
     return fs, fs._strip_protocol(url)
+
+
+def _bound_uploads(fs) -> None:
+    """Give this file system's uploads (put_file, pipe_file) a deadline on the whole call (fsspec's `timeout`:
+    FSTimeoutError, retried by `call`): the client's read timeout does not cover a PUT whose body stalls on
+    its way to a server that stopped reading (a frozen server held one for as long as it stayed frozen)."""
+    from fsspec.asyn import AsyncFileSystem
+
+    if not isinstance(fs, AsyncFileSystem):
+        return
+    put_file, pipe_file = fs.put_file, fs.pipe_file
+
+    def bounded_put_file(lpath, rpath, *args, **kwargs):
+        kwargs.setdefault("timeout", upload_deadline(os.path.getsize(lpath)))
+        return put_file(lpath, rpath, *args, **kwargs)
+
+    def bounded_pipe_file(path, value, *args, **kwargs):
+        kwargs.setdefault("timeout", upload_deadline(len(value)))
+        return pipe_file(path, value, *args, **kwargs)
+
+    fs.put_file, fs.pipe_file = bounded_put_file, bounded_pipe_file
 
 
 def transient(e: BaseException) -> bool:
@@ -148,6 +202,18 @@ def transient(e: BaseException) -> bool:
                                    "InternalError", "503", "500 ", "RequestTimeout"))
 
 
+class StorageTimeout(TimeoutError):
+    """The storage endpoint did not answer within the deadline, every attempt: the message names it."""
+
+
+def _unanswered(e: BaseException) -> bool:
+    """A timeout or a refused connection: the server did not answer at all (not a reply with an error)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, (TimeoutError, ConnectionRefusedError)) or bool(names & {
+        "FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
+        "ServerTimeoutError", "ConnectionTimeoutError", "SocketTimeoutError"})
+
+
 def _policy() -> tuple[int, float]:
     return int(os.environ.get(RETRIES_ENV, 5)), float(os.environ.get(BACKOFF_ENV, 0.5))
 
@@ -168,6 +234,12 @@ def call(fn: Callable, what: str, on_retry: Callable[[BaseException], None] | No
             if not transient(e):
                 raise
             if attempt == attempts:
+                if _unanswered(e):
+                    raise StorageTimeout(f"{redact(what)}: the storage endpoint {endpoint_name(what)} did not answer "
+                                         f"({type(e).__name__}; {attempts} attempt{'s' if attempts != 1 else ''} of "
+                                         f"{timeout_s():g} s each, uploads 1 s more per MB): is the server up and "
+                                         f"reachable? (A slow link may need a longer deadline: {TIMEOUT_ENV}=SECONDS)"
+                                         ) from None
                 raise OSError(errno.EIO, f"{redact(what)}: gave up after {attempts} attempts, last error "
                                          f"{type(e).__name__}: {redact(str(e))[:200]}") from None
             RETRIES[type(e).__name__] += 1

@@ -377,3 +377,96 @@ def test_a_deleted_shard_is_counted_lost_when_the_stream_reaches_it_not_at_the_e
     next(gen)                             # the next epoch's first sample (its first shard's two): epoch 0 settled
     again = shard_slot(urls, 1, 0, 0, 1, False)[0] == first      # epoch 1 starts with the missing shard
     assert counts["samples_lost"] == (2 if again else 1) * expected[Path(first).name]
+
+
+# ----------------------------------------------------------------------------------------- 5: a frozen S3 server
+
+MOTO = ("import sys, time\nfrom moto.server import ThreadedMotoServer\n"
+        "ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False).start()\n"
+        "print('ready', flush=True)\ntime.sleep(600)\n")
+
+
+@pytest.fixture
+def frozen_s3(monkeypatch):
+    """A local S3 server in its own process (so that it can be stopped with SIGSTOP, as a hung server or a
+    partition looks from here), with a bucket; this process's storage points at it with a 1 s deadline
+    and 2 attempts. Yields (endpoint, freeze): freeze() stops the server until the test ends."""
+    import signal
+
+    import boto3
+
+    from micon import storage
+    from tests.s3server import ACCESS_KEY, SECRET_KEY, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", MOTO, str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        endpoint = f"http://127.0.0.1:{port}"
+        for k, v in dict(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                         AWS_DEFAULT_REGION="us-east-1", MICON_STORAGE_BACKOFF_S="0.05", MICON_STORAGE_RETRIES="2",
+                         MICON_STORAGE_TIMEOUT_S="1").items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                     region_name="us-east-1").create_bucket(Bucket="frozen")
+        storage._filesystems.clear()
+        yield endpoint, lambda: os.kill(proc.pid, signal.SIGSTOP)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        storage._filesystems.clear()
+
+
+def test_an_upload_to_a_frozen_server_ends_in_seconds_naming_the_endpoint(frozen_s3, tmp_path):
+    from micon import atomic, storage
+
+    endpoint, freeze = frozen_s3
+    (tmp_path / "shard.tar").write_bytes(os.urandom(200_000))
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "a.json").write_text("{}")
+    storage.put_file(tmp_path / "shard.tar", storage.path("s3://frozen/shards/before.tar"))     # it answers
+    freeze()
+    uploads = {"put_file": lambda: storage.put_file(tmp_path / "shard.tar", storage.path("s3://frozen/shards/x.tar")),
+               "write_bytes": lambda: atomic.write_json("s3://frozen/shards/manifest.json", {"n": 1}),
+               "put_tree": lambda: storage.put_tree(tmp_path / "tree", storage.path("s3://frozen/tree"))}
+    for name, upload in uploads.items():
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            upload()
+        seconds = time.monotonic() - t0
+        assert seconds < 10, (name, seconds)        # 2 attempts of about 1 s (fsspec counts whole seconds)
+        assert f"the storage endpoint {endpoint} did not answer (FSTimeoutError; 2 attempts of 1 s each" in str(e.value)
+        assert str(e.value).endswith("is the server up and reachable? (A slow link may need a longer deadline: "
+                                     "MICON_STORAGE_TIMEOUT_S=SECONDS)"), name
+
+
+def test_prep_into_a_bucket_of_a_frozen_server_exits_in_one_line_naming_the_endpoint(frozen_s3, tmp_path, capsys):
+    from data_prep.ingest import main
+
+    endpoint, freeze = frozen_s3
+    (tmp_path / "screen" / "metadata").mkdir(parents=True)
+    freeze()
+    t0 = time.monotonic()
+    rc = main([str(tmp_path / "screen"), "s3://frozen/shards", "workers=1"])
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert rc == 1 and time.monotonic() - t0 < 20, err
+    assert err.startswith("prep: s3://frozen/shards/.micon-lock.json: the storage endpoint "
+                          f"{endpoint} did not answer (") and err.count("\n") == 1, err
+    assert err.endswith("MICON_STORAGE_TIMEOUT_S=SECONDS); finished plates are kept: rerun the same command to "
+                        "finish the rest once it answers\n")
+
+
+def test_the_storage_deadline_is_a_prep_option_and_its_environment_variable(monkeypatch):
+    from micon import storage
+
+    monkeypatch.delenv(storage.TIMEOUT_ENV, raising=False)
+    assert storage.timeout_s() == 60 and storage.upload_deadline(30_000_000) == 90
+    storage.configure(timeout_s=5)
+    assert os.environ[storage.TIMEOUT_ENV] == "5" and storage.timeout_s() == 5
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="MICON_STORAGE_TIMEOUT_S='soon': give seconds"):
+        storage.timeout_s()
