@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -470,3 +471,37 @@ def test_the_storage_deadline_is_a_prep_option_and_its_environment_variable(monk
     monkeypatch.setenv(storage.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="MICON_STORAGE_TIMEOUT_S='soon': give seconds"):
         storage.timeout_s()
+
+
+@pytest.mark.slow
+def test_two_preps_into_one_out_the_second_is_refused_and_a_killed_ones_lock_is_taken_over(tiny_screen, tmp_path):
+    """The issue's case end to end: prep A runs; prep B into the same OUT 1 s later is refused (exit 2) naming A;
+    A is killed mid-run; the rerun takes A's lock over with a notice, keeps A's finished plates, and the
+    shard set verifies whole."""
+    from tests.conftest import run_job
+
+    out = tmp_path / "shards"
+    args = [str(tiny_screen), str(out), "workers=1", "shard_mb=0.2"]
+    a = subprocess.Popen([sys.executable, "-m", "data_prep.ingest", *args], cwd=REPO,
+                         env=job_env(MICON_INGEST_TEST_DELAY_S="2"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(1)
+        b = run_job("data_prep.ingest", *args, check=False)
+        assert b.returncode == 2, b.stderr[-2000:]
+        no_traceback(b.stderr)
+        assert f"prep: {out} is in use by another prep run (pid {a.pid} on host " in b.stderr
+        deadline = time.time() + 180
+        while time.time() < deadline and not list((out / "plates").glob("*.json")):
+            time.sleep(0.1)
+    finally:
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+    done = len(list((out / "plates").glob("*.json")))
+    assert 1 <= done < 4 and (out / ".micon-lock.json").is_file()
+    rerun = run_job("data_prep.ingest", *args)
+    assert f"prep: taking over the lock {out / '.micon-lock.json'} left by a prep run (pid {a.pid} on host" \
+        in rerun.stderr and "no longer running" in rerun.stderr, rerun.stderr[-2000:]
+    assert f"{done} already done" in rerun.stdout or f"{done + 1} already done" in rerun.stdout
+    assert not (out / ".micon-lock.json").exists()
+    assert run_job("data_prep.verify", out).returncode == 0
