@@ -167,8 +167,8 @@ def _local(out: Path, job: str, say) -> Iterator[Holder]:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LockHeld(_held_message(out, job, previous, str(lock)), previous, str(lock)) from None
-            raise OSError(e.errno, f"{job}: cannot lock {lock} ({os.strerror(e.errno)}): this file system does "
-                                   f"not support file locks; write the output to a local or NFS directory") from None
+            raise OSError(e.errno, f"cannot lock {lock} ({os.strerror(e.errno)}): this file system does not "
+                                   f"support file locks; write the output to a local or NFS directory") from None
         # the file may have been removed by its previous holder between our open and our lock: lock the new one
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
