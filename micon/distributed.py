@@ -62,6 +62,20 @@ def detect(environ: dict | None = None) -> DistEnv:
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
 
 
+def launch_local(module: str, nproc: int, args: list[str]) -> dict[int, int]:
+    """`torchrun --standalone --nproc-per-node N -m module ARGS`, in this process. Returns {} when every rank
+    exited 0, else the failed ranks' exit codes (negative: killed by that signal), for the caller to turn into
+    its own exit code (torchrun's own is 1 for any failure)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", module, *args]))
+    except ChildFailedError as e:
+        return {rank: f.exitcode for rank, f in e.failures.items()}
+    return {}
+
+
 def backend_for(cuda: bool) -> str:
     """The process-group backend string: control collectives on CPU need gloo even on GPUs."""
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"

@@ -384,7 +384,7 @@ def test_online_wandb_demanded_in_the_config_without_a_key_exits_2(tiny_shards, 
 
 # --------------------------------------------------------------------------- 8. stop signals: one rank, or too early
 
-def _wait_for_rows(out: Path, n: int, proc, timeout: float = 120) -> None:
+def _wait_for_rows(out: Path, n: int, proc, timeout: float = 300) -> None:
     import time
 
     deadline = time.time() + timeout
@@ -490,3 +490,12 @@ def test_the_default_cpus_per_task_on_the_real_test_slurm_is_refused(slurm, site
                      environ=env, cwd=tmp_path)
     err = capsys.readouterr().err
     assert rc == 2 and "the job would stay pending forever. Pass --cpus-per-task" in err, err
+
+
+def test_the_launchers_exit_code_is_the_ranks_own():
+    from train.launch import exit_code
+
+    assert exit_code([75, 75]) == 75
+    assert exit_code([75, -15]) == 75            # torchrun stopped the second rank while it was exiting
+    assert exit_code([2, 2]) == 2 and exit_code([-15, 1]) == 1
+    assert exit_code([-9]) == 137                # a rank killed: as a shell reports it

@@ -37,21 +37,19 @@ def main(argv: list[str]) -> int:
     if nproc <= 1:
         from train.run import main as run_main
         return run_main(rest)
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from micon.distributed import launch_local
 
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "train.run", *rest]))
-    except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
+    failed = launch_local("train.run", nproc, rest)
+    if failed:
+        codes = list(failed.values())
         code = exit_code(codes)
         if code == EXIT_REQUEUE:
             print(f"train: the {nproc} ranks checkpointed on a stop signal and exited {EXIT_REQUEUE} (rerun the same "
                   f"command to resume)", file=sys.stderr)
         else:
-            print(f"train: rank(s) {sorted(e.failures)} exited {codes}; exiting {code} (their messages are above)",
+            print(f"train: rank(s) {sorted(failed)} exited {codes}; exiting {code} (their messages are above)",
                   file=sys.stderr)
         return code
     return 0
