@@ -36,6 +36,7 @@ from micon.chem.store import (INDEX_COLUMNS, INDEX_NAME, OK, STORE_FORMAT, ZARR_
                               write_store)
 from micon.config import (ConfigError, NonNegativeInt, PositiveInt, Range, describe, help_or_usage, load_config,
                           to_dict)
+from micon.locks import LockHeld, run_lock
 from micon.raycluster import JobError, describe_failure, init_ray
 
 MARKER = "featurize.json"
@@ -270,7 +271,11 @@ def main(argv: list[str]) -> int:
         return rc
     try:
         cfg = load_config(FeaturizeConfig, overrides=argv[2:])
-        counts = run(argv[0], argv[1], cfg)
+        with run_lock(argv[1], job="featurize"):    # one featurize per OUT: a second is refused, naming the first
+            counts = run(argv[0], argv[1], cfg)
+    except LockHeld as e:
+        print(e, file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"featurize: {e}", file=sys.stderr)
         return 2

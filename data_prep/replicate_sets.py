@@ -28,6 +28,7 @@ from micon.data.replicate_sets import (FORMAT_VERSION, INDEX_FILE, REPORT_FILE, 
                                        assign_shards, index_shard, plan_fingerprint, plan_replicate_sets, resolve,
                                        write_shard)
 from micon.data.shards import Manifest, ManifestError
+from micon.locks import LockHeld, run_lock
 from micon.raycluster import JobError, describe_failure, init_ray
 
 
@@ -154,7 +155,12 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         cfg = load_config(ReplicateSetConfig, overrides=argv[1:])
-        build(root, cfg)
+        Manifest.load(root)     # a missing shard set named before the lock would make its directory
+        with run_lock(root, job="rsets"):     # one writer per shard set: a second rsets or a prep is refused
+            build(root, cfg)
+    except LockHeld as e:
+        print(e, file=sys.stderr)
+        return 2
     except (ConfigError, ManifestError, JobError) as e:
         print(e if isinstance(e, JobError) else f"rsets: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

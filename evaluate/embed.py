@@ -1,6 +1,6 @@
 """Embed every site of a shard set with a trained image encoder, a named featuriser or a reference source, with Ray.
 
-    ./launch.sh embed CKPT SHARDS OUT [workers=N] [batch_size=N] [ray=false]
+    ./launch.sh embed CKPT SHARDS OUT [workers=N] [batch_size=N] [ray=false] [wandb=true]
         CKPT: a training output dir, its checkpoints/ dir, one step dir or a model.pt; a featuriser's name
         (micon.eval.featurisers: cellprofiler, cellprofiler_full, image_stats); or a reference (SOURCES):
         untrained:CKPT (that run's network as initialised, never updated), truth:SCREEN (each well's
@@ -13,7 +13,10 @@ and feed the embedding actors: one per GPU of the cluster (CPU actors when there
 normalise on the device from pinned memory and write each shard's embeddings once, atomically, to
 OUT/parts/. A rerun recomputes only missing or corrupt parts, then OUT/embeddings.zarr ([sites, dim]
 float32) and OUT/sites.parquet (Metadata_* columns) are rebuilt. OUT may be in object storage (s3://...):
-every object is uploaded whole and embed.json last, so a killed run there resumes the same way.
+every object is uploaded whole and embed.json last, so a killed run there resumes the same way. One embed per
+OUT at a time (micon.locks: a second is refused, exit 2, naming the first). With wandb=true the run (job_type
+embed, in the training run's group) records the checkpoint it read and logs its embeddings, both as artifacts
+by reference (micon.wandb_runs).
 """
 from __future__ import annotations
 
@@ -46,6 +49,13 @@ class EmbedConfig:
     chunk: PositiveInt = 256  # sites per CPU decode task (rounded up to a multiple of batch_size)
     ray: bool = True          # false: decode and embed in this process, one shard after another (small sets)
     overwrite: bool = False   # replace embeddings of another model or shard set found in OUT (else refuse)
+    wandb: bool = False       # a wandb run (offline unless WANDB_MODE=online): the checkpoint read and the
+                              # embeddings written, as artifacts by reference (off by default: embed is often
+                              # run once per checkpoint in a loop; evaluate records the checkpoint too)
+    wandb_project: str = "micon"  # wandb project
+    wandb_group: str = ""     # wandb group ("" = the training run's group, else OUT's parent folder's name)
+    wandb_name: str = ""      # wandb run name ("" = OUT's name)
+    wandb_tags: str = ""      # comma-separated wandb tags (embed is always one)
 
 
 class SiteEncoder:
@@ -339,8 +349,31 @@ def run(ckpt: str, shards: Path, out: Path, cfg: EmbedConfig) -> dict:
     return info
 
 
+def log_wandb(out, cfg: EmbedConfig, info: dict) -> None:
+    """The embed run in wandb: the checkpoint read (when trained weights) as an input artifact and the
+    embeddings as an output artifact, both by reference; OUT/wandb_run.json names the run for evaluate."""
+    from micon import wandb_runs
+    from micon.config import to_dict
+
+    model_file = wandb_runs.trained_checkpoint(info.get("identity", {}).get("model", {}))
+    run = wandb_runs.open_run("embed", out, project=cfg.wandb_project, name=cfg.wandb_name, group=cfg.wandb_group,
+                              tags=cfg.wandb_tags, upstream=[wandb_runs.run_dir_of(model_file)] if model_file else (),
+                              config={**to_dict(cfg), "checkpoint": info.get("checkpoint"), "out": str(out),
+                                      "shards": info.get("shards")},
+                              wandb_dir=out if isinstance(out, Path) else None)
+    try:
+        if model_file is not None:
+            wandb_runs.use(run, wandb_runs.checkpoint_artifact(model_file))
+        run.log_artifact(wandb_runs.embeddings_artifact(out))
+        run.summary.update({"n_sites": info.get("n_sites"), "dim": info.get("dim")})
+        wandb_runs.write_run_file(out, run, "embed")
+    finally:
+        run.finish()
+
+
 def main(argv: list[str]) -> int:
     from micon.config import help_or_usage
+    from micon.locks import LockHeld, run_lock
 
     if (rc := help_or_usage(argv, __doc__, EmbedConfig, positional=3)) is not None:
         return rc
@@ -352,7 +385,17 @@ def main(argv: list[str]) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        info = run(ckpt, shards, out, cfg)
+        with run_lock(out, job="embed"):        # one embed per OUT: a second run is refused, naming the first
+            info = run(ckpt, shards, out, cfg)
+            if cfg.wandb:
+                try:
+                    log_wandb(out, cfg, info)
+                except Exception as e:          # wandb never fails the job: its outputs are complete
+                    from micon.wandb_runs import warning
+                    print(f"embed: {warning('the run', e)}", file=sys.stderr)
+    except LockHeld as e:
+        print(e, file=sys.stderr)
+        return 2
     except (ManifestError, EmbeddingError, CheckpointError, FileNotFoundError, ValueError, JobError) as e:
         print(e if isinstance(e, JobError) else f"embed: {e}", file=sys.stderr)
         return 1

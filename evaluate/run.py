@@ -2,7 +2,8 @@
 per-plate robust normalisation against DMSO, ZCA-cor whitening fitted on DMSO, NSB/NSS/NSP top-k
 replicate retrieval (Ray tasks over query blocks) and copairs-style mAP; writes per method the raw and
 normalised profiles as pycytominer reads them, metrics.json (strict JSON), a markdown report with PNG
-plots (intervals, chance levels), and logs them to wandb.
+plots (intervals, chance levels), and logs them to wandb with the embeddings and checkpoints read, as
+artifact use (micon.wandb_runs).
 
     ./launch.sh evaluate out=DIR embeddings.micon=DIR embeddings.simclr=DIR ... [key=value ...]
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -64,6 +64,9 @@ class EvalConfig:
     plates_without_dmso: str = "stop"   # stop | drop (their wells) | batch (against the batch's, else source's DMSO)
     wandb: bool = True               # log metrics and plots to wandb (offline by default)
     wandb_project: str = "micon"     # wandb project
+    wandb_group: str = ""            # wandb group ("" = the embed or training run's group, else out's parent folder)
+    wandb_name: str = ""             # wandb run name ("" = out's name)
+    wandb_tags: str = ""             # comma-separated wandb tags (evaluate is always one)
 
     def validate(self) -> None:
         if not self.embeddings and not self.predictions and not self.profiles:
@@ -443,10 +446,19 @@ def null_section(results: dict, whitened: bool = True) -> str:
 
 
 def log_wandb(out: Path, cfg: EvalConfig, results: dict) -> None:
+    """The evaluate run (micon.wandb_runs: named, grouped, job_type evaluate): metrics, plots, and the embeddings
+    and checkpoints read, as artifact use."""
     import wandb
 
-    run = wandb.init(project=cfg.wandb_project, dir=str(out), job_type="evaluate", config=to_dict(cfg),
-                     mode=os.environ.get("WANDB_MODE", "offline"))
+    from micon import wandb_runs
+
+    run = wandb_runs.open_run("evaluate", cfg.out, project=cfg.wandb_project, name=cfg.wandb_name,
+                              group=cfg.wandb_group, tags=cfg.wandb_tags, config=to_dict(cfg), wandb_dir=out,
+                              upstream=wandb_runs.upstream_of(cfg.embeddings.values()))
+    try:
+        wandb_runs.use_embeddings(run, cfg.embeddings.values())
+    except Exception as e:      # a checkpoint removed since: the scores still go to wandb
+        print(f"evaluate: {wandb_runs.warning('the embeddings and checkpoints read', e)}", file=sys.stderr)
     summary = pd.DataFrame([dict(method=n, **r["metrics"]) for n, r in results.items()])
     run.log({"metrics": wandb.Table(dataframe=summary),
              **{f"{n}/{k}": v for n, r in results.items() for k, v in r["metrics"].items()},

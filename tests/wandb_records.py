@@ -50,3 +50,47 @@ def history_and_config(path: str | Path) -> tuple[list[dict], dict]:
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
     return history, config
+
+
+def run_info(path: str | Path) -> dict:
+    """The run's identity as its `run` record gives it: id, name, group, job_type, tags, project."""
+    info: dict = {}
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "run":
+            r = rec.run
+            info = dict(id=r.run_id, name=r.display_name, group=r.run_group, job_type=r.job_type,
+                        tags=list(r.tags), project=r.project)
+    return info
+
+
+def artifacts(path: str | Path) -> list[dict]:
+    """The artifacts the run logged or used, in order: name, type, aliases, used (True: an input, recorded
+    with use_after_commit; False: an output), digest, metadata, and each entry's path -> reference URI."""
+    out = []
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "artifact":
+            a = rec.artifact
+            out.append(dict(name=a.name, type=a.type, aliases=sorted(a.aliases), used=a.use_after_commit,
+                            digest=a.digest, metadata=json.loads(a.metadata or "{}"),
+                            refs={e.path: e.ref for e in a.manifest.contents}))
+    return out
+
+
+def finished(path: str | Path) -> bool:
+    """Whether the log holds its run's exit record yet (wandb's service may still be writing it after
+    `run.finish()` has returned)."""
+    try:
+        return any(rec.WhichOneof("record_type") == "exit" for rec in read_records(path))
+    except Exception:        # a chunk half written
+        return False
+
+
+def offline_runs(directory: str | Path, timeout_s: float = 30.0) -> list[Path]:
+    """The transaction logs of the offline runs under `directory`/wandb, oldest first, once each is whole."""
+    import time
+
+    paths = sorted(Path(directory).glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + timeout_s
+    while not all(map(finished, paths)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return paths

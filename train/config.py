@@ -74,7 +74,12 @@ class WandbConfig:
     project: str = "micon"           # wandb project
     entity: str = ""                 # wandb team or user ("" = your default)
     mode: str = ""                   # "" = $WANDB_MODE or offline; online needs WANDB_API_KEY
-    name: str = ""                   # run name ("" = wandb picks one)
+    name: str = ""                   # run name ("" = the out= directory's name: runs/exp1/train -> train)
+    group: str = ""                  # the experiment's group, which embed and evaluate join by default ("" = the
+                                     # out= directory's parent folder's name: runs/exp1/train -> exp1)
+    tags: str = ""                   # comma-separated tags (the method is always one)
+    log_checkpoints: bool = False    # log each checkpoint's model.pt as a wandb artifact (type model, aliases
+                                     # latest, step-N, best) by reference: nothing uploaded (micon.wandb_runs)
     log_every: PositiveInt = 1       # log metrics (wandb and metrics.jsonl, means over the steps since the last
                                      # log) every this many steps: the only steps that wait for the device
 

@@ -3,7 +3,9 @@
 At the start it opens the wandb run (offline unless told otherwise; a resumed run continues the same wandb
 run) and the progress bar; at each logging step it adds the data counters, writes one row to wandb and to
 metrics.jsonl (its plain-text twin), and warns once per new loss of samples to damaged shards; at the end it
-closes both. (A resumed run's rows past its checkpoint are dropped on resume: train.run_checkpoints.)
+closes both. (A resumed run's rows past its checkpoint are dropped on resume: train.run_checkpoints.) The run is
+named, grouped and tagged (job_type train) and says so in OUT/wandb_run.json for embed and evaluate to join;
+with wandb.log_checkpoints each checkpoint's model.pt becomes a `model` artifact by reference (micon.wandb_runs).
 
 wandb never stops a run: online without a key or a reachable server falls back to offline with one warning
 within seconds (wandb.mode=online demanded in the config exits 2 instead), and a wandb that fails later (its
@@ -16,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from micon import atomic
+from micon import atomic, wandb_runs
 from micon.config import ConfigError, to_dict
 
 log = logging.getLogger("micon.train")
@@ -58,6 +60,7 @@ class RunMetrics:
         self.counts_by_worker: dict[int, dict] = {}   # each loader worker's latest counters
         self.counts_at_start: dict[str, int] = {}     # the counters the resumed checkpoint holds
         self.reported_lost = 0
+        self.logged_checkpoints: set[tuple[str, tuple[str, ...]]] = set()   # (tag, aliases) logged as artifacts
 
     @property
     def path(self) -> Path:
@@ -90,7 +93,9 @@ class RunMetrics:
 
         def init(mode: str):
             return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, dir=str(t.out), mode=mode,
-                              config=to_dict(cfg), name=cfg.wandb.name or None, id=run_id,
+                              config=to_dict(cfg), name=cfg.wandb.name or wandb_runs.default_name(t.out),
+                              group=cfg.wandb.group or wandb_runs.default_group(t.out), job_type="train",
+                              tags=wandb_runs.tags_of(cfg.wandb.tags, t.method.name), id=run_id,
                               resume="allow" if run_id else None,
                               settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
         try:
@@ -101,6 +106,7 @@ class RunMetrics:
             cause = f"wandb.init failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
             run = init(self._offline_instead(cause, demanded))
         run_id_file.write_text(run.id)
+        wandb_runs.write_run_file(t.out, run, "train")
         return run
 
     def _offline_instead(self, problem: str, demanded: bool) -> str:
@@ -137,6 +143,7 @@ class RunMetrics:
         if t.rank != 0:
             return
         metrics = metrics | {f"data/{k}": v for k, v in counts.items()}
+        self.log_new_checkpoints()    # those saved after the last report
         if self.run is not None:
             try:
                 self.run.log(metrics, step=t.state.step)
@@ -147,6 +154,39 @@ class RunMetrics:
         if self.bar is not None and "data_wait_share" in metrics:
             self.bar.set_postfix(loss=f"{t.last_losses.get('loss', float('nan')):.4f}",
                                  data=f"{metrics['data_wait_share']:.0%}")
+
+    def log_checkpoint(self, path: Path, step: int, aliases: tuple[str, ...] = ()) -> None:
+        """With wandb.log_checkpoints: the checkpoint in `path` (a step directory) as a `model` artifact by
+        reference, aliased latest, step-N and `aliases` (e.g. ("best",)). Once per checkpoint and aliases; a
+        failure is a warning."""
+        t = self.trainer
+        if self.run is None or not t.cfg.wandb.log_checkpoints:
+            return
+        key = (Path(path).name, tuple(sorted(aliases)))
+        if key in self.logged_checkpoints or not (Path(path) / "model.pt").is_file():
+            return
+        self.logged_checkpoints.add(key)
+        try:
+            artifact = wandb_runs.checkpoint_artifact(Path(path) / "model.pt", run_id=self.run.id)
+            self.run.log_artifact(artifact, aliases=wandb_runs.checkpoint_aliases(step, "latest", *aliases))
+        except Exception as e:       # a checkpoint rotated away meanwhile, wandb gone: never the run's end
+            log.warning("%s", wandb_runs.warning(f"checkpoint {path}", e))
+
+    def log_new_checkpoints(self) -> None:
+        """The checkpoints written since the last call (the rotation's survivors), oldest first, the one
+        checkpoints/best names also as `best`: how checkpoints reach wandb without a call at each save."""
+        t = self.trainer
+        if self.run is None or not t.cfg.wandb.log_checkpoints or not t.ckpt_root.is_dir():
+            return
+        best = t.ckpt_root / "best"
+        best_tag = best.read_text().strip() if best.is_file() else ""
+        tags = sorted(p.name for p in t.ckpt_root.glob("step*")
+                      if wandb_runs.step_of(p.name) is not None and (p / "model.pt").is_file())
+        logged = {tag for tag, _ in self.logged_checkpoints}
+        for tag in tags:
+            # the best is the newest when marked: aliasing an older one again would move `latest` back to it
+            if tag not in logged or (tag == best_tag == tags[-1]):
+                self.log_checkpoint(t.ckpt_root / tag, wandb_runs.step_of(tag), ("best",) if tag == best_tag else ())
 
     def step_done(self) -> None:
         if self.bar is not None:
@@ -159,6 +199,7 @@ class RunMetrics:
 
     def finish(self, exit_code: int) -> None:
         self.close_bar()
+        self.log_new_checkpoints()
         if self.run is not None:
             try:
                 self.run.finish(exit_code=exit_code)

@@ -1,0 +1,140 @@
+"""Issue 33, part 3: runs linked in wandb. On the tiny screen a short training (wandb offline, log_checkpoints),
+then embed and evaluate with wandb: their offline records name, group and type each run, log each checkpoint
+as a `model` artifact by reference, and record embed's and evaluate's use of it (tests/wandb_records.py).
+Issue 32's leftover: featurize, embed and rsets refuse a second writer of their output (exit 2, naming it).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from micon.config import load_config
+from tests.conftest import REPO, job_env
+from tests.wandb_records import artifacts, offline_runs, run_info
+from train.config import TrainConfig
+from train.trainer import EXIT_OK, train
+
+
+HOLD = ("import sys, time\nfrom micon.locks import run_lock\n"
+        "with run_lock(sys.argv[1], job=sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+def hold_lock(out, job: str) -> subprocess.Popen:
+    """Another process holding the lock on `out` (until it is killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), job], cwd=REPO, env=job_env(),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_train_embed_evaluate_are_one_lineage_in_wandb(tiny_shards, tmp_path, one_rank, offline, capsys):
+    from evaluate import embed, run as evaluate
+
+    exp = tmp_path / "exp7"
+    out = exp / "train"
+    cfg = load_config(TrainConfig, None, [
+        f"data.shards={tiny_shards}", f"out={out}", "method=simclr", "micro_batch=4", "steps=4", "ckpt_every=2",
+        "progress=false", "optim.warmup_steps=1", "data.augment.crop=16", "model.projection_dim=8",
+        "wandb.log_checkpoints=true", "wandb.tags=tiny,lineage"])
+    assert train(cfg) == EXIT_OK
+    [train_log] = offline_runs(out)
+    info = run_info(train_log)
+    assert info["name"] == "train" and info["group"] == "exp7" and info["job_type"] == "train"
+    assert set(info["tags"]) == {"tiny", "lineage", "simclr"}
+    assert json.loads((out / "wandb_run.json").read_text())["group"] == "exp7"
+    logged = artifacts(train_log)
+    model = f"model-{info['id']}"
+    assert [(a["name"], a["type"], a["used"]) for a in logged] == [(model, "model", False)] * 2
+    assert ["step-2" in a["aliases"] for a in logged] == [True, False] and "step-4" in logged[1]["aliases"]
+    assert "latest" in logged[1]["aliases"]
+    for a, tag in zip(logged, ("step00000002", "step00000004")):
+        assert a["refs"] == {"model.pt": (out / "checkpoints" / tag / "model.pt").resolve().as_uri()}   # no upload
+        assert a["metadata"]["step"] == int(tag[4:])
+    assert not list(out.rglob("wandb/**/artifacts/*"))
+
+    emb = exp / "emb"
+    assert embed.main([str(out), str(tiny_shards), str(emb), "ray=false", "wandb=true"]) == 0
+    [embed_log] = offline_runs(emb)
+    info = run_info(embed_log)
+    assert (info["name"], info["group"], info["job_type"]) == ("emb", "exp7", "embed")
+    used, made = artifacts(embed_log)
+    # the same artifact version training logged: same name, same file digest (wandb sync links the two)
+    assert (used["name"], used["used"], used["digest"]) == (model, True, logged[1]["digest"])
+    assert made["type"] == "embeddings" and not made["used"] and made["name"].startswith("embeddings-emb-")
+    assert {"embed.json", "embeddings.zarr/zarr.json", "sites.parquet"} <= set(made["refs"])
+    assert all(ref.startswith(emb.resolve().as_uri() + "/") for ref in made["refs"].values())   # by reference
+
+    ev = exp / "eval"
+    assert evaluate.main([f"out={ev}", f"embeddings.simclr={emb}", "ray=false", "wandb=true", "null_size=50",
+                          "bootstrap=20", "wandb_tags=nightly"]) == 0
+    capsys.readouterr()
+    [eval_log] = offline_runs(ev)
+    info = run_info(eval_log)
+    assert (info["name"], info["group"], info["job_type"]) == ("eval", "exp7", "evaluate")
+    assert set(info["tags"]) == {"nightly", "evaluate"}
+    uses = {a["name"]: a for a in artifacts(eval_log)}
+    assert uses[made["name"]]["used"] and uses[made["name"]]["digest"] == made["digest"]
+    assert uses[model]["used"] and uses[model]["digest"] == logged[1]["digest"]
+
+
+def test_groups_and_names_can_be_set_and_wandb_never_fails_embed(tiny_shards, tmp_path, offline, monkeypatch,
+                                                                   capsys):
+    """A group and name given win over the inherited ones; a featuriser reads no checkpoint; a wandb that fails
+    is a warning, the embeddings complete."""
+    from evaluate import embed
+    from micon import wandb_runs
+
+    emb = tmp_path / "a" / "stats"
+    assert embed.main(["image_stats", str(tiny_shards), str(emb), "ray=false", "wandb=true", "wandb_group=g1",
+                       "wandb_name=n1"]) == 0
+    [log] = offline_runs(emb)
+    assert (run_info(log)["name"], run_info(log)["group"]) == ("n1", "g1")
+    assert [a["type"] for a in artifacts(log)] == ["embeddings"]
+
+    def broken(*a, **k):
+        raise RuntimeError("wandb service gone")
+    monkeypatch.setattr(wandb_runs, "open_run", broken)
+    shutil.rmtree(emb)
+    assert embed.main(["image_stats", str(tiny_shards), str(emb), "ray=false", "wandb=true"]) == 0
+    err = capsys.readouterr().err
+    assert "embed: wandb: the run not recorded (RuntimeError: wandb service gone)" in err
+    assert (emb / "embed.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------- issue 32: one writer
+
+@pytest.mark.parametrize("job", ["featurize", "embed", "rsets"])
+def test_a_second_featurize_embed_or_rsets_is_refused_naming_the_first(job, tiny_screen, tiny_shards, tmp_path,
+                                                                       capsys):
+    if job == "featurize":
+        from data_prep.featurize import main
+        out = tmp_path / "graphs"
+        argv = [str(tiny_screen / "metadata" / "compound.csv.gz"), str(out), "workers=1"]
+    elif job == "embed":
+        from evaluate.embed import main
+        out = tmp_path / "emb"
+        argv = ["image_stats", str(tiny_shards), str(out), "ray=false"]
+    else:
+        from data_prep.replicate_sets import main
+        out = tmp_path / "shards"
+        shutil.copytree(tiny_shards, out)
+        argv = [str(out)]
+    proc = hold_lock(out, job="prep")
+    try:
+        assert main(argv) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err
+    assert err.startswith(f"{job}: {out} is in use by another prep run (pid {proc.pid} on host "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
