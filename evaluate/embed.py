@@ -360,7 +360,7 @@ def log_wandb(out, cfg: EmbedConfig, info: dict) -> None:
                               tags=cfg.wandb_tags, upstream=[wandb_runs.run_dir_of(model_file)] if model_file else (),
                               config={**to_dict(cfg), "checkpoint": info.get("checkpoint"), "out": str(out),
                                       "shards": info.get("shards")},
-                              wandb_dir=out if isinstance(out, Path) else None)
+                              wandb_dir=out if isinstance(out, Path) else wandb_runs.local_dir())
     try:
         if model_file is not None:
             wandb_runs.use(run, wandb_runs.checkpoint_artifact(model_file))

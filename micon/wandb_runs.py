@@ -80,6 +80,12 @@ def mode() -> str:
     return os.environ.get("WANDB_MODE", "offline")
 
 
+def local_dir() -> Path:
+    """Where a job whose output is in object storage keeps its wandb files: $WANDB_DIR, else the working
+    directory (named explicitly: wandb would otherwise reuse the first run's directory in this process)."""
+    return Path(os.environ.get("WANDB_DIR") or Path.cwd())
+
+
 def open_run(job_type: str, out, *, project: str, name: str = "", group: str = "", tags: str = "",
              upstream=(), config: dict | None = None, wandb_dir=None):
     """A wandb run for embed or evaluate: named after `out` unless `name`; in `group`, else the group of the

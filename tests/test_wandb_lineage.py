@@ -13,11 +13,14 @@ import sys
 import pytest
 
 from micon.config import load_config
+from tests import s3server
 from tests.conftest import REPO, job_env
 from tests.wandb_records import artifacts, offline_runs, run_info
 from train.config import TrainConfig
 from train.trainer import EXIT_OK, train
 
+
+s3 = s3server.s3       # the local S3 server fixture (moto)
 
 HOLD = ("import sys, time\nfrom micon.locks import run_lock\n"
         "with run_lock(sys.argv[1], job=sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
@@ -82,9 +85,9 @@ def test_train_embed_evaluate_are_one_lineage_in_wandb(tiny_shards, tmp_path, on
     info = run_info(eval_log)
     assert (info["name"], info["group"], info["job_type"]) == ("eval", "exp7", "evaluate")
     assert set(info["tags"]) == {"nightly", "evaluate"}
-    uses = {a["name"]: a for a in artifacts(eval_log)}
-    assert uses[made["name"]]["used"] and uses[made["name"]]["digest"] == made["digest"]
-    assert uses[model]["used"] and uses[model]["digest"] == logged[1]["digest"]
+    uses = {a["name"]: a for a in artifacts(eval_log) if a["used"]}     # (its metrics table is an artifact too)
+    assert set(uses) == {made["name"], model}
+    assert uses[made["name"]]["digest"] == made["digest"] and uses[model]["digest"] == logged[1]["digest"]
 
 
 def test_groups_and_names_can_be_set_and_wandb_never_fails_embed(tiny_shards, tmp_path, offline, monkeypatch,
@@ -138,3 +141,28 @@ def test_a_second_featurize_embed_or_rsets_is_refused_naming_the_first(job, tiny
     err = capsys.readouterr().err
     assert err.startswith(f"{job}: {out} is in use by another prep run (pid {proc.pid} on host "), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_embeddings_in_a_bucket_are_referenced_by_url(s3, tiny_shards, tmp_path, offline, monkeypatch, capsys):
+    """embed into object storage: its run's files go to ./wandb (the bucket holds wandb_run.json), its artifact
+    references the objects by URL (nothing downloaded or uploaded), and evaluate's use of it is the same version."""
+    from evaluate import embed, run as evaluate
+    from micon import storage
+
+    monkeypatch.chdir(tmp_path)
+    url = f"s3://{s3.bucket('lineage')}/exp3/emb"
+    assert embed.main(["image_stats", str(tiny_shards), url, "ray=false", "wandb=true"]) == 0
+    [embed_log] = offline_runs(tmp_path)
+    assert (run_info(embed_log)["name"], run_info(embed_log)["group"]) == ("emb", "exp3")
+    [made] = artifacts(embed_log)
+    assert made["refs"] == {"embed.json": f"{url}/embed.json", "embeddings.zarr": f"{url}/embeddings.zarr",
+                            "sites.parquet": f"{url}/sites.parquet"}
+    assert json.loads(storage.read_bytes(f"{url}/wandb_run.json"))["job_type"] == "embed"
+    ev = tmp_path / "eval"
+    assert evaluate.main([f"out={ev}", f"embeddings.image_stats={url}", "ray=false", "null_size=50",
+                          "bootstrap=20"]) == 0
+    capsys.readouterr()
+    [eval_log] = offline_runs(ev)
+    assert run_info(eval_log)["group"] == "exp3"        # embed's group, read from the bucket
+    [used] = [a for a in artifacts(eval_log) if a["used"]]      # (its metrics table is an artifact too)
+    assert (used["name"], used["used"], used["digest"]) == (made["name"], True, made["digest"])
