@@ -90,6 +90,47 @@ def test_train_embed_evaluate_are_one_lineage_in_wandb(tiny_shards, tmp_path, on
     assert uses[made["name"]]["digest"] == made["digest"] and uses[model]["digest"] == logged[1]["digest"]
 
 
+def test_checkpoints_reach_wandb_once_each_aliased_latest_step_and_best(tmp_path):
+    """RunMetrics logs the checkpoints written since its last look (at each logging step and the end), the
+    one checkpoints/best names also as `best`, each once; the Trainer's own call after a save adds nothing twice."""
+    from types import SimpleNamespace
+
+    from micon.checkpoint import tag_of
+    from train.run_metrics import RunMetrics
+
+    root = tmp_path / "run" / "checkpoints"
+
+    def write(step):
+        (root / tag_of(step)).mkdir(parents=True)
+        (root / tag_of(step) / "model.pt").write_bytes(bytes([step]) * 64)
+
+    logged = []
+
+    class Run:
+        id = "r1"
+
+        def log_artifact(self, artifact, aliases):
+            logged.append((artifact.name, artifact.metadata["step"], sorted(aliases)))
+
+    trainer = SimpleNamespace(cfg=SimpleNamespace(wandb=SimpleNamespace(log_checkpoints=True)), ckpt_root=root,
+                              out=root.parent, rank=0)
+    metrics = RunMetrics(trainer)
+    metrics.run = Run()
+    write(2), write(4)
+    (root / "best").write_text(tag_of(4))
+    (root / "step00000006.tmp").mkdir()      # a checkpoint being written: not one yet
+    metrics.log_new_checkpoints()
+    assert logged == [("model-r1", 2, ["latest", "step-2"]), ("model-r1", 4, ["best", "latest", "step-4"])]
+    metrics.log_new_checkpoints()
+    assert len(logged) == 2
+    write(6)
+    metrics.log_checkpoint(root / tag_of(6), 6)                      # the Trainer, after the save
+    (root / "best").write_text(tag_of(6))
+    metrics.log_new_checkpoints()                                    # marked best after it: aliased best now
+    metrics.log_checkpoint(root / tag_of(6), 6, ("best",))           # the Trainer, after mark_best: once only
+    assert logged[2:] == [("model-r1", 6, ["latest", "step-6"]), ("model-r1", 6, ["best", "latest", "step-6"])]
+
+
 def test_groups_and_names_can_be_set_and_wandb_never_fails_embed(tiny_shards, tmp_path, offline, monkeypatch,
                                                                    capsys):
     """A group and name given win over the inherited ones; a featuriser reads no checkpoint; a wandb that fails
