@@ -132,8 +132,14 @@ def save_model_file(path: Path, weights: dict, record: InferenceRecord, config: 
 
 
 def resolve_model_file(path: str | Path) -> Path:
-    """A training output directory, its checkpoints/ directory, one step directory, or a model.pt."""
+    """A training output directory, its checkpoints/ directory, one step directory, RUN/best, or a model.pt."""
     p = storage.path(path)
+    if p.name == "best" and not p.is_dir():      # RUN/best or RUN/checkpoints/best: val.keep_best's checkpoint
+        root = p.parent / "checkpoints" if (p.parent / "checkpoints").is_dir() else p.parent
+        if not (root / "best").is_file():
+            raise CheckpointError(f"no best checkpoint at {path}: the run kept none (train with val.every=N "
+                                  f"val.keep_best=METRIC)")
+        p = root / (root / "best").read_text().strip()
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.is_dir() and not (p / "model.pt").is_file():

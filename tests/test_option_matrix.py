@@ -37,6 +37,10 @@ OUTSIDE_THE_MATRIX = {
     "engine.compile": "inductor builds C++ for minutes on CPU (tests/test_train_step.py, aot_eager)",
     "optim.kernel": "AdamW's implementation only (tests/test_train_step.py)",
     "deterministic": "trained twice in tests/test_deterministic.py",
+    "wandb.log_checkpoints": "logging only (tests/test_wandb_lineage.py)",
+    # validation reads the run, never changes what trains: each choice scored in tests/test_validation.py
+    "val.recipe": "validation's profile recipe (tests/test_validation.py)",
+    "val.keep_best": "which checkpoint is kept (tests/test_validation.py)",
 }
 # a choice that is read only beside another key's non-default choice, varied with it
 COMPANIONS = {("model.input_norm", "imagenet"): {"model.mode": "per_channel"}}

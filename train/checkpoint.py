@@ -122,8 +122,10 @@ def save(engine, root: Path, step: int, state: dict, config: dict, record: Infer
         shutil.rmtree(final, ignore_errors=True)
         atomic.commit(staging / tag, final)
         atomic.write_text(root / "latest", tag)
+        best = (root / "best").read_text().strip() if (root / "best").is_file() else None   # val.keep_best
         for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return root / tag
 

@@ -12,6 +12,7 @@ from micon.config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeIn
 from micon.data.pipeline import Augment
 from micon.data.preprocess import NORMALIZATIONS
 from micon.data.replicate_sets import PAIR_LEVELS
+from micon.eval.recipes import RECIPES
 from micon.methods import METHODS, LossConfig, get_method
 from micon.models.factory import ModelConfig
 from micon.models.image import IMAGE_PRESETS
@@ -84,6 +85,28 @@ class WandbConfig:
                                      # log) every this many steps: the only steps that wait for the device
 
 
+ValMetric = Literal["", "nsb_top1", "nsb_top10", "nss_top1", "nss_top10", "map_activity"]
+Recipe = Literal[tuple(RECIPES)]
+
+
+@dataclass
+class ValConfig:
+    every: NonNegativeInt = 0        # score held-out wells every this many steps (0 = off): embedded in-process
+                                     # with the live network, profiled and scored as evaluate does
+                                     # (micon.eval.validation), logged as val/<metric>
+    split: str = "heldout_compounds"  # heldout_batches | heldout_compounds | heldout_source (the shard set's
+                                      # splits) | plates:PLATE,PLATE
+    max_wells: PositiveInt = 512     # at most this many wells, their plates' DMSO wells included (compounds in a
+                                     # seeded order, whole, until the next would pass it); their sites are read
+                                     # once and kept in memory
+    recipe: Recipe = "micon"         # evaluate's profile recipe: micon | jump | morphohelm
+    keep_best: ValMetric = ""        # keep the checkpoint with the best val/<metric> outside the rotation, as
+                                     # checkpoints/best (nsb_top1 | nsb_top10 | nss_top1 | nss_top10 |
+                                     # map_activity; "" = none)
+    patience: NonNegativeInt = 0     # stop after this many validations without a better val.keep_best metric
+                                     # (nsb_top10 when keep_best is unset); 0 = never
+
+
 @dataclass
 class TrainConfig:
     method: MethodName = "micon"          # micon | paclr | clip | simclr (micon.methods)
@@ -108,6 +131,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
     def get(self, key: str) -> Any:
         """The value of a dotted key (`model.molecule`)."""
@@ -133,6 +157,15 @@ class TrainConfig:
             raise ConfigError(f"method={self.method} needs data.graphs: the directory written by ./launch.sh featurize")
         if self.model.preset not in IMAGE_PRESETS:
             raise ConfigError(f"model.preset={self.model.preset!r}: choose one of {', '.join(IMAGE_PRESETS)}")
+        if self.val.every:
+            from micon.eval.validation import ValidationError, check_split
+            try:
+                check_split(self.val.split)
+            except ValidationError as e:
+                raise ConfigError(str(e)) from None
+        elif self.val.keep_best or self.val.patience:
+            raise ConfigError(f"val.{'keep_best' if self.val.keep_best else 'patience'} needs validation: set "
+                              f"val.every=N (steps between validations)")
         problems = self.impossible()
         if problems:
             raise ConfigError(problems[0])

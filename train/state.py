@@ -22,6 +22,8 @@ class TrainState:
     world_size: int = 1
     skipped_nonfinite: int = 0       # batches dropped for a non-finite loss
     data_counts: dict = field(default_factory=dict)   # the stream's counters up to this checkpoint
+    validation: dict = field(default_factory=dict)    # val.keep_best / val.patience: the best step, its value,
+                                                      # validations since it
 
 
 class LossWindow:

@@ -34,6 +34,7 @@ from train.engine import (ds_config, environment_extensions, lr_lambda, memory_m
 from train.inputs import check_graphs, check_molecule_table, compound_labels, load_image_encoder  # noqa: F401
 from train.run_checkpoints import RunCheckpoints
 from train.run_metrics import RunMetrics
+from train.validation import Validator
 from train.state import DataStopped, LossWindow, SignalFlag, TrainingStopped, TrainState  # noqa: F401
 
 EXIT_OK, EXIT_STOPPED, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 75
@@ -65,6 +66,7 @@ class Trainer:
         self.determinism_before: tuple[bool, bool, bool, bool] | None = None   # the process's settings, restored at the end
         self.checkpoints = RunCheckpoints(self)     # resume, the run record, saving (train.run_checkpoints)
         self.metrics = RunMetrics(self)             # wandb, metrics.jsonl, the progress bar (train.run_metrics)
+        self.validator = Validator(self)            # held-out retrieval, keep-best, patience (train.validation)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
@@ -353,20 +355,42 @@ class Trainer:
         self.start_stream()
         self.metrics.start()
         self.window = LossWindow()
+        if self.validator.out_of_patience():      # a rerun of a run that stopped early
+            log.info("val.patience=%d: this run stopped early at step %d (best val/%s at step %d); nothing to do",
+                     cfg.val.patience, self.state.step, self.validator.metric, self.validator.state["step"])
+            return EXIT_OK
         while self.state.step < cfg.steps:
             self.step()
             self.metrics.step_done()
+            step = self.state.step
             # agree on a requested stop: Slurm may signal only some ranks first (a CPU vote: no device sync)
             stop = distributed.max_vote(self.flag.signum)
-            save = stop > 0 or self.state.step % cfg.ckpt_every == 0 or self.state.step == cfg.steps
-            if save or self.state.step % cfg.wandb.log_every == 0:
-                self.metrics.report(self.flush())   # on_nonfinite=stop stops here, before a checkpoint of bad weights
-                if save:
+            save = stop > 0 or step % cfg.ckpt_every == 0 or step == cfg.steps
+            validate = self.validator.due(step)
+            if save or validate or step % cfg.wandb.log_every == 0:
+                row = self.flush()   # on_nonfinite=stop stops here, before a checkpoint of bad weights
+                best = patience_out = False
+                if validate:     # after the flush: validation time is not counted in the training throughput
+                    row |= self.validator.run(step)
+                    best = self.validator.improved(step, row) and bool(cfg.val.keep_best)
+                    patience_out = self.validator.out_of_patience()
+                self.metrics.report(row)
+                if save or best or patience_out:
                     self.checkpoint()
+                if best:
+                    self.validator.mark_best(step)
+                if save or best or patience_out:     # wandb.log_checkpoints: the checkpoint, by reference
+                    self.metrics.log_checkpoint(self.ckpt_root / tag_of(step), step, ("best",) if best else ())
                 self.window = LossWindow()
+                if patience_out:
+                    s = self.validator.state
+                    log.info("val.patience=%d: no better val/%s in %d validations (best %.4f at step %d); stopping "
+                             "early at step %d of %d", cfg.val.patience, self.validator.metric, s["since"],
+                             s["value"], s["step"], step, cfg.steps)
+                    return EXIT_OK
             if stop > 0:
                 log.info("signal %d: checkpointed step %d in %s; exiting for requeue (resume=latest continues)",
-                         int(stop), self.state.step, self.ckpt_root)
+                         int(stop), step, self.ckpt_root)
                 return EXIT_REQUEUE
         return EXIT_OK
 
@@ -378,7 +402,9 @@ class Trainer:
                          loss=self.last_losses.get("loss"), checkpoint=str(self.ckpt_root / tag_of(self.state.step)),
                          counts=self.data_counts(), skipped_nonfinite=self.state.skipped_nonfinite,
                          precision="bf16" if self.bf16 else "fp32", zero_stage=self.cfg.engine.zero_stage,
-                         world_size=self.world)
+                         world_size=self.world, **self.validator.summary())
+            if self.state.step < self.cfg.steps:
+                final["stopped_early"] = f"val.patience={self.cfg.val.patience} at step {self.state.step}"
             atomic.write_json(final_path, final)
             log.info("finished %d steps; final loss %s; checkpoint %s", self.state.step,
                      "n/a" if final["loss"] is None else f"{final['loss']:.4f}", final["checkpoint"])
