@@ -81,6 +81,8 @@ def usage() -> str:
 
 
 def _torchrun(module: str, nproc: int, args: list[str]) -> int:
+    if module == "train.run":      # training's launcher keeps the ranks' exit codes (75: requeue me), by name
+        return int(importlib.import_module("train.launch").main(["--nproc", str(nproc), *args]) or 0)
     exe = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     argv = [exe, "--standalone", "--nproc-per-node", str(nproc), "-m", module, *args]
     os.execv(exe, argv)
