@@ -110,7 +110,8 @@ def test_validation_settings_are_checked(held_shards, tmp_path):
     assert proc.returncode == 2 and "val.keep_best needs validation: set val.every=N" in proc.stderr
     proc = run_job("train.run", "-", f"data.shards={held_shards}", f"out={tmp_path}", "method=simclr", "val.every=2",
                    "val.split=plates:nowhere", "steps=2", "progress=false", "wandb.enabled=false", check=False)
-    assert proc.returncode != 0 and "val.split=plates:nowhere: no plate nowhere in the shard set" in proc.stderr
+    assert proc.returncode == 2 and "val.split=plates:nowhere: no plate nowhere in the shard set" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()      # refused before the first step
 
 
 def test_two_ranks_give_the_one_rank_numbers(held_shards, tmp_path):

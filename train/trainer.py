@@ -354,6 +354,8 @@ class Trainer:
         self.resume()
         self.start_stream()
         self.metrics.start()
+        if cfg.val.every:
+            self.validator.prepare()      # the wells chosen and their sites read before the first step
         self.window = LossWindow()
         if self.validator.out_of_patience():      # a rerun of a run that stopped early
             log.info("val.patience=%d: this run stopped early at step %d (best val/%s at step %d); nothing to do",

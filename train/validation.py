@@ -21,6 +21,7 @@ import torch
 
 from micon import atomic, distributed, schema
 from micon.checkpoint import tag_of
+from micon.config import ConfigError
 from micon.eval.validation import ValidationError, read_sites, score_sites, select_wells, site_table, val_sites
 from train.state import TrainingStopped
 
@@ -54,8 +55,8 @@ class Validator:
         table = site_table(t.manifest)
         try:
             wells = select_wells(table, t.manifest.data["splits"], self.cfg.split, self.cfg.max_wells)
-        except ValidationError as e:
-            raise TrainingStopped(str(e)) from None
+        except ValidationError as e:     # every rank reads the same manifest: all stop here alike
+            raise ConfigError(str(e)) from None
         self.rows = val_sites(table, wells)
         n = len(self.rows)
         if n < t.world:
