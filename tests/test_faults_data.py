@@ -505,3 +505,40 @@ def test_two_preps_into_one_out_the_second_is_refused_and_a_killed_ones_lock_is_
     assert f"{done} already done" in rerun.stdout or f"{done + 1} already done" in rerun.stdout
     assert not (out / ".micon-lock.json").exists()
     assert run_job("data_prep.verify", out).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------- a storage endpoint down
+
+def test_a_stream_whose_storage_endpoint_is_down_names_it_and_says_the_shards_are_intact(monkeypatch):
+    """Shards in a bucket whose server is gone: the stream stops naming the endpoint and saying to rerun the
+    same command once it answers, not to rewrite the shards with prep."""
+    import botocore.exceptions
+
+    from micon.data.pipeline import Counts, DataStreamError, ExampleStream, StreamConfig, unreachable_cause
+    from tests.s3server import ACCESS_KEY, SECRET_KEY, free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"          # nothing listens there
+    for k, v in dict(AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                     MICON_STORAGE_RETRIES="1", MICON_STORAGE_TIMEOUT_S="3").items():
+        monkeypatch.setenv(k, v)
+    # the chain as storage.call leaves it: its OSError raised `from None`, the connection error its context
+    try:
+        try:
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url=endpoint)
+        except Exception:
+            raise OSError(5, "s3://b/x.tar: gave up after 5 attempts") from None
+    except OSError as e:
+        assert isinstance(unreachable_cause(e), botocore.exceptions.EndpointConnectionError)
+    assert unreachable_cause(OSError(5, "truncated")) is None
+
+    stream = ExampleStream("s3://bucket/shards", StreamConfig(), rank=0, world=1, num_workers=1)
+    urls = ["s3://bucket/shards/a-000000.tar", "s3://bucket/shards/a-000001.tar"]
+    t0 = time.monotonic()
+    with pytest.raises(DataStreamError) as e:
+        next(stream._epochs(urls, {"a-000000.tar": 4, "a-000001.tar": 4}, 0, Counts(), lambda s, c: s,
+                            lambda s: True))
+    msg = str(e.value)
+    assert f"the storage endpoint {endpoint} cannot be reached" in msg, msg
+    assert "The shards are probably intact: rerun the same command once the endpoint answers" in msg
+    assert "training resumes from its last checkpoint" in msg and "Rerun prep" not in msg
+    assert time.monotonic() - t0 < 30

@@ -109,13 +109,37 @@ class Counts(dict):
         return {k: v - base.get(k, 0) for k, v in self.items()}
 
 
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError",
+                "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ServerTimeoutError",
+                "ConnectionTimeoutError", "StorageTimeout", "NewConnectionError", "MaxRetryError"}
+
+
+def unreachable_cause(e: BaseException | None) -> BaseException | None:
+    """The error in `e`'s chain (causes and contexts) that says the storage endpoint did not answer at all
+    (a refused or failed connection, a timeout), or None: the shards themselves may then be intact."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or {c.__name__ for c in type(e).__mro__} & _UNREACHABLE:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class _Handler:
-    """WebDataset error handler: count and warn, never crash on a corrupt shard or member."""
+    """WebDataset error handler: count and warn, never crash on a corrupt shard or member. Remembers the
+    first error that says the storage endpoint cannot be reached (`unreachable`)."""
 
     def __init__(self, counts: Counts):
         self.counts = counts
+        self.unreachable: BaseException | None = None
+
+    def note(self, exn: BaseException) -> None:
+        if self.unreachable is None:
+            self.unreachable = unreachable_cause(exn)
 
     def __call__(self, exn: Exception) -> bool:
+        self.note(exn)
         self.counts.add("corrupt_reads")
         log.warning("skipping unreadable shard data (the rest of that shard is lost): %s",
                     str(exn).split("\n")[0][:300])
@@ -246,6 +270,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
             def unopened(url: str, e: OSError) -> None:     # deleted, or unreadable: lost, and counted now
                 name, missing = Path(url).name, isinstance(e, FileNotFoundError)
+                handler.note(e)
                 damaged.append(name)
                 counts.add("corrupt_reads")
                 counts.add("shards_missing" if missing else "shards_unreadable")
@@ -274,7 +299,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             rng.shuffle(buf)
             yield from buf
             tally.finish(urls)
-            self._check_epoch(tally.usable, kept, urls, slot, epoch, damaged)
+            self._check_epoch(tally.usable, kept, urls, slot, epoch, damaged, handler.unreachable)
 
     @staticmethod
     def _parse_site(s: dict, counts: Counts) -> dict | None:
@@ -295,9 +320,18 @@ class ExampleStream(torch.utils.data.IterableDataset):
                             lambda sample: self._keep(manifest, sample["meta"]), checksums=manifest.shard_checksums())
 
     def _check_epoch(self, readable: int, kept: int, urls: list[str], slot: int, epoch: int,
-                     damaged: list[str] = ()) -> None:
+                     damaged: list[str] = (), unreachable: BaseException | None = None) -> None:
         names = ", ".join(Path(u).name for u in urls[:5]) + (" ..." if len(urls) > 5 else "")
         where = f"epoch {epoch} of data stream {slot} (rank {self.rank})"
+        if readable == 0 and unreachable is not None:
+            from micon.storage import endpoint_name, redact
+            endpoint = endpoint_name(urls[0]) if urls and "://" in urls[0] else "(the shards' file system)"
+            detail = redact(str(unreachable).splitlines()[0][:200]) if str(unreachable) else ""
+            raise DataStreamError(f"{where} read no sample from its {len(urls)} shards ({names}): the storage "
+                                  f"endpoint {endpoint} cannot be reached ({type(unreachable).__name__}"
+                                  f"{': ' + detail if detail else ''}). The shards are probably intact: rerun the "
+                                  f"same command once the endpoint answers (training resumes from its last "
+                                  f"checkpoint)")
         if readable == 0:
             failed = (f"; {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} are missing or failed their "
                       f"checksum" if damaged else "")
