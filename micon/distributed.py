@@ -44,6 +44,32 @@ def slurm_rank_env(environ: dict) -> dict:
     return out
 
 
+def interface_towards(addr: str) -> str | None:
+    """The network interface holding the local address this host reaches `addr` from (None when that is a
+    loopback address or cannot be found). gloo otherwise listens on the address the host name resolves to,
+    which on many machines is 127.0.0.1: the other nodes' ranks could not reach it."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(addr), 9))       # UDP: picks the route, sends nothing
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    if local.startswith("127."):
+        return None
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:   # SIOCGIFADDR: the interface's IPv4 address
+                got = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))[20:24]
+            except OSError:
+                continue
+        if socket.inet_ntoa(got) == local:
+            return name
+    return None
+
+
 def detect(environ: dict | None = None) -> DistEnv:
     """Fill os.environ with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* and say which launcher started us."""
     env = os.environ if environ is None else environ
@@ -52,6 +78,11 @@ def detect(environ: dict | None = None) -> DistEnv:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_STEP_ID") is not None:
         env.update(slurm_rank_env(env))
         launcher = "slurm"
+        nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+        if nodes > 1 and "GLOO_SOCKET_IFNAME" not in env:     # ranks on several nodes: gloo on the route between
+            ifname = interface_towards(env["MASTER_ADDR"])
+            if ifname:
+                env["GLOO_SOCKET_IFNAME"] = ifname
     else:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         launcher = "single"

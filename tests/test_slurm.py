@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -77,7 +76,8 @@ def test_dry_run_4_nodes_8_gpus(tmp_path):
     assert srun.group(2).split() == [str(REPO / "train/configs/tiny.yaml"), "steps=1000", f"out={REPO / 'runs/x'}",
                                      "resume=latest"]
     assert "deepspeed " not in script and "torchrun" not in script  # plain srun, our own rank mapping
-    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in script
+    assert 'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in script
+    assert 'export MASTER_ADDR="${node_addr:-$first_node}"' in script   # Slurm's NodeAddr of it, else its name
     assert "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))" in script
     assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"' in script
     assert "module load cuda/12.4\nexport NCCL_DEBUG=WARN" in script
@@ -242,14 +242,16 @@ def submit_job(slurm: SlurmCluster, *argv: str, env: dict | None = None, launche
 
 
 def test_rendezvous_lines_under_real_scontrol(slurm, tmp_path):
-    """The MASTER_ADDR/MASTER_PORT lines of the 4-node script, run by bash with Slurm's own scontrol."""
+    """The MASTER_ADDR/MASTER_PORT lines of the 4-node script, run by bash with Slurm's own scontrol: the first
+    node's name where Slurm does not know it, its NodeAddr where it does (the test cluster's nodes)."""
     rc, script, err = dry_run("train", "-", "--nodes", "4", "--gpus-per-node", "8")
     assert rc == 0, err
-    lines = "\n".join(l for l in script.splitlines() if l.startswith("export MASTER_"))
-    env = dict(slurm.env, SLURM_JOB_NODELIST="gpu[001-004]", SLURM_JOB_ID="123456")
-    out = subprocess.run(["bash", "-c", lines + '\necho "$MASTER_ADDR $MASTER_PORT"'], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["gpu001", "13456"]
+    lines = "\n".join(l for l in script.splitlines() if l.startswith(("export MASTER_", "first_node=", "node_addr=")))
+    for nodelist, addr in (("gpu[001-004]", "gpu001"), (",".join(n.name for n in slurm.nodes), slurm.nodes[0].addr)):
+        env = dict(slurm.env, SLURM_JOB_NODELIST=nodelist, SLURM_JOB_ID="123456")
+        out = subprocess.run(["bash", "-c", lines + '\necho "$MASTER_ADDR $MASTER_PORT"'], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split() == [addr, "13456"], (nodelist, out)
 
 
 def test_featurize_as_ray_job_on_slurm(slurm, site, tiny_screen, tmp_path):
