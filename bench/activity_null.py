@@ -31,7 +31,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import command, machine, markdown_table, write_section  # noqa: E402
-from bench.science import method_colour, t_half  # noqa: E402
+from bench.comparison.plots import method_colour  # noqa: E402
+from bench.comparison.scoring import t_half  # noqa: E402
 from micon import schema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -105,9 +105,10 @@ def test_patience_stops_the_run_and_a_rerun_does_nothing(held_shards, tiny_graph
 
 
 def test_validation_settings_are_checked(held_shards, tmp_path):
-    proc = run_job("train.run", "-", f"data.shards={held_shards}", f"out={tmp_path}", "method=simclr",
-                   "val.keep_best=nsb_top10", check=False)
-    assert proc.returncode == 2 and "val.keep_best needs validation: set val.every=N" in proc.stderr
+    from train.config import TrainConfig, ValConfig
+
+    unused = TrainConfig(data=TrainConfig().data, val=ValConfig(keep_best="nsb_top10")).unused()
+    assert "val.keep_best=nsb_top10 is unused with val.every=0: set val.every=N" in " ".join(unused)
     proc = run_job("train.run", "-", f"data.shards={held_shards}", f"out={tmp_path}", "method=simclr", "val.every=2",
                    "val.split=plates:nowhere", "steps=2", "progress=false", "wandb.enabled=false", check=False)
     assert proc.returncode == 2 and "val.split=plates:nowhere: no plate nowhere in the shard set" in proc.stderr

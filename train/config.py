@@ -163,9 +163,6 @@ class TrainConfig:
                 check_split(self.val.split)
             except ValidationError as e:
                 raise ConfigError(str(e)) from None
-        elif self.val.keep_best or self.val.patience:
-            raise ConfigError(f"val.{'keep_best' if self.val.keep_best else 'patience'} needs validation: set "
-                              f"val.every=N (steps between validations)")
         problems = self.impossible()
         if problems:
             raise ConfigError(problems[0])
@@ -203,6 +200,11 @@ class TrainConfig:
             why = "data.stream=plates" if method.needs.pairs else f"method={self.method} (no pairs)"
             out.append(f"data.pair_within_source=true is unused with {why}: it orders the pairs of the "
                        f"replicate-set stream")
+        if not self.val.every:
+            for key in ("val.keep_best", "val.patience", "val.recipe", "val.split", "val.max_wells"):
+                if self.get(key) != default.get(key):
+                    out.append(f"{key}={self.get(key)} is unused with val.every=0: set val.every=N (steps between "
+                               f"validations) to validate during training")
         return out
 
 
